@@ -1,0 +1,178 @@
+"""Command line: `run` (the default, the demo job without a file) and `plan`.
+
+Every rank parses the same arguments. Rank 0 loads and validates the job, runs the stages
+and is the only rank that writes to the terminal; worker ranks wait for the job and train
+the blocks they are given. Any failure ends every rank with one message and one exit code:
+2 for bad input, 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+from . import faults
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, PbkdError, RemoteError, UserError
+
+LAUNCH_HINT = (
+    "Launch with at least 2 MPI ranks: rank 0 coordinates and ranks 1..N-1 train blocks, "
+    "for example `mpirun -np 3 python -m pbkd_mpi run JOB.toml`."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # every rank parses: raise instead of printing N usages
+        raise UserError(f"{message}\n\n{self.format_usage().strip()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m pbkd_mpi", description=(
+        "Compress a Keras CNN by parallel blockwise knowledge distillation on MPI. "
+        "Without arguments, runs the built-in demo job."))
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+    run = commands.add_parser("run", help="distill a teacher as a job file says (MPI)")
+    run.add_argument("job", nargs="?", help="TOML job file (default: the built-in demo job)")
+    run.add_argument("--run-dir", help="run directory (overrides run.dir)")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a job-file value; repeatable")
+    plan = commands.add_parser("plan", help="print the block table of a job's teacher")
+    plan.add_argument("job", nargs="?", help="TOML job file (default: the built-in demo job)")
+    plan.add_argument("--teacher", help="a .keras/.h5 file to inspect instead of the job's teacher")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plan.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    return parser
+
+
+def main(argv=None) -> int:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    try:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    except UserError as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    command = args.command or "run"
+    if command == "plan":
+        return _run_plan(args) if rank == 0 else EXIT_OK
+    from .devices import local_layout
+
+    layout = local_layout(comm)
+    if rank == 0:
+        return _run_coordinator(comm, args, layout)
+    return _run_worker(comm, layout)
+
+
+def _say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _fail(exc: BaseException) -> int:
+    if isinstance(exc, UserError):
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    elif isinstance(exc, RemoteError):
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    else:
+        print("error: rank 0 failed:\n" + traceback.format_exc().rstrip(), file=sys.stderr,
+              flush=True)
+    return exc.exit_code if isinstance(exc, PbkdError) else EXIT_FAILURE
+
+
+def _run_coordinator(comm, args, layout) -> int:
+    from .config import load_job
+    from .devices import configure_tensorflow, node_cores
+    from .protocol import Coordinator
+
+    local_rank = layout[0]
+    coordinator = Coordinator(comm)
+    try:
+        if comm.Get_size() < 2:
+            raise UserError(f"Only 1 MPI rank is running, so no rank can train blocks. {LAUNCH_HINT}")
+        job = load_job(args.job, args.set, run_dir=args.run_dir)
+        faults.parse(os.environ.get("PBKD_FAULT", ""))  # a typo fails here, not on a worker
+        # Rank 0 trains the teacher and fine-tunes while the workers sleep: all cores.
+        configure_tensorflow(node_cores(), local_rank)
+        from .pipeline import coordinate
+
+        _say(f"pbkd_mpi: {comm.Get_size() - 1} worker rank(s), run directory {job.run.dir}")
+        report = coordinate(job, coordinator, _say)
+    except BaseException as exc:  # noqa: BLE001 - every failure must end every rank
+        code = _fail(exc)
+        if comm.Get_size() > 1 and not coordinator.abort(code):
+            print("error: some worker ranks did not stop in time; aborting the job.",
+                  file=sys.stderr, flush=True)
+            comm.Abort(code)
+        return code
+    coordinator.finish()
+    teacher, student = report["teacher"], report["student"]
+    _say(
+        f"done in {report['wall_s']:.1f} s: teacher {teacher['params']} params, test accuracy "
+        f"{teacher['accuracy']:.3f}; student {student['params']} params, test accuracy "
+        f"{student['accuracy_finetuned']:.3f} (merged {student['accuracy_merged']:.3f})"
+    )
+    _say(f"report: {os.path.join(report['run_dir'], 'report.md')} (and report.json), "
+         f"student: {student['path']}")
+    return EXIT_OK
+
+
+def _run_worker(comm, layout) -> int:
+    from .devices import configure_tensorflow, import_tensorflow, node_cores, worker_threads
+    from .protocol import AbortRequested, Worker
+
+    local_rank, local_size, root_on_node = layout
+    worker = Worker(comm)
+    try:
+        import_tensorflow()  # while rank 0 loads; thread pools are set once the job arrives
+        context = worker.receive_job()
+        if context is None:
+            return EXIT_OK
+        threads = worker_threads(context.job.run.threads, node_cores(), local_size,
+                                 root_on_node)
+        configure_tensorflow(threads, local_rank)
+        from .train_block import train_block
+
+        callback = _abort_callback(worker)
+        worker.serve(lambda task: {**train_block(task, callbacks=[callback]),
+                                   "rank": comm.Get_rank()})
+        worker.wait_for_end()
+    except AbortRequested as request:
+        worker.acknowledge_abort()
+        return request.exit_code
+    except BaseException:  # noqa: BLE001 - tell rank 0, then wait for its word
+        worker.report_error("setting up", traceback.format_exc())
+        try:
+            worker.wait_for_end()
+        except AbortRequested as request:
+            worker.acknowledge_abort()
+            return request.exit_code
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _abort_callback(worker):
+    import keras
+
+    class AbortCheck(keras.callbacks.Callback):
+        """Lets rank 0 stop a block in training within one batch."""
+
+        def on_train_batch_end(self, batch, logs=None):
+            worker.abort_check()
+
+    return AbortCheck()
+
+
+def _run_plan(args) -> int:
+    try:
+        from .devices import import_tensorflow
+
+        import_tensorflow()
+        from .plan import plan_command
+
+        return plan_command(args)
+    except BaseException as exc:  # noqa: BLE001
+        return _fail(exc)

@@ -1,0 +1,283 @@
+"""The job: frozen dataclasses read from TOML, overridden by --set, validated once.
+
+Rank 0 builds and validates the job; the other ranks receive the finished object. Every
+field carries its help text, allowed range and choices, so validation, error messages and
+docs/job-file.md all come from the one table below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _opt(default, help, *, min=None, max=None, choices=None):
+    meta = {"help": help, "min": min, "max": max, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    source: str = _opt(
+        "vgg_demo",
+        "A `.keras` or `.h5` model file, or a built-in architecture name (`vgg_demo`), "
+        "which is trained on the job's data first and kept in the run directory.",
+    )
+    widths: tuple[int, ...] = _opt(
+        [16, 16, 32, 32, 64, 64],
+        "Built-in teacher only: output channels of each 3x3 conv; a 2x2 max pool follows "
+        "every second conv.",
+    )
+    train_epochs: int = _opt(15, "Built-in teacher only: training epochs.", min=1)
+    train_batch_size: int = _opt(64, "Built-in teacher only: training batch size.", min=1)
+    learning_rate: float = _opt(2e-3, "Built-in teacher only: Adam learning rate.", min=0.0)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = _opt(
+        "demo",
+        "`demo` (generated shapes), a directory of images in class subfolders, an `.npz` "
+        "or an HDF5 file with `x_train, y_train, x_test, y_test` (optionally `x_val, y_val`).",
+    )
+    image_size: tuple[int, ...] = _opt(
+        [32, 32], "Height and width the images are resized to (image folders) or must have."
+    )
+    scale: str = _opt(
+        "unit",
+        "Pixel preprocessing: `unit` divides by 255, `symmetric` maps to [-1, 1], `none` "
+        "keeps values as stored.",
+        choices=("unit", "symmetric", "none"),
+    )
+    val_fraction: float = _opt(
+        0.1,
+        "Share of the training data held out for validation (fixed seed) when the data "
+        "set has no validation split.",
+        min=0.0,
+        max=0.5,
+    )
+    demo_train: int = _opt(6000, "Demo data only: number of training images.", min=100)
+    demo_test: int = _opt(2000, "Demo data only: number of test images.", min=100)
+    demo_noise: float = _opt(0.12, "Demo data only: standard deviation of pixel noise.", min=0.0)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    epochs: int = _opt(8, "Maximum epochs of MSE training per student block.", min=1)
+    batch_size: int = _opt(64, "Batch size of block training.", min=1)
+    learning_rate: float = _opt(2e-3, "Adam learning rate of block training.", min=0.0)
+    patience: int = _opt(
+        3, "Stop a block after this many epochs without a better validation MSE.", min=1
+    )
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = _opt(
+        6, "Maximum epochs of end-to-end fine-tuning of the student (0 skips it).", min=0
+    )
+    batch_size: int = _opt(64, "Batch size of fine-tuning.", min=1)
+    learning_rate: float = _opt(1e-3, "Adam learning rate of fine-tuning.", min=0.0)
+    patience: int = _opt(
+        3, "Stop after this many epochs without a better validation accuracy.", min=1
+    )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dtype: str = _opt(
+        "float16",
+        "Storage type of cached teacher activations.",
+        choices=("float16", "float32"),
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = _opt("runs/demo", "Run directory: cache, block weights, student and report.")
+    seed: int = _opt(0, "Seed of data splits, weight initialisation and shuffling.", min=0)
+    threads: int = _opt(
+        0,
+        "TensorFlow intra-op threads per worker rank; 0 divides the node's cores among "
+        "the worker ranks.",
+        min=0,
+    )
+
+
+@dataclass(frozen=True)
+class Job:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return {
+            section.name: {
+                f.name: _plain(getattr(getattr(self, section.name), f.name))
+                for f in dataclasses.fields(getattr(self, section.name))
+            }
+            for section in dataclasses.fields(self)
+        }
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Job)}
+
+def load_job(path: str | Path | None, overrides: typing.Sequence[str] = (), run_dir=None) -> Job:
+    """Read a TOML job file and apply overrides. Without a file, the defaults are the
+    built-in demo job (jobs/demo.toml spells them out), so it needs no file on disk."""
+    raw, source = {}, "the built-in demo job"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise UserError(f"Cannot read the job file {source!r}: {exc.strerror}.") from None
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"The job file {source!r} is not valid TOML: {exc}.") from None
+    for item in overrides:
+        _apply_override(raw, item)
+    if run_dir is not None:
+        raw.setdefault("run", {})["dir"] = str(run_dir)
+    job = job_from_dict(raw, source=source)
+    validate_job(job)
+    return job
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise UserError(
+            f"Expected --set section.key=value (for example --set distill.epochs=3), "
+            f"received {item!r}."
+        )
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()  # bare words such as paths need no quotes on the command line
+    section = raw.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise UserError(f"[{parts[0]}] in the job file must be a table to take --set {key}.")
+    section[parts[1]] = value
+
+
+def job_from_dict(raw: dict, source: str = "<job>") -> Job:
+    sections = {}
+    for name, value in raw.items():
+        if name not in SECTIONS:
+            raise UserError(f"Unknown section [{name}] in {source}.{_suggest(name, SECTIONS)}")
+        if not isinstance(value, dict):
+            raise UserError(f"[{name}] in {source} must be a table, received {value!r}.")
+        sections[name] = _build_section(name, SECTIONS[name], value, source)
+    return Job(**sections)
+
+
+def _build_section(name: str, cls, values: dict, source: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise UserError(
+                f"Unknown key {name}.{key} in {source}.{_suggest(key, fields)} "
+                f"Valid keys of [{name}]: {', '.join(fields)}."
+            )
+        kwargs[key] = _check_value(f"{name}.{key}", hints[key], fields[key].metadata, value)
+    return cls(**kwargs)
+
+
+def _check_value(key: str, hint, meta, value):
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{key} expects true or false, received {value!r}.")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{key} expects an integer, received {value!r}.")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key} expects a number, received {value!r}.")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise UserError(f"{key} expects a string, received {value!r}.")
+    elif typing.get_origin(hint) is tuple:
+        item_type = typing.get_args(hint)[0]
+        if not isinstance(value, list) or not all(
+            isinstance(v, item_type) and not isinstance(v, bool) for v in value
+        ):
+            raise UserError(
+                f"{key} expects a list of {item_type.__name__}, received {value!r}."
+            )
+        value = tuple(value)
+    if meta.get("choices") and value not in meta["choices"]:
+        raise UserError(
+            f"{key} expects one of {', '.join(map(repr, meta['choices']))}, received {value!r}."
+        )
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and value < low or high is not None and value > high:
+        bounds = " and ".join(
+            part for part in (low is not None and f">= {low}", high is not None and f"<= {high}")
+            if part
+        )
+        raise UserError(f"{key} expects a value {bounds}, received {value!r}.")
+    return value
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def validate_job(job: Job) -> None:
+    """Checks that span several keys; single keys are checked as they are read."""
+    if len(job.data.image_size) != 2 or min(job.data.image_size) < 8:
+        raise UserError(
+            f"data.image_size expects [height, width], each at least 8, "
+            f"received {list(job.data.image_size)!r}."
+        )
+    if job.teacher.source == "vgg_demo" and not job.teacher.widths:
+        raise UserError("teacher.widths expects at least one conv width for vgg_demo.")
+    if any(w < 1 for w in job.teacher.widths):
+        raise UserError(f"teacher.widths expects positive integers, received {job.teacher.widths!r}.")
+
+
+def fields_for_docs():
+    """(section, key, type, default, help, constraints) rows for docs/job-file.md."""
+    job = Job()
+    for section in dataclasses.fields(Job):
+        cls = SECTIONS[section.name]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            type_name = (
+                f"list of {typing.get_args(hint)[0].__name__}"
+                if typing.get_origin(hint) is tuple
+                else hint.__name__
+            )
+            constraints = []
+            if f.metadata.get("choices"):
+                constraints.append("one of " + ", ".join(f"`{c}`" for c in f.metadata["choices"]))
+            if f.metadata.get("min") is not None:
+                constraints.append(f">= {f.metadata['min']}")
+            if f.metadata.get("max") is not None:
+                constraints.append(f"<= {f.metadata['max']}")
+            default = _plain(getattr(getattr(job, section.name), f.name))
+            yield section.name, f.name, type_name, default, f.metadata["help"], constraints

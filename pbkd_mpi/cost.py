@@ -1,0 +1,55 @@
+"""Parameter and FLOP counts of Keras layers, from their configuration and output shapes.
+
+FLOPs count a multiply-add as two operations, for one sample at inference. Layers not
+listed cost one operation per output element (activations, adds, pooling), which keeps the
+totals honest without pretending a precision the hardware does not give anyway.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+
+
+def _elements(shape) -> int:
+    return math.prod(int(d) for d in shape[1:])
+
+
+def layer_flops(layer) -> int:
+    if isinstance(layer, keras.layers.InputLayer):
+        return 0
+    out_shape = layer.output.shape
+    in_shape = layer.input.shape
+    out_elements = _elements(out_shape)
+    if isinstance(layer, keras.layers.SeparableConv2D):
+        kh, kw = layer.kernel_size
+        c_in = in_shape[-1]
+        spatial = _elements(out_shape) // out_shape[-1]
+        depthwise = 2 * spatial * kh * kw * c_in * layer.depth_multiplier
+        pointwise = 2 * spatial * c_in * layer.depth_multiplier * out_shape[-1]
+        return depthwise + pointwise + (out_elements if layer.use_bias else 0)
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        kh, kw = layer.kernel_size
+        return 2 * out_elements * kh * kw + (out_elements if layer.use_bias else 0)
+    if isinstance(layer, keras.layers.Conv2D):
+        kh, kw = layer.kernel_size
+        c_in = in_shape[-1] // layer.groups
+        return 2 * out_elements * kh * kw * c_in + (out_elements if layer.use_bias else 0)
+    if isinstance(layer, keras.layers.Dense):
+        return 2 * _elements(in_shape) * layer.units + (layer.units if layer.use_bias else 0)
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return 2 * out_elements  # a scale and a shift once folded
+    return out_elements
+
+
+def model_flops(model) -> int:
+    return sum(layer_flops(layer) for layer in model.layers)
+
+
+def layers_cost(layers) -> tuple[int, int]:
+    """(params, flops) of layers that are already called on tensors."""
+    return (
+        sum(layer.count_params() for layer in layers),
+        sum(layer_flops(layer) for layer in layers),
+    )

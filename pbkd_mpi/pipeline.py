@@ -1,0 +1,215 @@
+"""One run, stage by stage: each stage a function call with a value you can print.
+
+Rank 0 runs `coordinate`; worker ranks run `work`. The split keeps MPI out of the stages
+themselves (graph, students, cache, training, assembly, report are plain Python/Keras).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from .config import Job
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What rank 0 tells the workers before any task: the job and where things are."""
+
+    job: Job
+    run_dir: str
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+def prepare_run_dir(path: str) -> Path:
+    run_dir = Path(path)
+    try:
+        (run_dir / "blocks").mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(
+            f"Cannot write to the run directory {str(run_dir)!r}: {exc.strerror}. Choose another "
+            f"with --run-dir or run.dir."
+        ) from None
+    return run_dir
+
+
+def write_job_toml(job: Job, path: Path) -> None:
+    from .report import write_atomically
+
+    lines = []
+    for section, values in job.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+        lines.append("")
+    write_atomically(path, "\n".join(lines))
+
+
+def coordinate(job: Job, coordinator, log) -> dict:
+    """Rank 0: every stage of the run. Returns the report written to the run directory."""
+    from . import cache as cache_mod
+    from .assemble import assemble_student
+    from .cost import layers_cost, model_flops
+    from .data import load_dataset
+    from .finetune import accuracy, finetune
+    from .graph import boundaries, find_blocks
+    from .report import write_report
+    from .students import build_student_model
+    from .teacher import (load_teacher, outputs_probabilities, save_model_atomically,
+                          weights_fingerprint)
+    from .train_block import BlockTask, estimate_cost
+
+    started = time.perf_counter()
+    timer = PhaseTimer()
+    run_dir = prepare_run_dir(job.run.dir)
+    write_job_toml(job, run_dir / "job.toml")
+
+    with timer("load"):
+        dataset = load_dataset(job.data, job.run.seed)
+    log(f"data: {dataset.summary()}")
+    with timer("teacher"):
+        teacher, teacher_info = load_teacher(job.teacher, dataset, run_dir, job.run.seed)
+    log(f"teacher: {teacher_info}")
+
+    with timer("blocks"):
+        blocks = find_blocks(teacher)
+        student_flops = {block.name: layers_cost(build_student_model(block).layers[1:])[1]
+                         for block in blocks}
+    log(f"blocks: {len(blocks)} ({', '.join(b.name for b in blocks)})")
+
+    with timer("cache"):
+        names = boundaries(blocks)
+        teacher_fp = weights_fingerprint(teacher)
+        fingerprint = cache_mod.cache_fingerprint(teacher_fp, dataset.fingerprint(), names,
+                                                  job.cache.dtype)
+        path = cache_mod.cache_path(run_dir, fingerprint)
+        cache_info = cache_mod.build_cache(teacher, dataset, names, path, fingerprint,
+                                           job.cache.dtype)
+    log(f"cache: {cache_info}")
+
+    tasks = {
+        block.name: BlockTask(block, str(path), fingerprint, job.distill, job.run.seed,
+                              estimate_cost(block, student_flops[block.name],
+                                            len(dataset.y_train), job.distill.epochs))
+        for block in blocks
+    }
+    with timer("distill"):
+        coordinator.broadcast(WorkerContext(job, str(run_dir)))
+        process = psutil.Process()
+        cpu_before, wall_before = process.cpu_times(), time.perf_counter()
+        results, records = coordinator.run_tasks(
+            tasks, {name: task.estimated_cost for name, task in tasks.items()},
+            on_result=lambda name, result, record: log(
+                f"block {name} done on rank {record.rank} in {record.end_s - record.start_s:.1f} s, "
+                f"val MSE {result['val_mse']:.4g}"),
+        )
+        cpu_after, wall_after = process.cpu_times(), time.perf_counter()
+    coordinator_cpu = ((cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+                       ) / max(wall_after - wall_before, 1e-9)
+
+    with timer("assemble"):
+        student = assemble_student(teacher, blocks,
+                                   {name: r["weights"] for name, r in results.items()})
+        merged_accuracy = accuracy(student, dataset.x_test, dataset.y_test)
+    probabilities = outputs_probabilities(teacher)
+    with timer("finetune"):
+        tuned = finetune(student, dataset, job.finetune, probabilities, job.run.seed)
+    log(f"fine-tuning: {tuned['epochs']} epochs, val accuracy {tuned['val_accuracy_before']:.3f} "
+        f"-> {tuned['val_accuracy']:.3f}")
+
+    with timer("evaluate"):
+        teacher_accuracy = accuracy(teacher, dataset.x_test, dataset.y_test)
+        finetuned_accuracy = accuracy(student, dataset.x_test, dataset.y_test)
+    student_path = run_dir / "student.keras"
+    save_model_atomically(student, student_path)
+
+    by_name = {record.task_id: record for record in records}
+    block_rows = []
+    for block in blocks:
+        result, record = results[block.name], by_name[block.name]
+        block_rows.append({
+            "name": block.name,
+            "layers": list(block.layers),
+            "rank": record.rank,
+            "seconds": record.end_s - record.start_s,
+            "start_s": record.start_s,
+            "end_s": record.end_s,
+            "train_mse": result["train_mse"],
+            "val_mse": result["val_mse"],
+            "target_variance": result["target_variance"],
+            "epochs": result["epochs"],
+            "best_epoch": result["best_epoch"],
+            "teacher_params": block.teacher_params,
+            "student_params": result["student_params"],
+            "teacher_flops": block.teacher_flops,
+            "student_flops": result["student_flops"],
+            "input_shape": list(block.input_shape),
+            "output_shape": list(block.output_shape),
+            "final_activation": block.final_activation,
+            "history": result["history"],
+        })
+    replaced = {
+        "teacher_params": sum(b["teacher_params"] for b in block_rows),
+        "student_params": sum(b["student_params"] for b in block_rows),
+        "teacher_flops": sum(b["teacher_flops"] for b in block_rows),
+        "student_flops": sum(b["student_flops"] for b in block_rows),
+    }
+    replaced["param_ratio"] = replaced["student_params"] / replaced["teacher_params"]
+    replaced["flop_ratio"] = replaced["student_flops"] / replaced["teacher_flops"]
+    report = {
+        "status": "ok",
+        "run_dir": str(run_dir),
+        "workers": coordinator.comm.Get_size() - 1,
+        "data": dataset.summary(),
+        "teacher": {
+            **teacher_info,
+            "params": int(teacher.count_params()),
+            "flops": model_flops(teacher),
+            "accuracy": teacher_accuracy,
+            "fingerprint": teacher_fp,
+        },
+        "student": {
+            "params": int(student.count_params()),
+            "flops": model_flops(student),
+            "accuracy_merged": merged_accuracy,
+            "accuracy_finetuned": finetuned_accuracy,
+            "val_accuracy_merged": tuned["val_accuracy_before"],
+            "val_accuracy_finetuned": tuned["val_accuracy"],
+            "path": str(student_path),
+        },
+        "replaced": replaced,
+        "blocks": block_rows,
+        "phases": timer.seconds,
+        "distill": {
+            "makespan_s": timer.seconds["distill"],
+            "sum_task_s": sum(b["seconds"] for b in block_rows),
+            "coordinator_cpu_fraction": coordinator_cpu,
+        },
+        "cache": cache_info,
+        "finetune": tuned,
+        "wall_s": time.perf_counter() - started,
+    }
+    write_report(run_dir, report)
+    return report

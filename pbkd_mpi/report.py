@@ -1,0 +1,105 @@
+"""report.json (the contract other tools read, documented in docs/report.md) and report.md."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def write_atomically(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
+    json_path, md_path = Path(run_dir) / "report.json", Path(run_dir) / "report.md"
+    write_atomically(json_path, json.dumps(report, indent=2) + "\n")
+    write_atomically(md_path, render_markdown(report))
+    return json_path, md_path
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _count(value) -> str:
+    if value >= 1e9:
+        return f"{value / 1e9:.2f} G"
+    if value >= 1e6:
+        return f"{value / 1e6:.2f} M"
+    if value >= 1e3:
+        return f"{value / 1e3:.1f} k"
+    return str(value)
+
+
+def render_markdown(report: dict) -> str:
+    teacher, student, replaced = report["teacher"], report["student"], report["replaced"]
+    lines = [
+        f"# Distillation report: {teacher['source']}",
+        "",
+        f"Status **{report['status']}**, {report['workers']} worker rank(s), "
+        f"run directory `{report['run_dir']}`, total wall time {report['wall_s']:.1f} s.",
+        "",
+        "## Summary",
+        "",
+        "| | teacher | student | student / teacher |",
+        "|---|---|---|---|",
+        f"| parameters | {_count(teacher['params'])} | {_count(student['params'])} | "
+        f"{student['params'] / teacher['params']:.2f} |",
+        f"| FLOPs per image | {_count(teacher['flops'])} | {_count(student['flops'])} | "
+        f"{student['flops'] / teacher['flops']:.2f} |",
+        f"| parameters in replaced blocks | {_count(replaced['teacher_params'])} | "
+        f"{_count(replaced['student_params'])} | {replaced['param_ratio']:.2f} |",
+        f"| FLOPs in replaced blocks | {_count(replaced['teacher_flops'])} | "
+        f"{_count(replaced['student_flops'])} | {replaced['flop_ratio']:.2f} |",
+        f"| test accuracy | {_pct(teacher['accuracy'])} | {_pct(student['accuracy_finetuned'])} "
+        f"(merged, before fine-tuning: {_pct(student['accuracy_merged'])}) | |",
+        "",
+        "Accuracies are measured on the held-out test split; every selection (block early "
+        "stopping, fine-tuning epochs) used the validation split.",
+        "",
+        "## Phases",
+        "",
+        "| phase | seconds |",
+        "|---|---|",
+        *(f"| {name} | {seconds:.1f} |" for name, seconds in report["phases"].items()),
+        "",
+        f"Distillation makespan {report['distill']['makespan_s']:.1f} s for "
+        f"{report['distill']['sum_task_s']:.1f} s of block tasks "
+        f"({report['distill']['sum_task_s'] / max(report['distill']['makespan_s'], 1e-9):.2f}x "
+        f"the sequential sum) on {report['workers']} worker(s); the coordinator used "
+        f"{_pct(report['distill']['coordinator_cpu_fraction'])} of a core while it waited.",
+        "",
+        "## Blocks",
+        "",
+        "| block | layers | in -> out | rank | seconds | epochs | train MSE | val MSE "
+        "| val MSE / var | params T -> S | FLOPs T -> S |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for block in report["blocks"]:
+        relative = block["val_mse"] / block["target_variance"] if block["target_variance"] else 0
+        lines.append(
+            f"| {block['name']} | {', '.join(block['layers'])} | "
+            f"{'x'.join(map(str, block['input_shape']))} -> "
+            f"{'x'.join(map(str, block['output_shape']))} | {block['rank']} | "
+            f"{block['seconds']:.1f} | {block['epochs']} | {block['train_mse']:.4g} | "
+            f"{block['val_mse']:.4g} | {relative:.3f} | "
+            f"{_count(block['teacher_params'])} -> {_count(block['student_params'])} | "
+            f"{_count(block['teacher_flops'])} -> {_count(block['student_flops'])} |"
+        )
+    finetune = report["finetune"]
+    lines += [
+        "",
+        "## Fine-tuning",
+        "",
+        f"{finetune['epochs']} epoch(s) run; validation accuracy {_pct(finetune['val_accuracy_before'])} "
+        f"before and {_pct(finetune['val_accuracy'])} after (best epoch {finetune['best_epoch']}; "
+        f"0 means the merged student was kept).",
+        "",
+        f"Student model: `{student['path']}`.",
+        "",
+    ]
+    return "\n".join(lines)

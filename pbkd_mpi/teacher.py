@@ -1,0 +1,175 @@
+"""The teacher: a user's saved Keras model, or a built-in architecture trained on the job's data.
+
+A built-in teacher is trained once and kept in the run directory under a name keyed by a
+hash of everything that shaped it, so a second run with the same job loads it instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .config import TeacherConfig
+from .data import Dataset
+from .errors import UserError
+
+BUILTIN_TEACHERS = ("vgg_demo",)
+
+
+def build_vgg_demo(input_shape, num_classes: int, widths) -> "keras.Model":
+    """VGG-style: 3x3 conv + BN + ReLU per width, a 2x2 max pool after every second conv,
+    global average pooling and a softmax classifier."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(input_shape, name="image")
+    x = inputs
+    for i, width in enumerate(widths, start=1):
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)
+        x = layers.ReLU(name=f"relu{i}")(x)
+        if i % 2 == 0 and i < len(widths):
+            x = layers.MaxPooling2D(name=f"pool{i // 2}")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="classifier")(x)
+    return keras.Model(inputs, outputs, name="vgg_demo")
+
+
+def weights_fingerprint(model) -> str:
+    digest = hashlib.sha256(json.dumps(model.get_config(), sort_keys=True, default=str).encode())
+    for array in model.get_weights():
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()[:16]
+
+
+def outputs_probabilities(model) -> bool:
+    """True when the teacher ends in a softmax, so losses take probabilities, not logits."""
+    import keras
+
+    last = model.layers[-1]
+    activation = getattr(last, "activation", None)
+    if isinstance(last, keras.layers.Softmax):
+        return True
+    return activation is not None and getattr(activation, "__name__", "") == "softmax"
+
+
+def load_teacher(config: TeacherConfig, dataset: Dataset, run_dir: Path, seed: int):
+    """Return (model, description) where description says where the teacher came from."""
+    if config.source in BUILTIN_TEACHERS:
+        model, info = _builtin_teacher(config, dataset, run_dir, seed)
+    else:
+        model, info = load_model_file(config.source), {"source": config.source, "trained_here": False}
+    check_teacher_fits_data(model, dataset)
+    return model, info
+
+
+def load_model_file(source: str):
+    import keras
+
+    path = Path(source)
+    if not path.exists():
+        raise UserError(
+            f"teacher.source {source!r} does not exist. Expected a .keras or .h5 model file, "
+            f"or a built-in architecture: {', '.join(BUILTIN_TEACHERS)}."
+        )
+    if path.suffix not in (".keras", ".h5", ".hdf5"):
+        raise UserError(
+            f"teacher.source {source!r} is not a .keras or .h5 file (received a "
+            f"{path.suffix or 'suffix-less'} path). Save the model with model.save('name.keras')."
+        )
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many types for a foreign or broken file
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"teacher.source {source!r} could not be loaded as a Keras model: {message}"
+        ) from None
+    if not isinstance(model, keras.Model):
+        raise UserError(
+            f"teacher.source {source!r} holds a {type(model).__name__}, expected a keras.Model."
+        )
+    return model
+
+
+def check_teacher_fits_data(model, dataset: Dataset) -> None:
+    expected = tuple(model.inputs[0].shape[1:]) if model.inputs else None
+    if expected is None or expected != dataset.image_shape:
+        raise UserError(
+            f"The teacher expects inputs of shape {expected}, but the data set's images have "
+            f"shape {dataset.image_shape}. Set data.image_size (and the image channels) to "
+            f"match the teacher."
+        )
+    outputs = model.outputs[0].shape
+    if len(outputs) != 2 or outputs[-1] != dataset.num_classes:
+        raise UserError(
+            f"The teacher's output has shape {tuple(outputs)}, but the data set has "
+            f"{dataset.num_classes} classes: expected (None, {dataset.num_classes})."
+        )
+    for split in ("train", "val", "test"):
+        labels = getattr(dataset, f"y_{split}")
+        if len(labels) and labels.max() >= outputs[-1]:
+            raise UserError(
+                f"y_{split} holds label {labels.max()}, outside the teacher's "
+                f"{outputs[-1]} classes [0, {outputs[-1] - 1}]."
+            )
+
+
+def _builtin_teacher(config: TeacherConfig, dataset: Dataset, run_dir: Path, seed: int):
+    import keras
+
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "arch": config.source,
+                "widths": list(config.widths),
+                "epochs": config.train_epochs,
+                "batch": config.train_batch_size,
+                "lr": config.learning_rate,
+                "data": dataset.fingerprint(),
+                "seed": seed,
+                "keras": keras.__version__,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:12]
+    path = run_dir / f"teacher-{key}.keras"
+    info = {"source": config.source, "file": str(path), "trained_here": False}
+    if path.exists():
+        return keras.saving.load_model(path, compile=False), info
+    keras.utils.set_random_seed(seed)
+    model = build_vgg_demo(dataset.image_shape, dataset.num_classes, config.widths)
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    best = keras.callbacks.EarlyStopping(
+        monitor="val_accuracy", mode="max", patience=config.train_epochs, restore_best_weights=True
+    )
+    history = model.fit(
+        dataset.x_train,
+        dataset.y_train,
+        batch_size=config.train_batch_size,
+        epochs=config.train_epochs,
+        validation_data=(dataset.x_val, dataset.y_val),
+        callbacks=[best],
+        verbose=0,
+    )
+    save_model_atomically(model, path)
+    info.update(
+        trained_here=True,
+        epochs=len(history.history["loss"]),
+        val_accuracy=float(max(history.history["val_accuracy"])),
+    )
+    return model, info
+
+
+def save_model_atomically(model, path: Path) -> None:
+    """Write next to the target and rename, so a crash never leaves a half-written model."""
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    model.save(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,95 @@
+"""One block task: build the student block and train it with MSE on cached teacher pairs.
+
+Runs on a worker rank. The seed depends on the block only, never on the rank or the order
+of tasks, so the same job trains the same block weights whichever worker gets the block.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import faults
+from .cache import read_pair
+from .config import DistillConfig
+from .cost import layers_cost
+from .graph import Block
+from .students import build_student_model, layer_weights
+
+
+@dataclass(frozen=True)
+class BlockTask:
+    block: Block
+    cache_path: str
+    cache_fingerprint: str
+    config: DistillConfig
+    seed: int
+    estimated_cost: float  # relative units: only the order of tasks depends on it
+
+    @property
+    def block_seed(self) -> int:
+        return (self.seed * 1_000_003 + zlib.crc32(self.block.name.encode())) % (2**31)
+
+
+def estimate_cost(block: Block, student_flops: int, samples: int, epochs: int) -> float:
+    """FLOPs of a block task, forward and backward (about 3x forward) over every epoch.
+    Bytes moved matter as much as FLOPs for small blocks, so both count."""
+    io_elements = int(np.prod(block.input_shape)) + int(np.prod(block.output_shape))
+    return float(samples * epochs * (3 * student_flops + 8 * io_elements))
+
+
+def train_block(task: BlockTask, callbacks=()) -> dict:
+    import keras
+
+    block = task.block
+    x_train, y_train = read_pair(task.cache_path, task.cache_fingerprint, "train",
+                                 block.input_boundary, block.output_boundary)
+    x_val, y_val = read_pair(task.cache_path, task.cache_fingerprint, "val",
+                             block.input_boundary, block.output_boundary)
+    x_train, y_train, x_val, y_val = (a.astype(np.float32) for a in (x_train, y_train, x_val, y_val))
+    if faults.active("raise", block.name):
+        raise faults.InjectedFault(f"fault injected into block {block.name!r} (PBKD_FAULT)")
+    if faults.active("nan", block.name):
+        x_train[0] = np.nan
+
+    keras.utils.set_random_seed(task.block_seed)
+    model = build_student_model(block)
+    model.compile(optimizer=keras.optimizers.Adam(task.config.learning_rate), loss="mse")
+    best = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=task.config.patience, restore_best_weights=True
+    )
+    started = time.perf_counter()
+    history = model.fit(
+        x_train,
+        y_train,
+        batch_size=task.config.batch_size,
+        epochs=task.config.epochs,
+        validation_data=(x_val, y_val),
+        callbacks=[best, *callbacks],
+        shuffle=True,
+        verbose=0,
+    )
+    train_seconds = time.perf_counter() - started
+    # Scored in inference mode (BN moving statistics), as the block will run in the student.
+    train_mse = float(model.evaluate(x_train, y_train, batch_size=256, verbose=0))
+    val_mse = float(model.evaluate(x_val, y_val, batch_size=256, verbose=0))
+    if not np.isfinite(train_mse) or not np.isfinite(val_mse):
+        raise FloatingPointError(
+            f"block {block.name!r} ended with a non-finite MSE (train {train_mse}, val {val_mse})"
+        )
+    params, flops = layers_cost(model.layers[1:])
+    return {
+        "weights": layer_weights(model),
+        "train_mse": train_mse,
+        "val_mse": val_mse,
+        "target_variance": float(np.var(y_val)),
+        "epochs": len(history.history["loss"]),
+        "best_epoch": int(best.best_epoch) + 1,
+        "train_seconds": train_seconds,
+        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+        "student_params": params,
+        "student_flops": flops,
+    }

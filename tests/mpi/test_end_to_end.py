@@ -1,0 +1,120 @@
+"""The whole pipeline under real MPI: mpiexec -n 2 and -n 3 on the tiny job, and failures."""
+
+import json
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from ..conftest import TINY_JOB, run_mpi
+
+
+def _check_report(run_dir, ranks):
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "ok"
+    assert report["workers"] == ranks - 1
+    blocks = report["blocks"]
+    assert [b["name"] for b in blocks] == ["conv1", "conv2", "conv3", "conv4"]
+    # Every block trained on a worker rank, and all workers got work when there is enough.
+    assert all(1 <= b["rank"] < ranks for b in blocks)
+    assert {b["rank"] for b in blocks} == set(range(1, ranks))
+    for b in blocks:
+        assert b["student_params"] < b["teacher_params"]
+        assert b["seconds"] > 0 and np.isfinite(b["val_mse"])
+        # The student block learned: better than predicting the target's mean.
+        assert b["val_mse"] < b["target_variance"]
+    assert report["replaced"]["param_ratio"] <= 0.40
+    assert report["student"]["params"] < report["teacher"]["params"]
+    assert report["student"]["flops"] < report["teacher"]["flops"]
+    chance = 1 / report["data"]["num_classes"]
+    assert report["teacher"]["accuracy"] > 3 * chance
+    assert report["student"]["accuracy_merged"] > 2 * chance
+    assert report["student"]["accuracy_finetuned"] > 3 * chance
+    for key in ("load", "blocks", "cache", "distill", "assemble", "finetune"):
+        assert report["phases"][key] >= 0
+    assert report["distill"]["sum_task_s"] == pytest.approx(sum(b["seconds"] for b in blocks))
+    assert report["distill"]["coordinator_cpu_fraction"] < 0.25
+    student = keras.saving.load_model(run_dir / "student.keras")
+    kinds = {type(layer).__name__ for layer in student.layers}
+    assert "DepthwiseConv2D" in kinds
+    assert not any(layer.name in {"conv1", "conv2", "conv3", "conv4"} for layer in student.layers)
+    assert (run_dir / "report.md").read_text().startswith("# Distillation report")
+    return report
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_tiny_job_end_to_end(tmp_path, ranks):
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    result = run_mpi(ranks, ["run", TINY_JOB, "--run-dir", run_dir], timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert time.monotonic() - started < 120
+    assert "report:" in result.stdout and str(run_dir) in result.stdout
+    assert "Traceback" not in result.stderr
+    first = _check_report(run_dir, ranks)
+    assert first["teacher"]["trained_here"] is True
+    if ranks == 3:
+        # A second run in the same directory reuses the teacher and the cache.
+        again = run_mpi(ranks, ["run", TINY_JOB, "--run-dir", run_dir], timeout=240)
+        assert again.returncode == 0, again.stderr[-3000:]
+        second = _check_report(run_dir, ranks)
+        assert second["teacher"]["trained_here"] is False
+        assert second["cache"]["reused"] is True
+        assert second["teacher"]["accuracy"] == first["teacher"]["accuracy"]
+
+
+def _assert_clean_failure(result, elapsed, message):
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert elapsed < 60
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert message in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_teacher_file_ends_every_rank_with_one_message(tmp_path):
+    started = time.monotonic()
+    result = run_mpi(3, ["run", TINY_JOB, "--run-dir", tmp_path / "run",
+                         "--set", f"teacher.source={tmp_path / 'nope.keras'}"], timeout=90)
+    _assert_clean_failure(result, time.monotonic() - started, "does not exist")
+
+
+def test_data_that_does_not_fit_the_teacher_ends_every_rank(tmp_path, tiny_teacher):
+    teacher_path = tmp_path / "teacher.keras"
+    tiny_teacher.save(teacher_path)  # expects 16x16x3 images
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, size=(60, 20, 20, 3), dtype=np.uint8)
+    y = np.arange(60) % 10
+    np.savez(tmp_path / "data.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    started = time.monotonic()
+    result = run_mpi(2, ["run", TINY_JOB, "--run-dir", tmp_path / "run",
+                         "--set", f"teacher.source={teacher_path}",
+                         "--set", f"data.source={tmp_path / 'data.npz'}",
+                         "--set", "data.image_size=[20, 20]"], timeout=90)
+    _assert_clean_failure(result, time.monotonic() - started,
+                          "The teacher expects inputs of shape (16, 16, 3)")
+
+
+def test_one_rank_is_refused_with_the_launch_explained(tmp_path):
+    result = run_mpi(1, ["run", TINY_JOB, "--run-dir", tmp_path / "run"], timeout=60)
+    assert result.returncode == 2
+    assert "mpirun -np 3" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_job_key_is_refused_once(tmp_path):
+    result = run_mpi(3, ["run", TINY_JOB, "--set", "distill.epoch=2"], timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("error:") == 1 and "Did you mean 'epochs'?" in result.stderr
+
+
+def test_a_failing_block_on_a_worker_ends_the_job_with_its_traceback(tmp_path):
+    started = time.monotonic()
+    result = run_mpi(3, ["run", TINY_JOB, "--run-dir", tmp_path / "run"], timeout=180,
+                     env={"PBKD_FAULT": "raise:conv3"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert time.monotonic() - started < 150
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rank" in errors[0] and "task conv3" in errors[0]
+    assert "InjectedFault" in result.stderr  # the worker's own traceback reached the user
+    assert not (tmp_path / "run" / "report.json").exists()

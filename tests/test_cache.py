@@ -1,0 +1,75 @@
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from pbkd_mpi.cache import build_cache, cache_fingerprint, is_complete, read_pair
+from pbkd_mpi.errors import UserError
+from pbkd_mpi.graph import MODEL_INPUT, boundaries, find_blocks
+from pbkd_mpi.teacher import weights_fingerprint
+
+
+@pytest.fixture()
+def built_cache(tiny_teacher, tiny_dataset, tmp_path):
+    names = boundaries(find_blocks(tiny_teacher))
+    fingerprint = cache_fingerprint(weights_fingerprint(tiny_teacher), tiny_dataset.fingerprint(),
+                                    names, "float16")
+    path = tmp_path / "cache.h5"
+    info = build_cache(tiny_teacher, tiny_dataset, names, path, fingerprint, "float16",
+                       batch_size=64)
+    return path, fingerprint, names, info
+
+
+def test_cached_activations_equal_the_teachers_within_fp16(built_cache, tiny_teacher,
+                                                           tiny_dataset):
+    path, fingerprint, names, info = built_cache
+    assert info["reused"] is False and is_complete(path, fingerprint)
+    probe = keras.Model(tiny_teacher.inputs, tiny_teacher.get_layer("relu3").output)
+    expected = probe.predict(tiny_dataset.x_val, verbose=0)
+    x, y = read_pair(path, fingerprint, "val", "pool1", "relu3")
+    assert y.dtype == np.float16 and y.shape == expected.shape
+    np.testing.assert_allclose(y.astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+    x_in, _ = read_pair(path, fingerprint, "train", MODEL_INPUT, "relu1")
+    np.testing.assert_allclose(x_in.astype(np.float32), tiny_dataset.x_train, atol=1e-3)
+
+
+def test_a_complete_cache_is_reused(built_cache, tiny_teacher, tiny_dataset):
+    path, fingerprint, names, _ = built_cache
+    stamp = path.stat().st_mtime_ns
+    info = build_cache(tiny_teacher, tiny_dataset, names, path, fingerprint, "float16")
+    assert info["reused"] is True and path.stat().st_mtime_ns == stamp
+
+
+def test_foreign_or_truncated_caches_are_never_used(built_cache, tiny_teacher, tiny_dataset):
+    path, fingerprint, names, _ = built_cache
+    assert not is_complete(path, "0" * 16)
+    with pytest.raises(UserError, match="missing, incomplete or belongs to another run"):
+        read_pair(path, "0" * 16, "val", "pool1", "relu3")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert not is_complete(path, fingerprint)
+    info = build_cache(tiny_teacher, tiny_dataset, names, path, fingerprint, "float16")
+    assert info["reused"] is False and is_complete(path, fingerprint)
+
+
+def test_an_unfinished_cache_is_not_complete(tmp_path):
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        f.attrs["fingerprint"] = "abc"
+        f.attrs["complete"] = False
+    assert not is_complete(tmp_path / "c.h5", "abc")
+
+
+def test_fingerprint_changes_with_weights_data_boundaries_and_dtype(tiny_teacher, tiny_dataset):
+    base = dict(teacher_fingerprint="t", data_fingerprint="d", names=["a"], dtype="float16")
+    reference = cache_fingerprint(**base)
+    for key, value in [("teacher_fingerprint", "t2"), ("data_fingerprint", "d2"),
+                       ("names", ["a", "b"]), ("dtype", "float32")]:
+        assert cache_fingerprint(**{**base, key: value}) != reference
+    before = weights_fingerprint(tiny_teacher)
+    layer = tiny_teacher.get_layer("conv1")
+    original = layer.get_weights()
+    layer.set_weights([w + 1e-3 for w in original])
+    try:
+        assert weights_fingerprint(tiny_teacher) != before
+    finally:
+        layer.set_weights(original)

@@ -1,0 +1,122 @@
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from pbkd_mpi.config import DataConfig
+from pbkd_mpi.data import load_dataset
+from pbkd_mpi.demo_data import CLASS_NAMES, make_shapes
+from pbkd_mpi.errors import UserError
+
+
+def test_demo_images_are_deterministic_balanced_and_varied():
+    x1, y1 = make_shapes(200, (16, 16), seed=3)
+    x2, y2 = make_shapes(200, (16, 16), seed=3)
+    x3, _ = make_shapes(200, (16, 16), seed=4)
+    assert x1.shape == (200, 16, 16, 3) and x1.dtype == np.uint8
+    assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    assert not np.array_equal(x1, x3)
+    assert np.bincount(y1, minlength=len(CLASS_NAMES)).tolist() == [20] * len(CLASS_NAMES)
+    # Not a constant picture per class: images of one class differ from each other.
+    same_class = x1[y1 == 0].astype(np.float32)
+    assert same_class.std(axis=0).mean() > 20
+
+
+def test_splits_are_disjoint_and_fixed_by_the_seed(tiny_dataset):
+    again = load_dataset(DataConfig(image_size=(16, 16), demo_train=300, demo_test=100), seed=0)
+    assert tiny_dataset.fingerprint() == again.fingerprint()
+    assert len(tiny_dataset.y_val) == 30 and len(tiny_dataset.y_train) == 270
+    train = {x.tobytes() for x in tiny_dataset.x_train}
+    assert not any(x.tobytes() in train for x in tiny_dataset.x_val)
+    other = load_dataset(DataConfig(image_size=(16, 16), demo_train=300, demo_test=100), seed=1)
+    assert other.fingerprint() != tiny_dataset.fingerprint()
+
+
+def test_scales(tiny_dataset):
+    assert 0.0 <= tiny_dataset.x_train.min() and tiny_dataset.x_train.max() <= 1.0
+    symmetric = load_dataset(DataConfig(image_size=(16, 16), demo_train=100, demo_test=100,
+                                        scale="symmetric"), seed=0)
+    assert symmetric.x_train.min() < -0.5 and symmetric.x_train.max() <= 1.0
+
+
+def _arrays(size=(12, 12), n=40, classes=4):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, size=(n, *size, 3), dtype=np.uint8)
+    y = np.arange(n) % classes
+    return x, y
+
+
+def test_npz_with_and_without_validation(tmp_path):
+    x, y = _arrays()
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
+    data = load_dataset(DataConfig(source=str(tmp_path / "d.npz"), image_size=(12, 12)), seed=0)
+    assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (36, 4, 10)
+    assert data.num_classes == 4
+    np.savez(tmp_path / "v.npz", x_train=x, y_train=y, x_val=x[:5], y_val=y[:5],
+             x_test=x[:10], y_test=y[:10])
+    data = load_dataset(DataConfig(source=str(tmp_path / "v.npz"), image_size=(12, 12)), seed=0)
+    assert (len(data.y_train), len(data.y_val)) == (40, 5)
+
+
+def test_hdf5_file(tmp_path):
+    x, y = _arrays()
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        for name, value in dict(x_train=x, y_train=y, x_test=x[:8], y_test=y[:8]).items():
+            f[name] = value
+    data = load_dataset(DataConfig(source=str(tmp_path / "d.h5"), image_size=(12, 12)), seed=0)
+    assert data.image_shape == (12, 12, 3) and len(data.y_test) == 8
+
+
+def test_image_folder_with_and_without_split_folders(tmp_path):
+    x, y = _arrays(size=(20, 20), n=24, classes=3)
+    for root in ("flat", "split/train", "split/test"):
+        for i, (image, label) in enumerate(zip(x, y)):
+            folder = tmp_path / root / f"class_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i}.png")
+    (tmp_path / "flat" / "class_0" / "notes.txt").write_text("not an image")
+    flat = load_dataset(DataConfig(source=str(tmp_path / "flat"), image_size=(10, 10),
+                                   val_fraction=0.25), seed=0)
+    assert flat.image_shape == (10, 10, 3) and flat.num_classes == 3
+    assert len(flat.y_train) + len(flat.y_val) + len(flat.y_test) == 24
+    split = load_dataset(DataConfig(source=str(tmp_path / "split"), image_size=(10, 10)), seed=0)
+    assert len(split.y_test) == 24 and len(split.y_train) + len(split.y_val) == 24
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", r"does not exist"),
+    ("names", r"must hold arrays named x_train, y_train, x_test, y_test"),
+    ("shape", r"are 12x12, but data.image_size is 16x16"),
+    ("nan", r"holds NaN or Inf"),
+    ("labels", r"y_train of .* must be 40 integer labels"),
+    ("format", r"unknown format"),
+])
+def test_bad_data_gets_a_clear_error(tmp_path, case, message):
+    x, y = _arrays()
+    path = tmp_path / "d.npz"
+    size = (12, 12)
+    if case == "names":
+        np.savez(path, x_train=x, y_train=y)
+    elif case == "shape":
+        np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
+        size = (16, 16)
+    elif case == "nan":
+        bad = x.astype(np.float32)
+        bad[0, 0, 0, 0] = np.nan
+        np.savez(path, x_train=bad, y_train=y, x_test=x, y_test=y)
+    elif case == "labels":
+        np.savez(path, x_train=x, y_train=y[:-1], x_test=x, y_test=y)
+    elif case == "format":
+        path = tmp_path / "d.csv"
+        path.write_text("1,2\n")
+    else:
+        path = tmp_path / "absent.npz"
+    with pytest.raises(UserError, match=message):
+        load_dataset(DataConfig(source=str(path), image_size=size), seed=0)
+
+
+def test_empty_image_folder_is_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(UserError, match="holds no images"):
+        load_dataset(DataConfig(source=str(tmp_path), image_size=(10, 10)), seed=0)
