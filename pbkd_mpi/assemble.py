@@ -40,11 +40,13 @@ def rewrite(teacher, blocks: list[Block], make_layers, weights: dict[str, list])
     return model
 
 
-def assemble_student(teacher, blocks: list[Block], block_weights: dict[str, dict]) -> keras.Model:
+def assemble_student(teacher, blocks: list[Block], block_weights: dict[str, dict],
+                     depth_multiplier: int = 1) -> keras.Model:
     """The student: blocks with trained weights in `block_weights` are replaced by their
     students; blocks without stay the teacher's."""
     weights = layer_weights(teacher)
     for per_layer in block_weights.values():
         weights.update(per_layer)
     replaced = [block for block in blocks if block.name in block_weights]
-    return rewrite(teacher, replaced, student_layers, weights)
+    return rewrite(teacher, replaced, lambda block: student_layers(block, depth_multiplier),
+                   weights)

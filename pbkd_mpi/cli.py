@@ -51,14 +51,14 @@ def main(argv=None) -> int:
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
+    argv = list(sys.argv[1:] if argv is None else argv) or ["run"]  # bare: the demo
     try:
-        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        args = build_parser().parse_args(argv)
     except UserError as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    command = args.command or "run"
-    if command == "plan":
+    if args.command == "plan":
         return _run_plan(args) if rank == 0 else EXIT_OK
     from .devices import local_layout
 

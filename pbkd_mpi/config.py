@@ -8,6 +8,7 @@ docs/job-file.md all come from the one table below.
 from __future__ import annotations
 
 import dataclasses
+import json
 import difflib
 import tomllib
 import typing
@@ -37,8 +38,8 @@ class TeacherConfig:
         "every second conv.",
     )
     train_epochs: int = _opt(15, "Built-in teacher only: training epochs.", min=1)
-    train_batch_size: int = _opt(64, "Built-in teacher only: training batch size.", min=1)
-    learning_rate: float = _opt(2e-3, "Built-in teacher only: Adam learning rate.", min=0.0)
+    train_batch_size: int = _opt(32, "Built-in teacher only: training batch size.", min=1)
+    learning_rate: float = _opt(1e-3, "Built-in teacher only: Adam learning rate.", min=0.0)
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,22 @@ class DataConfig:
         min=0.0,
         max=0.5,
     )
-    demo_train: int = _opt(6000, "Demo data only: number of training images.", min=100)
+    demo_train: int = _opt(8000, "Demo data only: number of training images.", min=100)
     demo_test: int = _opt(2000, "Demo data only: number of test images.", min=100)
+    demo_classes: int = _opt(
+        10, "Demo data only: number of classes (the first ones are the easiest).", min=2, max=10
+    )
     demo_noise: float = _opt(0.12, "Demo data only: standard deviation of pixel noise.", min=0.0)
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    depth_multiplier: int = _opt(
+        1,
+        "Depthwise filters per input channel in each student block: 1 is the plain "
+        "depthwise-separable conv; 2 doubles the depthwise part and the pointwise inputs.",
+        min=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,7 @@ class RunConfig:
 class Job:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -259,19 +274,28 @@ def validate_job(job: Job) -> None:
         raise UserError(f"teacher.widths expects positive integers, received {job.teacher.widths!r}.")
 
 
-def fields_for_docs():
-    """(section, key, type, default, help, constraints) rows for docs/job-file.md."""
+def render_job_docs() -> str:
+    """docs/job-file.md, from the field table above (a test keeps the file in step)."""
+    lines = [
+        "# Job file reference",
+        "",
+        "A job is a TOML file with the sections below; every key is optional and defaults to",
+        "the built-in demo job (`jobs/demo.toml` spells the defaults out). Any key can be",
+        "overridden on the command line with `--set section.key=value`, and `--run-dir DIR`",
+        "sets `run.dir`. Unknown keys, wrong types and out-of-range values are refused before",
+        "anything runs, with the closest valid key suggested. This page is generated from",
+        "`pbkd_mpi/config.py` (`python -m pbkd_mpi.config > docs/job-file.md`).",
+    ]
     job = Job()
     for section in dataclasses.fields(Job):
         cls = SECTIONS[section.name]
         hints = typing.get_type_hints(cls)
+        lines += ["", f"## [{section.name}]", "", "| key | type | default | meaning |",
+                  "|---|---|---|---|"]
         for f in dataclasses.fields(cls):
             hint = hints[f.name]
-            type_name = (
-                f"list of {typing.get_args(hint)[0].__name__}"
-                if typing.get_origin(hint) is tuple
-                else hint.__name__
-            )
+            type_name = (f"list of {typing.get_args(hint)[0].__name__}"
+                         if typing.get_origin(hint) is tuple else hint.__name__)
             constraints = []
             if f.metadata.get("choices"):
                 constraints.append("one of " + ", ".join(f"`{c}`" for c in f.metadata["choices"]))
@@ -280,4 +304,10 @@ def fields_for_docs():
             if f.metadata.get("max") is not None:
                 constraints.append(f"<= {f.metadata['max']}")
             default = _plain(getattr(getattr(job, section.name), f.name))
-            yield section.name, f.name, type_name, default, f.metadata["help"], constraints
+            help_text = f.metadata["help"] + (f" ({'; '.join(constraints)})" if constraints else "")
+            lines.append(f"| `{f.name}` | {type_name} | `{json.dumps(default)}` | {help_text} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_job_docs(), end="")

@@ -79,17 +79,18 @@ def load_dataset(config: DataConfig, seed: int) -> Dataset:
 
 
 def _load_demo(config: DataConfig, seed: int) -> dict:
-    from .demo_data import CLASS_NAMES, make_shapes
+    from .demo_data import make_shapes
 
     size = tuple(config.image_size)
-    x_train, y_train = make_shapes(config.demo_train, size, seed=2 * seed, noise=config.demo_noise)
-    x_test, y_test = make_shapes(config.demo_test, size, seed=2 * seed + 1, noise=config.demo_noise)
+    options = {"noise": config.demo_noise, "classes": config.demo_classes}
+    x_train, y_train = make_shapes(config.demo_train, size, seed=2 * seed, **options)
+    x_test, y_test = make_shapes(config.demo_test, size, seed=2 * seed + 1, **options)
     return {
         "x_train": x_train,
         "y_train": y_train,
         "x_test": x_test,
         "y_test": y_test,
-        "num_classes": len(CLASS_NAMES),
+        "num_classes": config.demo_classes,
         "source": "demo",
     }
 

@@ -76,7 +76,7 @@ def coordinate(job: Job, coordinator, log) -> dict:
     from .finetune import accuracy, finetune
     from .graph import boundaries, find_blocks
     from .report import write_report
-    from .students import build_student_model
+    from .students import build_student_model, initial_weights
     from .teacher import (load_teacher, outputs_probabilities, save_model_atomically,
                           weights_fingerprint)
     from .train_block import BlockTask, estimate_cost
@@ -95,8 +95,11 @@ def coordinate(job: Job, coordinator, log) -> dict:
 
     with timer("blocks"):
         blocks = find_blocks(teacher)
-        student_flops = {block.name: layers_cost(build_student_model(block).layers[1:])[1]
-                         for block in blocks}
+        multiplier = job.student.depth_multiplier
+        student_flops = {
+            block.name: layers_cost(build_student_model(block, multiplier).layers[1:])[1]
+            for block in blocks
+        }
     log(f"blocks: {len(blocks)} ({', '.join(b.name for b in blocks)})")
 
     with timer("cache"):
@@ -110,9 +113,13 @@ def coordinate(job: Job, coordinator, log) -> dict:
     log(f"cache: {cache_info}")
 
     tasks = {
-        block.name: BlockTask(block, str(path), fingerprint, job.distill, job.run.seed,
-                              estimate_cost(block, student_flops[block.name],
-                                            len(dataset.y_train), job.distill.epochs))
+        block.name: BlockTask(
+            block, str(path), fingerprint, job.distill, job.run.seed,
+            estimate_cost(block, student_flops[block.name], len(dataset.y_train),
+                          job.distill.epochs),
+            depth_multiplier=multiplier,
+            initial_weights=initial_weights(block, teacher, multiplier),
+        )
         for block in blocks
     }
     with timer("distill"):
@@ -131,7 +138,8 @@ def coordinate(job: Job, coordinator, log) -> dict:
 
     with timer("assemble"):
         student = assemble_student(teacher, blocks,
-                                   {name: r["weights"] for name, r in results.items()})
+                                   {name: r["weights"] for name, r in results.items()},
+                                   multiplier)
         merged_accuracy = accuracy(student, dataset.x_test, dataset.y_test)
     probabilities = outputs_probabilities(teacher)
     with timer("finetune"):
@@ -158,6 +166,7 @@ def coordinate(job: Job, coordinator, log) -> dict:
             "end_s": record.end_s,
             "train_mse": result["train_mse"],
             "val_mse": result["val_mse"],
+            "initial_val_mse": result["initial_val_mse"],
             "target_variance": result["target_variance"],
             "epochs": result["epochs"],
             "best_epoch": result["best_epoch"],

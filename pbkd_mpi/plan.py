@@ -11,10 +11,11 @@ from .graph import find_blocks
 from .students import build_student_model
 
 
-def block_table(teacher) -> dict:
+def block_table(teacher, depth_multiplier: int = 1) -> dict:
     rows = []
     for block in find_blocks(teacher):
-        student_params, student_flops = layers_cost(build_student_model(block).layers[1:])
+        student = build_student_model(block, depth_multiplier)
+        student_params, student_flops = layers_cost(student.layers[1:])
         rows.append({
             "name": block.name,
             "layers": list(block.layers),
@@ -31,12 +32,11 @@ def block_table(teacher) -> dict:
     return {"blocks": rows, "totals": totals}
 
 
-def _load_plan_teacher(args):
+def _load_plan_teacher(args, job):
     from .teacher import BUILTIN_TEACHERS, build_vgg_demo, load_model_file
 
     if args.teacher:
         return load_model_file(args.teacher)
-    job = load_job(args.job, args.set)
     if job.teacher.source in BUILTIN_TEACHERS:
         # The architecture alone decides the blocks: no need to train it to plan.
         size = tuple(job.data.image_size)
@@ -45,7 +45,8 @@ def _load_plan_teacher(args):
 
 
 def plan_command(args) -> int:
-    table = block_table(_load_plan_teacher(args))
+    job = load_job(args.job, args.set)
+    table = block_table(_load_plan_teacher(args, job), job.student.depth_multiplier)
     if args.json:
         print(json.dumps(table, indent=2))
         return 0

@@ -75,18 +75,23 @@ def render_markdown(report: dict) -> str:
         "",
         "## Blocks",
         "",
+        "Relative MSE is the validation MSE divided by the variance of the teacher block's "
+        "output: 1.0 would be no better than predicting its mean. `start` is the relative "
+        "MSE of the student initialised from the teacher's factorised kernel, before training.",
+        "",
         "| block | layers | in -> out | rank | seconds | epochs | train MSE | val MSE "
-        "| val MSE / var | params T -> S | FLOPs T -> S |",
+        "| relative MSE (start) | params T -> S | FLOPs T -> S |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for block in report["blocks"]:
-        relative = block["val_mse"] / block["target_variance"] if block["target_variance"] else 0
+        variance = block["target_variance"] or 1.0
         lines.append(
             f"| {block['name']} | {', '.join(block['layers'])} | "
             f"{'x'.join(map(str, block['input_shape']))} -> "
             f"{'x'.join(map(str, block['output_shape']))} | {block['rank']} | "
             f"{block['seconds']:.1f} | {block['epochs']} | {block['train_mse']:.4g} | "
-            f"{block['val_mse']:.4g} | {relative:.3f} | "
+            f"{block['val_mse']:.4g} | {block['val_mse'] / variance:.3f} "
+            f"({block['initial_val_mse'] / variance:.3f}) | "
             f"{_count(block['teacher_params'])} -> {_count(block['student_params'])} | "
             f"{_count(block['teacher_flops'])} -> {_count(block['student_flops'])} |"
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 import keras
+import numpy as np
 
 from .graph import Block
 
@@ -36,7 +37,7 @@ def make_activation(name: str, layer_name: str):
     return keras.layers.Activation(name, name=layer_name)
 
 
-def student_layers(block: Block) -> list:
+def student_layers(block: Block, depth_multiplier: int = 1) -> list:
     """Fresh, unbuilt layers of the block's student, in the order they are applied."""
     prefix = f"{block.name}_student"
     layers = [
@@ -45,13 +46,12 @@ def student_layers(block: Block) -> list:
             strides=block.strides,
             padding=block.padding,
             dilation_rate=block.dilation_rate,
+            depth_multiplier=depth_multiplier,
             use_bias=False,
             name=f"{prefix}_dw",
         ),
-        keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_dw_bn"),
-        keras.layers.ReLU(name=f"{prefix}_dw_relu"),
         keras.layers.Conv2D(block.output_shape[-1], 1, use_bias=False, name=f"{prefix}_pw"),
-        keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_pw_bn"),
+        keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn"),
     ]
     if block.final_activation != "linear":
         layers.append(make_activation(block.final_activation, f"{prefix}_act"))
@@ -64,17 +64,61 @@ def apply_layers(layers, tensor):
     return tensor
 
 
-def build_student_model(block: Block) -> keras.Model:
+def build_student_model(block: Block, depth_multiplier: int = 1) -> keras.Model:
     """The student block as a standalone model from block input to block output."""
     inputs = keras.Input(block.input_shape, name=f"{block.name}_input")
-    layers = student_layers(block)
-    outputs = apply_layers(layers, inputs)
+    outputs = apply_layers(student_layers(block, depth_multiplier), inputs)
     if tuple(outputs.shape[1:]) != tuple(block.output_shape):
         raise ValueError(
             f"Student of block {block.name!r} produces shape {tuple(outputs.shape[1:])}, "
             f"expected the teacher block's {block.output_shape}."
         )
     return keras.Model(inputs, outputs, name=f"{block.name}_student")
+
+
+def initial_weights(block: Block, teacher, depth_multiplier: int = 1) -> dict[str, list]:
+    """Start the student at the best separable approximation of the teacher block.
+
+    For each input channel, the teacher's kxk x C_out kernel slice is factorised by SVD;
+    its leading `depth_multiplier` singular pairs become the depthwise filters and the
+    pointwise weights (the best approximation of that rank in the Frobenius norm). The
+    student's BN takes the teacher block's BN (or the conv bias) so that the student starts
+    close to the teacher's output instead of spending its first epochs getting there.
+    """
+    conv = teacher.get_layer(block.layers[0])
+    kernel = conv.kernel.numpy()  # (kh, kw, c_in, c_out)
+    kh, kw, c_in, c_out = kernel.shape
+    if conv.groups != 1 or depth_multiplier > min(kh * kw, c_out):
+        return {}
+    depthwise = np.zeros((kh, kw, c_in, depth_multiplier), np.float32)
+    pointwise = np.zeros((1, 1, c_in * depth_multiplier, c_out), np.float32)
+    for channel in range(c_in):
+        u, sigma, vt = np.linalg.svd(kernel[:, :, channel, :].reshape(kh * kw, c_out),
+                                     full_matrices=False)
+        for j in range(depth_multiplier):
+            root = np.sqrt(sigma[j])
+            depthwise[:, :, channel, j] = (u[:, j] * root).reshape(kh, kw)
+            pointwise[0, 0, channel * depth_multiplier + j, :] = vt[j] * root
+    bias = conv.bias.numpy() if conv.use_bias else np.zeros(c_out, np.float32)
+    norms = [teacher.get_layer(name) for name in block.layers[1:]
+             if isinstance(teacher.get_layer(name), keras.layers.BatchNormalization)]
+    ones, zeros = np.ones(c_out, np.float32), np.zeros(c_out, np.float32)
+    if norms and block.layers.index(norms[0].name) == 1:  # a BN right after the conv
+        norm = norms[0]
+        gamma = norm.gamma.numpy() if norm.scale else ones
+        beta = norm.beta.numpy() if norm.center else zeros
+        mean, variance = norm.moving_mean.numpy() - bias, norm.moving_variance.numpy()
+        # The student's BN uses Keras' default epsilon; fold the teacher's into the variance.
+        variance = variance + norm.epsilon - keras.layers.BatchNormalization().epsilon
+    else:
+        eps = keras.layers.BatchNormalization().epsilon
+        gamma, beta, mean, variance = ones, bias, zeros, ones - eps
+    prefix = f"{block.name}_student"
+    return {
+        f"{prefix}_dw": [depthwise],
+        f"{prefix}_pw": [pointwise],
+        f"{prefix}_bn": [gamma, beta, mean, variance],
+    }
 
 
 def layer_weights(model) -> dict[str, list]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,6 +28,8 @@ class BlockTask:
     config: DistillConfig
     seed: int
     estimated_cost: float  # relative units: only the order of tasks depends on it
+    depth_multiplier: int = 1
+    initial_weights: dict = field(default_factory=dict)  # {student layer name: arrays}
 
     @property
     def block_seed(self) -> int:
@@ -39,6 +41,35 @@ def estimate_cost(block: Block, student_flops: int, samples: int, epochs: int) -
     Bytes moved matter as much as FLOPs for small blocks, so both count."""
     io_elements = int(np.prod(block.input_shape)) + int(np.prod(block.output_shape))
     return float(samples * epochs * (3 * student_flops + 8 * io_elements))
+
+
+CALIBRATION_SAMPLES = 512
+
+
+def calibrate_norm(model, x) -> None:
+    """Re-express the output BN in the student's own statistics, keeping what it computes.
+
+    The BN starts as the teacher block's BN, whose statistics describe the teacher's conv
+    output; the student's separable conv only approximates that output, and in training
+    mode BN normalises with the batch's statistics. Rewriting scale and shift around the
+    student's measured mean and variance leaves inference unchanged and makes training
+    mode compute the same map from the first step.
+    """
+    import keras
+
+    norm = next(layer for layer in model.layers
+                if isinstance(layer, keras.layers.BatchNormalization))
+    values = keras.Model(model.inputs, norm.input).predict(x, batch_size=256, verbose=0)
+    axes = tuple(range(values.ndim - 1))
+    mean, variance = values.mean(axis=axes), values.var(axis=axes)
+    gamma, beta, old_mean, old_variance = norm.get_weights()
+    old_scale = gamma / np.sqrt(old_variance + norm.epsilon)
+    norm.set_weights([
+        old_scale * np.sqrt(variance + norm.epsilon),
+        beta + old_scale * (mean - old_mean),
+        mean,
+        variance,
+    ])
 
 
 def train_block(task: BlockTask, callbacks=()) -> dict:
@@ -56,11 +87,16 @@ def train_block(task: BlockTask, callbacks=()) -> dict:
         x_train[0] = np.nan
 
     keras.utils.set_random_seed(task.block_seed)
-    model = build_student_model(block)
+    model = build_student_model(block, task.depth_multiplier)
+    for layer_name, arrays in task.initial_weights.items():
+        model.get_layer(layer_name).set_weights(arrays)
+    calibrate_norm(model, x_train[:CALIBRATION_SAMPLES])
     model.compile(optimizer=keras.optimizers.Adam(task.config.learning_rate), loss="mse")
     best = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=task.config.patience, restore_best_weights=True
     )
+    # Where training starts from (the teacher's factorised kernel), for the report.
+    initial_val_mse = float(model.evaluate(x_val, y_val, batch_size=256, verbose=0))
     started = time.perf_counter()
     history = model.fit(
         x_train,
@@ -85,6 +121,7 @@ def train_block(task: BlockTask, callbacks=()) -> dict:
         "weights": layer_weights(model),
         "train_mse": train_mse,
         "val_mse": val_mse,
+        "initial_val_mse": initial_val_mse,
         "target_variance": float(np.var(y_val)),
         "epochs": len(history.history["loss"]),
         "best_epoch": int(best.best_epoch) + 1,

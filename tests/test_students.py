@@ -4,7 +4,7 @@ import pytest
 from keras import layers
 
 from pbkd_mpi.graph import find_blocks
-from pbkd_mpi.students import build_student_model
+from pbkd_mpi.students import build_student_model, initial_weights
 
 
 def _model(stride, padding, ending):
@@ -25,14 +25,13 @@ def test_student_matches_the_teacher_block_and_is_cheaper(stride, padding, endin
     student = build_student_model(block)
     assert tuple(student.output.shape[1:]) == block.output_shape
     kinds = [type(layer).__name__ for layer in student.layers[1:]]
-    assert kinds[:5] == ["DepthwiseConv2D", "BatchNormalization", "ReLU", "Conv2D",
-                         "BatchNormalization"]
-    assert student.layers[4].kernel_size == (1, 1)  # pointwise
+    assert kinds[:3] == ["DepthwiseConv2D", "Conv2D", "BatchNormalization"]
+    assert student.layers[2].kernel_size == (1, 1)  # pointwise
     assert student.count_params() < block.teacher_params
     if ending == "linear":
-        assert len(kinds) == 5  # pre-activation target: the student ends linear
+        assert len(kinds) == 3  # pre-activation target: the student ends linear
     else:
-        assert len(kinds) == 6
+        assert len(kinds) == 4
 
 
 def test_linear_student_can_produce_negative_values():
@@ -40,3 +39,31 @@ def test_linear_student_can_produce_negative_values():
     student = build_student_model(block)
     out = student(np.random.default_rng(0).normal(size=(4, 9, 9, 6)).astype("float32"))
     assert float(np.min(out)) < 0
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_initialisation_is_the_best_separable_approximation(multiplier):
+    model = _model(1, "same", "linear")
+    (block,) = find_blocks(model)
+    conv = model.get_layer("conv")
+    student = build_student_model(block, multiplier)
+    for name, arrays in initial_weights(block, model, multiplier).items():
+        student.get_layer(name).set_weights(arrays)
+    dw = student.get_layer("conv_student_dw").get_weights()[0]  # (3, 3, 6, m)
+    pw = student.get_layer("conv_student_pw").get_weights()[0][0, 0]  # (6 * m, 12)
+    effective = np.einsum("hwcm,cmo->hwco", dw, pw.reshape(6, multiplier, 12))
+    kernel = conv.kernel.numpy()
+    error = np.linalg.norm(effective - kernel) / np.linalg.norm(kernel)
+    # Exactly the truncated SVD per input channel: compare with numpy's own.
+    expected = 0.0
+    for c in range(6):
+        s = np.linalg.svd(kernel[:, :, c, :].reshape(9, 12), compute_uv=False)
+        expected += np.sum(s[multiplier:] ** 2)
+    assert error == pytest.approx(np.sqrt(expected) / np.linalg.norm(kernel), rel=1e-4)
+    # With the teacher's BN carried over, the student starts close to the teacher block.
+    x = np.random.default_rng(0).normal(size=(16, 9, 9, 6)).astype("float32")
+    teacher_block = keras.Model(model.inputs, model.get_layer("bn").output)
+    target = teacher_block.predict(x, verbose=0)
+    start = student.predict(x, verbose=0)
+    relative = np.mean((start - target) ** 2) / np.var(target)
+    assert relative < error ** 2 * 1.5 + 1e-3

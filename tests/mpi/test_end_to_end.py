@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from ..conftest import TINY_JOB, run_mpi
+from ..conftest import REPO, TINY_JOB, run_mpi
 
 
 def _check_report(run_dir, ranks):
@@ -40,7 +40,17 @@ def _check_report(run_dir, ranks):
     assert "DepthwiseConv2D" in kinds
     assert not any(layer.name in {"conv1", "conv2", "conv3", "conv4"} for layer in student.layers)
     assert (run_dir / "report.md").read_text().startswith("# Distillation report")
+    _check_keys_documented(report)
     return report
+
+
+def _check_keys_documented(report):
+    documented = (REPO / "docs" / "report.md").read_text()
+    keys = set(report) | {f"teacher.{k}" for k in report["teacher"]} | {
+        f"student.{k}" for k in report["student"]} | set(report["blocks"][0]) | {
+        f"distill.{k}" for k in report["distill"]} | set(report["phases"])
+    missing = sorted(k for k in keys if f"`{k}`" not in documented)
+    assert not missing, f"report keys missing from docs/report.md: {missing}"
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
