@@ -76,7 +76,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class StudentConfig:
     depth_multiplier: int = _opt(
-        1,
+        2,
         "Depthwise filters per input channel in each student block: 1 is the plain "
         "depthwise-separable conv; 2 doubles the depthwise part and the pointwise inputs.",
         min=1,
@@ -87,7 +87,7 @@ class StudentConfig:
 class DistillConfig:
     epochs: int = _opt(8, "Maximum epochs of MSE training per student block.", min=1)
     batch_size: int = _opt(64, "Batch size of block training.", min=1)
-    learning_rate: float = _opt(2e-3, "Adam learning rate of block training.", min=0.0)
+    learning_rate: float = _opt(5e-3, "Adam learning rate of block training.", min=0.0)
     patience: int = _opt(
         3, "Stop a block after this many epochs without a better validation MSE.", min=1
     )
@@ -96,7 +96,7 @@ class DistillConfig:
 @dataclass(frozen=True)
 class FinetuneConfig:
     epochs: int = _opt(
-        6, "Maximum epochs of end-to-end fine-tuning of the student (0 skips it).", min=0
+        10, "Maximum epochs of end-to-end fine-tuning of the student (0 skips it).", min=0
     )
     batch_size: int = _opt(64, "Batch size of fine-tuning.", min=1)
     learning_rate: float = _opt(1e-3, "Adam learning rate of fine-tuning.", min=0.0)

@@ -18,6 +18,7 @@ from .data import Dataset
 from .errors import UserError
 
 BUILTIN_TEACHERS = ("vgg_demo",)
+BUILTIN_VERSION = 1  # bump when build_vgg_demo changes, so old trained teachers are not reused
 
 
 def build_vgg_demo(input_shape, num_classes: int, widths) -> "keras.Model":
@@ -125,6 +126,7 @@ def _builtin_teacher(config: TeacherConfig, dataset: Dataset, run_dir: Path, see
         json.dumps(
             {
                 "arch": config.source,
+                "version": BUILTIN_VERSION,
                 "widths": list(config.widths),
                 "epochs": config.train_epochs,
                 "batch": config.train_batch_size,

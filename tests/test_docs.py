@@ -18,3 +18,13 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```\n(pip install [^\n]+)\n```", readme)
     assert len(commands) == 2 and ci in commands
     assert any("mpirun -np 3 python -m pbkd_mpi" in c for c in commands)
+
+
+def test_slurm_scripts_are_valid_bash():
+    import subprocess
+
+    scripts = sorted((REPO / "slurm").glob("*.sbatch"))
+    assert scripts
+    for script in scripts:
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+        assert "#SBATCH --ntasks" in script.read_text()
