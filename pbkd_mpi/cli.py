@@ -137,8 +137,7 @@ def _run_worker(comm, layout) -> int:
         from .train_block import train_block
 
         callback = _abort_callback(worker)
-        worker.serve(lambda task: {**train_block(task, callbacks=[callback]),
-                                   "rank": comm.Get_rank()})
+        worker.serve(lambda task: train_block(task, callbacks=[callback]))
         worker.wait_for_end()
     except AbortRequested as request:
         worker.acknowledge_abort()
