@@ -18,34 +18,46 @@ def accuracy(model, x, y, batch_size: int = 256) -> float:
     return float(np.mean(np.argmax(predictions, axis=-1) == y))
 
 
-def finetune(student, dataset: Dataset, config: FinetuneConfig, probabilities: bool,
-             seed: int) -> dict:
+def fit_classifier(model, dataset: Dataset, *, epochs: int, batch_size: int,
+                   learning_rate: float, patience: int, probabilities: bool, seed: int):
+    """Train with labels (Adam, cross-entropy), keeping the weights of the epoch with the
+    best validation accuracy. Returns (Keras history, best epoch counted from 1)."""
     import keras
 
+    keras.utils.set_random_seed(seed)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities),
+        metrics=["accuracy"],
+    )
+    best = keras.callbacks.EarlyStopping(
+        monitor="val_accuracy", mode="max", patience=patience, restore_best_weights=True
+    )
+    history = model.fit(
+        dataset.x_train,
+        dataset.y_train,
+        batch_size=batch_size,
+        epochs=epochs,
+        validation_data=(dataset.x_val, dataset.y_val),
+        callbacks=[best],
+        shuffle=True,
+        verbose=0,
+    )
+    return history, int(best.best_epoch) + 1
+
+
+def finetune(student, dataset: Dataset, config: FinetuneConfig, probabilities: bool,
+             seed: int) -> dict:
     start_val_accuracy = accuracy(student, dataset.x_val, dataset.y_val)
     summary = {"epochs": 0, "best_epoch": 0, "val_accuracy_before": start_val_accuracy,
                "val_accuracy": start_val_accuracy, "history": {}}
     if config.epochs == 0:
         return summary
-    keras.utils.set_random_seed(seed)
-    student.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities),
-        metrics=["accuracy"],
-    )
     before = student.get_weights()
-    best = keras.callbacks.EarlyStopping(
-        monitor="val_accuracy", mode="max", patience=config.patience, restore_best_weights=True
-    )
-    history = student.fit(
-        dataset.x_train,
-        dataset.y_train,
-        batch_size=config.batch_size,
-        epochs=config.epochs,
-        validation_data=(dataset.x_val, dataset.y_val),
-        callbacks=[best],
-        shuffle=True,
-        verbose=0,
+    history, best_epoch = fit_classifier(
+        student, dataset, epochs=config.epochs, batch_size=config.batch_size,
+        learning_rate=config.learning_rate, patience=config.patience,
+        probabilities=probabilities, seed=seed,
     )
     summary["epochs"] = len(history.history["loss"])
     summary["history"] = {k: [float(v) for v in vals] for k, vals in history.history.items()}
@@ -53,6 +65,6 @@ def finetune(student, dataset: Dataset, config: FinetuneConfig, probabilities: b
     if best_val < start_val_accuracy:
         student.set_weights(before)  # fine-tuning made validation accuracy worse
     else:
-        summary["best_epoch"] = int(best.best_epoch) + 1
+        summary["best_epoch"] = best_epoch
         summary["val_accuracy"] = best_val
     return summary

@@ -75,7 +75,8 @@ def coordinate(job: Job, coordinator, log) -> dict:
     from .data import load_dataset
     from .finetune import accuracy, finetune
     from .graph import boundaries, find_blocks
-    from .report import write_report
+    from .report import block_rows, replaced_totals, write_report
+    from .results import load_result, result_path, save_result
     from .students import build_student_model, initial_weights
     from .teacher import (load_teacher, outputs_probabilities, save_model_atomically,
                           weights_fingerprint)
@@ -122,15 +123,25 @@ def coordinate(job: Job, coordinator, log) -> dict:
         )
         for block in blocks
     }
+    paths = {name: result_path(run_dir, task) for name, task in tasks.items()}
+    reused = {name: loaded for name, path in paths.items()
+              if (loaded := load_result(path)) is not None}
+    if reused:
+        log(f"reusing {len(reused)} finished block(s) of an earlier run: {', '.join(reused)}")
+
+    def keep(name, result, record):
+        seconds = record.end_s - record.start_s
+        save_result(paths[name], result, {"rank": record.rank, "seconds": seconds})
+        log(f"block {name} done on rank {record.rank} in {seconds:.1f} s, "
+            f"val MSE {result['val_mse']:.4g}")
+
+    pending = {name: task for name, task in tasks.items() if name not in reused}
     with timer("distill"):
         coordinator.broadcast(WorkerContext(job, str(run_dir)))
         process = psutil.Process()
         cpu_before, wall_before = process.cpu_times(), time.perf_counter()
         results, records = coordinator.run_tasks(
-            tasks, {name: task.estimated_cost for name, task in tasks.items()},
-            on_result=lambda name, result, record: log(
-                f"block {name} done on rank {record.rank} in {record.end_s - record.start_s:.1f} s, "
-                f"val MSE {result['val_mse']:.4g}"),
+            pending, {name: task.estimated_cost for name, task in pending.items()}, on_result=keep
         )
         cpu_after, wall_after = process.cpu_times(), time.perf_counter()
     coordinator_cpu = ((cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
@@ -138,7 +149,8 @@ def coordinate(job: Job, coordinator, log) -> dict:
 
     with timer("assemble"):
         student = assemble_student(teacher, blocks,
-                                   {name: r["weights"] for name, r in results.items()},
+                                   {name: r["weights"] for name, r in results.items()}
+                                   | {name: r["weights"] for name, (r, _) in reused.items()},
                                    multiplier)
         merged_accuracy = accuracy(student, dataset.x_test, dataset.y_test)
     probabilities = outputs_probabilities(teacher)
@@ -153,40 +165,8 @@ def coordinate(job: Job, coordinator, log) -> dict:
     student_path = run_dir / "student.keras"
     save_model_atomically(student, student_path)
 
-    by_name = {record.task_id: record for record in records}
-    block_rows = []
-    for block in blocks:
-        result, record = results[block.name], by_name[block.name]
-        block_rows.append({
-            "name": block.name,
-            "layers": list(block.layers),
-            "rank": record.rank,
-            "seconds": record.end_s - record.start_s,
-            "start_s": record.start_s,
-            "end_s": record.end_s,
-            "train_mse": result["train_mse"],
-            "val_mse": result["val_mse"],
-            "initial_val_mse": result["initial_val_mse"],
-            "target_variance": result["target_variance"],
-            "epochs": result["epochs"],
-            "best_epoch": result["best_epoch"],
-            "teacher_params": block.teacher_params,
-            "student_params": result["student_params"],
-            "teacher_flops": block.teacher_flops,
-            "student_flops": result["student_flops"],
-            "input_shape": list(block.input_shape),
-            "output_shape": list(block.output_shape),
-            "final_activation": block.final_activation,
-            "history": result["history"],
-        })
-    replaced = {
-        "teacher_params": sum(b["teacher_params"] for b in block_rows),
-        "student_params": sum(b["student_params"] for b in block_rows),
-        "teacher_flops": sum(b["teacher_flops"] for b in block_rows),
-        "student_flops": sum(b["student_flops"] for b in block_rows),
-    }
-    replaced["param_ratio"] = replaced["student_params"] / replaced["teacher_params"]
-    replaced["flop_ratio"] = replaced["student_flops"] / replaced["teacher_flops"]
+    rows = block_rows(blocks, results, records, reused)
+    replaced = replaced_totals(rows)
     report = {
         "status": "ok",
         "run_dir": str(run_dir),
@@ -209,11 +189,12 @@ def coordinate(job: Job, coordinator, log) -> dict:
             "path": str(student_path),
         },
         "replaced": replaced,
-        "blocks": block_rows,
+        "blocks": rows,
         "phases": timer.seconds,
         "distill": {
             "makespan_s": timer.seconds["distill"],
-            "sum_task_s": sum(b["seconds"] for b in block_rows),
+            "sum_task_s": sum(b["seconds"] for b in rows if not b["reused"]),
+            "reused_blocks": sum(b["reused"] for b in rows),
             "coordinator_cpu_fraction": coordinator_cpu,
         },
         "cache": cache_info,

@@ -40,7 +40,8 @@ def _load_plan_teacher(args, job):
     if job.teacher.source in BUILTIN_TEACHERS:
         # The architecture alone decides the blocks: no need to train it to plan.
         size = tuple(job.data.image_size)
-        return build_vgg_demo((*size, 3), 10, job.teacher.widths)
+        classes = job.data.demo_classes if job.data.source == "demo" else 10
+        return build_vgg_demo((*size, 3), classes, job.teacher.widths)
     return load_model_file(job.teacher.source)
 
 

@@ -21,6 +21,44 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
     return json_path, md_path
 
 
+def block_rows(blocks, results: dict, records, reused: dict) -> list[dict]:
+    """One report row per block: trained in this run (`results`, `records`) or reused
+    from an earlier run (`reused`: {name: (result, info)})."""
+    by_name = {record.task_id: record for record in records}
+    rows = []
+    for block in blocks:
+        if block.name in results:
+            result, record = results[block.name], by_name[block.name]
+            timing = {"rank": record.rank, "seconds": record.end_s - record.start_s,
+                      "start_s": record.start_s, "end_s": record.end_s, "reused": False}
+        else:
+            result, info = reused[block.name]
+            timing = {"rank": info["rank"], "seconds": info["seconds"], "start_s": None,
+                      "end_s": None, "reused": True}
+        rows.append({
+            "name": block.name,
+            "layers": list(block.layers),
+            **timing,
+            **{key: result[key] for key in (
+                "train_mse", "val_mse", "initial_val_mse", "target_variance", "epochs",
+                "best_epoch", "student_params", "student_flops", "history")},
+            "teacher_params": block.teacher_params,
+            "teacher_flops": block.teacher_flops,
+            "input_shape": list(block.input_shape),
+            "output_shape": list(block.output_shape),
+            "final_activation": block.final_activation,
+        })
+    return rows
+
+
+def replaced_totals(rows) -> dict:
+    totals = {key: sum(row[key] for row in rows) for key in
+              ("teacher_params", "student_params", "teacher_flops", "student_flops")}
+    totals["param_ratio"] = totals["student_params"] / totals["teacher_params"]
+    totals["flop_ratio"] = totals["student_flops"] / totals["teacher_flops"]
+    return totals
+
+
 def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
@@ -71,7 +109,9 @@ def render_markdown(report: dict) -> str:
         f"{report['distill']['sum_task_s']:.1f} s of block tasks "
         f"({report['distill']['sum_task_s'] / max(report['distill']['makespan_s'], 1e-9):.2f}x "
         f"the sequential sum) on {report['workers']} worker(s); the coordinator used "
-        f"{_pct(report['distill']['coordinator_cpu_fraction'])} of a core while it waited.",
+        f"{_pct(report['distill']['coordinator_cpu_fraction'])} of a core while it waited. "
+        f"{report['distill']['reused_blocks']} block(s) were reused from an earlier run in "
+        f"this run directory and are not counted.",
         "",
         "## Blocks",
         "",
@@ -89,7 +129,8 @@ def render_markdown(report: dict) -> str:
             f"| {block['name']} | {', '.join(block['layers'])} | "
             f"{'x'.join(map(str, block['input_shape']))} -> "
             f"{'x'.join(map(str, block['output_shape']))} | {block['rank']} | "
-            f"{block['seconds']:.1f} | {block['epochs']} | {block['train_mse']:.4g} | "
+            f"{block['seconds']:.1f}{' (reused)' if block['reused'] else ''} | "
+            f"{block['epochs']} | {block['train_mse']:.4g} | "
             f"{block['val_mse']:.4g} | {block['val_mse'] / variance:.3f} "
             f"({block['initial_val_mse'] / variance:.3f}) | "
             f"{_count(block['teacher_params'])} -> {_count(block['student_params'])} | "

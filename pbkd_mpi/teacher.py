@@ -16,6 +16,7 @@ import numpy as np
 from .config import TeacherConfig
 from .data import Dataset
 from .errors import UserError
+from .finetune import fit_classifier
 
 BUILTIN_TEACHERS = ("vgg_demo",)
 BUILTIN_VERSION = 1  # bump when build_vgg_demo changes, so old trained teachers are not reused
@@ -144,22 +145,10 @@ def _builtin_teacher(config: TeacherConfig, dataset: Dataset, run_dir: Path, see
         return keras.saving.load_model(path, compile=False), info
     keras.utils.set_random_seed(seed)
     model = build_vgg_demo(dataset.image_shape, dataset.num_classes, config.widths)
-    model.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    best = keras.callbacks.EarlyStopping(
-        monitor="val_accuracy", mode="max", patience=config.train_epochs, restore_best_weights=True
-    )
-    history = model.fit(
-        dataset.x_train,
-        dataset.y_train,
-        batch_size=config.train_batch_size,
-        epochs=config.train_epochs,
-        validation_data=(dataset.x_val, dataset.y_val),
-        callbacks=[best],
-        verbose=0,
+    history, _ = fit_classifier(
+        model, dataset, epochs=config.train_epochs, batch_size=config.train_batch_size,
+        learning_rate=config.learning_rate, patience=config.train_epochs, probabilities=True,
+        seed=seed,
     )
     save_model_atomically(model, path)
     info.update(

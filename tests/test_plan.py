@@ -26,11 +26,12 @@ def test_plan_command_json_for_a_job_and_for_a_saved_teacher(tiny_teacher, tmp_p
     table = json.loads(result.stdout)
     assert len(table["blocks"]) == 4 and set(table["totals"]) == {
         "teacher_params", "student_params", "teacher_flops", "student_flops"}
-    path = tmp_path / "t.keras"
-    tiny_teacher.save(path)
-    result = _plan("--teacher", path)
-    assert result.returncode == 0, result.stderr
-    assert "conv4" in result.stdout and "total" in result.stdout
+    for name in ("t.keras", "t.h5"):  # the native format and the legacy HDF5 one
+        path = tmp_path / name
+        tiny_teacher.save(path)
+        result = _plan("--teacher", path)
+        assert result.returncode == 0, result.stderr
+        assert "conv4" in result.stdout and "total" in result.stdout
 
 
 def test_plan_refuses_a_file_that_is_not_a_model(tmp_path):

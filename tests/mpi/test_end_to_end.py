@@ -1,6 +1,7 @@
 """The whole pipeline under real MPI: mpiexec -n 2 and -n 3 on the tiny job, and failures."""
 
 import json
+import re
 import time
 
 import keras
@@ -10,7 +11,7 @@ import pytest
 from ..conftest import REPO, TINY_JOB, run_mpi
 
 
-def _check_report(run_dir, ranks):
+def _check_report(run_dir, ranks, all_workers_busy=True):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["status"] == "ok"
     assert report["workers"] == ranks - 1
@@ -18,10 +19,12 @@ def _check_report(run_dir, ranks):
     assert [b["name"] for b in blocks] == ["conv1", "conv2", "conv3", "conv4"]
     # Every block trained on a worker rank, and all workers got work when there is enough.
     assert all(1 <= b["rank"] < ranks for b in blocks)
-    assert {b["rank"] for b in blocks} == set(range(1, ranks))
+    if all_workers_busy:
+        assert {b["rank"] for b in blocks} == set(range(1, ranks))
     for b in blocks:
         assert b["student_params"] < b["teacher_params"]
         assert b["seconds"] > 0 and np.isfinite(b["val_mse"])
+        assert b["reused"] or b["start_s"] < b["end_s"]
         # The student block learned: better than predicting the target's mean.
         assert b["val_mse"] < b["target_variance"]
     assert report["replaced"]["param_ratio"] <= 0.40
@@ -35,7 +38,8 @@ def _check_report(run_dir, ranks):
     assert report["student"]["accuracy_finetuned"] > 2 * chance
     for key in ("load", "blocks", "cache", "distill", "assemble", "finetune"):
         assert report["phases"][key] >= 0
-    assert report["distill"]["sum_task_s"] == pytest.approx(sum(b["seconds"] for b in blocks))
+    assert report["distill"]["sum_task_s"] == pytest.approx(
+        sum(b["seconds"] for b in blocks if not b["reused"]))
     assert report["distill"]["coordinator_cpu_fraction"] < 0.25
     student = keras.saving.load_model(run_dir / "student.keras")
     kinds = {type(layer).__name__ for layer in student.layers}
@@ -67,12 +71,13 @@ def test_tiny_job_end_to_end(tmp_path, ranks):
     first = _check_report(run_dir, ranks)
     assert first["teacher"]["trained_here"] is True
     if ranks == 3:
-        # A second run in the same directory reuses the teacher and the cache.
+        # A second run in the same directory reuses the teacher, the cache and the blocks.
         again = run_mpi(ranks, ["run", TINY_JOB, "--run-dir", run_dir], timeout=240)
         assert again.returncode == 0, again.stderr[-3000:]
-        second = _check_report(run_dir, ranks)
+        second = _check_report(run_dir, ranks, all_workers_busy=False)
         assert second["teacher"]["trained_here"] is False
         assert second["cache"]["reused"] is True
+        assert second["distill"]["reused_blocks"] == 4 and "done on rank" not in again.stdout
         assert second["teacher"]["accuracy"] == first["teacher"]["accuracy"]
 
 
@@ -130,3 +135,16 @@ def test_a_failing_block_on_a_worker_ends_the_job_with_its_traceback(tmp_path):
     assert len(errors) == 1 and "rank" in errors[0] and "task conv3" in errors[0]
     assert "InjectedFault" in result.stderr  # the worker's own traceback reached the user
     assert not (tmp_path / "run" / "report.json").exists()
+
+    # Nothing finished was lost: each block reported done has its result on disk, and the
+    # next run in the same directory trains only the blocks that were missing.
+    done = set(re.findall(r"block (conv\d) done on rank", result.stdout))
+    saved = {path.name.split("-")[0] for path in (tmp_path / "run" / "blocks").glob("*.npz")}
+    assert saved == done and "conv3" not in saved
+    again = run_mpi(3, ["run", TINY_JOB, "--run-dir", tmp_path / "run"], timeout=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    report = _check_report(tmp_path / "run", 3, all_workers_busy=False)
+    assert {b["name"] for b in report["blocks"] if b["reused"]} == done
+    assert report["distill"]["reused_blocks"] == len(done)
+    assert set(re.findall(r"block (conv\d) done on rank", again.stdout)) == {
+        "conv1", "conv2", "conv3", "conv4"} - done
