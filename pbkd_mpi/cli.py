@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 
-from . import faults
+from . import faults, preemption
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, PbkdError, RemoteError, UserError
 
 LAUNCH_HINT = (
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
+    preemption.install()
     argv = list(sys.argv[1:] if argv is None else argv) or ["run"]  # bare: the demo
     try:
         args = build_parser().parse_args(argv)
@@ -73,7 +74,11 @@ def _say(message: str) -> None:
 
 
 def _fail(exc: BaseException) -> int:
-    if isinstance(exc, UserError):
+    if isinstance(exc, preemption.Preempted):
+        print(f"stopped: {exc}. Every finished block is kept in the run directory; run the "
+              f"same command again to resume (exit code {exc.exit_code}).", file=sys.stderr,
+              flush=True)
+    elif isinstance(exc, UserError):
         print(f"error: {exc}", file=sys.stderr, flush=True)
     elif isinstance(exc, RemoteError):
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -95,6 +100,7 @@ def _run_coordinator(comm, args, layout) -> int:
             raise UserError(f"Only 1 MPI rank is running, so no rank can train blocks. {LAUNCH_HINT}")
         job = load_job(args.job, args.set, run_dir=args.run_dir)
         faults.parse(os.environ.get("PBKD_FAULT", ""))  # a typo fails here, not on a worker
+        faults.arm_signals()
         # Rank 0 trains the teacher and fine-tunes while the workers sleep: all cores.
         configure_tensorflow(node_cores(), local_rank)
         from .pipeline import coordinate
@@ -117,6 +123,9 @@ def _run_coordinator(comm, args, layout) -> int:
     )
     _say(f"report: {os.path.join(report['run_dir'], 'report.md')} (and report.json), "
          f"student: {student['path']}")
+    for failure in report["failed_blocks"]:
+        _say(f"warning: block {failure['name']} stays the teacher's after {failure['attempts']} "
+             f"failed attempt(s): {failure['errors'][-1]['error']}")
     return EXIT_OK
 
 
@@ -136,7 +145,8 @@ def _run_worker(comm, layout) -> int:
         configure_tensorflow(threads, local_rank)
         from .train_block import train_block
 
-        callback = _abort_callback(worker)
+        # Between batches: stop for a signal on this rank or for rank 0's word.
+        callback = preemption.keras_callback("training a block", also=worker.abort_check)
         worker.serve(lambda task: train_block(task, callbacks=[callback]))
         worker.wait_for_end()
     except AbortRequested as request:
@@ -151,18 +161,6 @@ def _run_worker(comm, layout) -> int:
             return request.exit_code
         return EXIT_FAILURE
     return EXIT_OK
-
-
-def _abort_callback(worker):
-    import keras
-
-    class AbortCheck(keras.callbacks.Callback):
-        """Lets rank 0 stop a block in training within one batch."""
-
-        def on_train_batch_end(self, batch, logs=None):
-            worker.abort_check()
-
-    return AbortCheck()
 
 
 def _run_plan(args) -> int:

@@ -94,6 +94,17 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class TasksConfig:
+    max_attempts: int = _opt(
+        2,
+        "Tries of a block task that fails (an exception, NaN or Inf loss), each on another "
+        "worker where possible; a block that fails them all stays the teacher's and the run "
+        "ends with status `degraded`.",
+        min=1,
+    )
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     epochs: int = _opt(
         10, "Maximum epochs of end-to-end fine-tuning of the student (0 skips it).", min=0
@@ -132,6 +143,7 @@ class Job:
     data: DataConfig = field(default_factory=DataConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -19,7 +19,8 @@ def accuracy(model, x, y, batch_size: int = 256) -> float:
 
 
 def fit_classifier(model, dataset: Dataset, *, epochs: int, batch_size: int,
-                   learning_rate: float, patience: int, probabilities: bool, seed: int):
+                   learning_rate: float, patience: int, probabilities: bool, seed: int,
+                   callbacks=()):
     """Train with labels (Adam, cross-entropy), keeping the weights of the epoch with the
     best validation accuracy. Returns (Keras history, best epoch counted from 1)."""
     import keras
@@ -39,7 +40,7 @@ def fit_classifier(model, dataset: Dataset, *, epochs: int, batch_size: int,
         batch_size=batch_size,
         epochs=epochs,
         validation_data=(dataset.x_val, dataset.y_val),
-        callbacks=[best],
+        callbacks=[best, *callbacks],
         shuffle=True,
         verbose=0,
     )
@@ -47,7 +48,7 @@ def fit_classifier(model, dataset: Dataset, *, epochs: int, batch_size: int,
 
 
 def finetune(student, dataset: Dataset, config: FinetuneConfig, probabilities: bool,
-             seed: int) -> dict:
+             seed: int, callbacks=()) -> dict:
     start_val_accuracy = accuracy(student, dataset.x_val, dataset.y_val)
     summary = {"epochs": 0, "best_epoch": 0, "val_accuracy_before": start_val_accuracy,
                "val_accuracy": start_val_accuracy, "history": {}}
@@ -57,7 +58,7 @@ def finetune(student, dataset: Dataset, config: FinetuneConfig, probabilities: b
     history, best_epoch = fit_classifier(
         student, dataset, epochs=config.epochs, batch_size=config.batch_size,
         learning_rate=config.learning_rate, patience=config.patience,
-        probabilities=probabilities, seed=seed,
+        probabilities=probabilities, seed=seed, callbacks=callbacks,
     )
     summary["epochs"] = len(history.history["loss"])
     summary["history"] = {k: [float(v) for v in vals] for k, vals in history.history.items()}

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from . import preemption
 from .config import Job
 from .errors import UserError
 
@@ -91,7 +92,9 @@ def coordinate(job: Job, coordinator, log) -> dict:
         dataset = load_dataset(job.data, job.run.seed)
     log(f"data: {dataset.summary()}")
     with timer("teacher"):
-        teacher, teacher_info = load_teacher(job.teacher, dataset, run_dir, job.run.seed)
+        teacher, teacher_info = load_teacher(
+            job.teacher, dataset, run_dir, job.run.seed,
+            callbacks=[preemption.keras_callback("training the teacher")])
     log(f"teacher: {teacher_info}")
 
     with timer("blocks"):
@@ -129,6 +132,10 @@ def coordinate(job: Job, coordinator, log) -> dict:
     if reused:
         log(f"reusing {len(reused)} finished block(s) of an earlier run: {', '.join(reused)}")
 
+    def give_up(name, errors):
+        log(f"block {name} failed {len(errors)} time(s) and stays the teacher's: "
+            f"{errors[-1]['error']} (rank {errors[-1]['rank']})")
+
     def keep(name, result, record):
         seconds = record.end_s - record.start_s
         save_result(paths[name], result, {"rank": record.rank, "seconds": seconds})
@@ -140,8 +147,9 @@ def coordinate(job: Job, coordinator, log) -> dict:
         coordinator.broadcast(WorkerContext(job, str(run_dir)))
         process = psutil.Process()
         cpu_before, wall_before = process.cpu_times(), time.perf_counter()
-        results, records = coordinator.run_tasks(
-            pending, {name: task.estimated_cost for name, task in pending.items()}, on_result=keep
+        outcome = coordinator.run_tasks(
+            pending, {name: task.estimated_cost for name, task in pending.items()},
+            on_result=keep, on_failure=give_up, max_attempts=job.tasks.max_attempts,
         )
         cpu_after, wall_after = process.cpu_times(), time.perf_counter()
     coordinator_cpu = ((cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
@@ -149,13 +157,14 @@ def coordinate(job: Job, coordinator, log) -> dict:
 
     with timer("assemble"):
         student = assemble_student(teacher, blocks,
-                                   {name: r["weights"] for name, r in results.items()}
+                                   {name: r["weights"] for name, r in outcome.results.items()}
                                    | {name: r["weights"] for name, (r, _) in reused.items()},
                                    multiplier)
         merged_accuracy = accuracy(student, dataset.x_test, dataset.y_test)
     probabilities = outputs_probabilities(teacher)
     with timer("finetune"):
-        tuned = finetune(student, dataset, job.finetune, probabilities, job.run.seed)
+        tuned = finetune(student, dataset, job.finetune, probabilities, job.run.seed,
+                         callbacks=[preemption.keras_callback("fine-tuning the student")])
     log(f"fine-tuning: {tuned['epochs']} epochs, val accuracy {tuned['val_accuracy_before']:.3f} "
         f"-> {tuned['val_accuracy']:.3f}")
 
@@ -165,10 +174,13 @@ def coordinate(job: Job, coordinator, log) -> dict:
     student_path = run_dir / "student.keras"
     save_model_atomically(student, student_path)
 
-    rows = block_rows(blocks, results, records, reused)
+    distilled = [block for block in blocks if block.name not in outcome.failures]
+    rows = block_rows(distilled, outcome.results, outcome.records, reused)
     replaced = replaced_totals(rows)
+    failed = [{"name": name, "attempts": len(errors), "errors": errors}
+              for name, errors in outcome.failures.items()]
     report = {
-        "status": "ok",
+        "status": "degraded" if failed else "ok",
         "run_dir": str(run_dir),
         "workers": coordinator.comm.Get_size() - 1,
         "data": dataset.summary(),
@@ -190,6 +202,7 @@ def coordinate(job: Job, coordinator, log) -> dict:
         },
         "replaced": replaced,
         "blocks": rows,
+        "failed_blocks": failed,
         "phases": timer.seconds,
         "distill": {
             "makespan_s": timer.seconds["distill"],

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 
 from mpi4py import MPI
 
+from . import preemption
 from .errors import RemoteError
 
 POLL_FIRST_S = 1e-4
 POLL_CAP_S = 0.05  # tasks last seconds to hours: 50 ms of latency is invisible
 ABORT_GRACE_S = 10.0  # how long rank 0 waits for workers to acknowledge an abort
+SIGNAL_CHECK_S = 0.5  # how often rank 0's task loop looks for a termination signal
 
 
 class Tag(enum.IntEnum):
@@ -35,6 +37,7 @@ class Tag(enum.IntEnum):
     FINISH = 7  # rank 0 -> worker: the run is over, exit 0
     ABORT = 8  # rank 0 -> worker: exit now with the exit code in the payload
     ABORT_ACK = 9  # worker -> rank 0: leaving
+    PREEMPTED = 10  # worker -> rank 0: a signal arrived while it trained (payload: name)
 
 
 class AbortRequested(Exception):
@@ -90,6 +93,45 @@ class TaskRecord:
 
 
 @dataclass
+class TaskOutcome:
+    results: dict = field(default_factory=dict)  # task id -> result
+    records: list = field(default_factory=list)  # TaskRecord of each task that succeeded
+    failures: dict = field(default_factory=dict)  # task id -> [{rank, error, traceback}]
+
+
+class _TaskQueue:
+    """Pending tasks, longest first, and the workers each task has already failed on."""
+
+    def __init__(self, tasks, cost, max_attempts):
+        self.cost, self.max_attempts = cost, max_attempts
+        self.pending = sorted(tasks, key=lambda task_id: cost[task_id], reverse=True)
+        self.errors: dict[str, list] = {task_id: [] for task_id in tasks}
+
+    def empty(self) -> bool:
+        return not self.pending
+
+    def next_for(self, rank: int, available) -> str | None:
+        """The longest pending task this worker has not failed, or one it has failed when
+        no other available worker is left that has not."""
+        for task_id in self.pending:
+            failed_on = {error["rank"] for error in self.errors[task_id]}
+            if rank not in failed_on or all(r in failed_on for r in available):
+                self.pending.remove(task_id)
+                return task_id
+        return None
+
+    def failed(self, task_id, rank, text) -> list | None:
+        """Note a failure; returns the task's errors when it is given up, else None."""
+        last_line = text.strip().splitlines()[-1] if text.strip() else "unknown error"
+        self.errors[task_id].append({"rank": rank, "error": last_line, "traceback": text})
+        if len(self.errors[task_id]) >= self.max_attempts:
+            return self.errors[task_id]
+        self.pending.append(task_id)
+        self.pending.sort(key=lambda t: self.cost[t], reverse=True)
+        return None
+
+
+@dataclass
 class Coordinator:
     """Rank 0's side: broadcast the job, hand out tasks longest first, collect results."""
 
@@ -108,41 +150,63 @@ class Coordinator:
         for request in requests:
             wait_request(request)
 
-    def _next(self):
-        message = receive(self.comm)
-        tag, rank, payload = message
-        if tag is Tag.ERROR:
-            what, text = payload
-            raise RemoteError(rank, what, text)
-        return message
-
-    def run_tasks(self, tasks: dict, cost: dict, on_result=None) -> tuple[dict, list[TaskRecord]]:
+    def run_tasks(self, tasks: dict, cost: dict, on_result=None, on_failure=None,
+                  max_attempts: int = 1) -> "TaskOutcome":
         """Run every task on the workers, longest estimated cost first, each worker pulling
-        the next task when it is free. Returns ({task id: result}, [TaskRecord])."""
-        pending = sorted(tasks, key=lambda task_id: cost[task_id], reverse=True)
+        the next task when it is free. A task that raises on a worker is tried again on
+        another worker, up to `max_attempts` tries in all; one that still fails is given up
+        (`on_failure(task_id, errors)`) and the others go on. A signal (see preemption)
+        stops the hand-out and raises Preempted once the workers are told."""
+        queue = _TaskQueue(tasks, cost, max_attempts)
+        idle: set[int] = set()
         running: dict[int, TaskRecord] = {}
-        results, records = {}, []
-        stopped = set()
-        while len(results) < len(tasks) or len(stopped) < len(self.workers):
-            tag, rank, payload = self._next()
-            if tag is Tag.RESULT:
-                task_id, result = payload
+        stopped: set[int] = set()
+        outcome = TaskOutcome()
+        while len(stopped) < len(self.workers):
+            message = receive(self.comm, deadline=time.monotonic() + SIGNAL_CHECK_S)
+            preemption.check(f"{len(running)} block task(s) were running")
+            if message is None:
+                continue
+            tag, rank, payload = message
+            if tag is Tag.PREEMPTED:
+                raise preemption.Preempted(f"rank {rank}: {payload}")
+            if tag is Tag.ERROR and rank not in running:
+                raise RemoteError(rank, *payload)
+            if tag in (Tag.RESULT, Tag.ERROR):
                 record = running.pop(rank)
                 record.end_s = self.now()
-                records.append(record)
-                results[task_id] = result
-                if on_result is not None:
-                    on_result(task_id, result, record)
+                if tag is Tag.RESULT:
+                    task_id, result = payload
+                    outcome.results[task_id] = result
+                    outcome.records.append(record)
+                    if on_result is not None:
+                        on_result(task_id, result, record)
+                else:
+                    what, text = payload
+                    errors = queue.failed(record.task_id, rank, text)
+                    if errors is not None:
+                        outcome.failures[record.task_id] = errors
+                        if on_failure is not None:
+                            on_failure(record.task_id, errors)
             elif tag is not Tag.READY:
                 raise RuntimeError(f"unexpected message {tag.name} from rank {rank}")
-            if pending:
-                task_id = pending.pop(0)
+            idle.add(rank)
+            self._dispatch(queue, idle, running, stopped, tasks)
+        return outcome
+
+    def _dispatch(self, queue, idle, running, stopped, tasks) -> None:
+        for rank in sorted(idle):
+            available = [r for r in self.workers if r not in stopped]
+            task_id = queue.next_for(rank, available)
+            if task_id is not None:
+                idle.discard(rank)
                 running[rank] = TaskRecord(task_id, rank, self.now())
                 send(self.comm, (task_id, tasks[task_id]), rank, Tag.TASK)
-            else:
-                send(self.comm, None, rank, Tag.STOP)
+            elif queue.empty() and not running:
+                idle.discard(rank)
                 stopped.add(rank)
-        return results, records
+                send(self.comm, None, rank, Tag.STOP)
+            # else: wait; a running task may fail and need another worker
 
     def finish(self) -> None:
         self.broadcast(None, Tag.FINISH)
@@ -201,6 +265,9 @@ class Worker:
                 result = handle(task)
             except AbortRequested:
                 raise
+            except preemption.Preempted as stop:
+                send(self.comm, str(stop), 0, Tag.PREEMPTED)
+                continue  # rank 0 answers with ABORT
             except Exception:
                 self.report_error(f"running task {task_id}", traceback.format_exc())
                 # Rank 0 decides what happens next; until then wait for its word.

@@ -54,9 +54,16 @@ def block_rows(blocks, results: dict, records, reused: dict) -> list[dict]:
 def replaced_totals(rows) -> dict:
     totals = {key: sum(row[key] for row in rows) for key in
               ("teacher_params", "student_params", "teacher_flops", "student_flops")}
-    totals["param_ratio"] = totals["student_params"] / totals["teacher_params"]
-    totals["flop_ratio"] = totals["student_flops"] / totals["teacher_flops"]
+    # No replaced block at all (every task failed): there is no ratio to give.
+    totals["param_ratio"] = (totals["student_params"] / totals["teacher_params"]
+                             if totals["teacher_params"] else None)
+    totals["flop_ratio"] = (totals["student_flops"] / totals["teacher_flops"]
+                            if totals["teacher_flops"] else None)
     return totals
+
+
+def _ratio(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _pct(value) -> str:
@@ -90,9 +97,9 @@ def render_markdown(report: dict) -> str:
         f"| FLOPs per image | {_count(teacher['flops'])} | {_count(student['flops'])} | "
         f"{student['flops'] / teacher['flops']:.2f} |",
         f"| parameters in replaced blocks | {_count(replaced['teacher_params'])} | "
-        f"{_count(replaced['student_params'])} | {replaced['param_ratio']:.2f} |",
+        f"{_count(replaced['student_params'])} | {_ratio(replaced['param_ratio'])} |",
         f"| FLOPs in replaced blocks | {_count(replaced['teacher_flops'])} | "
-        f"{_count(replaced['student_flops'])} | {replaced['flop_ratio']:.2f} |",
+        f"{_count(replaced['student_flops'])} | {_ratio(replaced['flop_ratio'])} |",
         f"| test accuracy | {_pct(teacher['accuracy'])} | {_pct(student['accuracy_finetuned'])} "
         f"(merged, before fine-tuning: {_pct(student['accuracy_merged'])}) | |",
         "",
@@ -136,6 +143,11 @@ def render_markdown(report: dict) -> str:
             f"{_count(block['teacher_params'])} -> {_count(block['student_params'])} | "
             f"{_count(block['teacher_flops'])} -> {_count(block['student_flops'])} |"
         )
+    if report["failed_blocks"]:
+        lines += ["", "## Failed blocks (kept the teacher's layers)", "",
+                  "| block | attempts | last error (rank) |", "|---|---|---|"]
+        lines += [f"| {f['name']} | {f['attempts']} | {f['errors'][-1]['error']} "
+                  f"({f['errors'][-1]['rank']}) |" for f in report["failed_blocks"]]
     finetune = report["finetune"]
     lines += [
         "",

@@ -59,10 +59,11 @@ def outputs_probabilities(model) -> bool:
     return activation is not None and getattr(activation, "__name__", "") == "softmax"
 
 
-def load_teacher(config: TeacherConfig, dataset: Dataset, run_dir: Path, seed: int):
+def load_teacher(config: TeacherConfig, dataset: Dataset, run_dir: Path, seed: int,
+                 callbacks=()):
     """Return (model, description) where description says where the teacher came from."""
     if config.source in BUILTIN_TEACHERS:
-        model, info = _builtin_teacher(config, dataset, run_dir, seed)
+        model, info = _builtin_teacher(config, dataset, run_dir, seed, callbacks)
     else:
         model, info = load_model_file(config.source), {"source": config.source, "trained_here": False}
     check_teacher_fits_data(model, dataset)
@@ -120,7 +121,8 @@ def check_teacher_fits_data(model, dataset: Dataset) -> None:
             )
 
 
-def _builtin_teacher(config: TeacherConfig, dataset: Dataset, run_dir: Path, seed: int):
+def _builtin_teacher(config: TeacherConfig, dataset: Dataset, run_dir: Path, seed: int,
+                     callbacks=()):
     import keras
 
     key = hashlib.sha256(
@@ -148,7 +150,7 @@ def _builtin_teacher(config: TeacherConfig, dataset: Dataset, run_dir: Path, see
     history, _ = fit_classifier(
         model, dataset, epochs=config.train_epochs, batch_size=config.train_batch_size,
         learning_rate=config.learning_rate, patience=config.train_epochs, probabilities=True,
-        seed=seed,
+        seed=seed, callbacks=callbacks,
     )
     save_model_atomically(model, path)
     info.update(

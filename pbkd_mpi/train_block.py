@@ -111,7 +111,7 @@ def train_block(task: BlockTask, callbacks=()) -> dict:
         batch_size=task.config.batch_size,
         epochs=task.config.epochs,
         validation_data=(x_val, y_val),
-        callbacks=[best, *callbacks],
+        callbacks=[keras.callbacks.TerminateOnNaN(), best, *callbacks],
         shuffle=True,
         verbose=0,
     )
