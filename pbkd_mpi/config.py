@@ -84,6 +84,25 @@ class StudentConfig:
 
 
 @dataclass(frozen=True)
+class BlocksConfig:
+    granularity: str = _opt(
+        "layer",
+        "How the teacher is cut into blocks: `layer` (each Conv2D with the BN and activation "
+        "right after it), `block` (the segments between tensors that every path from input to "
+        "output passes, such as residual blocks with their skip connection), `stage` (`block` "
+        "segments merged while the spatial size stays the same). Blocks whose student would "
+        "not be smaller than the teacher block (1x1 convs) stay the teacher's.",
+        choices=("layer", "block", "stage"),
+    )
+    explicit: tuple[str, ...] = _opt(
+        [],
+        "Blocks named by hand instead, each `\"first_layer:last_layer\"`: every layer on a "
+        "path between the two, which must have one input and one output tensor. When given, "
+        "`granularity` is ignored.",
+    )
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     epochs: int = _opt(8, "Maximum epochs of MSE training per student block.", min=1)
     batch_size: int = _opt(64, "Batch size of block training.", min=1)
@@ -141,6 +160,7 @@ class RunConfig:
 class Job:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    blocks: BlocksConfig = field(default_factory=BlocksConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
@@ -282,6 +302,12 @@ def validate_job(job: Job) -> None:
         )
     if job.teacher.source == "vgg_demo" and not job.teacher.widths:
         raise UserError("teacher.widths expects at least one conv width for vgg_demo.")
+    for item in job.blocks.explicit:
+        first, sep, last = item.partition(":")
+        if not (sep and first and last):
+            raise UserError(
+                f"blocks.explicit expects entries \"first_layer:last_layer\", received {item!r}."
+            )
     if any(w < 1 for w in job.teacher.widths):
         raise UserError(f"teacher.widths expects positive integers, received {job.teacher.widths!r}.")
 

@@ -20,6 +20,8 @@ def layer_flops(layer) -> int:
     if isinstance(layer, keras.layers.InputLayer):
         return 0
     out_shape = layer.output.shape
+    if not hasattr(layer.input, "shape"):  # a merge (Add, Concatenate): one op per output
+        return _elements(out_shape)
     in_shape = layer.input.shape
     out_elements = _elements(out_shape)
     if isinstance(layer, keras.layers.SeparableConv2D):

@@ -72,13 +72,14 @@ def coordinate(job: Job, coordinator, log) -> dict:
     """Rank 0: every stage of the run. Returns the report written to the run directory."""
     from . import cache as cache_mod
     from .assemble import assemble_student
-    from .cost import layers_cost, model_flops
+    from .cost import model_flops
     from .data import load_dataset
     from .finetune import accuracy, finetune
-    from .graph import boundaries, find_blocks
+    from .graph import boundaries, flatten_model
+    from .plan import granularity_of, select_blocks
     from .report import block_rows, replaced_totals, write_report
     from .results import load_result, result_path, save_result
-    from .students import build_student_model, initial_weights
+    from .students import initial_weights, student_cost
     from .teacher import (load_teacher, outputs_probabilities, save_model_atomically,
                           weights_fingerprint)
     from .train_block import BlockTask, estimate_cost
@@ -98,12 +99,12 @@ def coordinate(job: Job, coordinator, log) -> dict:
     log(f"teacher: {teacher_info}")
 
     with timer("blocks"):
-        blocks = find_blocks(teacher)
+        # Nested models (a backbone used as a layer) are dissolved first, so every block
+        # boundary is a layer of the teacher whose output the cache can read.
+        teacher = flatten_model(teacher)
         multiplier = job.student.depth_multiplier
-        student_flops = {
-            block.name: layers_cost(build_student_model(block, multiplier).layers[1:])[1]
-            for block in blocks
-        }
+        blocks = select_blocks(teacher, granularity_of(job.blocks), multiplier)
+        student_flops = {block.name: student_cost(block, multiplier)[1] for block in blocks}
     log(f"blocks: {len(blocks)} ({', '.join(b.name for b in blocks)})")
 
     with timer("cache"):

@@ -6,18 +6,46 @@ import json
 from pathlib import Path
 
 from .config import load_job
-from .cost import layers_cost
+from .errors import UserError
 from .graph import find_blocks
-from .students import build_student_model
+from .students import student_cost, worthwhile
 
 
-def block_table(teacher, depth_multiplier: int = 1) -> dict:
+def granularity_of(blocks_config):
+    """The job's granularity: the explicit [first, last] pairs when there are any."""
+    if not blocks_config.explicit:
+        return blocks_config.granularity
+    pairs = []
+    for item in blocks_config.explicit:
+        first, sep, last = item.partition(":")
+        if not sep or not first or not last:
+            raise UserError(
+                f"blocks.explicit expects entries \"first_layer:last_layer\", received {item!r}."
+            )
+        pairs.append((first, last))
+    return pairs
+
+
+def select_blocks(teacher, granularity="layer", depth_multiplier: int = 1) -> list:
+    """The blocks that become tasks: those found at `granularity` whose student is smaller
+    than the teacher block (the others stay the teacher's)."""
+    blocks = worthwhile(find_blocks(teacher, granularity), depth_multiplier)
+    if not blocks:
+        raise UserError(
+            f"No block of the teacher {teacher.name!r} at granularity {granularity!r} has a "
+            f"student smaller than itself (1x1 convs are already pointwise); try another "
+            f"granularity."
+        )
+    return blocks
+
+
+def block_table(teacher, depth_multiplier: int = 1, granularity="layer") -> dict:
     rows = []
-    for block in find_blocks(teacher):
-        student = build_student_model(block, depth_multiplier)
-        student_params, student_flops = layers_cost(student.layers[1:])
+    for block in select_blocks(teacher, granularity, depth_multiplier):
+        student_params, student_flops = student_cost(block, depth_multiplier)
         rows.append({
             "name": block.name,
+            "kind": block.kind,
             "layers": list(block.layers),
             "input_shape": list(block.input_shape),
             "output_shape": list(block.output_shape),
@@ -26,6 +54,8 @@ def block_table(teacher, depth_multiplier: int = 1) -> dict:
             "teacher_flops": block.teacher_flops,
             "student_params": student_params,
             "student_flops": student_flops,
+            "params_ratio": student_params / block.teacher_params,
+            "flops_ratio": student_flops / max(block.teacher_flops, 1),
         })
     totals = {key: sum(row[key] for row in rows) for key in
               ("teacher_params", "student_params", "teacher_flops", "student_flops")}
@@ -47,13 +77,15 @@ def _load_plan_teacher(args, job):
 
 def plan_command(args) -> int:
     job = load_job(args.job, args.set)
-    table = block_table(_load_plan_teacher(args, job), job.student.depth_multiplier)
+    # --granularity (when the command line offers it) wins over the job's [blocks].
+    granularity = getattr(args, "granularity", None) or granularity_of(job.blocks)
+    table = block_table(_load_plan_teacher(args, job), job.student.depth_multiplier, granularity)
     if args.json:
         print(json.dumps(table, indent=2))
         return 0
     header = ("block", "layers", "in", "out", "end", "T params", "S params", "T FLOPs", "S FLOPs")
     rows = [
-        (r["name"], ",".join(r["layers"]), "x".join(map(str, r["input_shape"])),
+        (r["name"], _layers_text(r["layers"]), "x".join(map(str, r["input_shape"])),
          "x".join(map(str, r["output_shape"])), r["final_activation"],
          str(r["teacher_params"]), str(r["student_params"]), str(r["teacher_flops"]),
          str(r["student_flops"]))
@@ -68,3 +100,10 @@ def plan_command(args) -> int:
     print(f"student/teacher in blocks: params {t['student_params'] / t['teacher_params']:.3f}, "
           f"FLOPs {t['student_flops'] / t['teacher_flops']:.3f}")
     return 0
+
+
+def _layers_text(names) -> str:
+    """All names of a short block; the first and last (and how many) of a long one."""
+    if len(names) <= 3:
+        return ",".join(names)
+    return f"{names[0]}..{names[-1]} ({len(names)})"

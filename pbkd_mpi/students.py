@@ -1,9 +1,17 @@
 """Student blocks: depthwise-separable replacements with the teacher block's shapes and ending.
 
-depthwise kxk (the teacher's stride, padding and dilation) -> BN -> ReLU -> pointwise 1x1
-to the teacher's channels -> BN -> the teacher block's final activation (none when the
-teacher block ends pre-activation). Layer names derive from the block's name, so the
-weights trained on a worker find their layers in the assembled student by name.
+A conv group (kind "conv"): depthwise kxk (the teacher's stride, padding and dilation) ->
+pointwise 1x1 to the teacher's channels -> BN -> the teacher block's final activation (none
+when the teacher block ends pre-activation).
+
+A multi-layer segment (kind "segment", e.g. a residual block): two separable units, the
+first carrying the segment's overall stride and going to the teacher's narrowest conv
+width, the second to the segment's output channels; when the segment keeps its input
+shape, the stack is a residual branch added to the input, as in the teacher. Then the
+teacher block's final activation.
+
+Layer names derive from the block's name, so the weights trained on a worker find their
+layers in the assembled student by name.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import re
 import keras
 import numpy as np
 
+from .cost import layers_cost
 from .graph import Block
 
 # Keras' default 0.99 needs hundreds of steps before the moving statistics that inference
@@ -64,10 +73,41 @@ def apply_layers(layers, tensor):
     return tensor
 
 
+def _separable_unit(prefix, tensor, channels, strides, activation):
+    tensor = keras.layers.DepthwiseConv2D(3, strides=strides, padding="same", use_bias=False,
+                                          name=f"{prefix}_dw")(tensor)
+    tensor = keras.layers.Conv2D(channels, 1, use_bias=False, name=f"{prefix}_pw")(tensor)
+    tensor = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn")(tensor)
+    if activation != "linear":
+        tensor = make_activation(activation, f"{prefix}_act")(tensor)
+    return tensor
+
+
+def apply_segment_student(block: Block, tensor):
+    """The student of a multi-layer segment applied to `tensor`. The depthwise parts keep
+    a multiplier of 1: the segment's own width, not the multiplier, sets its capacity."""
+    prefix = f"{block.name}_student"
+    residual = tuple(block.input_shape) == tuple(block.output_shape)
+    hidden = _separable_unit(f"{prefix}_1", tensor, block.width, block.strides, "relu")
+    out = _separable_unit(f"{prefix}_2", hidden, block.output_shape[-1], (1, 1), "linear")
+    if residual:
+        out = keras.layers.Add(name=f"{prefix}_add")([tensor, out])
+    if block.final_activation != "linear":
+        out = make_activation(block.final_activation, f"{prefix}_act")(out)
+    return out
+
+
+def apply_student(block: Block, tensor, depth_multiplier: int = 1):
+    """The block's student, fresh layers, applied to `tensor`."""
+    if block.kind == "segment":
+        return apply_segment_student(block, tensor)
+    return apply_layers(student_layers(block, depth_multiplier), tensor)
+
+
 def build_student_model(block: Block, depth_multiplier: int = 1) -> keras.Model:
     """The student block as a standalone model from block input to block output."""
     inputs = keras.Input(block.input_shape, name=f"{block.name}_input")
-    outputs = apply_layers(student_layers(block, depth_multiplier), inputs)
+    outputs = apply_student(block, inputs, depth_multiplier)
     if tuple(outputs.shape[1:]) != tuple(block.output_shape):
         raise ValueError(
             f"Student of block {block.name!r} produces shape {tuple(outputs.shape[1:])}, "
@@ -85,6 +125,8 @@ def initial_weights(block: Block, teacher, depth_multiplier: int = 1) -> dict[st
     student's BN takes the teacher block's BN (or the conv bias) so that the student starts
     close to the teacher's output instead of spending its first epochs getting there.
     """
+    if block.kind != "conv":
+        return {}  # a segment's student has no kernel to factorise: it starts fresh
     conv = teacher.get_layer(block.layers[0])
     kernel = conv.kernel.numpy()  # (kh, kw, c_in, c_out)
     kh, kw, c_in, c_out = kernel.shape
@@ -119,6 +161,19 @@ def initial_weights(block: Block, teacher, depth_multiplier: int = 1) -> dict[st
         f"{prefix}_pw": [pointwise],
         f"{prefix}_bn": [gamma, beta, mean, variance],
     }
+
+
+def student_cost(block: Block, depth_multiplier: int = 1) -> tuple[int, int]:
+    """(params, FLOPs) of the block's student."""
+    model = build_student_model(block, depth_multiplier)
+    return layers_cost([layer for layer in model.layers
+                        if not isinstance(layer, keras.layers.InputLayer)])
+
+
+def worthwhile(blocks, depth_multiplier: int = 1) -> list[Block]:
+    """The blocks whose student has fewer parameters than the teacher block: a 1x1 conv,
+    for one, is already pointwise and a separable student could only grow it."""
+    return [b for b in blocks if student_cost(b, depth_multiplier)[0] < b.teacher_params]
 
 
 def layer_weights(model) -> dict[str, list]:

@@ -1,7 +1,7 @@
 import keras
 import numpy as np
 
-from pbkd_mpi.assemble import assemble_student, copy_layer, rewrite
+from pbkd_mpi.assemble import assemble_student, copy_block, rewrite
 from pbkd_mpi.graph import find_blocks
 from pbkd_mpi.students import build_student_model, layer_weights
 
@@ -9,8 +9,11 @@ from pbkd_mpi.students import build_student_model, layer_weights
 def test_identity_reassembly_reproduces_the_teacher(tiny_teacher):
     blocks = find_blocks(tiny_teacher)
     same = rewrite(tiny_teacher, blocks,
-                   lambda block: [copy_layer(tiny_teacher.get_layer(n)) for n in block.layers],
+                   lambda block, tensor: copy_block(tiny_teacher, block, tensor),
                    layer_weights(tiny_teacher))
+    # Copies, never the teacher's own layer objects.
+    teacher_layers = {id(layer) for layer in tiny_teacher.layers}
+    assert not any(id(layer) in teacher_layers for layer in same.layers)
     x = np.random.default_rng(0).uniform(size=(8, 16, 16, 3)).astype("float32")
     np.testing.assert_allclose(same.predict(x, verbose=0), tiny_teacher.predict(x, verbose=0),
                                atol=1e-5)

@@ -5,7 +5,8 @@ from keras import layers
 
 from pbkd_mpi.cost import layer_flops, model_flops
 from pbkd_mpi.errors import UserError
-from pbkd_mpi.graph import MODEL_INPUT, boundaries, find_blocks
+from pbkd_mpi.graph import (MODEL_INPUT, _layer_graph, boundaries, cut_points, find_blocks,
+                            flatten_model)
 
 
 def test_demo_teacher_blocks_are_conv_bn_relu_groups(tiny_teacher):
@@ -46,13 +47,79 @@ def test_block_endings_follow_the_teacher():
     assert blocks["c"].final_activation == "relu_max(6.0)"
 
 
-def test_graphs_with_branches_are_refused_with_the_layer_named():
+def test_a_skip_connection_stays_inside_one_block():
     inputs = keras.Input((8, 8, 3))
     a = layers.Conv2D(3, 3, padding="same", name="a")(inputs)
-    added = layers.Add(name="skip")([a, inputs])
+    a = layers.ReLU(name="a_relu")(a)
+    b = layers.Conv2D(3, 3, padding="same", name="b")(a)
+    added = layers.Add(name="skip")([b, a])
+    out = layers.ReLU(name="out")(added)
+    model = keras.Model(inputs, layers.GlobalAveragePooling2D(name="gap")(out))
+    assert cut_points(_layer_graph(model)) == ["a", "a_relu", "skip", "out", "gap"]
+    # `layer`: each conv group, the one inside the residual branch included.
+    assert [b.layers for b in find_blocks(model, "layer")] == [("a", "a_relu"), ("b",)]
+    assert find_blocks(model, "layer")[1].input_boundary == "a_relu"
+    # `block`: the residual block, from its input tensor to the ReLU after the Add.
+    first, residual = find_blocks(model, "block")
+    assert first.layers == ("a", "a_relu") and first.kind == "conv"
+    assert residual.layers == ("b", "skip", "out") and residual.kind == "segment"
+    assert residual.input_boundary == "a_relu" and residual.output_boundary == "out"
+    assert residual.final_activation == "relu" and residual.width == 3
+    # `stage`: one spatial size throughout, so both merge.
+    (stage,) = find_blocks(model, "stage")
+    assert stage.layers == ("a", "a_relu", "b", "skip", "out")
+    assert stage.input_boundary == MODEL_INPUT
+
+
+def test_a_block_ending_in_an_add_is_pre_activation():
+    inputs = keras.Input((8, 8, 4))
+    x = layers.ReLU(name="stem")(inputs)
+    y = layers.Conv2D(4, 3, padding="same", activation="relu", name="c1")(x)
+    y = layers.Conv2D(4, 3, padding="same", name="c2")(y)
+    added = layers.Add(name="add")([x, y])
+    model = keras.Model(inputs, layers.Flatten(name="flat")(added))
+    (block,) = find_blocks(model, "block")
+    assert block.output_boundary == "add" and block.final_activation == "linear"
+    assert block.convs == 2 and block.strides == (1, 1)
+
+
+def test_explicit_blocks_are_checked():
+    inputs = keras.Input((8, 8, 3))
+    a = layers.Conv2D(3, 3, padding="same", name="a")(inputs)
+    b = layers.Conv2D(3, 3, padding="same", name="b")(a)
+    added = layers.Add(name="skip")([b, a])
     model = keras.Model(inputs, added)
-    with pytest.raises(UserError, match="not a chain: layer 'skip'"):
-        find_blocks(model)
+    (block,) = find_blocks(model, [("b", "skip")])
+    assert block.input_boundary == "a" and block.layers == ("b", "skip")
+    with pytest.raises(UserError, match="no layer 'nope'"):
+        find_blocks(model, [("a", "nope")])
+    with pytest.raises(UserError, match="one input tensor and one output tensor"):
+        find_blocks(model, [("a", "b")])  # a's output also feeds the Add outside the block
+    with pytest.raises(UserError, match="granularity among layer, block, stage"):
+        find_blocks(model, "blocks")
+
+
+def test_nested_backbone_is_flattened_with_the_same_weights():
+    backbone = keras.Sequential([
+        keras.Input((8, 8, 3)),
+        layers.Conv2D(4, 3, padding="same", name="bb_conv"),
+        layers.BatchNormalization(name="bb_bn"),
+        layers.ReLU(name="bb_relu"),
+    ], name="backbone")
+    inputs = keras.Input((8, 8, 3))
+    x = backbone(inputs)
+    x = layers.Conv2D(4, 3, padding="same", activation="relu", name="head_conv")(x)
+    model = keras.Model(inputs, layers.GlobalAveragePooling2D(name="gap")(x))
+    flat = flatten_model(model)
+    assert [layer.name for layer in flat.layers[1:]] == [
+        "bb_conv", "bb_bn", "bb_relu", "head_conv", "gap"]
+    assert flat.get_layer("bb_conv") is not backbone.get_layer("bb_conv")
+    x_in = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(flat.predict(x_in, verbose=0), model.predict(x_in, verbose=0),
+                               atol=1e-6)
+    assert [b.layers for b in find_blocks(model)] == [
+        ("bb_conv", "bb_bn", "bb_relu"), ("head_conv",)]
+    assert flatten_model(flat) is flat  # nothing nested: the model itself
 
 
 def test_subclassed_model_gets_advice():
@@ -72,5 +139,5 @@ def test_subclassed_model_gets_advice():
 
 def test_model_without_conv_has_no_blocks():
     model = keras.Sequential([keras.Input((4,)), layers.Dense(2)])
-    with pytest.raises(UserError, match="has no Conv2D layer"):
+    with pytest.raises(UserError, match="has no Conv2D layer that can be cut out"):
         find_blocks(model)
