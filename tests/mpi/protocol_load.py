@@ -1,0 +1,70 @@
+"""A load test of the task protocol alone: many short synthetic tasks, injected failures.
+
+Run under mpiexec by tests/mpi/test_protocol.py:
+    mpiexec -n 4 python tests/mpi/protocol_load.py TASKS SEED
+Task i sleeps a random few milliseconds; every 10th task always raises (so it must end as
+failed after max_attempts tries), every 10th+1 raises on odd ranks only (so a retry on an
+even rank must rescue it). Rank 0 prints one JSON line with the outcome; every worker prints
+one JSON line with the tasks it executed, so the test can count executions.
+"""
+
+import json
+import random
+import sys
+import time
+
+import psutil
+from mpi4py import MPI
+
+from pbkd_mpi.protocol import Coordinator, Worker
+
+MAX_ATTEMPTS = 3
+
+
+def handle(task, rank):
+    index, seconds = task
+    time.sleep(seconds)
+    if index % 10 == 0 or (index % 10 == 1 and rank % 2 == 1):
+        raise RuntimeError(f"injected failure of task {index} on rank {rank}")
+    return {"index": index, "rank": rank}
+
+
+def main():
+    comm = MPI.COMM_WORLD
+    count, seed = int(sys.argv[1]), int(sys.argv[2])
+    rng = random.Random(seed)
+    tasks = {f"t{i}": (i, rng.uniform(0.0, 0.02)) for i in range(count)}
+    if comm.Get_rank() == 0:
+        coordinator = Coordinator(comm)
+        coordinator.broadcast("go")
+        process = psutil.Process()
+        cpu, wall = sum(process.cpu_times()[:2]), time.perf_counter()
+        outcome = coordinator.run_tasks(
+            tasks, {name: task[1] for name, task in tasks.items()}, max_attempts=MAX_ATTEMPTS)
+        cpu, wall = sum(process.cpu_times()[:2]) - cpu, time.perf_counter() - wall
+        coordinator.finish()
+        print(json.dumps({
+            "role": "coordinator",
+            "done": sorted(outcome.results),
+            "failed": {name: [e["rank"] for e in errors]
+                       for name, errors in outcome.failures.items()},
+            "results_ok": all(r["index"] == tasks[n][0] for n, r in outcome.results.items()),
+            "cpu_fraction": cpu / wall,
+        }), flush=True)
+    else:
+        worker = Worker(comm)
+        worker.receive_job()
+        executed = []
+
+        def run(task):
+            executed.append(task[0])
+            return handle(task, comm.Get_rank())
+
+        worker.serve(run)
+        worker.wait_for_end()
+        print(json.dumps({"role": "worker", "rank": comm.Get_rank(), "executed": executed}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
