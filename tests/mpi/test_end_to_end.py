@@ -200,3 +200,28 @@ def test_sigusr1_stops_the_job_with_exit_75_and_the_next_run_resumes(tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["status"] == "ok"
     assert {b["name"] for b in report["blocks"] if b["reused"]} == done
+
+
+def test_block_weights_do_not_depend_on_the_number_of_workers(tmp_path):
+    """Tasks are independent and seeded by block: 1 worker and 2 workers (one thread each,
+    so reductions run in the same order) must train identical weights."""
+    from pbkd_mpi.results import load_result
+
+    run_dir = tmp_path / "run"
+    weights = {}
+    for ranks in (3, 2):
+        result = run_mpi(ranks, ["run", TINY_JOB, "--run-dir", run_dir, "--set", "run.threads=1",
+                                 "--set", "finetune.epochs=0"], timeout=180)
+        assert result.returncode == 0, result.stderr[-3000:]
+        blocks = run_dir / "blocks"
+        weights[ranks] = {path.name: load_result(path)[0]["weights"]
+                          for path in blocks.glob("*.npz")}
+        ranks_used = {b["rank"] for b in json.loads((run_dir / "report.json").read_text())["blocks"]}
+        assert ranks_used == set(range(1, ranks))
+        for path in blocks.glob("*.npz"):
+            path.unlink()  # the second run must train every block again
+    assert sorted(weights[3]) == sorted(weights[2]) and len(weights[2]) == 4
+    for name, per_layer in weights[3].items():
+        for layer, arrays in per_layer.items():
+            for a, b in zip(arrays, weights[2][name][layer]):
+                np.testing.assert_array_equal(a, b, err_msg=f"{name} {layer}")
