@@ -1,0 +1,151 @@
+"""Real architectures as teachers: keras.applications models (untrained, 32x32 inputs, 10
+classes), the demo teacher and a Functional model with a nested Sequential backbone.
+
+Each model is built once per session (ResNet50 and DenseNet121 take seconds) and only tiny
+batches are predicted, to keep the suite fast on two cores.
+"""
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+from pbkd_mpi.assemble import assemble_student, copy_block, rewrite
+from pbkd_mpi.graph import GRANULARITIES, find_blocks, flatten_model
+from pbkd_mpi.plan import block_table, select_blocks
+from pbkd_mpi.students import build_student_model, layer_weights, student_cost
+
+APPLICATIONS = ("VGG16", "VGG19", "ResNet50", "ResNet50V2", "MobileNetV2", "DenseNet121")
+NAMES = (*APPLICATIONS, "demo", "nested")
+SIZE = 32  # the smallest input every one of them accepts
+MULTIPLIER = 2  # the job default
+
+
+def _nested_backbone_model():
+    """A backbone (conv stem and a residual block) used as a layer, plus a head."""
+    backbone_in = keras.Input((SIZE, SIZE, 3))
+    x = layers.Conv2D(8, 3, padding="same", use_bias=False, name="bb_conv1")(backbone_in)
+    x = layers.BatchNormalization(name="bb_bn1")(x)
+    x = layers.ReLU(name="bb_relu1")(x)
+    y = layers.Conv2D(8, 3, padding="same", activation="relu", name="bb_conv2")(x)
+    y = layers.Conv2D(8, 3, padding="same", name="bb_conv3")(y)
+    x = layers.ReLU(name="bb_out")(layers.Add(name="bb_add")([x, y]))
+    backbone = keras.Model(backbone_in, x, name="backbone")
+    stem = keras.Sequential([
+        keras.Input((SIZE, SIZE, 3)),
+        layers.Conv2D(3, 3, padding="same", activation="relu", name="pre_conv"),
+    ], name="pre")
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = backbone(stem(inputs))
+    x = layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="head_conv")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, layers.Dense(10, name="classifier")(x), name="nested")
+
+
+def _build(name):
+    keras.utils.set_random_seed(0)
+    if name == "demo":
+        from pbkd_mpi.teacher import build_vgg_demo
+
+        return build_vgg_demo((SIZE, SIZE, 3), 10, (16, 16, 32, 32))
+    if name == "nested":
+        return _nested_backbone_model()
+    return getattr(keras.applications, name)(weights=None, input_shape=(SIZE, SIZE, 3),
+                                              classes=10)
+
+
+@pytest.fixture(scope="session")
+def teachers():
+    return {}
+
+
+@pytest.fixture(params=NAMES)
+def teacher(request, teachers):
+    if request.param not in teachers:
+        teachers[request.param] = _build(request.param)
+    return teachers[request.param]
+
+
+def _inputs(n=2):
+    return np.random.default_rng(0).uniform(size=(n, SIZE, SIZE, 3)).astype("float32")
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_blocks_at_every_granularity_with_smaller_students(teacher, granularity):
+    blocks = select_blocks(teacher, granularity, MULTIPLIER)
+    assert blocks
+    flat = flatten_model(teacher)
+    for block in blocks:
+        # build_student_model raises when the student's output shape differs.
+        student = build_student_model(block, MULTIPLIER)
+        assert tuple(student.output.shape[1:]) == block.output_shape
+        assert student_cost(block, MULTIPLIER)[0] < block.teacher_params, block.name
+        for name in (block.input_boundary, block.output_boundary):
+            assert name == "__input__" or flat.get_layer(name) is not None
+    names = [n for block in blocks for n in block.layers]
+    assert len(names) == len(set(names)), "blocks overlap"
+
+
+def test_identity_reassembly_reproduces_the_teacher(teacher):
+    blocks = find_blocks(teacher, "block")
+    same = rewrite(teacher, blocks, lambda block, tensor: copy_block(teacher, block, tensor),
+                   layer_weights(flatten_model(teacher)))
+    teacher_layers = {id(layer) for layer in flatten_model(teacher).layers}
+    assert not any(id(layer) in teacher_layers for layer in same.layers)
+    x = _inputs()
+    np.testing.assert_allclose(same.predict(x, verbose=0), teacher.predict(x, verbose=0),
+                               atol=1e-5)
+
+
+def test_student_is_smaller_and_saves_and_loads(teacher, tmp_path):
+    blocks = select_blocks(teacher, "block", MULTIPLIER)
+    keras.utils.set_random_seed(0)
+    weights = {b.name: layer_weights(build_student_model(b, MULTIPLIER)) for b in blocks}
+    student = assemble_student(teacher, blocks, weights, MULTIPLIER)
+    assert student.count_params() < teacher.count_params()
+    assert tuple(student.output.shape) == tuple(teacher.output.shape)
+    student.save(tmp_path / "student.keras")
+    loaded = keras.saving.load_model(tmp_path / "student.keras")
+    x = _inputs()
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), student.predict(x, verbose=0),
+                               atol=1e-5)
+
+
+def test_residual_architectures_get_their_residual_blocks(teachers):
+    for name in ("ResNet50", "ResNet50V2", "DenseNet121", "MobileNetV2"):
+        teachers.setdefault(name, _build(name))
+    resnet = {b.name: b for b in find_blocks(teachers["ResNet50"], "block")}
+    # 16 bottleneck blocks, each from its input to the ReLU after the Add, plus the stem.
+    assert len(resnet) == 17 and "conv2_block1_out" in resnet and "conv5_block3_out" in resnet
+    assert resnet["conv3_block1_out"].strides == (2, 2)
+    assert resnet["conv3_block2_out"].input_boundary == "conv3_block1_out"
+    assert resnet["conv3_block2_out"].final_activation == "relu"
+    # ResNet50V2 is pre-activation: its blocks end at the Add, linear.
+    v2 = {b.name: b for b in find_blocks(teachers["ResNet50V2"], "block")}
+    assert v2["conv3_block2_out"].final_activation == "linear"
+    # DenseNet121: 6 + 12 + 24 + 16 conv blocks, each ending in its concatenation (the
+    # last one of each dense block with the transition's BN and ReLU after it).
+    dense = [b for b in find_blocks(teachers["DenseNet121"], "block")
+             if any(name.endswith("_concat") for name in b.layers)]
+    assert len(dense) == 58
+    assert dense[5].name == "pool2_relu" and dense[5].final_activation == "relu"
+    assert dense[0].output_shape[-1] == dense[0].input_shape[-1] + 32
+    # MobileNetV2: the inverted residual blocks with a skip connection end at the Add, linear.
+    mobile = [b for b in find_blocks(teachers["MobileNetV2"], "block") if b.name.endswith("_add")]
+    assert len(mobile) == 10 and all(b.final_activation == "linear" for b in mobile)
+
+
+def test_stage_blocks_merge_while_spatial_size_stays(teachers):
+    teachers.setdefault("ResNet50", _build("ResNet50"))
+    stages = [b for b in find_blocks(teachers["ResNet50"], "stage") if b.kind == "segment"]
+    assert [b.name for b in stages] == ["conv2_block3_out", "conv3_block4_out",
+                                        "conv4_block6_out", "conv5_block3_out"]
+
+
+def test_plan_table_for_a_residual_teacher(teachers):
+    teachers.setdefault("ResNet50", _build("ResNet50"))
+    table = block_table(teachers["ResNet50"], MULTIPLIER, "block")
+    for key in ("teacher_params", "student_params", "teacher_flops", "student_flops"):
+        assert table["totals"][key] == sum(row[key] for row in table["blocks"])
+    assert all(0 < row["params_ratio"] < 1 for row in table["blocks"])
+    assert table["totals"]["student_flops"] < table["totals"]["teacher_flops"]
