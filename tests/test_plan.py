@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from pbkd_mpi.plan import block_table
 
 from .conftest import REPO, TINY_JOB
@@ -41,3 +43,28 @@ def test_plan_refuses_a_file_that_is_not_a_model(tmp_path):
     assert result.returncode == 2
     assert "could not be loaded as a Keras model" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_plan_command_takes_the_granularity_from_the_job(tmp_path):
+    result = _plan(TINY_JOB, "--json", "--set", "blocks.granularity=stage")
+    assert result.returncode == 0, result.stderr
+    table = json.loads(result.stdout)
+    # The tiny teacher: two convs, a pool, two convs: one stage per spatial size.
+    assert [b["layers"] for b in table["blocks"]] == [
+        ["conv1", "bn1", "relu1", "conv2", "bn2", "relu2"],
+        ["conv3", "bn3", "relu3", "conv4", "bn4", "relu4"]]
+    assert all(b["kind"] == "segment" and b["params_ratio"] < 1 for b in table["blocks"])
+
+
+def test_explicit_blocks_from_the_job(tiny_teacher):
+    from pbkd_mpi.config import BlocksConfig, job_from_dict, validate_job
+    from pbkd_mpi.errors import UserError
+    from pbkd_mpi.plan import granularity_of
+
+    pairs = granularity_of(BlocksConfig(explicit=("conv2:relu2", "conv3:relu4")))
+    assert pairs == [("conv2", "relu2"), ("conv3", "relu4")]
+    table = block_table(tiny_teacher, 1, pairs)
+    assert [b["name"] for b in table["blocks"]] == ["conv2", "relu4"]
+    assert granularity_of(BlocksConfig(granularity="block")) == "block"
+    with pytest.raises(UserError, match='blocks.explicit expects entries "first_layer:last_layer"'):
+        validate_job(job_from_dict({"blocks": {"explicit": ["conv2"]}}))
