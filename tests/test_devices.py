@@ -167,3 +167,105 @@ def test_worker_threads():
     assert worker_threads(0, 16, 5, True) == 4
     assert worker_threads(0, 2, 3, True) == 1
     assert worker_threads(0, 8, 2, False) == 4
+
+
+# --- configure_tensorflow on a fake TensorFlow (no GPU here) ----------------------------
+
+class FakeTf:
+    """The part of tf.config that configure_tensorflow touches, recording the calls."""
+
+    def __init__(self, gpus):
+        self.calls = []
+        fake = self
+
+        class Threading:
+            @staticmethod
+            def set_intra_op_parallelism_threads(n):
+                fake.calls.append(("intra", n))
+
+            @staticmethod
+            def set_inter_op_parallelism_threads(n):
+                fake.calls.append(("inter", n))
+
+        class Experimental:
+            @staticmethod
+            def set_memory_growth(gpu, on):
+                fake.calls.append(("growth", gpu.name, on))
+
+        class Config:
+            threading = Threading
+            experimental = Experimental
+
+            @staticmethod
+            def list_physical_devices(kind):
+                assert kind == "GPU"
+                return gpus
+
+            @staticmethod
+            def set_visible_devices(devices, kind):
+                fake.calls.append(("visible", [d.name for d in devices], kind))
+
+        self.config = Config
+
+
+class FakeGpu:
+    def __init__(self, name):
+        self.name = name
+
+
+@pytest.fixture
+def fake_tf(monkeypatch):
+    from pbkd_mpi import devices
+
+    def install(count):
+        tf = FakeTf([FakeGpu(f"/physical_device:GPU:{i}") for i in range(count)])
+        monkeypatch.setattr(devices, "import_tensorflow", lambda: tf)
+        return tf
+
+    return install
+
+
+def test_configure_pins_one_gpu_with_memory_growth(fake_tf):
+    from pbkd_mpi.devices import configure_tensorflow, configure_tensorflow_choice
+
+    tf = fake_tf(4)
+    assert configure_tensorflow(3, 6, environ={}) == "/physical_device:GPU:2"
+    assert tf.calls == [("intra", 3), ("inter", 2),
+                        ("visible", ["/physical_device:GPU:2"], "GPU"),
+                        ("growth", "/physical_device:GPU:2", True)]
+    name, choice = configure_tensorflow_choice(1, 1, environ={"CUDA_VISIBLE_DEVICES": "4,5,6,7"})
+    assert (name, choice.device_id) == ("/physical_device:GPU:1", "5")
+
+
+def test_configure_hides_gpus_from_a_rank_that_needs_none(fake_tf):
+    from pbkd_mpi.devices import configure_tensorflow
+
+    tf = fake_tf(2)
+    assert configure_tensorflow(1, 0, use_gpu=False, environ={}) == "cpu"
+    assert ("visible", [], "GPU") in tf.calls
+    assert not any(call[0] == "growth" for call in tf.calls)
+
+
+def test_configure_without_gpus_is_cpu(fake_tf):
+    from pbkd_mpi.devices import configure_tensorflow
+
+    tf = fake_tf(0)
+    assert configure_tensorflow(2, 0, environ={}) == "cpu"
+    assert tf.calls == [("intra", 2), ("inter", 2)]
+
+
+def test_configure_tensorflow_for_real_in_a_fresh_process():
+    # Thread pools can only be set before TensorFlow's runtime starts: a fresh process.
+    import subprocess
+    import sys
+
+    code = ("from pbkd_mpi.devices import configure_tensorflow; import tensorflow as tf; "
+            "print(configure_tensorflow(1, 0), "
+            "tf.config.threading.get_intra_op_parallelism_threads(), "
+            "tf.config.threading.get_inter_op_parallelism_threads())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    device, intra, inter = result.stdout.split()[-3:]
+    assert (intra, inter) == ("1", "2")
+    assert device == "cpu" or "GPU" in device
