@@ -143,11 +143,13 @@ def _run_worker(comm, layout) -> int:
         threads = worker_threads(context.job.run.threads, node_cores(), local_size,
                                  root_on_node)
         configure_tensorflow(threads, local_rank)
+        from .results import progress_path
         from .train_block import train_block
 
         # Between batches: stop for a signal on this rank or for rank 0's word.
         callback = preemption.keras_callback("training a block", also=worker.abort_check)
-        worker.serve(lambda task: train_block(task, callbacks=[callback]))
+        worker.serve(lambda task: train_block(
+            task, callbacks=[callback], checkpoint_path=progress_path(context.run_dir, task)))
         worker.wait_for_end()
     except AbortRequested as request:
         worker.acknowledge_abort()

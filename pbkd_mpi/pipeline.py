@@ -78,7 +78,7 @@ def coordinate(job: Job, coordinator, log) -> dict:
     from .graph import boundaries, flatten_model
     from .plan import granularity_of, select_blocks
     from .report import block_rows, replaced_totals, write_report
-    from .results import load_result, result_path, save_result
+    from .results import load_result, progress_path, result_path, save_result
     from .students import initial_weights, student_cost
     from .teacher import (load_teacher, outputs_probabilities, save_model_atomically,
                           weights_fingerprint)
@@ -140,6 +140,7 @@ def coordinate(job: Job, coordinator, log) -> dict:
     def keep(name, result, record):
         seconds = record.end_s - record.start_s
         save_result(paths[name], result, {"rank": record.rank, "seconds": seconds})
+        progress_path(run_dir, tasks[name]).unlink(missing_ok=True)  # superseded
         log(f"block {name} done on rank {record.rank} in {seconds:.1f} s, "
             f"val MSE {result['val_mse']:.4g}")
 

@@ -41,7 +41,8 @@ def block_rows(blocks, results: dict, records, reused: dict) -> list[dict]:
             **timing,
             **{key: result[key] for key in (
                 "train_mse", "val_mse", "initial_val_mse", "target_variance", "epochs",
-                "best_epoch", "student_params", "student_flops", "history")},
+                "best_epoch", "student_params", "student_flops", "history",
+                "resumed_from_epoch")},
             "teacher_params": block.teacher_params,
             "teacher_flops": block.teacher_flops,
             "input_shape": list(block.input_shape),

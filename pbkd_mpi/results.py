@@ -40,6 +40,11 @@ def result_path(run_dir: Path, task) -> Path:
     return Path(run_dir) / "blocks" / f"{task.block.name}-{task_key(task)}.npz"
 
 
+def progress_path(run_dir, task) -> Path:
+    """Where the worker checkpoints the task while it trains (see checkpoint.py)."""
+    return result_path(run_dir, task).with_suffix(".progress.npz")
+
+
 def save_result(path: Path, result: dict, info: dict) -> None:
     """`result` as train_block returns it; `info` what rank 0 knows (rank, seconds)."""
     arrays = {

@@ -9,11 +9,13 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from . import faults
 from .cache import read_pair
+from .checkpoint import epoch_checkpoint, load_state, restore
 from .config import DistillConfig
 from .cost import layers_cost
 from .graph import Block
@@ -79,7 +81,9 @@ def calibrate_norm(model, x) -> None:
     ])
 
 
-def train_block(task: BlockTask, callbacks=()) -> dict:
+def train_block(task: BlockTask, callbacks=(), checkpoint_path: Path | None = None) -> dict:
+    """Train the task's student block. With `checkpoint_path`, the task's state is saved
+    there after every epoch, and a task that finds a checkpoint resumes from it."""
     import keras
 
     block = task.block
@@ -102,19 +106,31 @@ def train_block(task: BlockTask, callbacks=()) -> dict:
     best = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=task.config.patience, restore_best_weights=True
     )
-    # Where training starts from (the teacher's factorised kernel), for the report.
-    initial_val_mse = float(model.evaluate(x_val, y_val, batch_size=256, verbose=0))
+    resume = load_state(checkpoint_path) if checkpoint_path is not None else None
+    if resume is not None:
+        restore(model, resume)
+        before = resume.extra
+    else:
+        # Where training starts from (the teacher's factorised kernel), for the report.
+        before = {"initial_val_mse": float(model.evaluate(x_val, y_val, batch_size=256,
+                                                          verbose=0))}
+    extra_callbacks = []
+    if checkpoint_path is not None:
+        progress = epoch_checkpoint(checkpoint_path, best, before, resume)
+        extra_callbacks.append(progress)
     started = time.perf_counter()
     history = model.fit(
         x_train,
         y_train,
         batch_size=task.config.batch_size,
         epochs=task.config.epochs,
+        initial_epoch=resume.epoch + 1 if resume is not None else 0,
         validation_data=(x_val, y_val),
-        callbacks=[keras.callbacks.TerminateOnNaN(), best, *callbacks],
+        callbacks=[keras.callbacks.TerminateOnNaN(), best, *extra_callbacks, *callbacks],
         shuffle=True,
         verbose=0,
     )
+    epochs_history = progress.history if checkpoint_path is not None else history.history
     train_seconds = time.perf_counter() - started
     # Scored in inference mode (BN moving statistics), as the block will run in the student.
     train_mse = float(model.evaluate(x_train, y_train, batch_size=256, verbose=0))
@@ -128,12 +144,13 @@ def train_block(task: BlockTask, callbacks=()) -> dict:
         "weights": layer_weights(model),
         "train_mse": train_mse,
         "val_mse": val_mse,
-        "initial_val_mse": initial_val_mse,
+        "initial_val_mse": before["initial_val_mse"],
+        "resumed_from_epoch": resume.epoch + 1 if resume is not None else 0,
         "target_variance": float(np.var(y_val)),
-        "epochs": len(history.history["loss"]),
+        "epochs": len(epochs_history.get("loss", [])),
         "best_epoch": int(best.best_epoch) + 1,
         "train_seconds": train_seconds,
-        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+        "history": {k: [float(v) for v in vals] for k, vals in epochs_history.items()},
         "student_params": params,
         "student_flops": flops,
     }

@@ -29,3 +29,40 @@ def test_a_block_learns_its_teacher_block_and_is_reproducible(tiny_teacher, tiny
     for name, arrays in first["weights"].items():
         for a, b in zip(arrays, second["weights"][name]):
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_stopped_task_resumes_from_its_last_epoch(tiny_teacher, tiny_dataset, tmp_path):
+    import keras
+    import pytest
+
+    from pbkd_mpi.checkpoint import load_state
+
+    blocks = find_blocks(tiny_teacher)
+    names = boundaries(blocks)
+    fingerprint = cache_fingerprint("t", tiny_dataset.fingerprint(), names, "float32")
+    path = tmp_path / "c.h5"
+    build_cache(tiny_teacher, tiny_dataset, names, path, fingerprint, "float32")
+    block = blocks[3]
+    task = BlockTask(block, str(path), fingerprint, DistillConfig(epochs=4, batch_size=32,
+                                                                  patience=4),
+                     seed=0, estimated_cost=1.0, initial_weights=initial_weights(block, tiny_teacher))
+
+    class StopAfterTwoEpochs(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise KeyboardInterrupt("stopped")
+
+    checkpoint = tmp_path / "task.progress.npz"
+    with pytest.raises(KeyboardInterrupt):
+        train_block(task, callbacks=[StopAfterTwoEpochs()], checkpoint_path=checkpoint)
+    state = load_state(checkpoint)
+    assert state.epoch == 1 and len(state.history["loss"]) == 2
+    assert len(state.optimizer) > 1 and int(state.optimizer[0]) > 0  # Adam's step count
+
+    resumed = train_block(task, checkpoint_path=checkpoint)
+    assert resumed["resumed_from_epoch"] == 2
+    assert resumed["epochs"] == 4 and resumed["history"]["loss"][:2] == state.history["loss"]
+    whole = train_block(task)
+    # Same data, same seed: within training noise of the uninterrupted task.
+    assert resumed["val_mse"] == pytest.approx(whole["val_mse"], rel=0.25)
+    assert resumed["initial_val_mse"] == whole["initial_val_mse"]

@@ -12,6 +12,8 @@ import keras
 import numpy as np
 import pytest
 
+from pbkd_mpi.checkpoint import load_state
+
 from ..conftest import REPO, TINY_JOB, run_mpi
 
 
@@ -189,8 +191,12 @@ def test_sigusr1_stops_the_job_with_exit_75_and_the_next_run_resumes(tmp_path):
     assert time.monotonic() - signalled < 30
     assert "stopped: " in err and "SIGUSR1" in err and "Traceback" not in err
     done = set(re.findall(r"block (conv\d) done on rank", "".join(lines)))
-    saved = {path.name.split("-")[0] for path in (tmp_path / "run" / "blocks").glob("*.npz")}
+    blocks = tmp_path / "run" / "blocks"
+    saved = {p.name.split("-")[0] for p in blocks.glob("*.npz") if ".progress" not in p.name}
     assert done and saved == done
+    in_progress = {p.name.split("-")[0]: load_state(p).epoch + 1
+                   for p in blocks.glob("*.progress.npz")}
+    assert not set(in_progress) & done
     assert not (tmp_path / "run" / "report.json").exists()
     assert time.monotonic() - started < 150
 
@@ -200,6 +206,9 @@ def test_sigusr1_stops_the_job_with_exit_75_and_the_next_run_resumes(tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["status"] == "ok"
     assert {b["name"] for b in report["blocks"] if b["reused"]} == done
+    for block in report["blocks"]:  # blocks stopped mid-training carried on from there
+        assert block["resumed_from_epoch"] == in_progress.get(block["name"], 0)
+    assert not list(blocks.glob("*.progress.npz"))
 
 
 def test_block_weights_do_not_depend_on_the_number_of_workers(tmp_path):
