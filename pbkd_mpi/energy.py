@@ -98,9 +98,10 @@ class PowerIntegrator:
         self._last = None  # (time, watts) of the previous sample
 
     def sample(self) -> None:
-        watts = self._read_watts()
-        now = self._clock()
+        # Read and timestamp under the lock, so concurrent samples stay in time order.
         with self._lock:
+            watts = self._read_watts()
+            now = self._clock()
             if self._last is not None:
                 then, before = self._last
                 self._joules += (now - then) * (before + watts) / 2.0

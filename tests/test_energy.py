@@ -429,3 +429,9 @@ def test_aggregate_round_trip_from_real_meters(tmp_path):
     assert result["per_phase"]["distill"]["cpu_s"] == 3.0
     assert result["gpu_method"] == GPU_COUNTER
     assert result["method"] == f"gpu: {GPU_COUNTER}; cpu: not measured: no rank read RAPL"
+
+
+def test_aggregate_of_no_records_is_not_measured():
+    result = aggregate([])
+    assert result["method"] == NOT_MEASURED and result["per_phase"] == {}
+    assert (result["gpu_j"], result["cpu_j"], result["cpu_s"]) == (None, None, 0)
