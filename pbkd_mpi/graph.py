@@ -327,7 +327,47 @@ def _segments(graph: _Graph) -> list[list[str]]:
             merged[-1] = merged[-1] + segment
         else:
             merged.append(segment)
-    return merged
+    return _bind_depthwise(graph, merged)
+
+
+def _is_depthwise_only(graph: _Graph, names) -> bool:
+    kinds = [graph.layers[n] for n in names]
+    return (any(isinstance(k, keras.layers.DepthwiseConv2D) for k in kinds)
+            and not any(is_conv2d(k) for k in kinds))
+
+
+def _bind_depthwise(graph: _Graph, segments) -> list[list[str]]:
+    """A depthwise conv cannot be a block alone (nothing cheaper replaces it), and in a
+    chain it is a cut point of its own. Join it to the convs around it as MobileNet's
+    blocks do: back over padding to a 1x1 expansion ending in an activation, forward to
+    the next full conv (the projection) and its BN, so that the inverted-residual blocks
+    without a skip connection become blocks too."""
+    result, pending = [], None
+    for segment in segments:
+        if pending is not None:
+            pending = pending + segment
+            if _has_conv(graph, segment):
+                result.append(pending)
+                pending = None
+            continue
+        if not _is_depthwise_only(graph, segment):
+            result.append(segment)
+            continue
+        pending = segment
+        while result and all(isinstance(graph.layers[n], keras.layers.ZeroPadding2D)
+                             for n in result[-1]):
+            pending = result.pop() + pending
+        if result and _is_expansion(graph, result[-1]):
+            pending = result.pop() + pending
+    if pending is not None:
+        result.append(pending)
+    return result
+
+
+def _is_expansion(graph: _Graph, names) -> bool:
+    first = graph.layers[names[0]]
+    return (is_conv2d(first) and tuple(first.kernel_size) == (1, 1)
+            and _final_activation([graph.layers[n] for n in names]) != "linear")
 
 
 def _has_conv(graph: _Graph, names) -> bool:

@@ -133,6 +133,13 @@ def test_residual_architectures_get_their_residual_blocks(teachers):
     # MobileNetV2: the inverted residual blocks with a skip connection end at the Add, linear.
     mobile = [b for b in find_blocks(teachers["MobileNetV2"], "block") if b.name.endswith("_add")]
     assert len(mobile) == 10 and all(b.final_activation == "linear" for b in mobile)
+    # The other inverted-residual blocks have no skip connection, so each of their layers
+    # is a cut point; the depthwise conv binds its expansion and projection into one block.
+    chained = {b.name: b for b in select_blocks(teachers["MobileNetV2"], "block", MULTIPLIER)}
+    assert len(chained) == 17  # the stem conv and block_1 ... block_16
+    first = chained["block_1_project_BN"]
+    assert first.layers[0] == "block_1_expand" and first.strides == (2, 2)
+    assert first.final_activation == "linear" and first.input_boundary == "expanded_conv_project_BN"
 
 
 def test_stage_blocks_merge_while_spatial_size_stays(teachers):
