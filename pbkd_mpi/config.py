@@ -58,6 +58,12 @@ class DataConfig:
         "keeps values as stored.",
         choices=("unit", "symmetric", "none"),
     )
+    bad_images: str = _opt(
+        "refuse",
+        "Image folders only: what to do with a file that is not a readable image: `refuse` "
+        "stops with its name, `skip` leaves it out and counts it in the report.",
+        choices=("refuse", "skip"),
+    )
     val_fraction: float = _opt(
         0.1,
         "Share of the training data held out for validation (fixed seed) when the data "

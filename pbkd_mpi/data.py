@@ -29,6 +29,7 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     source: str
+    skipped_images: tuple[str, ...] = ()  # unreadable image files left out (data.bad_images)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -51,6 +52,7 @@ class Dataset:
             "train": len(self.y_train),
             "val": len(self.y_val),
             "test": len(self.y_test),
+            "skipped_images": len(self.skipped_images),
         }
 
 
@@ -65,7 +67,7 @@ def load_dataset(config: DataConfig, seed: int) -> Dataset:
                 f"of images in class subfolders, an .npz file or an HDF5 file."
             )
         if path.is_dir():
-            raw = _load_image_folder(path, config.image_size)
+            raw = _load_image_folder(path, config.image_size, config.bad_images == "skip")
         elif path.suffix == ".npz":
             raw = _load_npz(path)
         elif path.suffix in (".h5", ".hdf5"):
@@ -130,7 +132,7 @@ def _named_arrays(arrays: dict, source: str) -> dict:
     return raw
 
 
-def _load_image_folder(path: Path, image_size) -> dict:
+def _load_image_folder(path: Path, image_size, skip_bad: bool) -> dict:
     """Class subfolders of images, like keras.utils.image_dataset_from_directory.
 
     A `train` and a `test` subfolder (and optionally `val`) each with class subfolders are
@@ -138,18 +140,21 @@ def _load_image_folder(path: Path, image_size) -> dict:
     split is carved off with the validation split.
     """
     splits = {name: path / name for name in ("train", "val", "test") if (path / name).is_dir()}
+    skipped: list[str] = []
     if "train" in splits and "test" in splits:
         class_names = _class_names(splits["train"])
         raw = {}
         for split, folder in splits.items():
-            raw[f"x_{split}"], raw[f"y_{split}"] = _read_images(folder, class_names, image_size)
+            raw[f"x_{split}"], raw[f"y_{split}"] = _read_images(folder, class_names, image_size,
+                                                                skip_bad, skipped)
     else:
         class_names = _class_names(path)
-        x, y = _read_images(path, class_names, image_size)
+        x, y = _read_images(path, class_names, image_size, skip_bad, skipped)
         raw = {"x_train": x, "y_train": y}
     raw["num_classes"] = len(class_names)
     raw["source"] = str(path)
     raw["class_names"] = class_names
+    raw["skipped_images"] = skipped
     return raw
 
 
@@ -163,7 +168,7 @@ def _class_names(folder: Path) -> list[str]:
     return names
 
 
-def _read_images(folder: Path, class_names, image_size):
+def _read_images(folder: Path, class_names, image_size, skip_bad: bool, skipped: list):
     from PIL import Image, UnidentifiedImageError
 
     images, labels = [], []
@@ -180,7 +185,13 @@ def _read_images(folder: Path, class_names, image_size):
                     image = image.convert("RGB").resize((width, height), Image.BILINEAR)
                     images.append(np.asarray(image, dtype=np.uint8))
             except (OSError, UnidentifiedImageError) as exc:
-                raise UserError(f"Cannot read the image {str(file)!r}: {exc}.") from None
+                if skip_bad:
+                    skipped.append(str(file))
+                    continue
+                raise UserError(
+                    f"Cannot read the image {str(file)!r}: {exc}. Set data.bad_images = "
+                    f"\"skip\" to leave unreadable images out (they are counted in the report)."
+                ) from None
             labels.append(label)
     if not images:
         raise UserError(
@@ -219,7 +230,8 @@ def _finish(raw: dict, config: DataConfig, seed: int) -> Dataset:
     x_test, y_test = arrays["test"]
     scale = _SCALES[config.scale]
     return Dataset(
-        scale(x_train), y_train, scale(x_val), y_val, scale(x_test), y_test, num_classes, source
+        scale(x_train), y_train, scale(x_val), y_val, scale(x_test), y_test, num_classes, source,
+        tuple(raw.get("skipped_images", ())),
     )
 
 

@@ -120,3 +120,19 @@ def test_empty_image_folder_is_refused(tmp_path):
     (tmp_path / "b").mkdir()
     with pytest.raises(UserError, match="holds no images"):
         load_dataset(DataConfig(source=str(tmp_path), image_size=(10, 10)), seed=0)
+
+
+def test_unreadable_images_are_refused_or_skipped_and_counted(tmp_path):
+    x, y = _arrays(size=(12, 12), n=12, classes=2)
+    for i, (image, label) in enumerate(zip(x, y)):
+        folder = tmp_path / f"c{label}"
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i}.png")
+    (tmp_path / "c0" / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(UserError, match=r"Cannot read the image .*broken.png.*bad_images"):
+        load_dataset(DataConfig(source=str(tmp_path), image_size=(12, 12), val_fraction=0.2),
+                     seed=0)
+    data = load_dataset(DataConfig(source=str(tmp_path), image_size=(12, 12), val_fraction=0.2,
+                                   bad_images="skip"), seed=0)
+    assert data.summary()["skipped_images"] == 1
+    assert len(data.y_train) + len(data.y_val) + len(data.y_test) == 12
