@@ -87,6 +87,22 @@ class StudentConfig:
         "depthwise-separable conv; 2 doubles the depthwise part and the pointwise inputs.",
         min=1,
     )
+    family: str = _opt(
+        "separable",
+        "Student family: `separable` (depthwise + pointwise 1x1 + BN for a conv group, which "
+        "starts from the teacher's factorised kernel; two separable units for a multi-layer "
+        "block) or `inverted_residual` (MobileNetV2-style 1x1 expansion, depthwise, linear "
+        "1x1 projection, starting fresh). Both keep a skip connection where the block's input "
+        "and output shapes match, except a single separable conv.",
+        choices=("separable", "inverted_residual"),
+    )
+    width_multiplier: float = _opt(
+        1.0,
+        "Channels inside a student, relative to the teacher block's narrowest conv (for a "
+        "single conv: the smaller of its input and output channels). Applies to multi-layer "
+        "separable students and to `inverted_residual` students.",
+        min=0.0,
+    )
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,11 @@ class Block:
     # "conv": one conv group (the student starts from its factorised kernel); "segment":
     # several layers, possibly with skip connections (the student is a separable stack).
     kind: str = "conv"
-    width: int = 0  # segment students: channels inside the stack (the teacher's narrowest conv)
+    # Channels inside the student: the teacher block's narrowest conv (a conv group: the
+    # smaller of its input and output channels), times the job's width multiplier.
+    width: int = 0
     convs: int = 1  # full Conv2D layers in the teacher block
+    family: str = "separable"  # the student family: "separable" or "inverted_residual"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -432,7 +435,8 @@ def _make_block(graph: _Graph, names, source: str) -> Block | None:
         conv = convs[0]
         return Block(name=conv.name, kernel_size=tuple(conv.kernel_size),
                      strides=tuple(conv.strides), padding=conv.padding,
-                     dilation_rate=tuple(conv.dilation_rate), **common)
+                     dilation_rate=tuple(conv.dilation_rate),
+                     width=min(input_shape[-1], output_shape[-1]), **common)
     strides = _overall_strides(input_shape, output_shape)
     if strides is None:
         return None  # the student's same-padded stack cannot reproduce this shape

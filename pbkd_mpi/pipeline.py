@@ -103,7 +103,8 @@ def coordinate(job: Job, coordinator, log) -> dict:
         # boundary is a layer of the teacher whose output the cache can read.
         teacher = flatten_model(teacher)
         multiplier = job.student.depth_multiplier
-        blocks = select_blocks(teacher, granularity_of(job.blocks), multiplier)
+        blocks = select_blocks(teacher, granularity_of(job.blocks), multiplier,
+                               job.student.family, job.student.width_multiplier)
         student_flops = {block.name: student_cost(block, multiplier)[1] for block in blocks}
     log(f"blocks: {len(blocks)} ({', '.join(b.name for b in blocks)})")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from .config import load_job
 from .errors import UserError
 from .graph import find_blocks
-from .students import student_cost, worthwhile
+from .students import student_cost, with_family, worthwhile
 
 
 def granularity_of(blocks_config):
@@ -26,10 +26,14 @@ def granularity_of(blocks_config):
     return pairs
 
 
-def select_blocks(teacher, granularity="layer", depth_multiplier: int = 1) -> list:
-    """The blocks that become tasks: those found at `granularity` whose student is smaller
-    than the teacher block (the others stay the teacher's)."""
-    blocks = worthwhile(find_blocks(teacher, granularity), depth_multiplier)
+def select_blocks(teacher, granularity="layer", depth_multiplier: int = 1,
+                  family: str = "separable", width_multiplier: float = 1.0) -> list:
+    """The blocks that become tasks: those found at `granularity` whose student (of the
+    given family and width) is smaller than the teacher block (the others stay the
+    teacher's)."""
+    found = [with_family(block, family, width_multiplier)
+             for block in find_blocks(teacher, granularity)]
+    blocks = worthwhile(found, depth_multiplier)
     if not blocks:
         raise UserError(
             f"No block of the teacher {teacher.name!r} at granularity {granularity!r} has a "
@@ -39,9 +43,11 @@ def select_blocks(teacher, granularity="layer", depth_multiplier: int = 1) -> li
     return blocks
 
 
-def block_table(teacher, depth_multiplier: int = 1, granularity="layer") -> dict:
+def block_table(teacher, depth_multiplier: int = 1, granularity="layer",
+                family: str = "separable", width_multiplier: float = 1.0) -> dict:
     rows = []
-    for block in select_blocks(teacher, granularity, depth_multiplier):
+    for block in select_blocks(teacher, granularity, depth_multiplier, family,
+                               width_multiplier):
         student_params, student_flops = student_cost(block, depth_multiplier)
         rows.append({
             "name": block.name,
@@ -79,7 +85,8 @@ def plan_command(args) -> int:
     job = load_job(args.job, args.set)
     # --granularity (when the command line offers it) wins over the job's [blocks].
     granularity = getattr(args, "granularity", None) or granularity_of(job.blocks)
-    table = block_table(_load_plan_teacher(args, job), job.student.depth_multiplier, granularity)
+    table = block_table(_load_plan_teacher(args, job), job.student.depth_multiplier, granularity,
+                        job.student.family, job.student.width_multiplier)
     if args.json:
         print(json.dumps(table, indent=2))
         return 0

@@ -17,6 +17,7 @@ layers in the assembled student by name.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import keras
 import numpy as np
@@ -97,11 +98,52 @@ def apply_segment_student(block: Block, tensor):
     return out
 
 
+def apply_inverted_residual_student(block: Block, tensor):
+    """MobileNetV2-style: 1x1 to `block.width` channels -> BN -> ReLU -> depthwise with
+    the block's stride -> BN -> ReLU -> linear 1x1 projection to the output channels -> BN,
+    added to the input when the shapes match, then the block's final activation."""
+    prefix = f"{block.name}_student"
+    if block.kind == "conv":
+        dw_args = dict(kernel_size=block.kernel_size, strides=block.strides,
+                       padding=block.padding, dilation_rate=block.dilation_rate)
+    else:
+        dw_args = dict(kernel_size=3, strides=block.strides, padding="same")
+    x = keras.layers.Conv2D(block.width, 1, use_bias=False, name=f"{prefix}_expand")(tensor)
+    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_expand_bn")(x)
+    x = keras.layers.ReLU(name=f"{prefix}_expand_act")(x)
+    x = keras.layers.DepthwiseConv2D(use_bias=False, name=f"{prefix}_dw", **dw_args)(x)
+    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_dw_bn")(x)
+    x = keras.layers.ReLU(name=f"{prefix}_dw_act")(x)
+    x = keras.layers.Conv2D(block.output_shape[-1], 1, use_bias=False,
+                            name=f"{prefix}_project")(x)
+    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn")(x)
+    if tuple(block.input_shape) == tuple(block.output_shape):
+        x = keras.layers.Add(name=f"{prefix}_add")([tensor, x])
+    if block.final_activation != "linear":
+        x = make_activation(block.final_activation, f"{prefix}_act")(x)
+    return x
+
+
+FAMILIES = ("separable", "inverted_residual")
+
+
 def apply_student(block: Block, tensor, depth_multiplier: int = 1):
     """The block's student, fresh layers, applied to `tensor`."""
+    if block.family == "inverted_residual":
+        return apply_inverted_residual_student(block, tensor)
+    if block.family != "separable":
+        raise ValueError(f"Expected a student family among {FAMILIES}, received "
+                         f"{block.family!r} for block {block.name!r}.")
     if block.kind == "segment":
         return apply_segment_student(block, tensor)
     return apply_layers(student_layers(block, depth_multiplier), tensor)
+
+
+def with_family(block: Block, family: str = "separable", width_multiplier: float = 1.0) -> Block:
+    """The block with the job's student family and internal width."""
+    if family not in FAMILIES:
+        raise ValueError(f"Expected a student family among {FAMILIES}, received {family!r}.")
+    return replace(block, family=family, width=max(1, round(block.width * width_multiplier)))
 
 
 def build_student_model(block: Block, depth_multiplier: int = 1) -> keras.Model:
@@ -125,8 +167,8 @@ def initial_weights(block: Block, teacher, depth_multiplier: int = 1) -> dict[st
     student's BN takes the teacher block's BN (or the conv bias) so that the student starts
     close to the teacher's output instead of spending its first epochs getting there.
     """
-    if block.kind != "conv":
-        return {}  # a segment's student has no kernel to factorise: it starts fresh
+    if block.kind != "conv" or block.family != "separable":
+        return {}  # only the single separable conv has a factorised kernel to start from
     conv = teacher.get_layer(block.layers[0])
     kernel = conv.kernel.numpy()  # (kh, kw, c_in, c_out)
     kh, kw, c_in, c_out = kernel.shape

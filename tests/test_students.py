@@ -67,3 +67,41 @@ def test_initialisation_is_the_best_separable_approximation(multiplier):
     start = student.predict(x, verbose=0)
     relative = np.mean((start - target) ** 2) / np.var(target)
     assert relative < error ** 2 * 1.5 + 1e-3
+
+
+def _residual_model():
+    inputs = keras.Input((8, 8, 16))
+    y = layers.Conv2D(16, 3, padding="same", activation="relu", name="c1")(inputs)
+    y = layers.Conv2D(16, 3, padding="same", name="c2")(y)
+    out = layers.ReLU(name="out")(layers.Add(name="add")([inputs, y]))
+    return keras.Model(inputs, layers.GlobalAveragePooling2D(name="gap")(out))
+
+
+def test_segment_student_keeps_the_skip_connection_and_the_ending():
+    (block,) = find_blocks(_residual_model(), "block")
+    assert block.kind == "segment" and block.width == 16
+    student = build_student_model(block)
+    names = [layer.name for layer in student.layers]
+    assert "out_student_add" in names and names[-1] == "out_student_act"
+    assert student.count_params() < block.teacher_params
+    # The Add takes the block input itself: the student starts near the identity map.
+    add = student.get_layer("out_student_add")
+    assert student.inputs[0] in add._inbound_nodes[0].input_tensors
+
+
+@pytest.mark.parametrize("granularity", ["layer", "block"])
+def test_inverted_residual_family_and_width_multiplier(granularity):
+    from pbkd_mpi.students import with_family
+
+    for block in find_blocks(_residual_model(), granularity):
+        narrow = with_family(block, "inverted_residual", 0.5)
+        assert narrow.width == block.width // 2 and narrow.family == "inverted_residual"
+        student = build_student_model(narrow)
+        kinds = [type(layer).__name__ for layer in student.layers[1:4]]
+        assert kinds == ["Conv2D", "BatchNormalization", "ReLU"]  # the 1x1 expansion first
+        assert student.get_layer(f"{block.name}_student_expand").filters == 8
+        assert tuple(student.output.shape[1:]) == block.output_shape
+        assert student.count_params() < block.teacher_params
+        assert initial_weights(narrow, _residual_model()) == {}  # starts fresh
+    with pytest.raises(ValueError, match="student family among"):
+        with_family(block, "mobilenet")
