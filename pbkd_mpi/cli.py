@@ -16,6 +16,7 @@ import traceback
 
 from . import faults, preemption
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, PbkdError, RemoteError, UserError
+from .logs import LOGGER, epoch_logger, open_rank_log
 
 LAUNCH_HINT = (
     "Launch with at least 2 MPI ranks: rank 0 coordinates and ranks 1..N-1 train blocks, "
@@ -38,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", help="run directory (overrides run.dir)")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a job-file value; repeatable")
+    loudness = run.add_mutually_exclusive_group()
+    loudness.add_argument("--quiet", action="store_true",
+                          help="print only warnings, errors and where the report is")
+    loudness.add_argument("--verbose", action="store_true",
+                          help="also print each task hand-out and epoch, and TensorFlow's "
+                               "own start-up messages")
     plan = commands.add_parser("plan", help="print the block table of a job's teacher")
     plan.add_argument("job", nargs="?", help="TOML job file (default: the built-in demo job)")
     plan.add_argument("--teacher", help="a .keras/.h5 file to inspect instead of the job's teacher")
@@ -61,6 +68,8 @@ def main(argv=None) -> int:
         return exc.exit_code
     if args.command == "plan":
         return _run_plan(args) if rank == 0 else EXIT_OK
+    if args.verbose:
+        os.environ["PBKD_TF_VERBOSE"] = "1"
     from .devices import local_layout
 
     layout = local_layout(comm)
@@ -69,11 +78,30 @@ def main(argv=None) -> int:
     return _run_worker(comm, layout)
 
 
-def _say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+class Console:
+    """Rank 0's voice: the terminal (by verbosity) and rank 0's log file (everything).
+    Plain timestamped lines, no control characters: they read the same in a Slurm file."""
+
+    def __init__(self, verbosity: int = 1):
+        self.verbosity = verbosity  # 0 quiet, 1 normal, 2 verbose
+
+    def _emit(self, message: str, level: int) -> None:
+        LOGGER.info(message)
+        if self.verbosity >= level:
+            print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    def __call__(self, message: str) -> None:
+        self._emit(message, 1)
+
+    def detail(self, message: str) -> None:
+        self._emit(message, 2)
+
+    def result(self, message: str) -> None:
+        self._emit(message, 0)  # where the report is: printed even with --quiet
 
 
 def _fail(exc: BaseException) -> int:
+    LOGGER.error("%s", "".join(traceback.format_exception(exc)).rstrip())
     if isinstance(exc, preemption.Preempted):
         print(f"stopped: {exc}. Every finished block is kept in the run directory; run the "
               f"same command again to resume (exit code {exc.exit_code}).", file=sys.stderr,
@@ -105,8 +133,9 @@ def _run_coordinator(comm, args, layout) -> int:
         configure_tensorflow(node_cores(), local_rank)
         from .pipeline import coordinate
 
-        _say(f"pbkd_mpi: {comm.Get_size() - 1} worker rank(s), run directory {job.run.dir}")
-        report = coordinate(job, coordinator, _say)
+        say = Console(0 if args.quiet else 2 if args.verbose else 1)
+        say(f"pbkd_mpi: {comm.Get_size() - 1} worker rank(s), run directory {job.run.dir}")
+        report = coordinate(job, coordinator, say)
     except BaseException as exc:  # noqa: BLE001 - every failure must end every rank
         code = _fail(exc)
         if comm.Get_size() > 1 and not coordinator.abort(code):
@@ -116,15 +145,15 @@ def _run_coordinator(comm, args, layout) -> int:
         return code
     coordinator.finish()
     teacher, student = report["teacher"], report["student"]
-    _say(
+    say(
         f"done in {report['wall_s']:.1f} s: teacher {teacher['params']} params, test accuracy "
         f"{teacher['accuracy']:.3f}; student {student['params']} params, test accuracy "
         f"{student['accuracy_finetuned']:.3f} (merged {student['accuracy_merged']:.3f})"
     )
-    _say(f"report: {os.path.join(report['run_dir'], 'report.md')} (and report.json), "
-         f"student: {student['path']}")
+    say.result(f"report: {os.path.join(report['run_dir'], 'report.md')} (and report.json), "
+               f"student: {student['path']}")
     for failure in report["failed_blocks"]:
-        _say(f"warning: block {failure['name']} stays the teacher's after {failure['attempts']} "
+        say.result(f"warning: block {failure['name']} stays the teacher's after {failure['attempts']} "
              f"failed attempt(s): {failure['errors'][-1]['error']}")
     return EXIT_OK
 
@@ -142,15 +171,34 @@ def _run_worker(comm, layout) -> int:
             return EXIT_OK
         threads = worker_threads(context.job.run.threads, node_cores(), local_size,
                                  root_on_node)
-        configure_tensorflow(threads, local_rank)
+        open_rank_log(context.run_dir, comm.Get_rank())
+        device = configure_tensorflow(threads, local_rank)
+        LOGGER.info("worker ready: %d intra-op thread(s), device %s", threads, device)
         from .results import progress_path
         from .train_block import train_block
 
         # Between batches: stop for a signal on this rank or for rank 0's word.
         callback = preemption.keras_callback("training a block", also=worker.abort_check)
-        worker.serve(lambda task: train_block(
-            task, callbacks=[callback], checkpoint_path=progress_path(context.run_dir, task)))
+
+        def run_task(task):
+            name = task.block.name
+            LOGGER.info("task %s: started", name)
+            try:
+                result = train_block(task, callbacks=[callback, epoch_logger(f"task {name}")],
+                                     checkpoint_path=progress_path(context.run_dir, task))
+            except (AbortRequested, preemption.Preempted) as stop:
+                LOGGER.warning("task %s: stopped (%s); its last epoch is checkpointed", name, stop)
+                raise
+            except Exception:
+                LOGGER.exception("task %s: failed", name)
+                raise
+            LOGGER.info("task %s: done in %.1f s, %d epoch(s), val MSE %.4g", name,
+                        result["train_seconds"], result["epochs"], result["val_mse"])
+            return result
+
+        worker.serve(run_task)
         worker.wait_for_end()
+        LOGGER.info("worker finished")
     except AbortRequested as request:
         worker.acknowledge_abort()
         return request.exit_code

@@ -18,6 +18,7 @@ import psutil
 
 from . import preemption
 from .config import Job
+from .logs import epoch_logger, open_rank_log
 from .errors import UserError
 
 
@@ -69,7 +70,8 @@ def write_job_toml(job: Job, path: Path) -> None:
 
 
 def coordinate(job: Job, coordinator, log) -> dict:
-    """Rank 0: every stage of the run. Returns the report written to the run directory."""
+    """Rank 0: every stage of the run. Returns the report written to the run directory.
+    `log(message)` reports progress; `log.detail(message)` finer events (cli.Console)."""
     from . import cache as cache_mod
     from .assemble import assemble_student
     from .cost import model_flops
@@ -87,6 +89,7 @@ def coordinate(job: Job, coordinator, log) -> dict:
     started = time.perf_counter()
     timer = PhaseTimer()
     run_dir = prepare_run_dir(job.run.dir)
+    open_rank_log(run_dir, 0)
     write_job_toml(job, run_dir / "job.toml")
 
     with timer("load"):
@@ -95,7 +98,8 @@ def coordinate(job: Job, coordinator, log) -> dict:
     with timer("teacher"):
         teacher, teacher_info = load_teacher(
             job.teacher, dataset, run_dir, job.run.seed,
-            callbacks=[preemption.keras_callback("training the teacher")])
+            callbacks=[preemption.keras_callback("training the teacher"),
+                       epoch_logger("teacher", log.detail)])
     log(f"teacher: {teacher_info}")
 
     with timer("blocks"):
@@ -153,6 +157,7 @@ def coordinate(job: Job, coordinator, log) -> dict:
         outcome = coordinator.run_tasks(
             pending, {name: task.estimated_cost for name, task in pending.items()},
             on_result=keep, on_failure=give_up, max_attempts=job.tasks.max_attempts,
+            on_dispatch=lambda name, rank: log.detail(f"block {name} -> rank {rank}"),
         )
         cpu_after, wall_after = process.cpu_times(), time.perf_counter()
     coordinator_cpu = ((cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
@@ -167,7 +172,8 @@ def coordinate(job: Job, coordinator, log) -> dict:
     probabilities = outputs_probabilities(teacher)
     with timer("finetune"):
         tuned = finetune(student, dataset, job.finetune, probabilities, job.run.seed,
-                         callbacks=[preemption.keras_callback("fine-tuning the student")])
+                         callbacks=[preemption.keras_callback("fine-tuning the student"),
+                                    epoch_logger("fine-tuning", log.detail)])
     log(f"fine-tuning: {tuned['epochs']} epochs, val accuracy {tuned['val_accuracy_before']:.3f} "
         f"-> {tuned['val_accuracy']:.3f}")
 

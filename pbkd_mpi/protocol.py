@@ -151,7 +151,7 @@ class Coordinator:
             wait_request(request)
 
     def run_tasks(self, tasks: dict, cost: dict, on_result=None, on_failure=None,
-                  max_attempts: int = 1) -> "TaskOutcome":
+                  max_attempts: int = 1, on_dispatch=None) -> "TaskOutcome":
         """Run every task on the workers, longest estimated cost first, each worker pulling
         the next task when it is free. A task that raises on a worker is tried again on
         another worker, up to `max_attempts` tries in all; one that still fails is given up
@@ -191,10 +191,10 @@ class Coordinator:
             elif tag is not Tag.READY:
                 raise RuntimeError(f"unexpected message {tag.name} from rank {rank}")
             idle.add(rank)
-            self._dispatch(queue, idle, running, stopped, tasks)
+            self._dispatch(queue, idle, running, stopped, tasks, on_dispatch)
         return outcome
 
-    def _dispatch(self, queue, idle, running, stopped, tasks) -> None:
+    def _dispatch(self, queue, idle, running, stopped, tasks, on_dispatch) -> None:
         for rank in sorted(idle):
             available = [r for r in self.workers if r not in stopped]
             task_id = queue.next_for(rank, available)
@@ -202,6 +202,8 @@ class Coordinator:
                 idle.discard(rank)
                 running[rank] = TaskRecord(task_id, rank, self.now())
                 send(self.comm, (task_id, tasks[task_id]), rank, Tag.TASK)
+                if on_dispatch is not None:
+                    on_dispatch(task_id, rank)
             elif queue.empty() and not running:
                 idle.discard(rank)
                 stopped.add(rank)

@@ -56,6 +56,19 @@ def _check_report(run_dir, ranks, all_workers_busy=True):
     return report
 
 
+def _check_logs(run_dir, report):
+    """Every rank wrote its own log: workers their tasks with per-epoch losses."""
+    ranks = report["workers"] + 1
+    assert sorted(p.name for p in (run_dir / "logs").glob("*.log")) == [
+        f"rank-{r}.log" for r in range(ranks)]
+    assert "teacher: epoch 1:" in (run_dir / "logs" / "rank-0.log").read_text()
+    for block in report["blocks"]:
+        text = (run_dir / "logs" / f"rank-{block['rank']}.log").read_text()
+        assert f"task {block['name']}: started" in text
+        assert f"task {block['name']}: epoch 1: loss" in text
+        assert f"task {block['name']}: done in" in text
+
+
 def _check_keys_documented(report):
     documented = (REPO / "docs" / "report.md").read_text()
     keys = set(report) | {f"teacher.{k}" for k in report["teacher"]} | {
@@ -74,7 +87,11 @@ def test_tiny_job_end_to_end(tmp_path, ranks):
     assert time.monotonic() - started < 120
     assert "report:" in result.stdout and str(run_dir) in result.stdout
     assert "Traceback" not in result.stderr
+    # Plain lines for files: no terminal control characters, no TensorFlow start-up noise.
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", result.stdout + result.stderr)
+    assert "cuda" not in (result.stdout + result.stderr).lower()
     first = _check_report(run_dir, ranks)
+    _check_logs(run_dir, first)
     assert first["teacher"]["trained_here"] is True
     if ranks == 3:
         # A second run in the same directory reuses the teacher, the cache and the blocks.
@@ -220,8 +237,9 @@ def test_block_weights_do_not_depend_on_the_number_of_workers(tmp_path):
     weights = {}
     for ranks in (3, 2):
         result = run_mpi(ranks, ["run", TINY_JOB, "--run-dir", run_dir, "--set", "run.threads=1",
-                                 "--set", "finetune.epochs=0"], timeout=180)
+                                 "--set", "finetune.epochs=0", "--quiet"], timeout=180)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert len(result.stdout.splitlines()) == 1 and "report:" in result.stdout  # --quiet
         blocks = run_dir / "blocks"
         weights[ranks] = {path.name: load_result(path)[0]["weights"]
                           for path in blocks.glob("*.npz")}

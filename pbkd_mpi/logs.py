@@ -1,0 +1,43 @@
+"""Per-rank log files: RUN/logs/rank-N.log, one timestamped line per event.
+
+Only rank 0 writes to the terminal (see cli.py); every rank, rank 0 included, writes its own
+file, so what a worker did (tasks, losses per epoch, warnings, errors) can be read without
+untangling N interleaved streams.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+LOGGER = logging.getLogger("pbkd_mpi")
+
+
+def open_rank_log(run_dir, rank: int) -> Path:
+    """Send this rank's events to RUN/logs/rank-N.log (appending: a resumed run continues
+    the same file)."""
+    path = Path(run_dir) / "logs" / f"rank-{rank}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for handler in list(LOGGER.handlers):
+        LOGGER.removeHandler(handler)
+        handler.close()
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s rank {rank} %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.INFO)
+    LOGGER.propagate = False
+    return path
+
+
+def epoch_logger(what: str, emit=LOGGER.info):
+    """A Keras callback emitting one line per epoch with its losses (to this rank's log
+    file, or through `emit`, e.g. rank 0's console, which also writes the file)."""
+    import keras
+
+    class EpochLog(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            values = ", ".join(f"{k} {float(v):.5g}" for k, v in (logs or {}).items())
+            emit(f"{what}: epoch {epoch + 1}: {values}")
+
+    return EpochLog()
