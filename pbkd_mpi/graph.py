@@ -137,7 +137,8 @@ def replay(model, inputs, call):
 
 
 def copy_layer(layer):
-    """A new layer with the same configuration and weights, built on its first call."""
+    """A new layer with the same configuration, unbuilt: the caller sets the weights once
+    the layer is called (built)."""
     return layer.__class__.from_config(layer.get_config())
 
 
@@ -316,7 +317,8 @@ def _segments(graph: _Graph) -> list[list[str]]:
     """The layers between consecutive cut points, each with the element-wise layers
     after it (a conv's BN and ReLU, the ReLU after a residual Add)."""
     cuts = cut_points(graph)
-    useful = [n for n in graph.order if n in _ancestors(graph, graph.output)]
+    needed = _ancestors(graph, graph.output)
+    useful = [n for n in graph.order if n in needed]
     segments, current = [], []
     for name in useful:
         current.append(name)
