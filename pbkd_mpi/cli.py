@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--teacher", help="a .keras/.h5 file to inspect instead of the job's teacher")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plan.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    report = commands.add_parser(
+        "report", help="redraw a run's report.md and pictures, or compare two runs")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="one run directory to redraw, or two (A B) to compare")
+    report.add_argument("--json", action="store_true", help="comparison as JSON")
     return parser
 
 
@@ -68,6 +73,8 @@ def main(argv=None) -> int:
         return exc.exit_code
     if args.command == "plan":
         return _run_plan(args) if rank == 0 else EXIT_OK
+    if args.command == "report":
+        return _run_report(args) if rank == 0 else EXIT_OK
     if args.verbose:
         os.environ["PBKD_TF_VERBOSE"] = "1"
     from .devices import local_layout
@@ -210,6 +217,27 @@ def _run_worker(comm, layout) -> int:
             worker.acknowledge_abort()
             return request.exit_code
         return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _run_report(args) -> int:
+    import json
+
+    from .report import compare, load_report, render_comparison, render_report
+
+    try:
+        if len(args.runs) == 1:
+            path = render_report(args.runs[0], load_report(args.runs[0]))
+            print(f"report: {path}")
+        elif len(args.runs) == 2:
+            comparison = compare(load_report(args.runs[0]), load_report(args.runs[1]))
+            print(json.dumps(comparison, indent=2) if args.json
+                  else render_comparison(comparison))
+        else:
+            raise UserError(f"report takes one run directory (redraw) or two (compare), "
+                            f"received {len(args.runs)}.")
+    except BaseException as exc:  # noqa: BLE001
+        return _fail(exc)
     return EXIT_OK
 
 

@@ -11,6 +11,10 @@ import logging
 from pathlib import Path
 
 LOGGER = logging.getLogger("pbkd_mpi")
+# Until a rank opens its log file, events go nowhere: never to the terminal through
+# Python's last-resort handler, which would print every rank's copy.
+LOGGER.addHandler(logging.NullHandler())
+LOGGER.propagate = False
 
 
 def open_rank_log(run_dir, rank: int) -> Path:

@@ -157,6 +157,7 @@ class Coordinator:
         another worker, up to `max_attempts` tries in all; one that still fails is given up
         (`on_failure(task_id, errors)`) and the others go on. A signal (see preemption)
         stops the hand-out and raises Preempted once the workers are told."""
+        self.epoch = time.monotonic()  # task start and end times count from here
         queue = _TaskQueue(tasks, cost, max_attempts)
         idle: set[int] = set()
         running: dict[int, TaskRecord] = {}

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from .errors import UserError
+
 
 def write_atomically(path: Path, text: str) -> None:
     path = Path(path)
@@ -15,10 +17,77 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
-    json_path, md_path = Path(run_dir) / "report.json", Path(run_dir) / "report.md"
+    json_path = Path(run_dir) / "report.json"
     write_atomically(json_path, json.dumps(report, indent=2) + "\n")
-    write_atomically(md_path, render_markdown(report))
-    return json_path, md_path
+    return json_path, render_report(run_dir, report)
+
+
+def render_report(run_dir: Path, report: dict) -> Path:
+    """report.md and its pictures, from the report dict alone (`report RUN_DIR` redraws)."""
+    from .figures import draw_all
+
+    md_path = Path(run_dir) / "report.md"
+    write_atomically(md_path, render_markdown(report, draw_all(report, run_dir)))
+    return md_path
+
+
+def load_report(run_dir) -> dict:
+    path = Path(run_dir) / "report.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{str(run_dir)!r} has no report.json: is it a finished run "
+                        f"directory?") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{str(path)!r} is not valid JSON: {exc}.") from None
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Figures of run B relative to run A (e.g. A with 1 worker, B with 4)."""
+    def ratio(x, y):
+        return x / y if x is not None and y else None
+
+    energy_a, energy_b = a.get("energy", {}), b.get("energy", {})
+    joules_a = _total_joules(energy_a)
+    joules_b = _total_joules(energy_b)
+    return {
+        "runs": [a["run_dir"], b["run_dir"]],
+        "workers": [a["workers"], b["workers"]],
+        "distill_speedup": ratio(a["distill"]["makespan_s"], b["distill"]["makespan_s"]),
+        "wall_speedup": ratio(a["wall_s"], b["wall_s"]),
+        "energy_ratio": ratio(joules_b, joules_a),
+        "accuracy_difference": b["student"]["accuracy_finetuned"]
+        - a["student"]["accuracy_finetuned"],
+        "teacher_accuracy_difference": b["teacher"]["accuracy"] - a["teacher"]["accuracy"],
+        "student_params_ratio": ratio(b["student"]["params"], a["student"]["params"]),
+        "phases": {name: [a["phases"].get(name), b["phases"].get(name)]
+                   for name in dict.fromkeys([*a["phases"], *b["phases"]])},
+    }
+
+
+def _total_joules(energy: dict) -> float | None:
+    values = [energy.get(key) for key in ("gpu_j", "cpu_j")]
+    values = [v for v in values if isinstance(v, (int, float))]
+    return sum(values) if values else None
+
+
+def render_comparison(c: dict) -> str:
+    def fmt(value, spec=".2f", suffix=""):
+        return "not measured" if value is None else f"{value:{spec}}{suffix}"
+
+    lines = [
+        f"A: {c['runs'][0]} ({c['workers'][0]} worker(s))",
+        f"B: {c['runs'][1]} ({c['workers'][1]} worker(s))",
+        f"distillation speedup B vs A: {fmt(c['distill_speedup'], '.2f', 'x')}",
+        f"whole-run speedup B vs A:    {fmt(c['wall_speedup'], '.2f', 'x')}",
+        f"energy B / A:                {fmt(c['energy_ratio'])}",
+        f"student accuracy B - A:      {100 * c['accuracy_difference']:+.2f} points",
+        f"student params B / A:        {fmt(c['student_params_ratio'])}",
+        "phase seconds (A, B):",
+    ]
+    lines += [f"  {name:<10} {fmt(x, '.1f'):>10} {fmt(y, '.1f'):>10}"
+              for name, (x, y) in c["phases"].items()]
+    return "\n".join(lines)
 
 
 def block_rows(blocks, results: dict, records, reused: dict) -> list[dict]:
@@ -81,7 +150,7 @@ def _count(value) -> str:
     return str(value)
 
 
-def render_markdown(report: dict) -> str:
+def render_markdown(report: dict, figures: dict | None = None) -> str:
     teacher, student, replaced = report["teacher"], report["student"], report["replaced"]
     lines = [
         f"# Distillation report: {teacher['source']}",
@@ -149,6 +218,9 @@ def render_markdown(report: dict) -> str:
                   "| block | attempts | last error (rank) |", "|---|---|---|"]
         lines += [f"| {f['name']} | {f['attempts']} | {f['errors'][-1]['error']} "
                   f"({f['errors'][-1]['rank']}) |" for f in report["failed_blocks"]]
+    if figures:
+        lines += ["", "## Pictures", ""]
+        lines += [f"![{caption}]({name})\n\n*{caption}*\n" for name, caption in figures.items()]
     finetune = report["finetune"]
     lines += [
         "",

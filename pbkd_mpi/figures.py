@@ -1,0 +1,128 @@
+"""The report's pictures (PNG, matplotlib), drawn from report.json alone.
+
+Each function takes the report dict and a path and returns the path it wrote, or None when
+the report has nothing to draw (e.g. every block reused, so there is no timeline).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def timeline(report: dict, path: Path) -> Path | None:
+    """One row per worker rank, a bar per block task (start to end of the distill phase)."""
+    rows = [b for b in report["blocks"] if not b["reused"] and b["start_s"] is not None]
+    if not rows:
+        return None
+    plt = _pyplot()
+    ranks = sorted({b["rank"] for b in rows} | set(range(1, report["workers"] + 1)))
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(ranks) + 1.4))
+    colours = plt.get_cmap("tab20")
+    for i, block in enumerate(rows):
+        y = ranks.index(block["rank"])
+        ax.barh(y, block["end_s"] - block["start_s"], left=block["start_s"], height=0.6,
+                color=colours(i % 20), edgecolor="black", linewidth=0.5)
+        ax.text(block["start_s"] + (block["end_s"] - block["start_s"]) / 2, y, block["name"],
+                ha="center", va="center", fontsize=8)
+    ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since rank 0 began handing out tasks")
+    makespan = report["distill"]["makespan_s"]
+    ax.axvline(makespan, color="grey", linestyle="--", linewidth=1)
+    ax.set_title(f"Block tasks per worker (makespan {makespan:.1f} s, "
+                 f"sum of tasks {report['distill']['sum_task_s']:.1f} s)")
+    return _save(fig, path)
+
+
+def block_costs(report: dict, path: Path) -> Path | None:
+    """Teacher vs student parameters and FLOPs per replaced block."""
+    rows = report["blocks"]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    names = [b["name"] for b in rows]
+    x = range(len(rows))
+    for ax, key, label in ((axes[0], "params", "parameters"), (axes[1], "flops", "FLOPs")):
+        ax.bar([i - 0.2 for i in x], [b[f"teacher_{key}"] for b in rows], width=0.4,
+               label="teacher")
+        ax.bar([i + 0.2 for i in x], [b[f"student_{key}"] for b in rows], width=0.4,
+               label="student")
+        ax.set_xticks(list(x), names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{label} per block")
+        ax.legend()
+    return _save(fig, path)
+
+
+def block_losses(report: dict, path: Path) -> Path | None:
+    """Validation MSE per epoch of each block, relative to its target's variance."""
+    rows = [b for b in report["blocks"] if b["history"].get("val_loss")]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for block in rows:
+        variance = block["target_variance"] or 1.0
+        values = [v / variance for v in block["history"]["val_loss"]]
+        ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3,
+                label=block["name"])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation MSE / target variance")
+    ax.set_title("Block training")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def finetune_curves(report: dict, path: Path) -> Path | None:
+    """Training and validation accuracy per epoch of fine-tuning."""
+    history = report["finetune"].get("history") or {}
+    if not history.get("val_accuracy"):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    epochs = range(1, len(history["val_accuracy"]) + 1)
+    for key in ("accuracy", "val_accuracy"):
+        if key in history:
+            ax.plot(epochs, history[key], marker="o", markersize=3, label=key)
+    ax.axhline(report["teacher"]["accuracy"], color="grey", linestyle="--", linewidth=1,
+               label="teacher (test)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Fine-tuning the assembled student")
+    ax.legend()
+    return _save(fig, path)
+
+
+FIGURES = {
+    "timeline.png": timeline,
+    "block_costs.png": block_costs,
+    "block_losses.png": block_losses,
+    "finetune.png": finetune_curves,
+}
+
+
+def draw_all(report: dict, run_dir: Path) -> dict[str, str]:
+    """Draw every figure the report has data for; returns {file name: caption key}."""
+    drawn = {}
+    for name, draw in FIGURES.items():
+        if draw(report, Path(run_dir) / name) is not None:
+            drawn[name] = draw.__doc__.strip().splitlines()[0]
+    return drawn
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
