@@ -61,6 +61,7 @@ class Block:
     # smaller of its input and output channels), times the job's width multiplier.
     width: int = 0
     convs: int = 1  # full Conv2D layers in the teacher block
+    repeats: int = 1  # a stage: how many conv segments it merges (the student repeats as many)
     family: str = "separable"  # the student family: "separable" or "inverted_residual"
 
     def to_dict(self) -> dict:
@@ -384,25 +385,26 @@ def _spatial(graph: _Graph, name: str) -> tuple:
     return tuple(tensor.shape[1:-1])
 
 
-def _stages(graph: _Graph, segments) -> list[list[str]]:
+def _stages(graph: _Graph, segments) -> list[tuple[list[str], int]]:
     """Consecutive conv segments merged while the spatial size stays the same; a segment
     that changes it (a strided first block) starts a new stage, and a segment without a
-    conv (padding, pooling) stays outside any stage."""
-    stages, current = [], []
+    conv (padding, pooling) stays outside any stage. Each stage comes with the number of
+    segments it merges."""
+    stages, current, count = [], [], 0
     for segment in segments:
         if not _has_conv(graph, segment):
             if current:
-                stages.append(current)
-            stages.append(segment)
-            current = []
+                stages.append((current, count))
+            stages.append((segment, 1))
+            current, count = [], 0
             continue
         source = graph.parents[segment[0]][0]
         if current and _spatial(graph, source) != _spatial(graph, segment[-1]):
-            stages.append(current)
-            current = []
-        current = current + segment
+            stages.append((current, count))
+            current, count = [], 0
+        current, count = current + segment, count + 1
     if current:
-        stages.append(current)
+        stages.append((current, count))
     return stages
 
 
@@ -419,7 +421,7 @@ def _block_input(graph: _Graph, names) -> str | None:
     return sources.pop()
 
 
-def _make_block(graph: _Graph, names, source: str) -> Block | None:
+def _make_block(graph: _Graph, names, source: str, repeats: int = 1) -> Block | None:
     members = [graph.layers[n] for n in names]
     convs = [m for m in members if is_conv2d(m)]
     in_tensor = graph.model.inputs[0] if source == MODEL_INPUT else graph.layers[source].output
@@ -443,7 +445,7 @@ def _make_block(graph: _Graph, names, source: str) -> Block | None:
     if strides is None:
         return None  # the student's same-padded stack cannot reproduce this shape
     return Block(name=names[-1], kernel_size=(3, 3), strides=strides, padding="same",
-                 dilation_rate=(1, 1), kind="segment", convs=len(convs),
+                 dilation_rate=(1, 1), kind="segment", convs=len(convs), repeats=repeats,
                  width=min(int(c.filters) for c in convs), **common)
 
 
@@ -471,16 +473,16 @@ def find_blocks(model, granularity="layer") -> list[Block]:
                 f"[first, last] layer-name pairs, received {granularity!r}."
             )
         if granularity == "layer":
-            candidates = _conv_groups(graph)
+            candidates = [(names, 1) for names in _conv_groups(graph)]
         elif granularity == "block":
-            candidates = _segments(graph)
+            candidates = [(names, 1) for names in _segments(graph)]
         else:
             candidates = _stages(graph, _segments(graph))
         blocks = []
-        for names in candidates:
+        for names, repeats in candidates:
             source = _block_input(graph, names)
             if source is not None and _has_conv(graph, names):
-                block = _make_block(graph, names, source)
+                block = _make_block(graph, names, source, repeats)
                 if block is not None:
                     blocks.append(block)
     else:

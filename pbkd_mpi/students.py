@@ -95,6 +95,15 @@ def apply_segment_student(block: Block, tensor):
         out = keras.layers.Add(name=f"{prefix}_add")([tensor, out])
     if block.final_activation != "linear":
         out = make_activation(block.final_activation, f"{prefix}_act")(out)
+    # A stage of several teacher blocks: one more residual pair per further block, at the
+    # output's shape, so the student's depth follows the stage's.
+    for repeat in range(2, block.repeats + 1):
+        inner = f"{prefix}_r{repeat}"
+        hidden = _separable_unit(f"{inner}_1", out, block.width, (1, 1), "relu")
+        step = _separable_unit(f"{inner}_2", hidden, block.output_shape[-1], (1, 1), "linear")
+        out = keras.layers.Add(name=f"{inner}_add")([out, step])
+        if block.final_activation != "linear":
+            out = make_activation(block.final_activation, f"{inner}_act")(out)
     return out
 
 

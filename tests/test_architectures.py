@@ -147,6 +147,11 @@ def test_stage_blocks_merge_while_spatial_size_stays(teachers):
     stages = [b for b in find_blocks(teachers["ResNet50"], "stage") if b.kind == "segment"]
     assert [b.name for b in stages] == ["conv2_block3_out", "conv3_block4_out",
                                         "conv4_block6_out", "conv5_block3_out"]
+    assert [b.repeats for b in stages] == [3, 4, 6, 3]  # bottleneck blocks per stage
+    student = build_student_model(stages[2], MULTIPLIER)
+    assert "conv4_block6_out_student_r6_add" in {layer.name for layer in student.layers}
+    assert stages[2].strides == (2, 2) and student_cost(stages[2], MULTIPLIER)[0] < (
+        stages[2].teacher_params)
 
 
 def test_plan_table_for_a_residual_teacher(teachers):
