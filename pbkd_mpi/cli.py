@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import time
 import traceback
@@ -77,8 +78,14 @@ def main(argv=None) -> int:
         return _run_report(args) if rank == 0 else EXIT_OK
     if args.verbose:
         os.environ["PBKD_TF_VERBOSE"] = "1"
-    from .devices import local_layout
+    from .devices import check_world_size, local_layout
 
+    try:
+        check_world_size(comm.Get_size(), os.environ)
+    except UserError as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     layout = local_layout(comm)
     if rank == 0:
         return _run_coordinator(comm, args, layout)
@@ -125,7 +132,8 @@ def _fail(exc: BaseException) -> int:
 
 def _run_coordinator(comm, args, layout) -> int:
     from .config import load_job
-    from .devices import configure_tensorflow, node_cores
+    from .devices import configure_tensorflow_choice, node_cores
+    from .energy import PhaseMeter
     from .protocol import Coordinator
 
     local_rank = layout[0]
@@ -137,12 +145,17 @@ def _run_coordinator(comm, args, layout) -> int:
         faults.parse(os.environ.get("PBKD_FAULT", ""))  # a typo fails here, not on a worker
         faults.arm_signals()
         # Rank 0 trains the teacher and fine-tunes while the workers sleep: all cores.
-        configure_tensorflow(node_cores(), local_rank)
+        _, choice = configure_tensorflow_choice(node_cores(), local_rank)
+        meter = PhaseMeter(rank=0, node=socket.gethostname(), gpu=choice.device_id,
+                           read_rapl=local_rank == 0)
         from .pipeline import coordinate
 
         say = Console(0 if args.quiet else 2 if args.verbose else 1)
         say(f"pbkd_mpi: {comm.Get_size() - 1} worker rank(s), run directory {job.run.dir}")
-        report = coordinate(job, coordinator, say)
+        try:
+            report = coordinate(job, coordinator, say, meter)
+        finally:
+            meter.close()
     except BaseException as exc:  # noqa: BLE001 - every failure must end every rank
         code = _fail(exc)
         if comm.Get_size() > 1 and not coordinator.abort(code):
@@ -166,7 +179,8 @@ def _run_coordinator(comm, args, layout) -> int:
 
 
 def _run_worker(comm, layout) -> int:
-    from .devices import configure_tensorflow, import_tensorflow, node_cores, worker_threads
+    from .devices import configure_tensorflow_choice, import_tensorflow, node_cores, worker_threads
+    from .energy import PhaseMeter
     from .protocol import AbortRequested, Worker
 
     local_rank, local_size, root_on_node = layout
@@ -179,8 +193,11 @@ def _run_worker(comm, layout) -> int:
         threads = worker_threads(context.job.run.threads, node_cores(), local_size,
                                  root_on_node)
         open_rank_log(context.run_dir, comm.Get_rank())
-        device = configure_tensorflow(threads, local_rank)
-        LOGGER.info("worker ready: %d intra-op thread(s), device %s", threads, device)
+        device, choice = configure_tensorflow_choice(threads, local_rank)
+        LOGGER.info("worker ready: %d intra-op thread(s), device %s (%s)", threads, device,
+                    choice.reason)
+        meter = PhaseMeter(rank=comm.Get_rank(), node=socket.gethostname(),
+                           gpu=choice.device_id, read_rapl=local_rank == 0)
         from .results import progress_path
         from .train_block import train_block
 
@@ -191,8 +208,10 @@ def _run_worker(comm, layout) -> int:
             name = task.block.name
             LOGGER.info("task %s: started", name)
             try:
-                result = train_block(task, callbacks=[callback, epoch_logger(f"task {name}")],
-                                     checkpoint_path=progress_path(context.run_dir, task))
+                with meter.task(name):
+                    result = train_block(
+                        task, callbacks=[callback, epoch_logger(f"task {name}")],
+                        checkpoint_path=progress_path(context.run_dir, task))
             except (AbortRequested, preemption.Preempted) as stop:
                 LOGGER.warning("task %s: stopped (%s); its last epoch is checkpointed", name, stop)
                 raise
@@ -203,7 +222,12 @@ def _run_worker(comm, layout) -> int:
                         result["train_seconds"], result["epochs"], result["val_mse"])
             return result
 
-        worker.serve(run_task)
+        try:
+            with meter.phase("distill"):
+                worker.serve(run_task)
+            worker.send_stats(meter.snapshot())
+        finally:
+            meter.close()
         worker.wait_for_end()
         LOGGER.info("worker finished")
     except AbortRequested as request:

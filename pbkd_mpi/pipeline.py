@@ -31,14 +31,21 @@ class WorkerContext:
 
 
 class PhaseTimer:
-    def __init__(self):
+    """Wall time per phase, and the phase's energy through an energy.PhaseMeter."""
+
+    def __init__(self, meter=None):
         self.seconds: dict[str, float] = {}
+        self.meter = meter
 
     @contextmanager
     def __call__(self, name: str):
         started = time.perf_counter()
         try:
-            yield
+            if self.meter is None:
+                yield
+            else:
+                with self.meter.phase(name):
+                    yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
@@ -69,7 +76,7 @@ def write_job_toml(job: Job, path: Path) -> None:
     write_atomically(path, "\n".join(lines))
 
 
-def coordinate(job: Job, coordinator, log) -> dict:
+def coordinate(job: Job, coordinator, log, meter=None) -> dict:
     """Rank 0: every stage of the run. Returns the report written to the run directory.
     `log(message)` reports progress; `log.detail(message)` finer events (cli.Console)."""
     from . import cache as cache_mod
@@ -79,6 +86,7 @@ def coordinate(job: Job, coordinator, log) -> dict:
     from .finetune import accuracy, finetune
     from .graph import boundaries, flatten_model
     from .plan import granularity_of, select_blocks
+    from .energy import aggregate
     from .report import block_rows, replaced_totals, write_report
     from .results import load_result, progress_path, result_path, save_result
     from .students import initial_weights, student_cost
@@ -87,7 +95,7 @@ def coordinate(job: Job, coordinator, log) -> dict:
     from .train_block import BlockTask, estimate_cost
 
     started = time.perf_counter()
-    timer = PhaseTimer()
+    timer = PhaseTimer(meter)
     run_dir = prepare_run_dir(job.run.dir)
     open_rank_log(run_dir, 0)
     write_job_toml(job, run_dir / "job.toml")
@@ -160,6 +168,7 @@ def coordinate(job: Job, coordinator, log) -> dict:
             on_dispatch=lambda name, rank: log.detail(f"block {name} -> rank {rank}"),
         )
         cpu_after, wall_after = process.cpu_times(), time.perf_counter()
+        worker_stats = coordinator.collect_stats()
     coordinator_cpu = ((cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
                        ) / max(wall_after - wall_before, 1e-9)
 
@@ -220,6 +229,7 @@ def coordinate(job: Job, coordinator, log) -> dict:
             "coordinator_cpu_fraction": coordinator_cpu,
         },
         "cache": cache_info,
+        "energy": aggregate([meter.snapshot(), *worker_stats]) if meter is not None else None,
         "finetune": tuned,
         "wall_s": time.perf_counter() - started,
     }

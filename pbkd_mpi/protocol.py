@@ -38,6 +38,7 @@ class Tag(enum.IntEnum):
     ABORT = 8  # rank 0 -> worker: exit now with the exit code in the payload
     ABORT_ACK = 9  # worker -> rank 0: leaving
     PREEMPTED = 10  # worker -> rank 0: a signal arrived while it trained (payload: name)
+    STATS = 11  # worker -> rank 0, after STOP: its energy and resource snapshot
 
 
 class AbortRequested(Exception):
@@ -137,6 +138,7 @@ class Coordinator:
 
     comm: object
     epoch: float = field(default_factory=time.monotonic)
+    stats: dict = field(default_factory=dict)  # worker rank -> snapshot sent after STOP
 
     @property
     def workers(self) -> range:
@@ -169,6 +171,9 @@ class Coordinator:
             if message is None:
                 continue
             tag, rank, payload = message
+            if tag is Tag.STATS:  # a stopped worker's snapshot, while others still work
+                self.stats[rank] = payload
+                continue
             if tag is Tag.PREEMPTED:
                 raise preemption.Preempted(f"rank {rank}: {payload}")
             if tag is Tag.ERROR and rank not in running:
@@ -210,6 +215,18 @@ class Coordinator:
                 stopped.add(rank)
                 send(self.comm, None, rank, Tag.STOP)
             # else: wait; a running task may fail and need another worker
+
+    def collect_stats(self) -> list:
+        """Each worker's snapshot, sent once it has been told STOP."""
+        stats = self.stats
+        while len(stats) < len(self.workers):
+            tag, rank, payload = receive(self.comm)
+            if tag is Tag.ERROR:
+                raise RemoteError(rank, *payload)
+            if tag is not Tag.STATS:
+                raise RuntimeError(f"expected statistics from the workers, received {tag.name}")
+            stats[rank] = payload
+        return [stats[rank] for rank in sorted(stats)]
 
     def finish(self) -> None:
         self.broadcast(None, Tag.FINISH)
@@ -282,6 +299,9 @@ class Worker:
         tag, _ = self._from_root()
         if tag is not Tag.FINISH:
             raise RuntimeError(f"expected the end of the run from rank 0, received {tag.name}")
+
+    def send_stats(self, snapshot: dict) -> None:
+        send(self.comm, snapshot, 0, Tag.STATS)
 
     def report_error(self, what: str, text: str) -> None:
         send(self.comm, (what, text), 0, Tag.ERROR)

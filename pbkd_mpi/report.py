@@ -150,6 +150,17 @@ def _count(value) -> str:
     return str(value)
 
 
+def _energy_line(energy: dict | None) -> str:
+    if not energy:
+        return "Energy: not measured (no meter ran)."
+    def joules(value):
+        return "not measured" if value is None else f"{value:,.0f} J"
+    return (f"Energy ({energy['method']}): GPU {joules(energy['gpu_j'])} "
+            f"({energy['gpu_method']}), CPU package {joules(energy['cpu_j'])} "
+            f"({energy['cpu_method']}); CPU time of all ranks {energy['cpu_s']:.1f} s. "
+            f"Per rank and per phase in report.json (`energy`).")
+
+
 def render_markdown(report: dict, figures: dict | None = None) -> str:
     teacher, student, replaced = report["teacher"], report["student"], report["replaced"]
     lines = [
@@ -189,6 +200,8 @@ def render_markdown(report: dict, figures: dict | None = None) -> str:
         f"{_pct(report['distill']['coordinator_cpu_fraction'])} of a core while it waited. "
         f"{report['distill']['reused_blocks']} block(s) were reused from an earlier run in "
         f"this run directory and are not counted.",
+        "",
+        _energy_line(report.get("energy")),
         "",
         "## Blocks",
         "",
