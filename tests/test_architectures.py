@@ -86,8 +86,8 @@ def test_blocks_at_every_granularity_with_smaller_students(teacher, granularity)
     assert len(names) == len(set(names)), "blocks overlap"
 
 
-def test_identity_reassembly_reproduces_the_teacher(teacher):
-    blocks = find_blocks(teacher, "block")
+def _identity_check(teacher, granularity):
+    blocks = find_blocks(teacher, granularity)
     same = rewrite(teacher, blocks, lambda block, tensor: copy_block(teacher, block, tensor),
                    layer_weights(flatten_model(teacher)))
     teacher_layers = {id(layer) for layer in flatten_model(teacher).layers}
@@ -95,6 +95,19 @@ def test_identity_reassembly_reproduces_the_teacher(teacher):
     x = _inputs()
     np.testing.assert_allclose(same.predict(x, verbose=0), teacher.predict(x, verbose=0),
                                atol=1e-5)
+
+
+def test_identity_reassembly_reproduces_the_teacher(teacher):
+    _identity_check(teacher, "block")
+
+
+@pytest.mark.parametrize("name", ["ResNet50V2", "MobileNetV2", "demo", "nested"])
+@pytest.mark.parametrize("granularity", ["layer", "stage"])
+def test_identity_reassembly_at_other_granularities(teachers, name, granularity):
+    # Conv groups inside residual branches (layer) and stages spanning padding and
+    # several segments: the cases whose subgraphs differ most from `block`.
+    teachers.setdefault(name, _build(name))
+    _identity_check(teachers[name], granularity)
 
 
 def test_student_is_smaller_and_saves_and_loads(teacher, tmp_path):
