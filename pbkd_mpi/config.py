@@ -96,6 +96,12 @@ class StudentConfig:
         "and output shapes match, except a single separable conv.",
         choices=("separable", "inverted_residual"),
     )
+    family_overrides: tuple[str, ...] = _opt(
+        [],
+        "Per-block families, each `\"pattern=family\"`: blocks whose name matches the "
+        "shell-style pattern (the first match wins; `plan` shows the names) get that family, "
+        "e.g. `[\"conv5_*=inverted_residual\"]`.",
+    )
     width_multiplier: float = _opt(
         1.0,
         "Channels inside a student, relative to the teacher block's narrowest conv (for a "
@@ -329,6 +335,14 @@ def validate_job(job: Job) -> None:
         if not (sep and first and last):
             raise UserError(
                 f"blocks.explicit expects entries \"first_layer:last_layer\", received {item!r}."
+            )
+    for item in job.student.family_overrides:
+        pattern, sep, family = item.partition("=")
+        if not (sep and pattern.strip()) or family.strip() not in ("separable",
+                                                                   "inverted_residual"):
+            raise UserError(
+                f"student.family_overrides expects entries \"pattern=family\" with family "
+                f"separable or inverted_residual, received {item!r}."
             )
     if any(w < 1 for w in job.teacher.widths):
         raise UserError(f"teacher.widths expects positive integers, received {job.teacher.widths!r}.")

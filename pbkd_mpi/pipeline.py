@@ -116,7 +116,8 @@ def coordinate(job: Job, coordinator, log, meter=None) -> dict:
         teacher = flatten_model(teacher)
         multiplier = job.student.depth_multiplier
         blocks = select_blocks(teacher, granularity_of(job.blocks), multiplier,
-                               job.student.family, job.student.width_multiplier)
+                               job.student.family, job.student.width_multiplier,
+                               job.student.family_overrides)
         student_flops = {block.name: student_cost(block, multiplier)[1] for block in blocks}
     log(f"blocks: {len(blocks)} ({', '.join(b.name for b in blocks)})")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from .config import load_job
 from .errors import UserError
 from .graph import find_blocks
-from .students import student_cost, with_family, worthwhile
+from .students import family_for, student_cost, with_family, worthwhile
 
 
 def granularity_of(blocks_config):
@@ -27,11 +27,13 @@ def granularity_of(blocks_config):
 
 
 def select_blocks(teacher, granularity="layer", depth_multiplier: int = 1,
-                  family: str = "separable", width_multiplier: float = 1.0) -> list:
+                  family: str = "separable", width_multiplier: float = 1.0,
+                  family_overrides=()) -> list:
     """The blocks that become tasks: those found at `granularity` whose student (of the
-    given family and width) is smaller than the teacher block (the others stay the
-    teacher's)."""
-    found = [with_family(block, family, width_multiplier)
+    given family, or the first `"pattern=family"` override matching the block's name, and
+    width) is smaller than the teacher block (the others stay the teacher's)."""
+    found = [with_family(block, family_for(block.name, family, family_overrides),
+                         width_multiplier)
              for block in find_blocks(teacher, granularity)]
     blocks = worthwhile(found, depth_multiplier)
     if not blocks:
@@ -44,14 +46,16 @@ def select_blocks(teacher, granularity="layer", depth_multiplier: int = 1,
 
 
 def block_table(teacher, depth_multiplier: int = 1, granularity="layer",
-                family: str = "separable", width_multiplier: float = 1.0) -> dict:
+                family: str = "separable", width_multiplier: float = 1.0,
+                family_overrides=()) -> dict:
     rows = []
     for block in select_blocks(teacher, granularity, depth_multiplier, family,
-                               width_multiplier):
+                               width_multiplier, family_overrides):
         student_params, student_flops = student_cost(block, depth_multiplier)
         rows.append({
             "name": block.name,
             "kind": block.kind,
+            "family": block.family,
             "layers": list(block.layers),
             "input_shape": list(block.input_shape),
             "output_shape": list(block.output_shape),
@@ -86,7 +90,8 @@ def plan_command(args) -> int:
     # --granularity (when the command line offers it) wins over the job's [blocks].
     granularity = getattr(args, "granularity", None) or granularity_of(job.blocks)
     table = block_table(_load_plan_teacher(args, job), job.student.depth_multiplier, granularity,
-                        job.student.family, job.student.width_multiplier)
+                        job.student.family, job.student.width_multiplier,
+                        job.student.family_overrides)
     if args.json:
         print(json.dumps(table, indent=2))
         return 0

@@ -16,6 +16,7 @@ layers in the assembled student by name.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import replace
 
@@ -146,6 +147,16 @@ def apply_student(block: Block, tensor, depth_multiplier: int = 1):
     if block.kind == "segment":
         return apply_segment_student(block, tensor)
     return apply_layers(student_layers(block, depth_multiplier), tensor)
+
+
+def family_for(name: str, default: str, overrides=()) -> str:
+    """The family of the block called `name`: the first `"pattern=family"` override whose
+    shell-style pattern matches the name, else `default`."""
+    for item in overrides:
+        pattern, _, family = item.partition("=")
+        if fnmatch.fnmatchcase(name, pattern.strip()):
+            return family.strip()
+    return default
 
 
 def with_family(block: Block, family: str = "separable", width_multiplier: float = 1.0) -> Block:

@@ -68,3 +68,16 @@ def test_explicit_blocks_from_the_job(tiny_teacher):
     assert granularity_of(BlocksConfig(granularity="block")) == "block"
     with pytest.raises(UserError, match='blocks.explicit expects entries "first_layer:last_layer"'):
         validate_job(job_from_dict({"blocks": {"explicit": ["conv2"]}}))
+
+
+def test_family_overrides_pick_a_family_per_block(tiny_teacher):
+    from pbkd_mpi.config import job_from_dict, validate_job
+    from pbkd_mpi.errors import UserError
+
+    table = block_table(tiny_teacher, 1, "layer", "separable", 1.0,
+                        ("conv3=inverted_residual", "conv*=separable"))
+    assert {b["name"]: b["family"] for b in table["blocks"]} == {
+        "conv1": "separable", "conv2": "separable", "conv3": "inverted_residual",
+        "conv4": "separable"}
+    with pytest.raises(UserError, match='family_overrides expects entries "pattern=family"'):
+        validate_job(job_from_dict({"student": {"family_overrides": ["conv3=mobile"]}}))
