@@ -12,12 +12,13 @@ import argparse
 import os
 import socket
 import sys
+from pathlib import Path
 import time
 import traceback
 
 from . import faults, preemption
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, PbkdError, RemoteError, UserError
-from .logs import LOGGER, epoch_logger, open_rank_log
+from .logs import LOGGER, epoch_logger, open_rank_log, tensorboard_logger
 
 LAUNCH_HINT = (
     "Launch with at least 2 MPI ranks: rank 0 coordinates and ranks 1..N-1 train blocks, "
@@ -193,6 +194,7 @@ def _run_worker(comm, layout) -> int:
         threads = worker_threads(context.job.run.threads, node_cores(), local_size,
                                  root_on_node)
         open_rank_log(context.run_dir, comm.Get_rank())
+        tb_dir = Path(context.run_dir) / "tb"
         device, choice = configure_tensorflow_choice(threads, local_rank)
         LOGGER.info("worker ready: %d intra-op thread(s), device %s (%s)", threads, device,
                     choice.reason)
@@ -210,7 +212,8 @@ def _run_worker(comm, layout) -> int:
             try:
                 with meter.task(name):
                     result = train_block(
-                        task, callbacks=[callback, epoch_logger(f"task {name}")],
+                        task, callbacks=[callback, epoch_logger(f"task {name}"),
+                                         tensorboard_logger(tb_dir / "blocks" / name)],
                         checkpoint_path=progress_path(context.run_dir, task))
             except (AbortRequested, preemption.Preempted) as stop:
                 LOGGER.warning("task %s: stopped (%s); its last epoch is checkpointed", name, stop)

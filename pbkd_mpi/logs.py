@@ -1,4 +1,5 @@
-"""Per-rank log files: RUN/logs/rank-N.log, one timestamped line per event.
+"""Per-rank log files (RUN/logs/rank-N.log, one timestamped line per event) and
+TensorBoard scalars (RUN/tb/).
 
 Only rank 0 writes to the terminal (see cli.py); every rank, rank 0 included, writes its own
 file, so what a worker did (tasks, losses per epoch, warnings, errors) can be read without
@@ -45,3 +46,35 @@ def epoch_logger(what: str, emit=LOGGER.info):
             emit(f"{what}: epoch {epoch + 1}: {values}")
 
     return EpochLog()
+
+
+def tensorboard_logger(log_dir):
+    """A Keras callback writing each epoch's losses and metrics as TensorBoard scalars
+    (tf.summary event files: `tensorboard --logdir RUN/tb` shows them)."""
+    import keras
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    # What tf.summary.scalar writes, without needing the tensorboard package installed:
+    # a float tensor tagged for TensorBoard's scalars plugin.
+    scalar = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+    class EpochScalars(keras.callbacks.Callback):
+        writer = None
+
+        def on_train_begin(self, logs=None):
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self.writer = tf.summary.create_file_writer(str(log_dir))
+
+        def on_epoch_end(self, epoch, logs=None):
+            with self.writer.as_default():
+                for key, value in (logs or {}).items():
+                    tf.summary.write(key, tf.constant(float(value), tf.float32), step=epoch + 1,
+                                     metadata=scalar)
+            self.writer.flush()
+
+        def on_train_end(self, logs=None):
+            self.writer.close()
+
+    return EpochScalars()

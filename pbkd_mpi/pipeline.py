@@ -18,7 +18,7 @@ import psutil
 
 from . import preemption
 from .config import Job
-from .logs import epoch_logger, open_rank_log
+from .logs import epoch_logger, open_rank_log, tensorboard_logger
 from .errors import UserError
 
 
@@ -107,7 +107,8 @@ def coordinate(job: Job, coordinator, log, meter=None) -> dict:
         teacher, teacher_info = load_teacher(
             job.teacher, dataset, run_dir, job.run.seed,
             callbacks=[preemption.keras_callback("training the teacher"),
-                       epoch_logger("teacher", log.detail)])
+                       epoch_logger("teacher", log.detail),
+                       tensorboard_logger(run_dir / "tb" / "teacher")])
     log(f"teacher: {teacher_info}")
 
     with timer("blocks"):
@@ -183,7 +184,8 @@ def coordinate(job: Job, coordinator, log, meter=None) -> dict:
     with timer("finetune"):
         tuned = finetune(student, dataset, job.finetune, probabilities, job.run.seed,
                          callbacks=[preemption.keras_callback("fine-tuning the student"),
-                                    epoch_logger("fine-tuning", log.detail)])
+                                    epoch_logger("fine-tuning", log.detail),
+                                    tensorboard_logger(run_dir / "tb" / "finetune")])
     log(f"fine-tuning: {tuned['epochs']} epochs, val accuracy {tuned['val_accuracy_before']:.3f} "
         f"-> {tuned['val_accuracy']:.3f}")
 

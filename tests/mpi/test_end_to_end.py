@@ -47,6 +47,9 @@ def _check_report(run_dir, ranks, all_workers_busy=True):
     assert report["distill"]["sum_task_s"] == pytest.approx(
         sum(b["seconds"] for b in blocks if not b["reused"]))
     assert report["distill"]["coordinator_cpu_fraction"] < 0.25
+    energy = report["energy"]  # this machine has no GPU and no RAPL: said, not invented
+    assert energy["method"] == "not measured" and energy["gpu_j"] is None
+    assert energy["cpu_s"] > 0 and [r["rank"] for r in energy["per_rank"]] == list(range(ranks))
     student = keras.saving.load_model(run_dir / "student.keras")
     kinds = {type(layer).__name__ for layer in student.layers}
     assert "DepthwiseConv2D" in kinds
@@ -67,6 +70,15 @@ def _check_logs(run_dir, report):
         assert f"task {block['name']}: started" in text
         assert f"task {block['name']}: epoch 1: loss" in text
         assert f"task {block['name']}: done in" in text
+        assert list((run_dir / "tb" / "blocks" / block["name"]).glob("events.out.tfevents.*"))
+    assert list((run_dir / "tb" / "finetune").glob("events.out.tfevents.*"))
+    import tensorflow as tf
+
+    name = report["blocks"][0]["name"]
+    (events,) = (run_dir / "tb" / "blocks" / name).glob("events.out.tfevents.*")
+    scalars = {(e.step, v.tag): float(tf.make_ndarray(v.tensor))
+               for e in tf.compat.v1.train.summary_iterator(str(events)) for v in e.summary.value}
+    assert scalars[(1, "val_loss")] == pytest.approx(report["blocks"][0]["history"]["val_loss"][0])
 
 
 def _check_keys_documented(report):
