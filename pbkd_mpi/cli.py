@@ -18,6 +18,7 @@ import traceback
 
 from . import faults, preemption
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, PbkdError, RemoteError, UserError
+from .console import Console
 from .logs import LOGGER, epoch_logger, open_rank_log, tensorboard_logger
 
 LAUNCH_HINT = (
@@ -91,28 +92,6 @@ def main(argv=None) -> int:
     if rank == 0:
         return _run_coordinator(comm, args, layout)
     return _run_worker(comm, layout)
-
-
-class Console:
-    """Rank 0's voice: the terminal (by verbosity) and rank 0's log file (everything).
-    Plain timestamped lines, no control characters: they read the same in a Slurm file."""
-
-    def __init__(self, verbosity: int = 1):
-        self.verbosity = verbosity  # 0 quiet, 1 normal, 2 verbose
-
-    def _emit(self, message: str, level: int) -> None:
-        LOGGER.info(message)
-        if self.verbosity >= level:
-            print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-    def __call__(self, message: str) -> None:
-        self._emit(message, 1)
-
-    def detail(self, message: str) -> None:
-        self._emit(message, 2)
-
-    def result(self, message: str) -> None:
-        self._emit(message, 0)  # where the report is: printed even with --quiet
 
 
 def _fail(exc: BaseException) -> int:

@@ -18,6 +18,7 @@ import psutil
 
 from . import preemption
 from .config import Job
+from .console import DistillProgress, epoch_status
 from .logs import epoch_logger, open_rank_log, tensorboard_logger
 from .errors import UserError
 
@@ -33,12 +34,15 @@ class WorkerContext:
 class PhaseTimer:
     """Wall time per phase, and the phase's energy through an energy.PhaseMeter."""
 
-    def __init__(self, meter=None):
+    def __init__(self, meter=None, on_phase=None):
         self.seconds: dict[str, float] = {}
         self.meter = meter
+        self.on_phase = on_phase
 
     @contextmanager
     def __call__(self, name: str):
+        if self.on_phase is not None:
+            self.on_phase(name)
         started = time.perf_counter()
         try:
             if self.meter is None:
@@ -95,7 +99,7 @@ def coordinate(job: Job, coordinator, log, meter=None) -> dict:
     from .train_block import BlockTask, estimate_cost
 
     started = time.perf_counter()
-    timer = PhaseTimer(meter)
+    timer = PhaseTimer(meter, on_phase=lambda name: log.status(f"{name} ..."))
     run_dir = prepare_run_dir(job.run.dir)
     open_rank_log(run_dir, 0)
     write_job_toml(job, run_dir / "job.toml")
@@ -107,6 +111,7 @@ def coordinate(job: Job, coordinator, log, meter=None) -> dict:
         teacher, teacher_info = load_teacher(
             job.teacher, dataset, run_dir, job.run.seed,
             callbacks=[preemption.keras_callback("training the teacher"),
+                       epoch_status(log, "teacher", job.teacher.train_epochs),
                        epoch_logger("teacher", log.detail),
                        tensorboard_logger(run_dir / "tb" / "teacher")])
     log(f"teacher: {teacher_info}")
@@ -148,11 +153,16 @@ def coordinate(job: Job, coordinator, log, meter=None) -> dict:
     if reused:
         log(f"reusing {len(reused)} finished block(s) of an earlier run: {', '.join(reused)}")
 
+    progress = DistillProgress(log, {name: task.estimated_cost for name, task in tasks.items()
+                                     if name not in reused})
+
     def give_up(name, errors):
+        progress.ended(name)
         log(f"block {name} failed {len(errors)} time(s) and stays the teacher's: "
             f"{errors[-1]['error']} (rank {errors[-1]['rank']})")
 
     def keep(name, result, record):
+        progress.ended(name)
         seconds = record.end_s - record.start_s
         save_result(paths[name], result, {"rank": record.rank, "seconds": seconds})
         progress_path(run_dir, tasks[name]).unlink(missing_ok=True)  # superseded
@@ -167,7 +177,8 @@ def coordinate(job: Job, coordinator, log, meter=None) -> dict:
         outcome = coordinator.run_tasks(
             pending, {name: task.estimated_cost for name, task in pending.items()},
             on_result=keep, on_failure=give_up, max_attempts=job.tasks.max_attempts,
-            on_dispatch=lambda name, rank: log.detail(f"block {name} -> rank {rank}"),
+            on_dispatch=lambda name, rank: (log.detail(f"block {name} -> rank {rank}"),
+                                            progress.dispatched(name, rank)),
         )
         cpu_after, wall_after = process.cpu_times(), time.perf_counter()
         worker_stats = coordinator.collect_stats()
@@ -184,6 +195,7 @@ def coordinate(job: Job, coordinator, log, meter=None) -> dict:
     with timer("finetune"):
         tuned = finetune(student, dataset, job.finetune, probabilities, job.run.seed,
                          callbacks=[preemption.keras_callback("fine-tuning the student"),
+                                    epoch_status(log, "fine-tuning", job.finetune.epochs),
                                     epoch_logger("fine-tuning", log.detail),
                                     tensorboard_logger(run_dir / "tb" / "finetune")])
     log(f"fine-tuning: {tuned['epochs']} epochs, val accuracy {tuned['val_accuracy_before']:.3f} "
@@ -237,4 +249,5 @@ def coordinate(job: Job, coordinator, log, meter=None) -> dict:
         "wall_s": time.perf_counter() - started,
     }
     write_report(run_dir, report)
+    log.clear_status()
     return report

@@ -1,0 +1,85 @@
+"""Rank 0's terminal output: plain lines off a terminal, a live status line on one."""
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pbkd_mpi.console import Console, DistillProgress, live_terminal, progress_bar
+
+from .conftest import REPO
+
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def test_plain_output_has_one_timestamped_line_per_event_and_no_control_characters():
+    out = io.StringIO()
+    console = Console(verbosity=1, live=False, stream=out)
+    console("teacher loaded")
+    console.status("distill [###---] 1/2")  # ignored off a terminal
+    console.detail("block conv1 -> rank 1")  # --verbose only
+    console.result("report: runs/x/report.md")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and all(re.match(r"\[\d\d:\d\d:\d\d\] ", line) for line in lines)
+    assert not CONTROL.search(out.getvalue())
+
+
+def test_quiet_prints_only_results_and_verbose_prints_details():
+    quiet, verbose = io.StringIO(), io.StringIO()
+    for console in (Console(0, live=False, stream=quiet), Console(2, live=False, stream=verbose)):
+        console("event")
+        console.detail("detail")
+        console.result("result")
+    assert [line[11:] for line in quiet.getvalue().splitlines()] == ["result"]
+    assert [line[11:] for line in verbose.getvalue().splitlines()] == [
+        "event", "detail", "result"]
+
+
+def test_live_output_keeps_the_status_line_under_the_events():
+    out = io.StringIO()
+    console = Console(verbosity=1, live=True, stream=out)
+    progress = DistillProgress(console, {"a": 3.0, "b": 1.0})
+    progress.dispatched("a", 1)
+    progress.dispatched("b", 2)
+    console("block b done")
+    progress.ended("b")
+    text = out.getvalue()
+    assert "\r\x1b[K" in text
+    screen = text.split("\r\x1b[K")[-1]  # what the terminal shows last on the status line
+    assert screen.startswith("distill [#####---------------] 1/2 blocks | r1:a |")
+    assert "s left" in screen
+    assert "block b done\n" in text
+    console.clear_status()
+    assert out.getvalue().endswith("\r\x1b[K")
+
+
+def test_progress_bar():
+    assert progress_bar(0, 4, width=4) == "[----]"
+    assert progress_bar(2, 4, width=4) == "[##--]"
+    assert progress_bar(9, 4, width=4) == "[####]"
+
+
+def test_forced_modes(monkeypatch):
+    monkeypatch.setenv("PBKD_PROGRESS", "live")
+    assert live_terminal()
+    monkeypatch.setenv("PBKD_PROGRESS", "plain")
+    assert not live_terminal()
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="needs util-linux script")
+def test_rank_0_sees_the_launchers_terminal_through_the_mpi_pipe(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("from mpi4py import MPI\nfrom pbkd_mpi.console import live_terminal\n"
+                     "if MPI.COMM_WORLD.rank == 0:\n    print(0, live_terminal())\n")
+    command = f"mpiexec -n 2 {sys.executable} {probe}"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PBKD_PROGRESS", None)
+    piped = subprocess.run(command.split(), capture_output=True, text=True, timeout=60, env=env)
+    assert "0 False" in piped.stdout, piped.stdout + piped.stderr
+    on_terminal = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True,
+                                 text=True, timeout=60, env=env)
+    assert "0 True" in on_terminal.stdout, on_terminal.stdout + on_terminal.stderr
