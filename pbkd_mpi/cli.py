@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("job", nargs="?", help="TOML job file (default: the built-in demo job)")
     plan.add_argument("--teacher", help="a .keras/.h5 file to inspect instead of the job's teacher")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plan.add_argument("--granularity", choices=("layer", "block", "stage"),
+                      help="block granularity (overrides blocks.granularity)")
     plan.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     report = commands.add_parser(
         "report", help="redraw a run's report.md and pictures, or compare two runs")

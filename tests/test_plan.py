@@ -81,3 +81,14 @@ def test_family_overrides_pick_a_family_per_block(tiny_teacher):
         "conv4": "separable"}
     with pytest.raises(UserError, match='family_overrides expects entries "pattern=family"'):
         validate_job(job_from_dict({"student": {"family_overrides": ["conv3=mobile"]}}))
+
+
+def test_plan_granularity_option_overrides_the_job():
+    layer = json.loads(_plan(TINY_JOB, "--json").stdout)
+    stage = _plan(TINY_JOB, "--json", "--granularity", "stage")
+    assert stage.returncode == 0, stage.stderr
+    stage = json.loads(stage.stdout)
+    assert len(stage["blocks"]) < len(layer["blocks"])
+    assert stage["totals"]["teacher_params"] == layer["totals"]["teacher_params"]
+    bad = _plan(TINY_JOB, "--granularity", "layers")
+    assert bad.returncode == 2 and "invalid choice: 'layers'" in bad.stderr
