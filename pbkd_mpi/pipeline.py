@@ -90,6 +90,7 @@ def coordinate(job: Job, coordinator, log, meter=None) -> dict:
     from .finetune import accuracy, finetune
     from .graph import boundaries, flatten_model
     from .plan import granularity_of, select_blocks
+    from .deploy import deployment_figures
     from .energy import aggregate
     from .report import block_rows, replaced_totals, write_report
     from .results import load_result, progress_path, result_path, save_result
@@ -206,6 +207,13 @@ def coordinate(job: Job, coordinator, log, meter=None) -> dict:
         finetuned_accuracy = accuracy(student, dataset.x_test, dataset.y_test)
     student_path = run_dir / "student.keras"
     save_model_atomically(student, student_path)
+    with timer("deploy"):
+        teacher_file = teacher_info.get("file") or job.teacher.source
+        deployment = deployment_figures(teacher, student, dataset.image_shape, teacher_file,
+                                        student_path)
+    log(f"latency batch 1 (CPU, median): teacher "
+        f"{deployment['teacher']['latency_ms']['batch_1']:.2f} ms, student "
+        f"{deployment['student']['latency_ms']['batch_1']:.2f} ms")
 
     distilled = [block for block in blocks if block.name not in outcome.failures]
     rows = block_rows(distilled, outcome.results, outcome.records, reused)
@@ -243,6 +251,7 @@ def coordinate(job: Job, coordinator, log, meter=None) -> dict:
             "reused_blocks": sum(b["reused"] for b in rows),
             "coordinator_cpu_fraction": coordinator_cpu,
         },
+        "deployment": deployment,
         "cache": cache_info,
         "energy": aggregate([meter.snapshot(), *worker_stats]) if meter is not None else None,
         "finetune": tuned,

@@ -150,6 +150,21 @@ def _count(value) -> str:
     return str(value)
 
 
+def _deployment_rows(deployment: dict | None) -> list[str]:
+    if not deployment:
+        return []
+    t, s = deployment["teacher"], deployment["student"]
+    rows = []
+    if t["file_bytes"] and s["file_bytes"]:
+        rows.append(f"| saved model file | {t['file_bytes'] / 1e6:.2f} MB | "
+                    f"{s['file_bytes'] / 1e6:.2f} MB | {s['file_bytes'] / t['file_bytes']:.2f} |")
+    for batch in ("batch_1", "batch_32"):
+        a, b = t["latency_ms"][batch], s["latency_ms"][batch]
+        rows.append(f"| latency, {batch.replace('_', ' ')} (CPU, median) | {a:.2f} ms | "
+                    f"{b:.2f} ms | {b / a:.2f} |")
+    return rows
+
+
 def _energy_line(energy: dict | None) -> str:
     if not energy:
         return "Energy: not measured (no meter ran)."
@@ -183,6 +198,7 @@ def render_markdown(report: dict, figures: dict | None = None) -> str:
         f"{_count(replaced['student_flops'])} | {_ratio(replaced['flop_ratio'])} |",
         f"| test accuracy | {_pct(teacher['accuracy'])} | {_pct(student['accuracy_finetuned'])} "
         f"(merged, before fine-tuning: {_pct(student['accuracy_merged'])}) | |",
+        *_deployment_rows(report.get("deployment")),
         "",
         "Accuracies are measured on the held-out test split; every selection (block early "
         "stopping, fine-tuning epochs) used the validation split.",

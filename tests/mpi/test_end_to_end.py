@@ -47,6 +47,9 @@ def _check_report(run_dir, ranks, all_workers_busy=True):
     assert report["distill"]["sum_task_s"] == pytest.approx(
         sum(b["seconds"] for b in blocks if not b["reused"]))
     assert report["distill"]["coordinator_cpu_fraction"] < 0.25
+    for model in ("teacher", "student"):  # measured, so positive; files exist, so sized
+        assert all(v > 0 for v in report["deployment"][model]["latency_ms"].values())
+        assert report["deployment"][model]["file_bytes"] > 0
     energy = report["energy"]  # this machine has no GPU and no RAPL: said, not invented
     assert energy["method"] == "not measured" and energy["gpu_j"] is None
     assert energy["cpu_s"] > 0 and [r["rank"] for r in energy["per_rank"]] == list(range(ranks))
