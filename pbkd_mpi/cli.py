@@ -13,11 +13,10 @@ import os
 import socket
 import sys
 from pathlib import Path
-import time
 import traceback
 
 from . import faults, preemption
-from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, PbkdError, RemoteError, UserError
+from .errors import EXIT_FAILURE, EXIT_OK, PbkdError, RemoteError, UserError
 from .console import Console
 from .logs import LOGGER, epoch_logger, open_rank_log, tensorboard_logger
 
@@ -42,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", help="run directory (overrides run.dir)")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a job-file value; repeatable")
+    run.add_argument("--fresh", action="store_true",
+                     help="clear the run directory's earlier results (teacher, cache, blocks, "
+                          "report) and start over, even if they belong to another job")
     loudness = run.add_mutually_exclusive_group()
     loudness.add_argument("--quiet", action="store_true",
                           help="print only warnings, errors and where the report is")
@@ -135,7 +137,7 @@ def _run_coordinator(comm, args, layout) -> int:
         say = Console(0 if args.quiet else 2 if args.verbose else 1)
         say(f"pbkd_mpi: {comm.Get_size() - 1} worker rank(s), run directory {job.run.dir}")
         try:
-            report = coordinate(job, coordinator, say, meter)
+            report = coordinate(job, coordinator, say, meter, fresh=args.fresh)
         finally:
             meter.close()
     except BaseException as exc:  # noqa: BLE001 - every failure must end every rank

@@ -6,21 +6,17 @@ themselves (graph, students, cache, training, assembly, report are plain Python/
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import psutil
 
 from . import preemption
 from .config import Job
 from .console import DistillProgress, epoch_status
 from .logs import epoch_logger, open_rank_log, tensorboard_logger
-from .errors import UserError
+from .run_dir import prepare_run_dir
 
 
 @dataclass(frozen=True)
@@ -54,33 +50,7 @@ class PhaseTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
-def prepare_run_dir(path: str) -> Path:
-    run_dir = Path(path)
-    try:
-        (run_dir / "blocks").mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(
-            f"Cannot write to the run directory {str(run_dir)!r}: {exc.strerror}. Choose another "
-            f"with --run-dir or run.dir."
-        ) from None
-    return run_dir
-
-
-def write_job_toml(job: Job, path: Path) -> None:
-    from .report import write_atomically
-
-    lines = []
-    for section, values in job.to_dict().items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-        lines.append("")
-    write_atomically(path, "\n".join(lines))
-
-
-def coordinate(job: Job, coordinator, log, meter=None) -> dict:
+def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> dict:
     """Rank 0: every stage of the run. Returns the report written to the run directory.
     `log(message)` reports progress; `log.detail(message)` finer events (cli.Console)."""
     from . import cache as cache_mod
@@ -101,9 +71,8 @@ def coordinate(job: Job, coordinator, log, meter=None) -> dict:
 
     started = time.perf_counter()
     timer = PhaseTimer(meter, on_phase=lambda name: log.status(f"{name} ..."))
-    run_dir = prepare_run_dir(job.run.dir)
+    run_dir = prepare_run_dir(job, fresh)
     open_rank_log(run_dir, 0)
-    write_job_toml(job, run_dir / "job.toml")
 
     with timer("load"):
         dataset = load_dataset(job.data, job.run.seed)

@@ -4,7 +4,7 @@ import pytest
 
 from pbkd_mpi.config import Job, load_job
 from pbkd_mpi.errors import UserError
-from pbkd_mpi.pipeline import write_job_toml
+from pbkd_mpi.run_dir import write_job_toml
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,9 +21,31 @@ def test_teacher_and_data_must_agree_on_classes(tiny_teacher, tiny_dataset):
 
 
 def test_an_unwritable_run_directory_is_refused(tmp_path):
-    from pbkd_mpi.pipeline import prepare_run_dir
+    from pbkd_mpi.config import load_job
+    from pbkd_mpi.run_dir import prepare_run_dir
 
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(UserError, match="Cannot write to the run directory"):
-        prepare_run_dir(str(blocker / "run"))
+        prepare_run_dir(load_job(None, run_dir=blocker / "run"))
+
+
+def test_a_run_directory_of_another_job_is_refused_unless_fresh(tmp_path):
+    from pbkd_mpi.config import load_job
+    from pbkd_mpi.run_dir import prepare_run_dir
+
+    first = load_job(None, ["distill.epochs=3"], run_dir=tmp_path / "run")
+    run_dir = prepare_run_dir(first)
+    (run_dir / "blocks" / "conv1-abc.npz").write_bytes(b"x")
+    (run_dir / "notes.txt").write_text("the user's own file")
+    # The same job, or one that only changes fine-tuning or threads, may resume here.
+    prepare_run_dir(load_job(None, ["distill.epochs=3", "finetune.epochs=1", "run.threads=1"],
+                             run_dir=run_dir))
+    other = load_job(None, ["distill.epochs=5"], run_dir=run_dir)
+    with pytest.raises(UserError, match=r"holds a run of a different job: distill.epochs was 3, "
+                                        r"is now 5\..*--fresh"):
+        prepare_run_dir(other)
+    prepare_run_dir(other, fresh=True)
+    assert not (run_dir / "blocks" / "conv1-abc.npz").exists()
+    assert (run_dir / "notes.txt").exists()  # --fresh removes only the tool's own files
+    assert load_job(run_dir / "job.toml") == other
