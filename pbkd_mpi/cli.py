@@ -16,7 +16,7 @@ from pathlib import Path
 import traceback
 
 from . import faults, preemption
-from .errors import EXIT_FAILURE, EXIT_OK, PbkdError, RemoteError, UserError
+from .errors import EXIT_FAILURE, EXIT_OK, PbkdError, UserError
 from .console import Console
 from .logs import LOGGER, epoch_logger, open_rank_log, tensorboard_logger
 
@@ -104,9 +104,7 @@ def _fail(exc: BaseException) -> int:
         print(f"stopped: {exc}. Every finished block is kept in the run directory; run the "
               f"same command again to resume (exit code {exc.exit_code}).", file=sys.stderr,
               flush=True)
-    elif isinstance(exc, UserError):
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-    elif isinstance(exc, RemoteError):
+    elif isinstance(exc, PbkdError):  # ours: the message says it all, no traceback
         print(f"error: {exc}", file=sys.stderr, flush=True)
     else:
         print("error: rank 0 failed:\n" + traceback.format_exc().rstrip(), file=sys.stderr,
@@ -127,7 +125,7 @@ def _run_coordinator(comm, args, layout) -> int:
             raise UserError(f"Only 1 MPI rank is running, so no rank can train blocks. {LAUNCH_HINT}")
         job = load_job(args.job, args.set, run_dir=args.run_dir)
         faults.parse(os.environ.get("PBKD_FAULT", ""))  # a typo fails here, not on a worker
-        faults.arm_signals()
+        faults.arm(0)
         # Rank 0 trains the teacher and fine-tunes while the workers sleep: all cores.
         _, choice = configure_tensorflow_choice(node_cores(), local_rank)
         meter = PhaseMeter(rank=0, node=socket.gethostname(), gpu=choice.device_id,
@@ -143,7 +141,7 @@ def _run_coordinator(comm, args, layout) -> int:
     except BaseException as exc:  # noqa: BLE001 - every failure must end every rank
         code = _fail(exc)
         if comm.Get_size() > 1 and not coordinator.abort(code):
-            print("error: some worker ranks did not stop in time; aborting the job.",
+            print("note: not every worker rank answered; ending the job with MPI_Abort.",
                   file=sys.stderr, flush=True)
             comm.Abort(code)
         return code
@@ -170,6 +168,7 @@ def _run_worker(comm, layout) -> int:
     local_rank, local_size, root_on_node = layout
     worker = Worker(comm)
     try:
+        faults.arm(comm.Get_rank())
         import_tensorflow()  # while rank 0 loads; thread pools are set once the job arrives
         context = worker.receive_job()
         if context is None:
@@ -208,11 +207,14 @@ def _run_worker(comm, layout) -> int:
                         result["train_seconds"], result["epochs"], result["val_mse"])
             return result
 
+        worker.start_heartbeat(context.job.tasks.silence_limit_s / 6)
         try:
             with meter.phase("distill"):
                 worker.serve(run_task)
+            worker.stop_heartbeat()
             worker.send_stats(meter.snapshot())
         finally:
+            worker.stop_heartbeat()
             meter.close()
         worker.wait_for_end()
         LOGGER.info("worker finished")

@@ -149,6 +149,13 @@ class TasksConfig:
         "ends with status `degraded`.",
         min=1,
     )
+    silence_limit_s: float = _opt(
+        30.0,
+        "A worker training a block sends a heartbeat every sixth of this; one silent for "
+        "longer (hung, stopped, its node gone) ends the job with a message naming its rank "
+        "and block, within this plus 10 seconds.",
+        min=5.0,
+    )
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ Forms, several separated by commas:
   raise:BLOCK           the task of block BLOCK raises an exception on its worker
   nan:BLOCK             the task of block BLOCK trains on data with a NaN, so its loss is NaN
   signal:NAME:SECONDS   rank 0 receives SIGNAME (USR1 or TERM) SECONDS after it starts
+  kill:RANK:SECONDS     rank RANK kills itself (SIGKILL) SECONDS after it starts
+  hang:RANK:SECONDS     rank RANK stops itself (SIGSTOP): alive, but silent
 Not for production use: it exists so that the failure paths are tested for real.
 """
 
@@ -15,7 +17,8 @@ import threading
 
 from .errors import UserError
 
-KINDS = ("raise", "nan", "signal")
+KINDS = ("raise", "nan", "signal", "kill", "hang")
+_TIMED = {"signal", "kill", "hang"}  # KIND:WHO:SECONDS
 SIGNAL_NAMES = ("USR1", "TERM")
 
 
@@ -27,15 +30,16 @@ def parse(text: str) -> list[tuple[str, str]]:
     faults = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         kind, _, target = item.partition(":")
-        if kind == "signal":
-            name, _, seconds = target.partition(":")
-            valid = name in SIGNAL_NAMES and seconds.replace(".", "", 1).isdigit()
+        if kind in _TIMED:
+            who, _, seconds = target.partition(":")
+            valid = seconds.replace(".", "", 1).isdigit() and (
+                who in SIGNAL_NAMES if kind == "signal" else who.isdigit())
         else:
             valid = kind in KINDS and bool(target)
         if not valid:
             raise UserError(
-                f"PBKD_FAULT expects items like raise:BLOCK, nan:BLOCK or "
-                f"signal:USR1:SECONDS, received {item!r}."
+                f"PBKD_FAULT expects items like raise:BLOCK, nan:BLOCK, signal:USR1:SECONDS, "
+                f"kill:RANK:SECONDS or hang:RANK:SECONDS, received {item!r}."
             )
         faults.append((kind, target))
     return faults
@@ -45,12 +49,19 @@ def active(kind: str, target: str) -> bool:
     return (kind, target) in parse(os.environ.get("PBKD_FAULT", ""))
 
 
-def arm_signals() -> None:
-    """Start the timers of the signal:NAME:SECONDS items (rank 0 calls this once)."""
+def arm(rank: int) -> None:
+    """Start this rank's timed faults: signal items on rank 0, kill and hang items on the
+    rank they name. Every rank calls this once at start-up."""
     for kind, target in parse(os.environ.get("PBKD_FAULT", "")):
-        if kind == "signal":
-            name, _, seconds = target.partition(":")
-            signum = getattr(signal, f"SIG{name}")
-            timer = threading.Timer(float(seconds), os.kill, (os.getpid(), signum))
-            timer.daemon = True
-            timer.start()
+        if kind not in _TIMED:
+            continue
+        who, _, seconds = target.partition(":")
+        if kind == "signal" and rank == 0:
+            signum = getattr(signal, f"SIG{who}")
+        elif kind in ("kill", "hang") and int(who) == rank:
+            signum = signal.SIGKILL if kind == "kill" else signal.SIGSTOP
+        else:
+            continue
+        timer = threading.Timer(float(seconds), os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()

@@ -147,6 +147,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
         outcome = coordinator.run_tasks(
             pending, {name: task.estimated_cost for name, task in pending.items()},
             on_result=keep, on_failure=give_up, max_attempts=job.tasks.max_attempts,
+            silence_limit_s=job.tasks.silence_limit_s,
             on_dispatch=lambda name, rank: (log.detail(f"block {name} -> rank {rank}"),
                                             progress.dispatched(name, rank)),
         )

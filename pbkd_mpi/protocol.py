@@ -12,6 +12,7 @@ raises it as a RemoteError naming the rank, so one clear message reaches the use
 from __future__ import annotations
 
 import enum
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from mpi4py import MPI
 
 from . import preemption
-from .errors import RemoteError
+from .errors import PbkdError, RemoteError
 
 POLL_FIRST_S = 1e-4
 POLL_CAP_S = 0.005  # a 5 ms sleep between probes costs well under 1% of a core
@@ -39,6 +40,11 @@ class Tag(enum.IntEnum):
     ABORT_ACK = 9  # worker -> rank 0: leaving
     PREEMPTED = 10  # worker -> rank 0: a signal arrived while it trained (payload: name)
     STATS = 11  # worker -> rank 0, after STOP: its energy and resource snapshot
+    HEARTBEAT = 12  # worker -> rank 0, from a thread, while it has work: still alive
+
+
+class WorkerLost(PbkdError):
+    """A worker stopped answering (hung, stopped, or its node is gone)."""
 
 
 class AbortRequested(Exception):
@@ -153,7 +159,8 @@ class Coordinator:
             wait_request(request)
 
     def run_tasks(self, tasks: dict, cost: dict, on_result=None, on_failure=None,
-                  max_attempts: int = 1, on_dispatch=None) -> "TaskOutcome":
+                  max_attempts: int = 1, on_dispatch=None,
+                  silence_limit_s: float | None = None) -> "TaskOutcome":
         """Run every task on the workers, longest estimated cost first, each worker pulling
         the next task when it is free. A task that raises on a worker is tried again on
         another worker, up to `max_attempts` tries in all; one that still fails is given up
@@ -165,12 +172,18 @@ class Coordinator:
         running: dict[int, TaskRecord] = {}
         stopped: set[int] = set()
         outcome = TaskOutcome()
+        heard = {rank: time.monotonic() for rank in self.workers}
         while len(stopped) < len(self.workers):
             message = receive(self.comm, deadline=time.monotonic() + SIGNAL_CHECK_S)
             preemption.check(f"{len(running)} block task(s) were running")
+            if silence_limit_s is not None:
+                self._check_alive(heard, running, stopped, silence_limit_s)
             if message is None:
                 continue
             tag, rank, payload = message
+            heard[rank] = time.monotonic()
+            if tag is Tag.HEARTBEAT:
+                continue
             if tag is Tag.STATS:  # a stopped worker's snapshot, while others still work
                 self.stats[rank] = payload
                 continue
@@ -200,6 +213,18 @@ class Coordinator:
             self._dispatch(queue, idle, running, stopped, tasks, on_dispatch)
         return outcome
 
+    def _check_alive(self, heard, running, stopped, limit_s) -> None:
+        now = time.monotonic()
+        for rank in self.workers:
+            if rank not in stopped and now - heard[rank] > limit_s:
+                doing = (f"while training block {running[rank].task_id}" if rank in running
+                         else "while waiting for a task")
+                raise WorkerLost(
+                    f"rank {rank} stopped answering {doing}: "
+                    f"nothing from it for {now - heard[rank]:.0f} s (tasks.silence_limit_s = "
+                    f"{limit_s:g}). Finished blocks are saved in the run directory; run the "
+                    f"same command again to resume.")
+
     def _dispatch(self, queue, idle, running, stopped, tasks, on_dispatch) -> None:
         for rank in sorted(idle):
             available = [r for r in self.workers if r not in stopped]
@@ -221,6 +246,8 @@ class Coordinator:
         stats = self.stats
         while len(stats) < len(self.workers):
             tag, rank, payload = receive(self.comm)
+            if tag is Tag.HEARTBEAT:
+                continue
             if tag is Tag.ERROR:
                 raise RemoteError(rank, *payload)
             if tag is not Tag.STATS:
@@ -269,6 +296,24 @@ class Worker:
         if tag is not Tag.JOB:
             raise RuntimeError(f"expected the job from rank 0, received {tag.name}")
         return payload
+
+    def start_heartbeat(self, interval_s: float) -> None:
+        """Tell rank 0 every `interval_s` that this rank is alive, from a thread, so that
+        a long task on a busy core still answers (MPI runs with THREAD_MULTIPLE)."""
+        self._beating = threading.Event()
+
+        def beat():
+            while not self._beating.wait(interval_s):
+                send(self.comm, None, 0, Tag.HEARTBEAT)
+
+        self._heart = threading.Thread(target=beat, name="pbkd-heartbeat", daemon=True)
+        self._heart.start()
+
+    def stop_heartbeat(self) -> None:
+        if getattr(self, "_heart", None) is not None:
+            self._beating.set()
+            self._heart.join()
+            self._heart = None
 
     def serve(self, handle) -> int:
         """Run `handle(task)` for each task rank 0 sends; returns the number run."""

@@ -5,13 +5,14 @@ from pbkd_mpi.errors import UserError
 
 
 def test_fault_forms_parse():
-    assert faults.parse("raise:conv1, nan:conv2,signal:USR1:2.5") == [
-        ("raise", "conv1"), ("nan", "conv2"), ("signal", "USR1:2.5")]
+    assert faults.parse("raise:conv1, nan:conv2,signal:USR1:2.5,kill:2:3,hang:1:0.5") == [
+        ("raise", "conv1"), ("nan", "conv2"), ("signal", "USR1:2.5"), ("kill", "2:3"),
+        ("hang", "1:0.5")]
     assert faults.parse("") == []
 
 
 @pytest.mark.parametrize("text", ["explode:conv1", "raise:", "signal:KILL:3", "signal:USR1:x",
-                                  "signal:USR1"])
+                                  "signal:USR1", "kill:conv1:3", "hang:2"])
 def test_bad_fault_forms_are_refused(text):
     with pytest.raises(UserError, match="PBKD_FAULT expects"):
         faults.parse(text)

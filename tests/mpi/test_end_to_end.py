@@ -267,3 +267,32 @@ def test_block_weights_do_not_depend_on_the_number_of_workers(tmp_path):
         for layer, arrays in per_layer.items():
             for a, b in zip(arrays, weights[2][name][layer]):
                 np.testing.assert_array_equal(a, b, err_msg=f"{name} {layer}")
+
+
+def test_a_silent_worker_ends_the_job_naming_its_rank_and_block(tmp_path):
+    started = time.monotonic()
+    result = run_mpi(3, ["run", TINY_JOB, "--run-dir", tmp_path / "run",
+                         "--set", "tasks.silence_limit_s=6", "--set", "distill.epochs=8"],
+                     timeout=120, env={"PBKD_FAULT": "hang:2:14"})  # SIGSTOP: alive, silent
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert time.monotonic() - started < 60
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(r"rank 2 stopped answering while (training block "
+                                          r"conv\d|waiting for a task)", errors[0])
+    assert "Traceback" not in result.stderr
+
+
+def test_a_killed_worker_ends_the_job_and_finished_blocks_are_kept(tmp_path):
+    started = time.monotonic()
+    result = run_mpi(3, ["run", TINY_JOB, "--run-dir", tmp_path / "run",
+                         "--set", "distill.epochs=8"], timeout=120,
+                     env={"PBKD_FAULT": "kill:1:17"})
+    assert result.returncode != 0
+    assert time.monotonic() - started < 60
+    done = set(re.findall(r"block (conv\d) done on rank", result.stdout))
+    blocks = tmp_path / "run" / "blocks"
+    saved = {p.name.split("-")[0] for p in blocks.glob("*.npz") if ".progress" not in p.name}
+    assert saved == done
+    # Rank 0's log says which block each rank was given, for the post-mortem.
+    assert re.search(r"block conv\d -> rank 1", (tmp_path / "run" / "logs" / "rank-0.log")
+                     .read_text())
