@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import h5py
@@ -37,6 +38,45 @@ def cache_fingerprint(teacher_fingerprint: str, data_fingerprint: str, names, dt
         sort_keys=True,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def estimate_bytes(teacher, names, samples: int, dtype: str) -> dict[str, int]:
+    """Bytes each boundary takes in the cache for `samples` samples (train + val)."""
+    itemsize = np.dtype(dtype).itemsize
+    sizes = {}
+    for name in names:
+        tensor = teacher.inputs[0] if name == MODEL_INPUT else teacher.get_layer(name).output
+        sizes[name] = int(np.prod(tensor.shape[1:])) * itemsize * samples
+    return sizes
+
+
+def _human(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def check_disk(run_dir: Path, sizes: dict[str, int], samples: int, dtype: str) -> None:
+    """Refuse before writing when the run directory's disk cannot hold the cache."""
+    needed = sum(sizes.values())
+    where = Path(run_dir)
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if needed <= 0.95 * free:  # leave room for the student, the report and the logs
+        return
+    largest = ", ".join(f"{name} {_human(size)}" for name, size in
+                        sorted(sizes.items(), key=lambda item: -item[1])[:3])
+    options = ['cache.dtype = "float16" halves it'] if dtype == "float32" else []
+    options += ["fewer samples", 'blocks.granularity = "stage" (fewer boundaries to store)',
+                "a run directory on a larger disk (--run-dir)"]
+    raise UserError(
+        f"The activation cache needs {_human(needed)} ({len(sizes)} boundaries x {samples} "
+        f"samples, {dtype}; largest: {largest}) but {str(run_dir)!r} has {_human(free)} free. "
+        f"Options: {'; '.join(options)}."
+    )
 
 
 def cache_path(run_dir: Path, fingerprint: str) -> Path:
@@ -90,7 +130,9 @@ def _write_split(group, extractor, layer_names, names, x, dtype, batch_size):
     datasets = {}
     for name in names:
         sample_bytes = int(np.prod(shapes[name])) * np.dtype(dtype).itemsize
-        rows = int(max(1, min(len(x), CHUNK_BYTES // sample_bytes)))
+        # Chunks of equal rows: a last, partial chunk would still take a whole chunk's disk.
+        chunks = -(-len(x) // max(1, CHUNK_BYTES // sample_bytes))
+        rows = max(1, -(-len(x) // chunks))
         datasets[name] = group.create_dataset(
             name, shape=(len(x), *shapes[name]), dtype=dtype, chunks=(rows, *shapes[name])
         )

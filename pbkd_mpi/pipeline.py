@@ -103,8 +103,15 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
         fingerprint = cache_mod.cache_fingerprint(teacher_fp, dataset.fingerprint(), names,
                                                   job.cache.dtype)
         path = cache_mod.cache_path(run_dir, fingerprint)
+        samples = len(dataset.y_train) + len(dataset.y_val)
+        sizes = cache_mod.estimate_bytes(teacher, names, samples, job.cache.dtype)
+        log(f"cache: {len(names)} boundaries x {samples} samples ({job.cache.dtype}): "
+            f"{sum(sizes.values()) / 1e6:.1f} MB estimated")
+        if not cache_mod.is_complete(path, fingerprint):
+            cache_mod.check_disk(run_dir, sizes, samples, job.cache.dtype)
         cache_info = cache_mod.build_cache(teacher, dataset, names, path, fingerprint,
                                            job.cache.dtype)
+        cache_info["estimated_bytes"] = sum(sizes.values())
     log(f"cache: {cache_info}")
 
     tasks = {

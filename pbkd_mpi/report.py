@@ -114,6 +114,8 @@ def block_rows(blocks, results: dict, records, reused: dict) -> list[dict]:
                 "resumed_from_epoch")},
             "teacher_params": block.teacher_params,
             "teacher_flops": block.teacher_flops,
+            "param_ratio": result["student_params"] / block.teacher_params,
+            "flop_ratio": result["student_flops"] / block.teacher_flops,
             "input_shape": list(block.input_shape),
             "output_shape": list(block.output_shape),
             "final_activation": block.final_activation,

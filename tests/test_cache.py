@@ -73,3 +73,29 @@ def test_fingerprint_changes_with_weights_data_boundaries_and_dtype(tiny_teacher
         assert weights_fingerprint(tiny_teacher) != before
     finally:
         layer.set_weights(original)
+
+
+def test_size_estimate_matches_the_written_cache(built_cache, tiny_teacher, tiny_dataset):
+    from pbkd_mpi.cache import estimate_bytes
+
+    path, _, names, info = built_cache
+    samples = len(tiny_dataset.y_train) + len(tiny_dataset.y_val)
+    sizes = estimate_bytes(tiny_teacher, names, samples, "float16")
+    assert sizes["relu1"] == 16 * 16 * 8 * 2 * samples
+    # The file holds the data plus HDF5's own bookkeeping, a little more.
+    assert sum(sizes.values()) <= info["bytes"] < 1.05 * sum(sizes.values()) + 200_000
+
+
+def test_not_enough_disk_is_refused_before_writing(tiny_teacher, tmp_path, monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    from pbkd_mpi import cache
+
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: Usage(10**9, 0, 10**6))
+    sizes = cache.estimate_bytes(tiny_teacher, ["relu1", "relu2"], 10_000, "float32")
+    with pytest.raises(UserError, match=r"needs 163.8 MB \(2 boundaries x 10000 samples, "
+                                        r"float32.*has 1.0 MB free.*float16\" halves it"):
+        cache.check_disk(tmp_path / "run" / "sub", sizes, 10_000, "float32")
+    cache.check_disk(tmp_path, {"relu1": 1000}, 1, "float16")  # fits: no error

@@ -29,6 +29,7 @@ def _check_report(run_dir, ranks, all_workers_busy=True):
         assert {b["rank"] for b in blocks} == set(range(1, ranks))
     for b in blocks:
         assert b["student_params"] < b["teacher_params"]
+        assert b["param_ratio"] == pytest.approx(b["student_params"] / b["teacher_params"])
         assert b["seconds"] > 0 and np.isfinite(b["val_mse"])
         assert b["reused"] or b["start_s"] < b["end_s"]
         # The student block learned: better than predicting the target's mean.
