@@ -1,23 +1,36 @@
+import keras
 import numpy as np
+import pytest
 
 from pbkd_mpi.cache import build_cache, cache_fingerprint
 from pbkd_mpi.config import DistillConfig
 from pbkd_mpi.graph import boundaries, find_blocks
 from pbkd_mpi.students import initial_weights
+from pbkd_mpi.checkpoint import load_state
 from pbkd_mpi.train_block import BlockTask, train_block
 
 
-def test_a_block_learns_its_teacher_block_and_is_reproducible(tiny_teacher, tiny_dataset,
-                                                               tmp_path):
+@pytest.fixture(scope="module")
+def make_task(tiny_teacher, tiny_dataset, tmp_path_factory):
+    """Tasks of the tiny teacher's blocks, on one float32 cache built once."""
     blocks = find_blocks(tiny_teacher)
     names = boundaries(blocks)
     fingerprint = cache_fingerprint("t", tiny_dataset.fingerprint(), names, "float32")
-    path = tmp_path / "c.h5"
+    path = tmp_path_factory.mktemp("cache") / "c.h5"
     build_cache(tiny_teacher, tiny_dataset, names, path, fingerprint, "float32")
-    block = blocks[1]
-    task = BlockTask(block, str(path), fingerprint, DistillConfig(epochs=6, batch_size=32),
-                     seed=0, estimated_cost=1.0,
-                     initial_weights=initial_weights(block, tiny_teacher))
+
+    def make(index, **config):
+        block = blocks[index]
+        return BlockTask(block, str(path), fingerprint, DistillConfig(batch_size=32, **config),
+                         seed=0, estimated_cost=1.0,
+                         initial_weights=initial_weights(block, tiny_teacher))
+
+    return make
+
+
+def test_a_block_learns_its_teacher_block_and_is_reproducible(make_task):
+    task = make_task(1, epochs=6)
+    block = task.block
     first = train_block(task)
     # Learned something: better than predicting the target's mean, and better than the
     # factorised teacher kernel it started from.
@@ -31,21 +44,8 @@ def test_a_block_learns_its_teacher_block_and_is_reproducible(tiny_teacher, tiny
             np.testing.assert_array_equal(a, b)
 
 
-def test_a_stopped_task_resumes_from_its_last_epoch(tiny_teacher, tiny_dataset, tmp_path):
-    import keras
-    import pytest
-
-    from pbkd_mpi.checkpoint import load_state
-
-    blocks = find_blocks(tiny_teacher)
-    names = boundaries(blocks)
-    fingerprint = cache_fingerprint("t", tiny_dataset.fingerprint(), names, "float32")
-    path = tmp_path / "c.h5"
-    build_cache(tiny_teacher, tiny_dataset, names, path, fingerprint, "float32")
-    block = blocks[3]
-    task = BlockTask(block, str(path), fingerprint, DistillConfig(epochs=4, batch_size=32,
-                                                                  patience=4),
-                     seed=0, estimated_cost=1.0, initial_weights=initial_weights(block, tiny_teacher))
+def test_a_stopped_task_resumes_from_its_last_epoch(make_task, tmp_path):
+    task = make_task(3, epochs=4, patience=4)
 
     class StopAfterTwoEpochs(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
