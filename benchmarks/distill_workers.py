@@ -1,8 +1,10 @@
 """Distillation phase with 1 worker vs 2 workers on the same job, measured in one run.
 
-Both runs share one run directory, so the second reuses the teacher and the activation
-cache and only the distillation (and the stages after it) run again; the figure compared
-is each run's `distill.makespan_s` from report.json. Prints one JSON object, last line.
+All runs share one run directory, so they reuse the teacher and the activation cache; the
+finished blocks are removed before each measured run so every block trains again. Each
+worker gets 1 intra-op thread, so the comparison is of worker processes, not of threads.
+The figure compared is each run's `distill.makespan_s` from report.json. Prints one JSON
+object, last line.
 
     python benchmarks/distill_workers.py [--job jobs/tiny.toml] [--run-dir /tmp/bench]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,8 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(ranks: int, job: str, run_dir: Path, extra) -> dict:
+    shutil.rmtree(run_dir / "blocks", ignore_errors=True)  # train every block again
     command = ["mpiexec", "-n", str(ranks), sys.executable, "-m", "pbkd_mpi", "run", job,
-               "--run-dir", str(run_dir), *extra]
+               "--run-dir", str(run_dir), "--set", "run.threads=1", "--quiet", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run(command, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
     return json.loads((run_dir / "report.json").read_text())
@@ -50,6 +54,7 @@ def main() -> None:
         "sum_task_s_1_worker": round(one["distill"]["sum_task_s"], 2),
         "sum_task_s_2_workers": round(two["distill"]["sum_task_s"], 2),
         "coordinator_cpu_fraction": round(two["distill"]["coordinator_cpu_fraction"], 4),
+        "threads_per_worker": 1,
     }))
 
 
