@@ -213,8 +213,10 @@ def render_markdown(report: dict, figures: dict | None = None) -> str:
         "",
         f"Distillation makespan {report['distill']['makespan_s']:.1f} s for "
         f"{report['distill']['sum_task_s']:.1f} s of block tasks "
-        f"({report['distill']['sum_task_s'] / max(report['distill']['makespan_s'], 1e-9):.2f}x "
-        f"the sequential sum) on {report['workers']} worker(s); the coordinator used "
+        f"(sum / makespan = "
+        f"{report['distill']['sum_task_s'] / max(report['distill']['makespan_s'], 1e-9):.2f}; "
+        f"tasks that share a machine run slower, so the speedup over one worker is what "
+        f"`report A B` measures) on {report['workers']} worker(s); the coordinator used "
         f"{_pct(report['distill']['coordinator_cpu_fraction'])} of a core while it waited. "
         f"{report['distill']['reused_blocks']} block(s) were reused from an earlier run in "
         f"this run directory and are not counted.",
