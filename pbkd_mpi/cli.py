@@ -72,11 +72,15 @@ def main(argv=None) -> int:
     rank = comm.Get_rank()
     preemption.install()
     argv = list(sys.argv[1:] if argv is None else argv) or ["run"]  # bare: the demo
-    try:
+    from .devices import check_world_size, local_layout
+
+    try:  # the same on every rank: rank 0 alone says so, every rank leaves
         args = build_parser().parse_args(argv)
+        if args.command == "run":
+            check_world_size(comm.Get_size(), os.environ)
     except UserError as exc:
         if rank == 0:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     if args.command == "plan":
         return _run_plan(args) if rank == 0 else EXIT_OK
@@ -84,14 +88,6 @@ def main(argv=None) -> int:
         return _run_report(args) if rank == 0 else EXIT_OK
     if args.verbose:
         os.environ["PBKD_TF_VERBOSE"] = "1"
-    from .devices import check_world_size, local_layout
-
-    try:
-        check_world_size(comm.Get_size(), os.environ)
-    except UserError as exc:
-        if rank == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
     layout = local_layout(comm)
     if rank == 0:
         return _run_coordinator(comm, args, layout)
@@ -122,10 +118,10 @@ def _run_coordinator(comm, args, layout) -> int:
     coordinator = Coordinator(comm)
     try:
         if comm.Get_size() < 2:
-            raise UserError(f"Only 1 MPI rank is running, so no rank can train blocks. {LAUNCH_HINT}")
+            raise UserError(
+                f"Only 1 MPI rank is running, so no rank can train blocks. {LAUNCH_HINT}")
         job = load_job(args.job, args.set, run_dir=args.run_dir)
-        faults.parse(os.environ.get("PBKD_FAULT", ""))  # a typo fails here, not on a worker
-        faults.arm(0)
+        faults.arm(0)  # parses PBKD_FAULT: a typo fails here, on rank 0, not on a worker
         # Rank 0 trains the teacher and fine-tunes while the workers sleep: all cores.
         _, choice = configure_tensorflow_choice(node_cores(), local_rank)
         meter = PhaseMeter(rank=0, node=socket.gethostname(), gpu=choice.device_id,
@@ -155,8 +151,8 @@ def _run_coordinator(comm, args, layout) -> int:
     say.result(f"report: {os.path.join(report['run_dir'], 'report.md')} (and report.json), "
                f"student: {student['path']}")
     for failure in report["failed_blocks"]:
-        say.result(f"warning: block {failure['name']} stays the teacher's after {failure['attempts']} "
-             f"failed attempt(s): {failure['errors'][-1]['error']}")
+        say.result(f"warning: block {failure['name']} stays the teacher's after "
+                   f"{failure['attempts']} failed attempt(s): {failure['errors'][-1]['error']}")
     return EXIT_OK
 
 

@@ -130,8 +130,9 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
     if reused:
         log(f"reusing {len(reused)} finished block(s) of an earlier run: {', '.join(reused)}")
 
-    progress = DistillProgress(log, {name: task.estimated_cost for name, task in tasks.items()
-                                     if name not in reused})
+    pending = {name: task for name, task in tasks.items() if name not in reused}
+    costs = {name: task.estimated_cost for name, task in pending.items()}
+    progress = DistillProgress(log, costs)
 
     def give_up(name, errors):
         progress.ended(name)
@@ -146,14 +147,12 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
         log(f"block {name} done on rank {record.rank} in {seconds:.1f} s, "
             f"val MSE {result['val_mse']:.4g}")
 
-    pending = {name: task for name, task in tasks.items() if name not in reused}
     with timer("distill"):
         coordinator.broadcast(WorkerContext(job, str(run_dir)))
         process = psutil.Process()
         cpu_before, wall_before = process.cpu_times(), time.perf_counter()
         outcome = coordinator.run_tasks(
-            pending, {name: task.estimated_cost for name, task in pending.items()},
-            on_result=keep, on_failure=give_up, max_attempts=job.tasks.max_attempts,
+            pending, costs, on_result=keep, on_failure=give_up, max_attempts=job.tasks.max_attempts,
             silence_limit_s=job.tasks.silence_limit_s,
             on_dispatch=lambda name, rank: (log.detail(f"block {name} -> rank {rank}"),
                                             progress.dispatched(name, rank)),

@@ -261,8 +261,7 @@ class Coordinator:
     def abort(self, exit_code: int) -> bool:
         """Tell every worker to leave and wait (bounded) for each to say so.
         Returns False when some worker did not answer in time."""
-        requests = [self.comm.isend(exit_code, dest=rank, tag=int(Tag.ABORT))
-                    for rank in self.workers]
+        self.broadcast(exit_code, Tag.ABORT)  # small messages: sent even to a dead rank
         waiting = set(self.workers)
         deadline = time.monotonic() + ABORT_GRACE_S
         while waiting:
@@ -272,8 +271,6 @@ class Coordinator:
             tag, rank, _ = message
             if tag is Tag.ABORT_ACK:
                 waiting.discard(rank)
-        for request in requests:
-            wait_request(request)
         return True
 
 
@@ -282,6 +279,8 @@ class Worker:
 
     def __init__(self, comm):
         self.comm = comm
+        self._heart: threading.Thread | None = None
+        self._beating = threading.Event()
 
     def _from_root(self):
         tag, _, payload = receive(self.comm, source=0)
@@ -300,7 +299,7 @@ class Worker:
     def start_heartbeat(self, interval_s: float) -> None:
         """Tell rank 0 every `interval_s` that this rank is alive, from a thread, so that
         a long task on a busy core still answers (MPI runs with THREAD_MULTIPLE)."""
-        self._beating = threading.Event()
+        self._beating.clear()
 
         def beat():
             while not self._beating.wait(interval_s):
@@ -310,7 +309,7 @@ class Worker:
         self._heart.start()
 
     def stop_heartbeat(self) -> None:
-        if getattr(self, "_heart", None) is not None:
+        if self._heart is not None:
             self._beating.set()
             self._heart.join()
             self._heart = None

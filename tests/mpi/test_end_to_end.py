@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -284,16 +285,21 @@ def test_a_silent_worker_ends_the_job_naming_its_rank_and_block(tmp_path):
 
 
 def test_a_killed_worker_ends_the_job_and_finished_blocks_are_kept(tmp_path):
+    args = ["run", TINY_JOB, "--run-dir", tmp_path / "run", "--set", "distill.epochs=8"]
+    # A first run trains the teacher and fills the cache, so that in the second the block
+    # tasks start within seconds and the kill lands in the middle of them.
+    assert run_mpi(3, args, timeout=180).returncode == 0
+    blocks = tmp_path / "run" / "blocks"
+    shutil.rmtree(blocks)
     started = time.monotonic()
-    result = run_mpi(3, ["run", TINY_JOB, "--run-dir", tmp_path / "run",
-                         "--set", "distill.epochs=8"], timeout=120,
-                     env={"PBKD_FAULT": "kill:1:17"})
+    result = run_mpi(3, args, timeout=120, env={"PBKD_FAULT": "kill:1:12"})
     assert result.returncode != 0
     assert time.monotonic() - started < 60
     done = set(re.findall(r"block (conv\d) done on rank", result.stdout))
-    blocks = tmp_path / "run" / "blocks"
     saved = {p.name.split("-")[0] for p in blocks.glob("*.npz") if ".progress" not in p.name}
-    assert saved == done
+    # Rank 0 saves a block before it says so: all said are saved, and at most the one being
+    # reported when the launcher ended the job is saved unsaid.
+    assert done <= saved and len(saved - done) <= 1
     # Rank 0's log says which block each rank was given, for the post-mortem.
     assert re.search(r"block conv\d -> rank 1", (tmp_path / "run" / "logs" / "rank-0.log")
                      .read_text())
