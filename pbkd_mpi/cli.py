@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 import traceback
 
-from . import faults, preemption
+from . import faults, phases, preemption
 from .errors import EXIT_FAILURE, EXIT_OK, PbkdError, UserError
 from .console import Console
 from .logs import LOGGER, epoch_logger, open_rank_log, tensorboard_logger
@@ -203,16 +203,21 @@ def _run_worker(comm, layout) -> int:
                         result["train_seconds"], result["epochs"], result["val_mse"])
             return result
 
+        def metered(name, function):
+            def run(*args):
+                with meter.phase(name):
+                    return function(*args)
+            return run
+
+        phase_handlers = {name: metered(name, handler) for name, handler in
+                          phases.handlers(context, comm, worker.abort_check).items()}
+        phase_handlers["stats"] = lambda _: meter.snapshot()  # the last phase of a run
         worker.start_heartbeat(context.job.tasks.silence_limit_s / 6)
         try:
-            with meter.phase("distill"):
-                worker.serve(run_task)
-            worker.stop_heartbeat()
-            worker.send_stats(meter.snapshot())
+            worker.run(phase_handlers, metered("distill", lambda: worker.serve(run_task)))
         finally:
             worker.stop_heartbeat()
             meter.close()
-        worker.wait_for_end()
         LOGGER.info("worker finished")
     except AbortRequested as request:
         worker.acknowledge_abort()

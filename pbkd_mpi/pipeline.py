@@ -21,10 +21,12 @@ from .run_dir import prepare_run_dir
 
 @dataclass(frozen=True)
 class WorkerContext:
-    """What rank 0 tells the workers before any task: the job and where things are."""
+    """What rank 0 tells the workers before the first phase: the job and where things are."""
 
     job: Job
     run_dir: str
+    teacher_file: str  # the teacher as a .keras file the workers load (then flatten_model)
+    data_fingerprint: str  # the data rank 0 loaded: a worker that loads other data stops
 
 
 class PhaseTimer:
@@ -96,6 +98,10 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
                                job.student.family_overrides)
         student_flops = {block.name: student_cost(block, multiplier)[1] for block in blocks}
     log(f"blocks: {len(blocks)} ({', '.join(b.name for b in blocks)})")
+    coordinator.silence_limit_s = job.tasks.silence_limit_s
+    coordinator.broadcast(WorkerContext(job, str(run_dir),
+                                        str(teacher_info.get("file") or job.teacher.source),
+                                        dataset.fingerprint()))
 
     with timer("cache"):
         names = boundaries(blocks)
@@ -148,17 +154,14 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
             f"val MSE {result['val_mse']:.4g}")
 
     with timer("distill"):
-        coordinator.broadcast(WorkerContext(job, str(run_dir)))
         process = psutil.Process()
         cpu_before, wall_before = process.cpu_times(), time.perf_counter()
         outcome = coordinator.run_tasks(
             pending, costs, on_result=keep, on_failure=give_up, max_attempts=job.tasks.max_attempts,
-            silence_limit_s=job.tasks.silence_limit_s,
             on_dispatch=lambda name, rank: (log.detail(f"block {name} -> rank {rank}"),
                                             progress.dispatched(name, rank)),
         )
         cpu_after, wall_after = process.cpu_times(), time.perf_counter()
-        worker_stats = coordinator.collect_stats()
     coordinator_cpu = ((cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
                        ) / max(wall_after - wall_before, 1e-9)
 
@@ -191,6 +194,8 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
         f"{deployment['teacher']['latency_ms']['batch_1']:.2f} ms, student "
         f"{deployment['student']['latency_ms']['batch_1']:.2f} ms")
 
+    worker_stats = [snapshot for rank, snapshot in
+                    sorted(coordinator.run_collective("stats").items()) if rank != 0]
     distilled = [block for block in blocks if block.name not in outcome.failures]
     rows = block_rows(distilled, outcome.results, outcome.records, reused)
     replaced = replaced_totals(rows)

@@ -39,8 +39,9 @@ class Tag(enum.IntEnum):
     ABORT = 8  # rank 0 -> worker: exit now with the exit code in the payload
     ABORT_ACK = 9  # worker -> rank 0: leaving
     PREEMPTED = 10  # worker -> rank 0: a signal arrived while it trained (payload: name)
-    STATS = 11  # worker -> rank 0, after STOP: its energy and resource snapshot
-    HEARTBEAT = 12  # worker -> rank 0, from a thread, while it has work: still alive
+    HEARTBEAT = 12  # worker -> rank 0, from a thread, from the job to the end: still alive
+    PHASE = 13  # rank 0 -> worker: run a collective phase (name, payload); RESULT answers
+    SERVE = 14  # rank 0 -> worker: start pulling tasks (READY ... STOP)
 
 
 class WorkerLost(PbkdError):
@@ -144,7 +145,8 @@ class Coordinator:
 
     comm: object
     epoch: float = field(default_factory=time.monotonic)
-    stats: dict = field(default_factory=dict)  # worker rank -> snapshot sent after STOP
+    silence_limit_s: float | None = None  # set from the job: a worker this quiet is lost
+    heard: dict = field(default_factory=dict)  # worker rank -> when it last said anything
 
     @property
     def workers(self) -> range:
@@ -166,26 +168,26 @@ class Coordinator:
         another worker, up to `max_attempts` tries in all; one that still fails is given up
         (`on_failure(task_id, errors)`) and the others go on. A signal (see preemption)
         stops the hand-out and raises Preempted once the workers are told."""
+        self.broadcast(None, Tag.SERVE)
         self.epoch = time.monotonic()  # task start and end times count from here
         queue = _TaskQueue(tasks, cost, max_attempts)
         idle: set[int] = set()
         running: dict[int, TaskRecord] = {}
         stopped: set[int] = set()
         outcome = TaskOutcome()
-        heard = {rank: time.monotonic() for rank in self.workers}
+        silence_limit_s = silence_limit_s if silence_limit_s is not None else self.silence_limit_s
+        heard = self.heard
+        for rank in self.workers:
+            heard[rank] = time.monotonic()
         while len(stopped) < len(self.workers):
             message = receive(self.comm, deadline=time.monotonic() + SIGNAL_CHECK_S)
             preemption.check(f"{len(running)} block task(s) were running")
-            if silence_limit_s is not None:
-                self._check_alive(heard, running, stopped, silence_limit_s)
+            self._check_alive(heard, running, stopped, silence_limit_s)
             if message is None:
                 continue
             tag, rank, payload = message
             heard[rank] = time.monotonic()
             if tag is Tag.HEARTBEAT:
-                continue
-            if tag is Tag.STATS:  # a stopped worker's snapshot, while others still work
-                self.stats[rank] = payload
                 continue
             if tag is Tag.PREEMPTED:
                 raise preemption.Preempted(f"rank {rank}: {payload}")
@@ -213,12 +215,14 @@ class Coordinator:
             self._dispatch(queue, idle, running, stopped, tasks, on_dispatch)
         return outcome
 
-    def _check_alive(self, heard, running, stopped, limit_s) -> None:
+    def _check_alive(self, heard, running, stopped, limit_s, phase: str = "") -> None:
+        if limit_s is None:
+            return
         now = time.monotonic()
         for rank in self.workers:
             if rank not in stopped and now - heard[rank] > limit_s:
                 doing = (f"while training block {running[rank].task_id}" if rank in running
-                         else "while waiting for a task")
+                         else f"during {phase}" if phase else "while waiting for a task")
                 raise WorkerLost(
                     f"rank {rank} stopped answering {doing}: "
                     f"nothing from it for {now - heard[rank]:.0f} s (tasks.silence_limit_s = "
@@ -241,19 +245,45 @@ class Coordinator:
                 send(self.comm, None, rank, Tag.STOP)
             # else: wait; a running task may fail and need another worker
 
-    def collect_stats(self) -> list:
-        """Each worker's snapshot, sent once it has been told STOP."""
-        stats = self.stats
-        while len(stats) < len(self.workers):
-            tag, rank, payload = receive(self.comm)
-            if tag is Tag.HEARTBEAT:
-                continue
-            if tag is Tag.ERROR:
-                raise RemoteError(rank, *payload)
-            if tag is not Tag.STATS:
-                raise RuntimeError(f"expected statistics from the workers, received {tag.name}")
-            stats[rank] = payload
-        return [stats[rank] for rank in sorted(stats)]
+    def run_collective(self, name: str, payload=None, local=None) -> dict:
+        """Run phase `name` on every rank: each worker runs its registered handler (see
+        phases) with `payload`, rank 0 runs `local(check)`. Handlers may use collectives on
+        the world communicator; `check` raises as soon as a worker reports a failure, a
+        worker falls silent or a signal arrives, so rank 0 never waits on a dead rank.
+        Returns {rank: value} with rank 0's value under 0."""
+        self.broadcast((name, payload), Tag.PHASE)
+        values: dict[int, object] = {}
+        for rank in self.workers:
+            self.heard.setdefault(rank, time.monotonic())
+
+        def check():
+            preemption.check(f"during {name}")
+            # Drain first: heartbeats queue up while rank 0 computes between phases.
+            while (message := receive(self.comm, deadline=0.0)) is not None:
+                self._take_phase_message(name, message, values)
+            self._check_alive(self.heard, {}, set(values), self.silence_limit_s, name)
+
+        values[0] = local(check) if local is not None else None
+        while len(values) < self.comm.Get_size():
+            message = receive(self.comm, deadline=time.monotonic() + SIGNAL_CHECK_S)
+            check()
+            if message is not None:
+                self._take_phase_message(name, message, values)
+        return values
+
+    def _take_phase_message(self, name, message, values) -> None:
+        tag, rank, payload = message
+        self.heard[rank] = time.monotonic()
+        if tag is Tag.HEARTBEAT:
+            return
+        if tag is Tag.ERROR:
+            raise RemoteError(rank, *payload)
+        if tag is Tag.PREEMPTED:
+            raise preemption.Preempted(f"rank {rank}: {payload}")
+        if tag is not Tag.RESULT or payload[0] != name:
+            raise RuntimeError(f"expected the result of phase {name!r} from rank {rank}, "
+                               f"received {tag.name}")
+        values[rank] = payload[1]
 
     def finish(self) -> None:
         self.broadcast(None, Tag.FINISH)
@@ -295,6 +325,36 @@ class Worker:
         if tag is not Tag.JOB:
             raise RuntimeError(f"expected the job from rank 0, received {tag.name}")
         return payload
+
+    def run(self, handlers: dict, serve) -> None:
+        """Follow rank 0 until FINISH: run each collective phase it names with
+        `handlers[name](payload)`, and `serve()` (pull tasks) when it says SERVE.
+        A phase that raises is reported; rank 0 then ends the job with ABORT."""
+        while True:
+            tag, payload = self._from_root()
+            if tag is Tag.FINISH:
+                return
+            if tag is Tag.SERVE:
+                serve()
+            elif tag is Tag.PHASE:
+                name, argument = payload
+                try:
+                    if name not in handlers:
+                        raise RuntimeError(f"rank 0 asked for phase {name!r}; this worker "
+                                           f"knows {sorted(handlers)}")
+                    value = handlers[name](argument)
+                except AbortRequested:
+                    raise
+                except preemption.Preempted as stop:
+                    send(self.comm, str(stop), 0, Tag.PREEMPTED)
+                    continue  # rank 0 answers with ABORT
+                except Exception:
+                    self.report_error(f"running phase {name}", traceback.format_exc())
+                    continue
+                send(self.comm, (name, value), 0, Tag.RESULT)
+            else:
+                raise RuntimeError(f"expected a phase, tasks or the end from rank 0, "
+                                   f"received {tag.name}")
 
     def start_heartbeat(self, interval_s: float) -> None:
         """Tell rank 0 every `interval_s` that this rank is alive, from a thread, so that
@@ -343,9 +403,6 @@ class Worker:
         tag, _ = self._from_root()
         if tag is not Tag.FINISH:
             raise RuntimeError(f"expected the end of the run from rank 0, received {tag.name}")
-
-    def send_stats(self, snapshot: dict) -> None:
-        send(self.comm, snapshot, 0, Tag.STATS)
 
     def report_error(self, what: str, text: str) -> None:
         send(self.comm, (what, text), 0, Tag.ERROR)

@@ -5,7 +5,8 @@ Run under mpiexec by tests/mpi/test_protocol.py:
 Task i sleeps a random few milliseconds; every 10th task always raises (so it must end as
 failed after max_attempts tries), every 10th+1 raises on odd ranks only (so a retry on an
 even rank must rescue it). Rank 0 prints one JSON line with the outcome; every worker prints
-one JSON line with the tasks it executed, so the test can count executions.
+one JSON line with the tasks it executed, so the test can count executions. After the
+tasks, a collective phase sums the ranks with an allreduce on every rank, rank 0 included.
 """
 
 import json
@@ -13,9 +14,11 @@ import random
 import sys
 import time
 
+import numpy as np
 import psutil
 from mpi4py import MPI
 
+from pbkd_mpi.collectives import allreduce_sum
 from pbkd_mpi.protocol import Coordinator, Worker
 
 MAX_ATTEMPTS = 3
@@ -27,6 +30,11 @@ def handle(task, rank):
     if index % 10 == 0 or (index % 10 == 1 and rank % 2 == 1):
         raise RuntimeError(f"injected failure of task {index} on rank {rank}")
     return {"index": index, "rank": rank}
+
+
+def rank_sum(comm, check):
+    (total,) = allreduce_sum(comm, [np.array([comm.Get_rank()], np.int64)], check)
+    return int(total[0])
 
 
 def main():
@@ -42,6 +50,7 @@ def main():
         outcome = coordinator.run_tasks(
             tasks, {name: task[1] for name, task in tasks.items()}, max_attempts=MAX_ATTEMPTS)
         cpu, wall = sum(process.cpu_times()[:2]) - cpu, time.perf_counter() - wall
+        sums = coordinator.run_collective("rank_sum", None, lambda check: rank_sum(comm, check))
         coordinator.finish()
         print(json.dumps({
             "role": "coordinator",
@@ -50,6 +59,7 @@ def main():
                        for name, errors in outcome.failures.items()},
             "results_ok": all(r["index"] == tasks[n][0] for n, r in outcome.results.items()),
             "cpu_fraction": cpu / wall,
+            "phase_values": [sums[rank] for rank in sorted(sums)],
         }), flush=True)
     else:
         worker = Worker(comm)
@@ -60,8 +70,8 @@ def main():
             executed.append(task[0])
             return handle(task, comm.Get_rank())
 
-        worker.serve(run)
-        worker.wait_for_end()
+        worker.run({"rank_sum": lambda _: rank_sum(comm, worker.abort_check)},
+                   lambda: worker.serve(run))
         print(json.dumps({"role": "worker", "rank": comm.Get_rank(), "executed": executed}),
               flush=True)
 

@@ -45,3 +45,5 @@ def test_every_task_ends_exactly_once(ranks, count):
         1 for w in workers for i in w["executed"]
         if i % 10 == 0 or (i % 10 == 1 and w["rank"] % 2 == 1))
     assert summary["cpu_fraction"] < 0.5
+    # The collective phase after the tasks: every rank, rank 0 included, summed the ranks.
+    assert summary["phase_values"] == [sum(range(ranks))] * ranks
