@@ -159,6 +159,34 @@ class TasksConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    policy: str = _opt(
+        "work-stealing",
+        "Which worker trains which block when. `work-stealing`: per-worker queues seeded "
+        "longest-first from the profile; a worker whose queue is empty takes the longest task "
+        "left in the most loaded queue, and measured task times correct the estimates. "
+        "`static-lpt`: longest first onto the least-loaded worker, fixed before the run. "
+        "`round-robin`: block i to worker i mod W, fixed (the published baselines).",
+        choices=("work-stealing", "static-lpt", "round-robin"),
+    )
+    split: bool = _opt(
+        True,
+        "`work-stealing` only: a block whose estimate exceeds the ideal makespan (total / "
+        "workers) may be trained data-parallel by several workers at once, as many as the "
+        "planner finds best by simulating the schedule.",
+    )
+    profile: bool = _opt(
+        True,
+        "Time a few training steps of every block on the workers before distillation and "
+        "schedule from those measurements (`RUN/profile.json`); false uses the FLOP "
+        "estimate, labelled as such.",
+    )
+    profile_steps: int = _opt(
+        4, "Timed training steps per block when profiling, after 2 warm-up steps.", min=2
+    )
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     epochs: int = _opt(
         10, "Maximum epochs of end-to-end fine-tuning of the student (0 skips it).", min=0
@@ -172,10 +200,51 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
+    mode: str = _opt(
+        "cache",
+        "Where block training gets its (input, target) pairs: `cache` computes the teacher's "
+        "activations once into HDF5 (refused, with options, when the disk is too small); "
+        "`recompute` runs the teacher up to each block on every batch instead (no disk, "
+        "slower: the method's original way); `auto` caches when the estimate fits the disk, "
+        "else recomputes.",
+        choices=("cache", "recompute", "auto"),
+    )
     dtype: str = _opt(
         "float16",
         "Storage type of cached teacher activations.",
         choices=("float16", "float32"),
+    )
+    compression: str = _opt(
+        "none",
+        "Compression of the cache files: `none` reads fastest; `lzf` is fast and makes ReLU "
+        "activations smaller; `gzip` (level 1) smaller still and slowest. See docs/cache.md.",
+        choices=("none", "lzf", "gzip"),
+    )
+    shard_samples: int = _opt(
+        512,
+        "Samples per cache shard file. Shards are built in parallel by all ranks and kept "
+        "when a build is interrupted; their boundaries do not depend on the rank count.",
+        min=1,
+    )
+    views: int = _opt(
+        0,
+        "Augmented views of the training set cached besides the plain one (random flips, "
+        "crops, colour jitter, drawn from `run.seed`); block training reads view e mod "
+        "(1 + views) in epoch e.",
+        min=0,
+    )
+    augment_flip: bool = _opt(True, "Views only: random horizontal flips.")
+    augment_crop: int = _opt(
+        4, "Views only: zero padding in pixels on each side before a random crop back to "
+        "size (0: no crops).", min=0)
+    augment_jitter: float = _opt(
+        0.1, "Views only: random contrast and brightness change, as a fraction of each "
+        "image's own spread (0: none).", min=0.0, max=1.0)
+    memory_budget_mb: int = _opt(
+        2048,
+        "Per worker: a block's cached arrays (all its parts) are loaded into RAM when they "
+        "fit in this many MB, else streamed from the file in shuffled chunks.",
+        min=0,
     )
 
 
@@ -199,6 +268,7 @@ class Job:
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     run: RunConfig = field(default_factory=RunConfig)

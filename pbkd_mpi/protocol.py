@@ -95,9 +95,16 @@ def receive(comm, source: int = MPI.ANY_SOURCE, deadline: float | None = None):
 @dataclass
 class TaskRecord:
     task_id: str
-    rank: int
+    rank: int  # the worker that trained it (a split task: the first of its workers)
     start_s: float
     end_s: float = 0.0
+    ranks: tuple = ()  # every worker that trained it (more than one: a split task)
+    estimated_s: float | None = None  # the schedule's estimate when it was handed out
+    waiting: set = field(default_factory=set)  # split task: workers whose result is due
+
+    @property
+    def seconds(self) -> float:
+        return self.end_s - self.start_s
 
 
 @dataclass
@@ -105,38 +112,32 @@ class TaskOutcome:
     results: dict = field(default_factory=dict)  # task id -> result
     records: list = field(default_factory=list)  # TaskRecord of each task that succeeded
     failures: dict = field(default_factory=dict)  # task id -> [{rank, error, traceback}]
+    plan: object = None  # the schedule.Plan the tasks followed
 
 
-class _TaskQueue:
-    """Pending tasks, longest first, and the workers each task has already failed on."""
+@dataclass(frozen=True)
+class Share:
+    """A worker's part of a split task: train `task` data-parallel with `ranks`. The worker
+    fills in `comm`, the sub-communicator of those ranks (never pickled: made on arrival)."""
 
-    def __init__(self, tasks, cost, max_attempts):
-        self.cost, self.max_attempts = cost, max_attempts
-        self.pending = sorted(tasks, key=lambda task_id: cost[task_id], reverse=True)
-        self.errors: dict[str, list] = {task_id: [] for task_id in tasks}
+    task: object
+    ranks: tuple
+    comm: object = field(default=None, compare=False)
 
-    def empty(self) -> bool:
-        return not self.pending
+    def __getstate__(self):
+        return {"task": self.task, "ranks": self.ranks, "comm": None}
 
-    def next_for(self, rank: int, available) -> str | None:
-        """The longest pending task this worker has not failed, or one it has failed when
-        no other available worker is left that has not."""
-        for task_id in self.pending:
-            failed_on = {error["rank"] for error in self.errors[task_id]}
-            if rank not in failed_on or all(r in failed_on for r in available):
-                self.pending.remove(task_id)
-                return task_id
-        return None
+    def __setstate__(self, state):
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
 
-    def failed(self, task_id, rank, text) -> list | None:
-        """Note a failure; returns the task's errors when it is given up, else None."""
-        last_line = text.strip().splitlines()[-1] if text.strip() else "unknown error"
-        self.errors[task_id].append({"rank": rank, "error": last_line, "traceback": text})
-        if len(self.errors[task_id]) >= self.max_attempts:
-            return self.errors[task_id]
-        self.pending.append(task_id)
-        self.pending.sort(key=lambda t: self.cost[t], reverse=True)
-        return None
+
+def default_plan(tasks: dict, cost: dict, workers):
+    """Work-stealing without splitting on `cost` (its units do not matter, only its order)."""
+    from .schedule import TaskEstimate, make_plan
+
+    return make_plan([TaskEstimate(name, (float(cost[name]),)) for name in tasks],
+                     tuple(workers), "work-stealing")
 
 
 @dataclass
@@ -162,19 +163,26 @@ class Coordinator:
 
     def run_tasks(self, tasks: dict, cost: dict, on_result=None, on_failure=None,
                   max_attempts: int = 1, on_dispatch=None,
-                  silence_limit_s: float | None = None) -> "TaskOutcome":
-        """Run every task on the workers, longest estimated cost first, each worker pulling
-        the next task when it is free. A task that raises on a worker is tried again on
-        another worker, up to `max_attempts` tries in all; one that still fails is given up
-        (`on_failure(task_id, errors)`) and the others go on. A signal (see preemption)
-        stops the hand-out and raises Preempted once the workers are told."""
+                  silence_limit_s: float | None = None, plan=None) -> "TaskOutcome":
+        """Run every task on the workers as `plan` (a schedule.Plan over these worker
+        ranks) says; without one, work-stealing on `cost` without splitting. A task that
+        raises on a worker is tried again on another worker, up to `max_attempts` tries in
+        all; one that still fails is given up (`on_failure(task_id, errors)`) and the others
+        go on. A split task goes to its workers together as a `Share` each; every one of
+        them answers and the first's result is kept (their weights are identical); one
+        that fails ends the run, because its partners are waiting in its allreduce. A
+        signal (see preemption) stops the hand-out and raises Preempted once the workers
+        are told."""
+        from .schedule import Scheduler
+
         self.broadcast(None, Tag.SERVE)
         self.epoch = time.monotonic()  # task start and end times count from here
-        queue = _TaskQueue(tasks, cost, max_attempts)
+        plan = plan if plan is not None else default_plan(tasks, cost, self.workers)
+        queue = Scheduler(plan, max_attempts)
         idle: set[int] = set()
         running: dict[int, TaskRecord] = {}
         stopped: set[int] = set()
-        outcome = TaskOutcome()
+        outcome = TaskOutcome(plan=plan)
         silence_limit_s = silence_limit_s if silence_limit_s is not None else self.silence_limit_s
         heard = self.heard
         for rank in self.workers:
@@ -191,15 +199,25 @@ class Coordinator:
                 continue
             if tag is Tag.PREEMPTED:
                 raise preemption.Preempted(f"rank {rank}: {payload}")
-            if tag is Tag.ERROR and rank not in running:
+            if tag is Tag.ERROR and (rank not in running or len(running[rank].ranks) > 1):
                 raise RemoteError(rank, *payload)
             if tag in (Tag.RESULT, Tag.ERROR):
                 record = running.pop(rank)
+                record.waiting.discard(rank)
+                if record.waiting:  # a split task: its other workers have yet to answer
+                    if rank == record.rank:
+                        outcome.results[record.task_id] = payload[1]
+                    idle.add(rank)
+                    self._dispatch(queue, idle, running, stopped, tasks, on_dispatch)
+                    continue
                 record.end_s = self.now()
                 if tag is Tag.RESULT:
-                    task_id, result = payload
-                    outcome.results[task_id] = result
+                    task_id = record.task_id
+                    if rank == record.rank or task_id not in outcome.results:
+                        outcome.results[task_id] = payload[1]
+                    result = outcome.results[task_id]
                     outcome.records.append(record)
+                    queue.done(task_id, record.ranks, record.seconds)
                     if on_result is not None:
                         on_result(task_id, result, record)
                 else:
@@ -230,20 +248,30 @@ class Coordinator:
                     f"same command again to resume.")
 
     def _dispatch(self, queue, idle, running, stopped, tasks, on_dispatch) -> None:
-        for rank in sorted(idle):
-            available = [r for r in self.workers if r not in stopped]
-            task_id = queue.next_for(rank, available)
-            if task_id is not None:
+        available = [r for r in self.workers if r not in stopped]
+        for task_id, ranks in queue.assign(idle, available):
+            record = TaskRecord(task_id, ranks[0], self.now(), ranks=tuple(ranks),
+                                estimated_s=queue.estimates[task_id], waiting=set(ranks))
+            for rank in ranks:
                 idle.discard(rank)
-                running[rank] = TaskRecord(task_id, rank, self.now())
-                send(self.comm, (task_id, tasks[task_id]), rank, Tag.TASK)
-                if on_dispatch is not None:
+                running[rank] = record
+            payload = tasks[task_id] if len(ranks) == 1 else None
+            requests = [self.comm.isend((task_id, payload if payload is not None else
+                                         Share(tasks[task_id], tuple(ranks))),
+                                        dest=rank, tag=int(Tag.TASK)) for rank in ranks]
+            for request in requests:  # the workers of a split task start together
+                wait_request(request)
+            if on_dispatch is not None:
+                for rank in ranks:
                     on_dispatch(task_id, rank)
-            elif queue.empty() and not running:
+        if queue.empty() and not running:
+            for rank in sorted(idle):
                 idle.discard(rank)
                 stopped.add(rank)
                 send(self.comm, None, rank, Tag.STOP)
-            # else: wait; a running task may fail and need another worker
+        # else: idle workers wait: for a running task that may fail and need another
+        # worker, for a split task's workers to be free together, or (fixed policies) for
+        # nothing, until every task has ended
 
     def run_collective(self, name: str, payload=None, local=None) -> dict:
         """Run phase `name` on every rank: each worker runs its registered handler (see

@@ -1,0 +1,257 @@
+"""Measured task costs: profile.json, and the model that turns it into schedule estimates.
+
+Before distillation every worker rank times, in parallel and where the tasks will run, a
+few training steps of the student blocks it is given (after warm-up steps that build,
+compile and trace), one forward batch of evaluation, and how fast it reads the block's
+slice of the activation cache. From those and the task's shape (samples, batch, epochs):
+
+    seconds(1) = setup_s + bytes_read / read_bytes_per_s
+                 + epochs x (steps_per_epoch x seconds_per_step + eval_s_per_epoch)
+                 + final_eval_s
+
+A task trained data-parallel on k workers (each a shard of every global batch, gradients
+averaged by allreduce; pbkd_mpi/data_parallel.py) keeps the global batch, so each worker's
+step has batch / k samples plus one allreduce of the student's weights:
+
+    seconds(k) = setup_s + (bytes_read / read_bytes_per_s + epochs x eval_s_per_epoch
+                 + final_eval_s) / k
+                 + epochs x steps_per_epoch x (fixed_step_s + per_sample_step_s x batch / k
+                                               + allreduce_s(k, param_bytes))
+
+with the step split into a fixed part and a per-sample part by timing two batch sizes, and
+allreduce_s(k, b) = 2 ceil(log2 k) latency + 2 (k - 1) / k x b x seconds_per_byte from an
+allreduce timed on this run's ranks (`allreduce` in profile.json; a model beyond the ranks
+measured, labelled so). When no measurement exists, costs come from FLOP counts
+(`method` says so) and only their order means anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .phases import worker_phase
+from .schedule import TaskEstimate
+
+PROFILE_VERSION = 1
+WARMUP_STEPS = 2  # the first step traces the graph; the second still allocates
+TIMED_STEPS = 4
+ALLREDUCE_REPEATS = 5
+ALLREDUCE_LARGE_BYTES = 4 << 20
+
+
+def allreduce_s(allreduce: dict | None, k: int, nbytes: int) -> float:
+    if k <= 1:
+        return 0.0
+    if not allreduce:
+        raise ValueError("a split estimate needs a measured allreduce (profile['allreduce'])")
+    rounds = math.ceil(math.log2(k))
+    return (2 * rounds * allreduce["latency_s"]
+            + 2 * (k - 1) / k * nbytes * allreduce["seconds_per_byte"])
+
+
+def split_seconds(entry: dict, k: int, allreduce: dict | None) -> float:
+    """Estimated seconds of one block task on k workers (see the module docstring)."""
+    shared = (entry["bytes_read"] / entry["read_bytes_per_s"]
+              + entry["epochs"] * entry["eval_s_per_epoch"] + entry["final_eval_s"])
+    if k == 1:
+        return (entry["setup_s"] + shared
+                + entry["epochs"] * entry["steps_per_epoch"] * entry["seconds_per_step"])
+    step = (entry["fixed_step_s"] + entry["per_sample_step_s"] * entry["batch_size"] / k
+            + allreduce_s(allreduce, k, entry["param_bytes"]))
+    return entry["setup_s"] + shared / k + entry["epochs"] * entry["steps_per_epoch"] * step
+
+
+def task_estimates(profile: dict, workers: int) -> list[TaskEstimate]:
+    """The schedule's view of a profile on `workers` workers: seconds on 1..k workers,
+    where k stops at `workers`, at the batch size (no worker gets an empty piece), and
+    where no allreduce was measured (splitting then is not offered)."""
+    out = []
+    for name, entry in profile["blocks"].items():
+        if "estimated_s" not in entry:
+            raise UserError(f"profile block {name!r} has no estimated_s: expected an entry "
+                            f"written by pbkd_mpi.profile, received keys {sorted(entry)}.")
+        splittable = profile.get("allreduce") and "fixed_step_s" in entry
+        most = min(workers, entry.get("batch_size", 1)) if splittable else 1
+        seconds = [entry["estimated_s"]] + [split_seconds(entry, k, profile["allreduce"])
+                                            for k in range(2, most + 1)]
+        out.append(TaskEstimate(name, tuple(seconds)))
+    return out
+
+
+def load_profile(path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "profile.json"
+    try:
+        profile = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"No profile at {str(path)!r}: expected RUN_DIR/profile.json, "
+                        f"written by a run before distillation.") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{str(path)!r} is not valid JSON: {exc}.") from None
+    if not isinstance(profile, dict) or not isinstance(profile.get("blocks"), dict) \
+            or not profile["blocks"]:
+        raise UserError(f"{str(path)!r} is not a profile: expected an object with a "
+                        f"non-empty \"blocks\" table, received "
+                        f"{type(profile).__name__} with keys {sorted(profile)[:8] if isinstance(profile, dict) else []}.")
+    return profile
+
+
+def save_profile(run_dir, profile: dict) -> Path:
+    from .report import write_atomically
+
+    path = Path(run_dir) / "profile.json"
+    write_atomically(path, json.dumps(profile, indent=2) + "\n")
+    return path
+
+
+# --- measuring, on a worker --------------------------------------------------------------
+
+class _StepTimes:
+    """Keras callback: the wall time at the end of each training batch."""
+
+    def __new__(cls):
+        import keras
+
+        class Timer(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                self.ends = [time.perf_counter()]
+
+            def on_train_batch_end(self, batch, logs=None):
+                self.ends.append(time.perf_counter())
+
+        return Timer()
+
+
+def _timed_steps(model, x, y, batch_size: int, steps: int) -> tuple[float, float]:
+    """(when the first timed step began, median seconds per timed step)."""
+    timer = _StepTimes()
+    n = (WARMUP_STEPS + steps) * batch_size
+    model.fit(x[:n], y[:n], batch_size=batch_size, epochs=1, shuffle=False, verbose=0,
+              callbacks=[timer])
+    ends = timer.ends
+    return ends[WARMUP_STEPS], float(np.median(np.diff(ends[WARMUP_STEPS:])))
+
+
+def measure_block(task, samples: dict, steps: int = TIMED_STEPS) -> dict:
+    """Time a few training steps of `task`'s student block (BlockTask) on this rank.
+    `samples`: {"train": n, "val": n} of the cache. Returns the block's profile entry."""
+    import h5py
+    import keras
+
+    from .students import build_student_model
+
+    block, batch = task.block, task.config.batch_size
+    half = max(1, batch // 2)
+    started = time.perf_counter()
+    need = (WARMUP_STEPS + steps) * batch
+    with h5py.File(task.cache_path, "r") as f:
+        x_set, y_set = f["train"][block.input_boundary], f["train"][block.output_boundary]
+        read_started = time.perf_counter()
+        x, y = x_set[:need], y_set[:need]
+        read_s = time.perf_counter() - read_started
+        item = x_set.dtype.itemsize
+    per_sample_bytes = (int(np.prod(block.input_shape)) + int(np.prod(block.output_shape))) * item
+    x, y = x.astype(np.float32), y.astype(np.float32)
+
+    keras.utils.set_random_seed(task.block_seed)
+    build_started = time.perf_counter()
+    model = build_student_model(block, task.depth_multiplier)
+    for layer_name, arrays in task.initial_weights.items():
+        model.get_layer(layer_name).set_weights(arrays)
+    model.compile(optimizer=keras.optimizers.Adam(task.config.learning_rate), loss="mse")
+    timed_from, step_s = _timed_steps(model, x, y, batch, steps)
+    # Build, compile and trace: paid once per task (the warm-up steps less their own work).
+    setup_s = timed_from - build_started - WARMUP_STEPS * step_s
+    # A second batch size splits the step into a fixed and a per-sample part (the step of
+    # a worker in a split task has batch / k samples). Same compiled model: no new build.
+    _, half_s = _timed_steps(model, x, y, half, steps)
+    per_sample = max(0.0, (step_s - half_s) / (batch - half)) if batch > half else 0.0
+    fixed = max(0.0, step_s - per_sample * batch)
+    # Evaluation is a forward pass; time one batch of 256 (Keras' evaluate batch here)
+    # after one warm call that traces it.
+    eval_batch = min(256, len(x))
+    model.predict_on_batch(x[:eval_batch])
+    eval_started = time.perf_counter()
+    model.predict_on_batch(x[:eval_batch])
+    forward_per_sample = (time.perf_counter() - eval_started) / eval_batch
+
+    train_n, val_n = samples["train"], samples["val"]
+    steps_per_epoch = -(-train_n // batch)
+    param_bytes = 4 * int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    entry = {
+        "seconds_per_step": step_s,
+        "fixed_step_s": fixed,
+        "per_sample_step_s": per_sample,
+        "batch_size": batch,
+        "steps_per_epoch": steps_per_epoch,
+        "epochs": task.config.epochs,
+        "setup_s": setup_s,
+        "bytes_read": per_sample_bytes * (train_n + val_n),
+        "read_bytes_per_s": len(x) * per_sample_bytes / max(read_s, 1e-9),
+        "eval_s_per_epoch": forward_per_sample * val_n,
+        # Before training (val), at the end (train and val), and the BN calibration batch.
+        "final_eval_s": forward_per_sample * (train_n + 2 * val_n + 512),
+        "param_bytes": param_bytes,
+        "profile_s": time.perf_counter() - started,
+        "method": "measured",
+    }
+    entry["estimated_s"] = split_seconds(entry, 1, None)
+    return entry
+
+
+def measure_allreduce(comm, check=None) -> dict:
+    """Latency and seconds per byte of an allreduce on `comm` (a small and a 4 MiB float64
+    buffer, median of a few each, through the polling collectives)."""
+    from .collectives import allreduce_sum, barrier
+
+    def median_time(values):
+        times = []
+        for _ in range(ALLREDUCE_REPEATS):
+            barrier(comm, check)
+            started = time.perf_counter()
+            allreduce_sum(comm, [values], check)
+            times.append(time.perf_counter() - started)
+        return float(np.median(times))
+
+    small = median_time(np.zeros(1))
+    large = median_time(np.zeros(ALLREDUCE_LARGE_BYTES // 8))
+    ranks = comm.Get_size()
+    rounds = max(1, math.ceil(math.log2(ranks)))
+    per_byte = max(0.0, large - small) / (2 * (ranks - 1) / ranks * ALLREDUCE_LARGE_BYTES)
+    return {"latency_s": small / (2 * rounds), "seconds_per_byte": per_byte, "ranks": ranks,
+            "method": f"measured: allreduce over {ranks} ranks of this run (8 B and "
+                      f"{ALLREDUCE_LARGE_BYTES >> 20} MiB, median of {ALLREDUCE_REPEATS}); "
+                      f"other rank counts are modelled (binary tree latency, ring bandwidth)"}
+
+
+@worker_phase("profile")
+def profile_phase(context, payload, comm, check) -> dict:
+    """A worker's side of the profiling phase: time its share of the blocks, then take
+    part in the allreduce measurement with every rank."""
+    from .logs import LOGGER
+
+    entries = {}
+    for task in payload["tasks"].get(comm.Get_rank(), []):
+        check()
+        entries[task.block.name] = measure_block(task, payload["samples"])
+        LOGGER.info("profile %s: %.4f s per step, estimated %.1f s", task.block.name,
+                    entries[task.block.name]["seconds_per_step"],
+                    entries[task.block.name]["estimated_s"])
+    allreduce = measure_allreduce(comm, check) if payload["allreduce"] else None
+    return {"blocks": entries, "allreduce": allreduce}
+
+
+def flop_profile(tasks, note: str) -> dict:
+    """The labelled fallback: each BlockTask's FLOP/IO cost model value as its estimate."""
+    return {"version": PROFILE_VERSION, "method": f"FLOP estimate (fallback: {note}); "
+            "relative units, only the order of tasks means anything",
+            "allreduce": None,
+            "blocks": {name: {"estimated_s": task.estimated_cost, "method": "FLOP estimate"}
+                       for name, task in tasks.items()}}

@@ -1,0 +1,297 @@
+"""Which worker trains which block when: policies, splitting, the lower bound (pure).
+
+A task's cost is a `TaskEstimate`: its seconds on 1, 2, ... k workers (k > 1: trained
+data-parallel on disjoint shards, see profile.split_seconds). A `Plan` fixes, before the
+run, the policy, how many workers each task gets (`ways`) and each worker's initial queue.
+A `Scheduler` then answers, as workers become idle, which task each of them runs next; the
+coordinator (protocol.py) and the simulator (simulate.py) drive the same Scheduler, so what
+the simulator predicts is what the coordinator does.
+
+Policies:
+- `round-robin`: task i (in the teacher's order) to worker i mod W, fixed: the paper's default.
+- `static-lpt`: longest task first onto the least-loaded worker, fixed before the run.
+- `work-stealing`: queues seeded by LPT; a worker whose queue is empty takes the longest
+  task left in the most loaded queue (load = estimated seconds x that worker's measured
+  slowness), and measured task times correct the estimates as the run goes. With
+  splitting, tasks longer than the ideal makespan run on k workers at once ("gangs").
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+POLICIES = ("round-robin", "static-lpt", "work-stealing")
+
+
+@dataclass(frozen=True)
+class TaskEstimate:
+    """`seconds[k - 1]`: the task's estimated time on k workers; one entry: not splittable."""
+
+    name: str
+    seconds: tuple[float, ...]
+
+    def __post_init__(self):
+        if not self.seconds or any(not (s >= 0 and math.isfinite(s)) for s in self.seconds):
+            raise ValueError(f"task {self.name!r}: expected finite non-negative seconds on "
+                             f"1..k workers, received {self.seconds!r}")
+
+    @property
+    def alone(self) -> float:
+        return self.seconds[0]
+
+    def on(self, ways: int) -> float:
+        return self.seconds[ways - 1]
+
+    def max_ways(self, workers: int) -> int:
+        return min(workers, len(self.seconds))
+
+
+def lower_bound(tasks, workers: int, split: bool) -> float:
+    """No schedule of these tasks on `workers` finishes sooner: every task needs its least
+    work (min over k of k x its time on k workers; its time alone without splitting) done
+    by someone, and the longest task needs at least its shortest time on up to `workers`."""
+    if workers < 1:
+        raise ValueError(f"expected at least 1 worker, received {workers}")
+    if not tasks:
+        return 0.0
+    if not split:
+        return max(sum(t.alone for t in tasks) / workers, max(t.alone for t in tasks))
+    work = sum(min(k * t.on(k) for k in range(1, t.max_ways(workers) + 1)) for t in tasks)
+    longest = max(min(t.seconds[:t.max_ways(workers)]) for t in tasks)
+    return max(work / workers, longest)
+
+
+@dataclass(frozen=True)
+class Plan:
+    policy: str
+    workers: tuple[int, ...]  # worker ids (MPI ranks in a run, 1..W in a simulation)
+    ways: dict  # task name -> workers that train it together (1: not split)
+    queues: dict  # worker id -> initial queue of single-worker task names, in order
+    estimates: dict  # task name -> estimated seconds at its ways
+    order: tuple[str, ...]  # every task name, longest estimate first
+    lower_bound_s: float
+    predicted_s: float | None = None  # the simulator's makespan for this plan, when known
+
+    def to_dict(self) -> dict:
+        return {"policy": self.policy, "ways": dict(self.ways),
+                "queues": {str(w): list(q) for w, q in self.queues.items()},
+                "estimates": dict(self.estimates), "lower_bound_s": self.lower_bound_s,
+                "predicted_s": self.predicted_s}
+
+
+def _lpt(names, seconds, workers, loads=None) -> dict:
+    """Longest first onto the least-loaded worker (ties: the lowest id)."""
+    queues = {w: [] for w in workers}
+    heap = [((loads or {}).get(w, 0.0), i, w) for i, w in enumerate(workers)]
+    heapq.heapify(heap)
+    for name in sorted(names, key=lambda n: (-seconds[n], n)):
+        load, i, w = heapq.heappop(heap)
+        queues[w].append(name)
+        heapq.heappush(heap, (load + seconds[name], i, w))
+    return queues
+
+
+def make_plan(tasks, workers, policy: str = "work-stealing", split: bool = False,
+              ways: dict | None = None) -> Plan:
+    """The plan of `tasks` (TaskEstimate, in the teacher's order) on `workers` (a count or
+    the worker ids). `ways` fixes the split of each task; by default the planner chooses
+    it (work-stealing with `split` only; the published baselines never split)."""
+    ids = tuple(range(1, workers + 1)) if isinstance(workers, int) else tuple(workers)
+    if policy not in POLICIES:
+        raise ValueError(f"expected a policy among {', '.join(POLICIES)}, received {policy!r}")
+    if not ids:
+        raise ValueError("expected at least one worker, received none")
+    tasks = list(tasks)
+    if ways is None:
+        if split and policy == "work-stealing" and len(ids) > 1:
+            return _best_split_plan(tasks, ids)
+        ways = {t.name: 1 for t in tasks}
+    return _plan_with_ways(tasks, ids, policy, ways, split)
+
+
+def _plan_with_ways(tasks, ids, policy, ways, split) -> Plan:
+    by_name = {t.name: t for t in tasks}
+    for name, k in ways.items():
+        if not 1 <= k <= by_name[name].max_ways(len(ids)):
+            raise ValueError(f"task {name!r} cannot run on {k} workers: it has estimates for "
+                             f"1..{len(by_name[name].seconds)} and there are {len(ids)} workers")
+    estimates = {t.name: t.on(ways[t.name]) for t in tasks}
+    order = tuple(sorted(estimates, key=lambda n: (-estimates[n], n)))
+    singles = [t.name for t in tasks if ways[t.name] == 1]
+    if policy == "round-robin":
+        queues = {w: [] for w in ids}
+        for i, name in enumerate(singles):
+            queues[ids[i % len(ids)]].append(name)
+    else:
+        # Gangs start first (they are the longest); seed the single tasks around their load.
+        loads = {w: 0.0 for w in ids}
+        for name in order:
+            if ways[name] > 1:
+                for w in sorted(ids, key=lambda w: (loads[w], w))[:ways[name]]:
+                    loads[w] += estimates[name]
+        queues = _lpt(singles, estimates, ids, loads)
+    return Plan(policy, ids, dict(ways), queues, estimates, order,
+                lower_bound(tasks, len(ids), split))
+
+
+def _best_split_plan(tasks, ids) -> Plan:
+    """Splitting chosen by simulation: for several targets T (from the ideal makespan
+    total / W down), every task longer than T runs on the fewest workers that bring it
+    under T; also the allotment that gives one more worker to the longest task until the
+    workers run out (best when there are more workers than tasks). The candidate whose
+    simulated makespan is shortest wins; no split at all is a candidate too."""
+    from .simulate import simulate_plan
+
+    workers = len(ids)
+    ideal = sum(t.alone for t in tasks) / workers
+    candidates = [{t.name: 1 for t in tasks}]
+    for fraction in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3):
+        target = ideal * fraction
+        ways = {}
+        for t in tasks:
+            k = 1
+            while t.on(k) > target and k < t.max_ways(workers):
+                k += 1
+            ways[t.name] = k
+        candidates.append(ways)
+    if len(tasks) <= workers:
+        ways = {t.name: 1 for t in tasks}
+        while sum(ways.values()) < workers:
+            growable = [t for t in tasks if ways[t.name] < t.max_ways(workers)
+                        and t.on(ways[t.name] + 1) < t.on(ways[t.name])]
+            if not growable:
+                break
+            longest = max(growable, key=lambda t: t.on(ways[t.name]))
+            ways[longest.name] += 1
+        candidates.append(ways)
+    best = None
+    for ways in candidates:
+        plan = _plan_with_ways(tasks, ids, "work-stealing", ways, split=True)
+        makespan = simulate_plan(plan).makespan_s
+        if best is None or makespan < best[0] - 1e-12:
+            best = (makespan, plan)
+    makespan, plan = best
+    return Plan(**{**plan.__dict__, "predicted_s": makespan})
+
+
+@dataclass
+class Scheduler:
+    """The live state of a plan: who runs what next. `assign` hands tasks to idle workers,
+    `done` takes a measured time, `failed` puts a task back for another worker (up to
+    `max_attempts` tries in all)."""
+
+    plan: Plan
+    max_attempts: int = 1
+    queues: dict = field(init=False)
+    gangs: list = field(init=False)  # split tasks not yet started, longest first
+    estimates: dict = field(init=False)
+    errors: dict = field(init=False)
+    # Per worker: measured / estimated seconds of the tasks it finished (its slowness).
+    _measured: dict = field(init=False)
+    _estimated: dict = field(init=False)
+
+    def __post_init__(self):
+        self.queues = {w: list(q) for w, q in self.plan.queues.items()}
+        self.gangs = [n for n in self.plan.order if self.plan.ways[n] > 1]
+        self.estimates = dict(self.plan.estimates)
+        self.errors = {name: [] for name in self.plan.estimates}
+        self._measured = {w: 0.0 for w in self.plan.workers}
+        self._estimated = {w: 0.0 for w in self.plan.workers}
+
+    @property
+    def stealing(self) -> bool:
+        return self.plan.policy == "work-stealing"
+
+    def empty(self) -> bool:
+        return not self.gangs and not any(self.queues.values())
+
+    def slowness(self, worker) -> float:
+        """Measured over estimated seconds of this worker's finished tasks (1 before any)."""
+        if self._estimated[worker] <= 0:
+            return 1.0
+        return self._measured[worker] / self._estimated[worker]
+
+    def load(self, worker) -> float:
+        return self.slowness(worker) * sum(self.estimates[n] for n in self.queues[worker])
+
+    def _failed_on(self, name) -> set:
+        return {error["rank"] for error in self.errors[name]}
+
+    def assign(self, idle, available) -> list[tuple[str, tuple]]:
+        """Tasks for idle workers now: [(task name, (worker, ...))]. `available`: the
+        workers still in the run (a task goes back to a worker that failed it only when
+        every available worker has)."""
+        idle = sorted(idle)
+        out = []
+        # A gang starts only when enough workers are idle at once; until then the idle
+        # workers wait for it (it is the longest task left, so its start cannot slip).
+        while self.gangs:
+            name = self.gangs[0]
+            k = self.plan.ways[name]
+            if len(idle) < k:
+                return out
+            chosen = sorted(idle, key=lambda w: (self.load(w), w))[:k]
+            self.gangs.pop(0)
+            idle = [w for w in idle if w not in chosen]
+            out.append((name, tuple(sorted(chosen))))
+        for worker in idle:
+            name = self._next_single(worker, available)
+            if name is not None:
+                out.append((name, (worker,)))
+        return out
+
+    def _next_single(self, worker, available) -> str | None:
+        def allowed(name):
+            failed = self._failed_on(name)
+            return worker not in failed or all(w in failed for w in available)
+
+        own = self.queues.get(worker, [])
+        for name in own:
+            if allowed(name):
+                own.remove(name)
+                return name
+        if not self.stealing:
+            return None
+        # Steal: the longest task this worker may run from the most loaded other queue.
+        for victim in sorted((w for w in self.queues if w != worker and self.queues[w]),
+                             key=lambda w: (-self.load(w), w)):
+            candidates = [n for n in self.queues[victim] if allowed(n)]
+            if candidates:
+                name = max(candidates, key=lambda n: (self.estimates[n], n))
+                self.queues[victim].remove(name)
+                return name
+        return None
+
+    def done(self, name, workers, seconds: float) -> None:
+        """A task finished in `seconds`: note each worker's slowness; with work-stealing,
+        rescale the estimates of tasks not started by measured / estimated of all so far."""
+        for w in workers:
+            self._measured[w] += seconds
+            self._estimated[w] += self.plan.estimates[name]
+        if self.stealing:
+            measured = sum(self._measured.values())
+            estimated = sum(self._estimated.values())
+            if estimated > 0:
+                factor = measured / estimated
+                self.estimates = {n: e * factor for n, e in self.plan.estimates.items()}
+
+    def failed(self, name, rank, text) -> list | None:
+        """Note a failure on `rank`; returns the task's errors when it is given up, else
+        None (it waits again: in its gang list, or in the queue of a worker that has not
+        failed it, the least loaded first)."""
+        lines = text.strip().splitlines()
+        self.errors[name].append({"rank": rank, "error": lines[-1] if lines else "unknown error",
+                                  "traceback": text})
+        if len(self.errors[name]) >= self.max_attempts:
+            return self.errors[name]
+        if self.plan.ways[name] > 1:
+            self.gangs.insert(0, name)
+            self.gangs.sort(key=lambda n: (-self.estimates[n], n))
+            return None
+        failed = self._failed_on(name)
+        others = [w for w in self.queues if w not in failed] or list(self.queues)
+        target = min(others, key=lambda w: (self.load(w), w))
+        self.queues[target].insert(0, name)
+        return None

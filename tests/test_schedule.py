@@ -1,0 +1,144 @@
+"""Policies, splitting and the simulator on synthetic task sets, against hand-computed
+makespans."""
+
+import json
+
+import pytest
+
+from pbkd_mpi.profile import split_seconds, task_estimates
+from pbkd_mpi.schedule import Scheduler, TaskEstimate, lower_bound, make_plan
+from pbkd_mpi.simulate import simulate_estimates, simulate_plan
+
+
+def tasks_of(*seconds, linear_split=0):
+    """Tasks t0, t1, ... with the given seconds alone; `linear_split`: also their time on
+    2..k workers, perfectly divided."""
+    return [TaskEstimate(f"t{i}", tuple(s / k for k in range(1, max(1, linear_split) + 1)))
+            for i, s in enumerate(seconds)]
+
+
+def makespan(tasks, workers, policy, split=False, **kw):
+    return simulate_plan(make_plan(tasks, workers, policy, split), **kw).makespan_s
+
+
+def test_lpt_reaches_the_lower_bound_when_a_perfect_packing_is_longest_first():
+    tasks = tasks_of(4, 3, 3, 2)
+    assert lower_bound(tasks, 2, split=False) == 6
+    assert makespan(tasks, 2, "static-lpt") == 6
+    plan = make_plan(tasks, 2, "static-lpt")
+    assert plan.queues == {1: ["t0", "t3"], 2: ["t1", "t2"]}
+
+
+def test_lpt_classic_worst_case_is_seven_sixths_of_the_optimum():
+    # 3,3,2,2,2 on 2 workers: optimum 6 (3+3 | 2+2+2); LPT gives 3+2+2 = 7 (Graham's
+    # 4/3 - 1/(3m) bound, tight here).
+    assert makespan(tasks_of(3, 3, 2, 2, 2), 2, "static-lpt") == 7
+
+
+def test_round_robin_follows_the_given_order_and_ignores_costs():
+    tasks = tasks_of(5, 1, 5, 1)
+    plan = make_plan(tasks, 2, "round-robin")
+    assert plan.queues == {1: ["t0", "t2"], 2: ["t1", "t3"]}
+    assert makespan(tasks, 2, "round-robin") == 10
+    assert makespan(tasks, 2, "static-lpt") == 6
+
+
+def test_work_stealing_takes_over_a_slow_workers_queue():
+    # Six 1 s tasks, two workers, worker 1 three times slower. Static LPT leaves three on
+    # worker 1 (9 s). Stealing: worker 2 runs its three (0-3); at 3 worker 1 takes its
+    # second (3-6) and worker 2 steals the third (3-4): 6 s.
+    tasks = tasks_of(1, 1, 1, 1, 1, 1)
+    assert makespan(tasks, 2, "static-lpt", slowness={1: 3}) == 9
+    result = simulate_plan(make_plan(tasks, 2, "work-stealing"), slowness={1: 3})
+    assert result.makespan_s == 6
+    by_worker = {}
+    for name, workers, start, end in result.tasks:
+        by_worker.setdefault(workers, []).append((start, end))
+    assert sorted(by_worker[(1,)]) == [(0, 3), (3, 6)]
+    assert sorted(by_worker[(2,)]) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+
+
+def test_a_thief_takes_the_longest_task_of_the_most_loaded_queue():
+    tasks = tasks_of(1, 1, 1, 1, 1, 1)
+    plan = make_plan(tasks, 3, "work-stealing")
+    scheduler = Scheduler(plan)
+    scheduler.queues = {1: [], 2: ["t0", "t1"], 3: ["t2", "t3", "t4"]}
+    scheduler.estimates = {**scheduler.estimates, "t3": 2.0}
+    assert scheduler.assign({1}, [1, 2, 3]) == [("t3", (1,))]
+    assert scheduler.queues[3] == ["t2", "t4"]
+    # Static policies never steal.
+    static = Scheduler(make_plan(tasks, 3, "static-lpt"))
+    static.queues = {1: [], 2: ["t0"], 3: ["t1"]}
+    assert static.assign({1}, [1, 2, 3]) == []
+
+
+def test_measured_times_rescale_the_estimates_with_work_stealing():
+    scheduler = Scheduler(make_plan(tasks_of(2, 2, 2, 2), 2, "work-stealing"))
+    scheduler.assign({1, 2}, [1, 2])
+    scheduler.done("t0", (1,), 4.0)  # twice as slow as estimated
+    assert scheduler.estimates["t2"] == pytest.approx(4.0)
+    assert scheduler.slowness(1) == pytest.approx(2.0)
+    assert scheduler.slowness(2) == 1.0
+
+
+def test_a_failed_task_goes_to_another_worker_and_is_given_up_after_max_attempts():
+    scheduler = Scheduler(make_plan(tasks_of(3, 1), 2, "static-lpt"), max_attempts=2)
+    assert scheduler.assign({1, 2}, [1, 2]) == [("t0", (1,)), ("t1", (2,))]
+    assert scheduler.failed("t0", 1, "Traceback\nValueError: boom") is None
+    assert scheduler.queues[2] == ["t0"]
+    errors = scheduler.failed("t0", 2, "Traceback\nValueError: again")
+    assert [e["rank"] for e in errors] == [1, 2] and errors[-1]["error"] == "ValueError: again"
+
+
+def test_no_split_when_no_task_exceeds_the_ideal_makespan():
+    plan = make_plan(tasks_of(3, 3, 2, 2, linear_split=4), 2, "work-stealing", split=True)
+    assert set(plan.ways.values()) == {1}
+
+
+def test_an_oversized_task_is_split_and_the_plan_reaches_the_bound():
+    # 10 + four 1 s tasks on 4 workers: total 14, bound 3.5. Unsplit, the 10 s task is the
+    # makespan; split 4 ways (2.5 s) then the four small ones, one each: 3.5 s.
+    tasks = tasks_of(10, 1, 1, 1, 1, linear_split=4)
+    assert lower_bound(tasks, 4, split=False) == 10
+    assert lower_bound(tasks, 4, split=True) == 3.5
+    plan = make_plan(tasks, 4, "work-stealing", split=True)
+    assert plan.ways["t0"] == 4 and all(plan.ways[f"t{i}"] == 1 for i in range(1, 5))
+    assert plan.predicted_s == simulate_plan(plan).makespan_s == 3.5
+    assert makespan(tasks, 4, "work-stealing") == 10
+
+
+def test_split_overhead_counts_in_the_lower_bound():
+    # Splitting costs 1 s more on every k > 1: least work stays the task alone (10 s),
+    # the longest task's best is 10/4 + 1.
+    task = TaskEstimate("big", (10.0, 6.0, 10 / 3 + 1, 3.5))
+    assert lower_bound([task], 4, split=True) == 3.5
+    assert lower_bound([task, *tasks_of(4, 4)], 4, split=True) == pytest.approx(18 / 4)
+
+
+def test_gangs_wait_for_enough_idle_workers():
+    tasks = [TaskEstimate("g", (8.0, 4.0)), TaskEstimate("a", (3.0,)), TaskEstimate("b", (1.0,))]
+    plan = make_plan(tasks, 2, "work-stealing", ways={"g": 2, "a": 1, "b": 1})
+    result = simulate_plan(plan)
+    assert result.tasks[0] == ("g", (1, 2), 0.0, 4.0)
+    assert result.makespan_s == 7.0  # then a (4-7) and b (4-5) side by side
+
+
+def test_simulator_table_and_profile_model():
+    entry = {"seconds_per_step": 0.02, "fixed_step_s": 0.004, "per_sample_step_s": 0.00025,
+             "batch_size": 64, "steps_per_epoch": 100, "epochs": 5, "setup_s": 1.0,
+             "bytes_read": 1e9, "read_bytes_per_s": 1e9, "eval_s_per_epoch": 0.2,
+             "final_eval_s": 2.0, "param_bytes": 4e5}
+    allreduce = {"latency_s": 1e-4, "seconds_per_byte": 1e-9}
+    # Hand-computed: 1 + (1 + 1 + 2) + 5 * 100 * 0.02 = 15 s alone; on 2 workers
+    # 1 + 4/2 + 500 * (0.004 + 0.00025 * 32 + (2 * 1e-4 + 2 * 0.5 * 4e5 * 1e-9)) = 9.3 s.
+    assert split_seconds(entry, 1, None) == pytest.approx(15.0)
+    assert split_seconds(entry, 2, allreduce) == pytest.approx(9.3)
+    profile = {"allreduce": allreduce,
+               "blocks": {"a": {**entry, "estimated_s": 15.0},
+                          "b": {"estimated_s": 5.0}}}
+    estimates = task_estimates(profile, 4)
+    assert len(estimates[0].seconds) == 4 and estimates[1].seconds == (5.0,)
+    table = simulate_estimates(lambda w: task_estimates(profile, w), [1, 2])
+    assert table[1]["policies"]["round-robin"]["makespan_s"] == pytest.approx(20.0)
+    assert table[2]["policies"]["static-lpt"]["makespan_s"] == pytest.approx(15.0)
+    json.dumps(table)  # the --json output
