@@ -1,38 +1,89 @@
-"""Teacher activations at block boundaries, computed once and kept in HDF5.
+"""Teacher activations at block boundaries in HDF5: layout, fingerprint, size, validity.
 
-One file per run and fingerprint: `cache/activations-<fingerprint>.h5` with a group per
-split (`train`, `val`) and a dataset per boundary (samples along the first axis). It is
-written under a temporary name and renamed when complete, and marked with the fingerprint
-of the teacher's weights, the data and the boundaries, so a finished cache is reused and a
-foreign, partial or corrupt one is never read as if it were this run's.
+On disk, for one fingerprint:
+
+    cache/activations-<fp>.h5          the stitched file: a group per part (`train`, `val`,
+                                       `train_v1`.. for augmented views) and a virtual
+                                       dataset per boundary, samples along the first axis
+    cache/activations-<fp>.shards/     the data: one HDF5 file per shard of samples,
+                                       `<part>-<index>.h5`, written by one rank each
+
+Shards have a fixed number of samples (`cache.shard_samples`), so the shard boundaries do
+not depend on how many ranks build them and a resumed build reuses every complete shard
+whatever the rank count. Every file is written under a temporary name, synced and renamed,
+so a crash leaves no file that looks complete; each carries the fingerprint; datasets are
+Fletcher-32 checksummed per chunk, so a corrupted chunk fails its read instead of feeding a
+block wrong numbers. A virtual dataset would silently read a missing shard as fill values,
+so the stitched file lists its shards and `is_complete` checks that each is there and ours.
+Building is in cache_build.py, reading in cache_reader.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from .augment import AugmentSpec
 from .errors import UserError
 from .graph import MODEL_INPUT
 
 SPLITS = ("train", "val")
 CHUNK_BYTES = 1 << 20  # about 1 MiB per chunk: whole batches per read, few chunks per batch
-FORMAT_VERSION = 1
+SHARD_SAMPLES = 512
+FORMAT_VERSION = 2
+COMPRESSIONS = ("none", "lzf", "gzip")
+GZIP_LEVEL = 1  # higher levels shrink activations little more and cost far more time
 
 
-def cache_fingerprint(teacher_fingerprint: str, data_fingerprint: str, names, dtype: str) -> str:
+@dataclass(frozen=True)
+class CacheOptions:
+    """How a cache is stored; everything here is part of the fingerprint."""
+
+    dtype: str = "float16"
+    compression: str = "none"
+    shard_samples: int = SHARD_SAMPLES
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+
+    @classmethod
+    def from_config(cls, config) -> "CacheOptions":
+        return cls(config.dtype, config.compression, config.shard_samples,
+                   AugmentSpec(config.views, config.augment_flip, config.augment_crop,
+                               config.augment_jitter))
+
+    def dataset_options(self) -> dict:
+        """h5py create_dataset keywords for the compression (shuffle helps lzf and gzip
+        find the repeats in the bytes of fp16 and fp32 values)."""
+        if self.compression == "lzf":
+            return {"compression": "lzf", "shuffle": True}
+        if self.compression == "gzip":
+            return {"compression": "gzip", "compression_opts": GZIP_LEVEL, "shuffle": True}
+        return {}
+
+
+def cache_fingerprint(teacher_fingerprint: str, data_fingerprint: str, names, dtype: str,
+                      *, compression: str = "none", preprocessing: str = "",
+                      augment: AugmentSpec | None = None, shard_samples: int = SHARD_SAMPLES,
+                      seed: int = 0, mode: str = "cache") -> str:
+    """Keys the cache: the same value means the same numbers in the same files."""
+    augment = augment or AugmentSpec()
     text = json.dumps(
         {
             "teacher": teacher_fingerprint,
             "data": data_fingerprint,
+            "preprocessing": preprocessing,
             "boundaries": list(names),
             "dtype": dtype,
+            "compression": compression,
+            # Views are drawn from the run's seed, so the seed matters once there are views.
+            "augment": augment.to_dict() | ({"seed": seed} if augment.views else {}),
+            "shard_samples": shard_samples,
+            "mode": mode,
             "format": FORMAT_VERSION,
         },
         sort_keys=True,
@@ -40,17 +91,177 @@ def cache_fingerprint(teacher_fingerprint: str, data_fingerprint: str, names, dt
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def fingerprint_for(teacher_fingerprint, dataset, names, options: CacheOptions,
+                    preprocessing: str, seed: int, mode: str = "cache") -> str:
+    return cache_fingerprint(teacher_fingerprint, dataset.fingerprint(), names, options.dtype,
+                             compression=options.compression, preprocessing=preprocessing,
+                             augment=options.augment, shard_samples=options.shard_samples,
+                             seed=seed, mode=mode)
+
+
+# --- parts and shards ---------------------------------------------------------------------
+
+def part_names(views: int) -> list[str]:
+    """`train`, `val`, then one part per augmented view of the training set."""
+    return [*SPLITS, *(f"train_v{v}" for v in range(1, views + 1))]
+
+
+def part_source(part: str) -> tuple[str, int]:
+    """(split, view) that a part holds."""
+    if part.startswith("train_v"):
+        return "train", int(part[len("train_v"):])
+    return part, 0
+
+
+def part_counts(dataset, views: int) -> dict[str, int]:
+    return {part: len(getattr(dataset, f"y_{part_source(part)[0]}")) for part in part_names(views)}
+
+
+@dataclass(frozen=True)
+class Shard:
+    part: str
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.part}-{self.index:05d}.h5"
+
+    @property
+    def samples(self) -> int:
+        return self.stop - self.start
+
+
+def plan_shards(counts: dict[str, int], shard_samples: int) -> list[Shard]:
+    """Every shard of every part, in a fixed order that depends on the sizes only."""
+    shards = []
+    for part, count in counts.items():
+        for index, start in enumerate(range(0, count, shard_samples)):
+            shards.append(Shard(part, index, start, min(start + shard_samples, count)))
+    return shards
+
+
+def assigned(shards: list[Shard], rank: int, size: int) -> list[Shard]:
+    """Round-robin: shards are equal, so every rank gets the same work within one shard."""
+    return shards[rank::size]
+
+
+def chunk_rows(rows: int, sample_shape, dtype: str) -> int:
+    """Rows per chunk: about CHUNK_BYTES, and equal chunks, because a last partial chunk
+    takes a whole chunk's disk."""
+    sample_bytes = max(1, int(np.prod(sample_shape)) * np.dtype(dtype).itemsize)
+    chunks = -(-rows // max(1, CHUNK_BYTES // sample_bytes))
+    return max(1, -(-rows // chunks))
+
+
+# --- paths and validity -------------------------------------------------------------------
+
+def cache_path(run_dir: Path, fingerprint: str) -> Path:
+    return Path(run_dir) / "cache" / f"activations-{fingerprint}.h5"
+
+
+def shard_dir(path: Path) -> Path:
+    """Where the shards of the stitched file `path` live (a sibling folder)."""
+    path = Path(path)
+    return path.with_name(path.stem + ".shards")
+
+
+def boundary_shapes(teacher, names) -> dict[str, tuple]:
+    return {name: tuple((teacher.inputs[0] if name == MODEL_INPUT
+                         else teacher.get_layer(name).output).shape[1:]) for name in names}
+
+
+def check_shard(path: Path, shard: Shard, fingerprint: str, shapes: dict, dtype: str,
+                deep: bool = False) -> str | None:
+    """None for a complete shard of this cache; otherwise why it cannot be used. `deep`
+    reads every value, so a corrupted chunk fails its checksum here."""
+    try:
+        with h5py.File(path, "r") as f:
+            found = (f.attrs.get("fingerprint"), f.attrs.get("part"),
+                     int(f.attrs.get("start", -1)), int(f.attrs.get("stop", -1)))
+            expected = (fingerprint, shard.part, shard.start, shard.stop)
+            if found != expected:
+                return f"holds (fingerprint, part, start, stop) {found}, expected {expected}"
+            for name, shape in shapes.items():
+                if name not in f:
+                    return f"has no dataset {name!r}"
+                data = f[name]
+                if data.shape != (shard.samples, *shape) or data.dtype != np.dtype(dtype):
+                    return (f"dataset {name!r} is {data.shape} {data.dtype}, expected "
+                            f"{(shard.samples, *shape)} {dtype}")
+                if deep:
+                    step = data.chunks[0]
+                    for start in range(0, shard.samples, step):
+                        data[start:start + step]
+    except (OSError, KeyError, ValueError) as exc:
+        return f"cannot be read ({str(exc).strip() or type(exc).__name__})"
+    return None
+
+
+def is_complete(path: Path, fingerprint: str) -> bool:
+    return incomplete_reason(path, fingerprint) is None
+
+
+def incomplete_reason(path: Path, fingerprint: str) -> str | None:
+    """None for a stitched cache written to the end for this fingerprint whose shards are
+    all present and ours; otherwise what is wrong."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("fingerprint") != fingerprint:
+                return f"fingerprint {f.attrs.get('fingerprint')!r}, expected {fingerprint!r}"
+            if not bool(f.attrs.get("complete")):
+                return "not written to the end"
+            files = json.loads(f.attrs["shards"])
+    except (OSError, KeyError, ValueError) as exc:
+        return f"cannot be read ({str(exc).strip() or type(exc).__name__})"
+    folder = shard_dir(path)
+    for name in files:
+        try:
+            with h5py.File(folder / name, "r") as shard:
+                if shard.attrs.get("fingerprint") != fingerprint:
+                    return f"shard {name} belongs to another cache"
+        except OSError:
+            return f"shard {name} is missing or unreadable"
+    return None
+
+
+def require_complete(path: Path, fingerprint: str) -> None:
+    reason = incomplete_reason(path, fingerprint)
+    if reason is not None:
+        raise UserError(
+            f"The activation cache {str(path)!r} is missing, incomplete or belongs to another "
+            f"run (fingerprint {fingerprint} expected): {reason}."
+        )
+
+
+def read_pair(path: Path, fingerprint: str, split: str, input_name: str, output_name: str):
+    """A block's (input, target) arrays of one part, loaded into memory whole."""
+    require_complete(path, fingerprint)
+    with h5py.File(path, "r") as f:
+        return f[split][input_name][()], f[split][output_name][()]
+
+
+def build_cache(*args, **kwargs) -> dict:
+    """The whole cache from one process (cache_build.build_cache; here for callers that
+    know only this module)."""
+    from .cache_build import build_cache as build
+
+    return build(*args, **kwargs)
+
+
+# --- size -----------------------------------------------------------------------------------
+
 def estimate_bytes(teacher, names, samples: int, dtype: str) -> dict[str, int]:
-    """Bytes each boundary takes in the cache for `samples` samples (train + val)."""
+    """Bytes each boundary takes in the cache for `samples` samples (all parts), before
+    compression: the most it can take."""
     itemsize = np.dtype(dtype).itemsize
-    sizes = {}
-    for name in names:
-        tensor = teacher.inputs[0] if name == MODEL_INPUT else teacher.get_layer(name).output
-        sizes[name] = int(np.prod(tensor.shape[1:])) * itemsize * samples
-    return sizes
+    return {name: int(np.prod(shape)) * itemsize * samples
+            for name, shape in boundary_shapes(teacher, names).items()}
 
 
-def _human(count: float) -> str:
+def human(count: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if count < 1000 or unit == "TB":
             return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
@@ -58,101 +269,39 @@ def _human(count: float) -> str:
     return f"{count:.1f} TB"
 
 
-def check_disk(run_dir: Path, sizes: dict[str, int], samples: int, dtype: str) -> None:
-    """Refuse before writing when the run directory's disk cannot hold the cache."""
+_human = human
+
+
+def size_lines(sizes: dict[str, int], samples: int, dtype: str) -> list[str]:
+    """The estimate as printed before the build: each boundary, then the total."""
+    lines = [f"  {name}: {human(size)}" for name, size in sizes.items()]
+    lines.append(f"  total: {human(sum(sizes.values()))} ({len(sizes)} boundaries x {samples} "
+                 f"samples, {dtype}, before compression)")
+    return lines
+
+
+def check_disk(run_dir: Path, sizes: dict[str, int], samples: int, dtype: str,
+               views: int = 0, present: int = 0) -> None:
+    """Refuse before writing when the run directory's disk cannot hold the cache.
+    `present`: bytes of complete shards already on disk, which the build keeps."""
     needed = sum(sizes.values())
     where = Path(run_dir)
     while not where.exists():
         where = where.parent
     free = shutil.disk_usage(where).free
-    if needed <= 0.95 * free:  # leave room for the student, the report and the logs
+    if needed - present <= 0.95 * free:  # leave room for the student, the report and the logs
         return
-    largest = ", ".join(f"{name} {_human(size)}" for name, size in
+    largest = ", ".join(f"{name} {human(size)}" for name, size in
                         sorted(sizes.items(), key=lambda item: -item[1])[:3])
     options = ['cache.dtype = "float16" halves it'] if dtype == "float32" else []
+    if views:
+        options.append(f"fewer augmented views (cache.views = {views} now)")
     options += ["fewer samples", 'blocks.granularity = "stage" (fewer boundaries to store)',
+                'cache.mode = "recompute" (no cache: each block task runs the teacher up to '
+                'its block on every batch, slower but no disk)',
                 "a run directory on a larger disk (--run-dir)"]
     raise UserError(
-        f"The activation cache needs {_human(needed)} ({len(sizes)} boundaries x {samples} "
-        f"samples, {dtype}; largest: {largest}) but {str(run_dir)!r} has {_human(free)} free. "
+        f"The activation cache needs {human(needed)} ({len(sizes)} boundaries x {samples} "
+        f"samples, {dtype}; largest: {largest}) but {str(run_dir)!r} has {human(free)} free. "
         f"Options: {'; '.join(options)}."
     )
-
-
-def cache_path(run_dir: Path, fingerprint: str) -> Path:
-    return Path(run_dir) / "cache" / f"activations-{fingerprint}.h5"
-
-
-def is_complete(path: Path, fingerprint: str) -> bool:
-    """True only for a readable cache written to the end for this fingerprint."""
-    try:
-        with h5py.File(path, "r") as f:
-            return f.attrs.get("fingerprint") == fingerprint and bool(f.attrs.get("complete"))
-    except (OSError, KeyError):
-        return False
-
-
-def build_cache(teacher, dataset, names, path: Path, fingerprint: str, dtype: str,
-                batch_size: int = 256) -> dict:
-    """Write the boundaries `names` for the training and validation splits; reuse a
-    complete cache with the same fingerprint. Returns a summary for the report."""
-    import keras
-
-    path = Path(path)
-    if is_complete(path, fingerprint):
-        return {"path": str(path), "reused": True, "bytes": path.stat().st_size}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    layer_names = [name for name in names if name != MODEL_INPUT]
-    extractor = keras.Model(
-        teacher.inputs, [teacher.get_layer(name).output for name in layer_names]
-    )
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["fingerprint"] = fingerprint
-            f.attrs["boundaries"] = json.dumps(list(names))
-            f.attrs["complete"] = False
-            for split in SPLITS:
-                _write_split(f.create_group(split), extractor, layer_names, names,
-                             getattr(dataset, f"x_{split}"), dtype, batch_size)
-            f.attrs["complete"] = True
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return {"path": str(path), "reused": False, "bytes": path.stat().st_size}
-
-
-def _write_split(group, extractor, layer_names, names, x, dtype, batch_size):
-    shapes = {MODEL_INPUT: x.shape[1:]}
-    shapes.update({name: tuple(out.shape[1:]) for name, out in
-                   zip(layer_names, extractor.outputs)})
-    datasets = {}
-    for name in names:
-        sample_bytes = int(np.prod(shapes[name])) * np.dtype(dtype).itemsize
-        # Chunks of equal rows: a last, partial chunk would still take a whole chunk's disk.
-        chunks = -(-len(x) // max(1, CHUNK_BYTES // sample_bytes))
-        rows = max(1, -(-len(x) // chunks))
-        datasets[name] = group.create_dataset(
-            name, shape=(len(x), *shapes[name]), dtype=dtype, chunks=(rows, *shapes[name])
-        )
-    for start in range(0, len(x), batch_size):
-        batch = x[start:start + batch_size]
-        outputs = extractor.predict_on_batch(batch) if layer_names else []
-        if len(layer_names) == 1:
-            outputs = [outputs]
-        values = dict(zip(layer_names, outputs))
-        values[MODEL_INPUT] = batch
-        for name in names:
-            datasets[name][start:start + len(batch)] = np.asarray(values[name], dtype=dtype)
-
-
-def read_pair(path: Path, fingerprint: str, split: str, input_name: str, output_name: str):
-    """A block's (input, target) arrays of one split, loaded into memory."""
-    if not is_complete(path, fingerprint):
-        raise UserError(
-            f"The activation cache {str(path)!r} is missing, incomplete or belongs to another "
-            f"run (fingerprint {fingerprint} expected)."
-        )
-    with h5py.File(path, "r") as f:
-        return f[split][input_name][()], f[split][output_name][()]

@@ -6,6 +6,8 @@ Forms, several separated by commas:
   signal:NAME:SECONDS   rank 0 receives SIGNAME (USR1 or TERM) SECONDS after it starts
   kill:RANK:SECONDS     rank RANK kills itself (SIGKILL) SECONDS after it starts
   hang:RANK:SECONDS     rank RANK stops itself (SIGSTOP): alive, but silent
+  killwrite:RANK:N      rank RANK kills itself (SIGKILL) half-way through writing its N-th
+                        activation cache shard
 Not for production use: it exists so that the failure paths are tested for real.
 """
 
@@ -17,7 +19,7 @@ import threading
 
 from .errors import UserError
 
-KINDS = ("raise", "nan", "signal", "kill", "hang")
+KINDS = ("raise", "nan", "signal", "kill", "hang", "killwrite")
 _TIMED = {"signal", "kill", "hang"}  # KIND:WHO:SECONDS
 SIGNAL_NAMES = ("USR1", "TERM")
 
@@ -39,7 +41,7 @@ def parse(text: str) -> list[tuple[str, str]]:
         if not valid:
             raise UserError(
                 f"PBKD_FAULT expects items like raise:BLOCK, nan:BLOCK, signal:USR1:SECONDS, "
-                f"kill:RANK:SECONDS or hang:RANK:SECONDS, received {item!r}."
+                f"kill:RANK:SECONDS, hang:RANK:SECONDS or killwrite:RANK:N, received {item!r}."
             )
         faults.append((kind, target))
     return faults

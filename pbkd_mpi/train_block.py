@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import faults
-from .cache import read_pair
+from .cache_reader import DataSource, open_block_data
 from .checkpoint import epoch_checkpoint, load_state, restore
 from .config import DistillConfig
 from .cost import layers_cost
@@ -32,6 +32,7 @@ class BlockTask:
     estimated_cost: float  # relative units: only the order of tasks depends on it
     depth_multiplier: int = 1
     initial_weights: dict = field(default_factory=dict)  # {student layer name: arrays}
+    source: DataSource = field(default_factory=DataSource)  # cache reader or recompute
 
     @property
     def block_seed(self) -> int:
@@ -87,21 +88,15 @@ def train_block(task: BlockTask, callbacks=(), checkpoint_path: Path | None = No
     import keras
 
     block = task.block
-    x_train, y_train = read_pair(task.cache_path, task.cache_fingerprint, "train",
-                                 block.input_boundary, block.output_boundary)
-    x_val, y_val = read_pair(task.cache_path, task.cache_fingerprint, "val",
-                             block.input_boundary, block.output_boundary)
-    x_train, y_train, x_val, y_val = (a.astype(np.float32) for a in (x_train, y_train, x_val, y_val))
+    data = open_block_data(task, task.source, poison=faults.active("nan", block.name))
     if faults.active("raise", block.name):
         raise faults.InjectedFault(f"fault injected into block {block.name!r} (PBKD_FAULT)")
-    if faults.active("nan", block.name):
-        x_train[0] = np.nan
 
     keras.utils.set_random_seed(task.block_seed)
     model = build_student_model(block, task.depth_multiplier)
     for layer_name, arrays in task.initial_weights.items():
         model.get_layer(layer_name).set_weights(arrays)
-    calibrate_norm(model, x_train[:CALIBRATION_SAMPLES])
+    calibrate_norm(model, data.calibration(CALIBRATION_SAMPLES))
     model.compile(optimizer=keras.optimizers.Adam(task.config.learning_rate), loss="mse")
     best = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=task.config.patience, restore_best_weights=True
@@ -112,29 +107,27 @@ def train_block(task: BlockTask, callbacks=(), checkpoint_path: Path | None = No
         before = resume.extra
     else:
         # Where training starts from (the teacher's factorised kernel), for the report.
-        before = {"initial_val_mse": float(model.evaluate(x_val, y_val, batch_size=256,
-                                                          verbose=0))}
+        before = {"initial_val_mse": float(model.evaluate(data.val.dataset(), verbose=0))}
     extra_callbacks = []
     if checkpoint_path is not None:
         progress = epoch_checkpoint(checkpoint_path, best, before, resume)
         extra_callbacks.append(progress)
     started = time.perf_counter()
+    first_epoch = resume.epoch + 1 if resume is not None else 0
     history = model.fit(
-        x_train,
-        y_train,
-        batch_size=task.config.batch_size,
+        data.train_dataset(first_epoch),  # batches of task.config.batch_size, shuffled
         epochs=task.config.epochs,
-        initial_epoch=resume.epoch + 1 if resume is not None else 0,
-        validation_data=(x_val, y_val),
+        initial_epoch=first_epoch,
+        validation_data=data.val.dataset(),
         callbacks=[keras.callbacks.TerminateOnNaN(), best, *extra_callbacks, *callbacks],
-        shuffle=True,
+        shuffle=False,  # the reader shuffles
         verbose=0,
     )
     epochs_history = progress.history if checkpoint_path is not None else history.history
     train_seconds = time.perf_counter() - started
     # Scored in inference mode (BN moving statistics), as the block will run in the student.
-    train_mse = float(model.evaluate(x_train, y_train, batch_size=256, verbose=0))
-    val_mse = float(model.evaluate(x_val, y_val, batch_size=256, verbose=0))
+    train_mse = float(model.evaluate(data.train_eval.dataset(), verbose=0))
+    val_mse = float(model.evaluate(data.val.dataset(), verbose=0))
     if not np.isfinite(train_mse) or not np.isfinite(val_mse):
         raise FloatingPointError(
             f"block {block.name!r} ended with a non-finite MSE (train {train_mse}, val {val_mse})"
@@ -146,7 +139,7 @@ def train_block(task: BlockTask, callbacks=(), checkpoint_path: Path | None = No
         "val_mse": val_mse,
         "initial_val_mse": before["initial_val_mse"],
         "resumed_from_epoch": resume.epoch + 1 if resume is not None else 0,
-        "target_variance": float(np.var(y_val)),
+        "target_variance": data.val.target_variance(),
         "epochs": len(epochs_history.get("loss", [])),
         "best_epoch": int(best.best_epoch) + 1,
         "train_seconds": train_seconds,

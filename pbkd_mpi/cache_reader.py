@@ -1,0 +1,380 @@
+"""(input, target) batches for one block task: from the activation cache, or recomputed.
+
+From the cache (`CachedPairs`): a block's arrays are loaded into RAM when they fit the
+memory budget (`cache.memory_budget_mb`) and shuffled whole; otherwise they are streamed:
+the samples are cut into read units of about a chunk, the units are visited in a random
+order, a window of units is read (each a contiguous slice, the fast way to read HDF5) and
+shuffled within the window. Either way every sample comes exactly once per epoch, and a
+background thread prepares the next batches while the block trains (h5py holds the GIL
+while it reads, but TensorFlow releases it while it computes, so the two overlap).
+
+Recomputed (`RecomputedPairs`, `cache.mode = "recompute"`): each batch of images goes
+through the teacher up to the block's output, as the method's original implementation did;
+nothing is stored.
+
+Training cycles through the training set's views: epoch e reads view e mod (1 + views).
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+
+from .augment import AugmentSpec, Views
+from .cache import part_names, require_complete
+from .config import DataConfig
+from .errors import UserError
+from .graph import MODEL_INPUT
+
+PREFETCH_BATCHES = 4
+READ_BYTES = 1 << 20  # a read unit: about one chunk of the input and one of the target
+WINDOW_UNITS = 16  # units shuffled together: 16 random places of the split per window
+EVAL_BATCH = 256
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a block task's pairs come from; travels with the task to the worker."""
+
+    mode: str = "cache"  # "cache" or "recompute"
+    memory_budget_bytes: int = 2 << 30
+    views: int = 0  # augmented views of the training set besides the plain one
+    seed: int = 0  # the run's seed: the views' random draws (recompute mode)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    # recompute mode: the teacher file and the data, each checked against rank 0's hash
+    teacher_file: str = ""
+    teacher_fingerprint: str = ""
+    data: DataConfig | None = None
+    data_fingerprint: str = ""
+
+
+def _prefetched(produce, depth: int = PREFETCH_BATCHES):
+    """Run the generator function `produce` in a background thread, `depth` items ahead.
+    Leaving the loop early (an exception in training) stops the thread."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def run():
+        try:
+            for item in produce():
+                while not stop.is_set():
+                    try:
+                        items.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(done)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            items.put(exc)
+
+    thread = threading.Thread(target=run, name="pbkd-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def window_plan(samples: int, unit_rows: int, window_units: int, rng) -> list[list[slice]]:
+    """An epoch's reads: contiguous units of `unit_rows` samples in a random order, grouped
+    into windows whose samples are shuffled together."""
+    units = [slice(s, min(s + unit_rows, samples)) for s in range(0, samples, unit_rows)]
+    order = rng.permutation(len(units))
+    return [[units[i] for i in order[w:w + window_units]]
+            for w in range(0, len(order), window_units)]
+
+
+class PairSource:
+    """Epochs of (input, target) float32 batches; subclasses say how a part is read."""
+
+    def __init__(self, parts, batch_size: int, seed: int, shuffle: bool, epoch: int = 0,
+                 poison: bool = False):
+        self.parts, self.batch_size, self.seed = list(parts), batch_size, seed
+        self.shuffle, self.epoch, self.poison = shuffle, epoch, poison
+
+    def part_for(self, epoch: int) -> str:
+        return self.parts[epoch % len(self.parts)]
+
+    def epoch_batches(self, epoch: int):
+        """The batches of one epoch, computed in this thread."""
+        rng = np.random.default_rng([self.seed, epoch])
+        pending_x, pending_y, held = [], [], 0
+        for x, y in self._pieces(self.part_for(epoch), rng):
+            pending_x.append(x)
+            pending_y.append(y)
+            held += len(x)
+            while held >= self.batch_size:
+                xs, ys = np.concatenate(pending_x), np.concatenate(pending_y)
+                yield self._finish(xs[:self.batch_size], ys[:self.batch_size])
+                pending_x, pending_y = [xs[self.batch_size:]], [ys[self.batch_size:]]
+                held -= self.batch_size
+        if held:
+            yield self._finish(np.concatenate(pending_x), np.concatenate(pending_y))
+
+    def _finish(self, x, y):
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        if self.poison:  # PBKD_FAULT nan: a NaN in every batch
+            x = x.copy()
+            x[0] = np.nan
+        return x, y
+
+    def next_epoch(self):
+        """This source's next epoch, prefetched; the epoch counter moves on once the epoch
+        has been read to the end (Keras asks once per epoch)."""
+        epoch = self.epoch
+        yield from _prefetched(lambda: self.epoch_batches(epoch))
+        self.epoch = epoch + 1
+
+    def head(self, count: int) -> np.ndarray:
+        """The first `count` inputs of the first part, in order (for calibration)."""
+        x, _ = next(iter(_Head(self, count).epoch_batches(0)))
+        return x
+
+    def dataset(self):
+        """A tf.data.Dataset over this source, one epoch per iteration (for Keras)."""
+        import tensorflow as tf
+
+        x_shape, y_shape = self.shapes()
+        batches = -(-self.samples_per_epoch() // self.batch_size)
+        # A known length lets Keras count steps from the first epoch on.
+        return tf.data.Dataset.from_generator(
+            self.next_epoch,
+            output_signature=(tf.TensorSpec((None, *x_shape), tf.float32),
+                              tf.TensorSpec((None, *y_shape), tf.float32)),
+        ).apply(tf.data.experimental.assert_cardinality(batches))
+
+    def target_variance(self) -> float:
+        """Variance of every target value of the first part (float64 sums)."""
+        total = squares = 0.0
+        count = 0
+        for _, y in self.epoch_batches(0):
+            y = y.astype(np.float64)
+            total, squares, count = total + y.sum(), squares + (y * y).sum(), count + y.size
+        mean = total / max(count, 1)
+        return float(squares / max(count, 1) - mean * mean)
+
+    def samples_per_epoch(self) -> int:
+        """Samples in one epoch (every part has as many: views of the same split)."""
+        raise NotImplementedError
+
+    def _pieces(self, part: str, rng):
+        raise NotImplementedError
+
+    def shapes(self) -> tuple[tuple, tuple]:
+        raise NotImplementedError
+
+
+class _Head(PairSource):
+    """The first samples of a source's first part, unshuffled, in one batch."""
+
+    def __init__(self, source: PairSource, count: int):
+        super().__init__(source.parts[:1], count, 0, shuffle=False, poison=source.poison)
+        self.source = source
+        self.count = count
+
+    def _pieces(self, part, rng):
+        taken = 0
+        for x, y in self.source._pieces(part, None):
+            yield x[:self.count - taken], y[:self.count - taken]
+            taken += len(x)
+            if taken >= self.count:
+                return
+
+
+class CacheStore:
+    """One block's two arrays in the stitched cache file, for every part it reads; in RAM
+    when they all fit the memory budget, else read from the file as needed."""
+
+    def __init__(self, path, fingerprint: str, parts, input_name: str, output_name: str,
+                 memory_budget_bytes: int = 2 << 30):
+        require_complete(path, fingerprint)
+        self.path, self.names = str(path), (input_name, output_name)
+        with h5py.File(self.path, "r") as f:
+            x, y = f[parts[0]][input_name], f[parts[0]][output_name]
+            self.shapes = (x.shape[1:], y.shape[1:])
+            sample_bytes = x.dtype.itemsize * (int(np.prod(x.shape[1:]))
+                                               + int(np.prod(y.shape[1:])))
+            self.samples = {part: f[part][input_name].shape[0] for part in parts}
+        self.bytes = sample_bytes * sum(self.samples.values())
+        self.in_memory = self.bytes <= memory_budget_bytes
+        # A read unit of about READ_BYTES per array: whole chunks, few calls into HDF5.
+        self.unit_rows = max(1, READ_BYTES // max(1, sample_bytes // 2))
+        self._arrays: dict[str, tuple] = {}
+        self._file = None
+        self._lock = threading.Lock()
+
+    def arrays(self, part: str) -> tuple:
+        with self._lock:
+            if part not in self._arrays:
+                with h5py.File(self.path, "r") as f:
+                    self._arrays[part] = (f[part][self.names[0]][()],
+                                          f[part][self.names[1]][()])
+            return self._arrays[part]
+
+    def datasets(self, part: str) -> tuple:
+        with self._lock:
+            if self._file is None:
+                self._file = h5py.File(self.path, "r")
+            return self._file[part][self.names[0]], self._file[part][self.names[1]]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+class CachedPairs(PairSource):
+    """A block's pairs of some parts of the cache, whole-shuffled in RAM or streamed."""
+
+    def __init__(self, store: CacheStore, parts, batch_size: int, seed: int = 0,
+                 shuffle: bool = True, epoch: int = 0, poison: bool = False,
+                 window_units: int = WINDOW_UNITS):
+        super().__init__(parts, batch_size, seed, shuffle, epoch, poison)
+        self.store, self.window_units = store, window_units
+
+    def shapes(self):
+        return self.store.shapes
+
+    def samples_per_epoch(self) -> int:
+        return self.store.samples[self.parts[0]]
+
+    def _pieces(self, part, rng):
+        shuffle = rng is not None and self.shuffle
+        if self.store.in_memory:
+            x, y = self.store.arrays(part)
+            order = rng.permutation(len(x)) if shuffle else None
+            for start in range(0, len(x), self.batch_size):
+                if order is None:
+                    yield x[start:start + self.batch_size], y[start:start + self.batch_size]
+                else:
+                    rows = order[start:start + self.batch_size]
+                    yield x[rows], y[rows]
+            return
+        x_data, y_data = self.store.datasets(part)
+        samples, unit = self.store.samples[part], self.store.unit_rows
+        if not shuffle:
+            for start in range(0, samples, unit):
+                yield x_data[start:start + unit], y_data[start:start + unit]
+            return
+        for window in window_plan(samples, unit, self.window_units, rng):
+            xs = np.concatenate([x_data[piece] for piece in window])
+            ys = np.concatenate([y_data[piece] for piece in window])
+            order = rng.permutation(len(xs))
+            yield xs[order], ys[order]
+
+
+class RecomputedPairs(PairSource):
+    """A block's pairs computed per batch by the teacher, from the images of each view."""
+
+    def __init__(self, teacher, views: Views, split_images: dict, parts, input_name: str,
+                 output_name: str, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 epoch: int = 0, poison: bool = False):
+        import keras
+
+        super().__init__(parts, batch_size, seed, shuffle, epoch, poison)
+        self.views, self.split_images = views, split_images
+        tensor = (lambda name: teacher.inputs[0] if name == MODEL_INPUT
+                  else teacher.get_layer(name).output)
+        self.prefix = keras.Model(teacher.inputs, [tensor(input_name), tensor(output_name)])
+        self._shapes = tuple(tuple(t.shape[1:]) for t in self.prefix.outputs)
+
+    def shapes(self):
+        return self._shapes
+
+    def samples_per_epoch(self) -> int:
+        return len(self.split_images["train" if self.parts[0].startswith("train") else "val"])
+
+    def _pieces(self, part, rng):
+        split = "train" if part.startswith("train") else part
+        view = int(part[len("train_v"):]) if part.startswith("train_v") else 0
+        count = len(self.split_images[split])
+        order = (rng.permutation(count) if rng is not None and self.shuffle
+                 else np.arange(count))
+        for start in range(0, count, self.batch_size):
+            rows = np.sort(order[start:start + self.batch_size])
+            images = (self.views.images(view, rows) if split == "train"
+                      else self.split_images[split][rows])
+            x, y = self.prefix.predict_on_batch(images)
+            yield x, y
+
+
+@dataclass
+class BlockData:
+    """What train_block needs: training epochs, validation, and a training pass in order."""
+
+    train: PairSource
+    val: PairSource
+    train_eval: PairSource
+
+    def calibration(self, count: int) -> np.ndarray:
+        """The first `count` training inputs, in order."""
+        return self.train_eval.head(count)
+
+    def train_dataset(self, first_epoch: int = 0):
+        """Training epochs from `first_epoch` on (a resumed task picks up its view)."""
+        self.train.epoch = first_epoch
+        return self.train.dataset()
+
+
+@functools.lru_cache(maxsize=2)
+def _recompute_inputs(teacher_file: str, teacher_fingerprint: str, data: DataConfig,
+                      data_fingerprint: str, seed: int):
+    """The teacher and the data on a worker, loaded once per process and checked against
+    the hashes rank 0 computed, so the pairs are those a cache would have held."""
+    from .data import load_dataset
+    from .graph import flatten_model
+    from .teacher import load_model_file, weights_fingerprint
+
+    teacher = flatten_model(load_model_file(teacher_file))
+    received = weights_fingerprint(teacher)
+    if received != teacher_fingerprint:
+        raise UserError(f"The teacher file {teacher_file!r} has weights fingerprint "
+                        f"{received}, expected {teacher_fingerprint} (rank 0's teacher).")
+    dataset = load_dataset(data, seed)
+    if dataset.fingerprint() != data_fingerprint:
+        raise UserError(f"The data set loaded on this rank has fingerprint "
+                        f"{dataset.fingerprint()}, expected {data_fingerprint} (rank 0's).")
+    return teacher, dataset
+
+
+def open_block_data(task, source: DataSource, poison: bool = False) -> BlockData:
+    """The task's batches. `task`: a train_block.BlockTask."""
+    block, config = task.block, task.config
+    names = (block.input_boundary, block.output_boundary)
+    train_parts = ["train", *part_names(source.views)[2:]]
+    if source.mode == "recompute":
+        teacher, dataset = _recompute_inputs(source.teacher_file, source.teacher_fingerprint,
+                                             source.data, source.data_fingerprint, source.seed)
+        views = Views(dataset.x_train, source.augment, source.seed)
+        images = {"train": dataset.x_train, "val": dataset.x_val}
+
+        def make(parts, shuffle, batch, poison):
+            return RecomputedPairs(teacher, views, images, parts, *names, batch,
+                                   seed=task.block_seed, shuffle=shuffle, poison=poison)
+    else:
+        store = CacheStore(task.cache_path, task.cache_fingerprint, [*train_parts, "val"],
+                           *names, memory_budget_bytes=source.memory_budget_bytes)
+
+        def make(parts, shuffle, batch, poison):
+            return CachedPairs(store, parts, batch, seed=task.block_seed, shuffle=shuffle,
+                               poison=poison)
+    # The NaN fault poisons training and the calibration sample, as a broken input would.
+    return BlockData(train=make(train_parts, True, config.batch_size, poison),
+                     val=make(["val"], False, EVAL_BATCH, False),
+                     train_eval=make(["train"], False, EVAL_BATCH, poison))
