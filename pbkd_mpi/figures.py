@@ -19,27 +19,40 @@ def _pyplot():
 
 
 def timeline(report: dict, path: Path) -> Path | None:
-    """One row per worker rank, a bar per block task (start to end of the distill phase)."""
-    rows = [b for b in report["blocks"] if not b["reused"] and b["start_s"] is not None]
-    if not rows:
+    """One row per worker rank, a bar per block task (a split task: a bar on each of its ranks)."""
+    tasks = (report.get("schedule") or {}).get("tasks")
+    if tasks is None:  # a report from before the schedule section: one rank per block
+        tasks = [{"name": b["name"], "ranks": [b["rank"]], "start_s": b["start_s"],
+                  "end_s": b["end_s"], "estimated_s": None}
+                 for b in report["blocks"] if not b["reused"] and b["start_s"] is not None]
+    if not tasks:
         return None
     plt = _pyplot()
-    ranks = sorted({b["rank"] for b in rows} | set(range(1, report["workers"] + 1)))
+    ranks = sorted({r for t in tasks for r in t["ranks"]} | set(range(1, report["workers"] + 1)))
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(ranks) + 1.4))
     colours = plt.get_cmap("tab20")
-    for i, block in enumerate(rows):
-        y = ranks.index(block["rank"])
-        ax.barh(y, block["end_s"] - block["start_s"], left=block["start_s"], height=0.6,
-                color=colours(i % 20), edgecolor="black", linewidth=0.5)
-        ax.text(block["start_s"] + (block["end_s"] - block["start_s"]) / 2, y, block["name"],
-                ha="center", va="center", fontsize=8)
+    for i, task in enumerate(tasks):
+        width = task["end_s"] - task["start_s"]
+        for rank in task["ranks"]:
+            y = ranks.index(rank)
+            ax.barh(y, width, left=task["start_s"], height=0.6, color=colours(i % 20),
+                    edgecolor="black", linewidth=0.5)
+            ax.text(task["start_s"] + width / 2, y, task["name"], ha="center", va="center",
+                    fontsize=8)
+            if task.get("estimated_s"):  # where the schedule expected the task to end
+                ax.plot([task["start_s"] + task["estimated_s"]] * 2, [y - 0.3, y + 0.3],
+                        color="black", linewidth=1)
     ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
     ax.invert_yaxis()
-    ax.set_xlabel("seconds since rank 0 began handing out tasks")
-    makespan = report["distill"]["makespan_s"]
-    ax.axvline(makespan, color="grey", linestyle="--", linewidth=1)
-    ax.set_title(f"Block tasks per worker (makespan {makespan:.1f} s, "
-                 f"sum of tasks {report['distill']['sum_task_s']:.1f} s)")
+    ax.set_xlabel("seconds since rank 0 began handing out tasks (tick: estimated end)")
+    distill = report["distill"]
+    ax.axvline(distill["makespan_s"], color="grey", linestyle="--", linewidth=1)
+    if distill.get("lower_bound_s"):
+        ax.axvline(distill["lower_bound_s"], color="green", linestyle=":", linewidth=1)
+    policy = (report.get("schedule") or {}).get("policy", "longest first")
+    ax.set_title(f"Block tasks per worker, {policy} (makespan {distill['makespan_s']:.1f} s"
+                 + (f", lower bound {distill['lower_bound_s']:.1f} s"
+                    if distill.get("lower_bound_s") else "") + ")")
     return _save(fig, path)
 
 

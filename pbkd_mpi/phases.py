@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-PHASE_MODULES: tuple[str, ...] = ()
+PHASE_MODULES: tuple[str, ...] = ("pbkd_mpi.profile",)
 
 _HANDLERS: dict[str, object] = {}
 

@@ -140,25 +140,26 @@ def _timed_steps(model, x, y, batch_size: int, steps: int) -> tuple[float, float
 
 
 def measure_block(task, samples: dict, steps: int = TIMED_STEPS) -> dict:
-    """Time a few training steps of `task`'s student block (BlockTask) on this rank.
-    `samples`: {"train": n, "val": n} of the cache. Returns the block's profile entry."""
-    import h5py
+    """Time a few training steps of `task`'s student block (a BlockTask) on this rank, its
+    data read the way training reads it (cache_reader: the cache, or the teacher prefix
+    recomputed). `samples`: {"train": n, "val": n, "item_bytes": of a cached value}. Returns the block's profile entry."""
+    import itertools
+
     import keras
 
+    from .cache_reader import open_block_data
     from .students import build_student_model
 
     block, batch = task.block, task.config.batch_size
     half = max(1, batch // 2)
     started = time.perf_counter()
-    need = (WARMUP_STEPS + steps) * batch
-    with h5py.File(task.cache_path, "r") as f:
-        x_set, y_set = f["train"][block.input_boundary], f["train"][block.output_boundary]
-        read_started = time.perf_counter()
-        x, y = x_set[:need], y_set[:need]
-        read_s = time.perf_counter() - read_started
-        item = x_set.dtype.itemsize
-    per_sample_bytes = (int(np.prod(block.input_shape)) + int(np.prod(block.output_shape))) * item
-    x, y = x.astype(np.float32), y.astype(np.float32)
+    data = open_block_data(task, task.source)
+    batches = list(itertools.islice(data.train.epoch_batches(0), WARMUP_STEPS + steps))
+    read_s = time.perf_counter() - started
+    x = np.concatenate([b[0] for b in batches])
+    y = np.concatenate([b[1] for b in batches])
+    per_sample_bytes = (int(np.prod(block.input_shape))
+                        + int(np.prod(block.output_shape))) * samples["item_bytes"]
 
     keras.utils.set_random_seed(task.block_seed)
     build_started = time.perf_counter()
@@ -168,14 +169,13 @@ def measure_block(task, samples: dict, steps: int = TIMED_STEPS) -> dict:
     model.compile(optimizer=keras.optimizers.Adam(task.config.learning_rate), loss="mse")
     timed_from, step_s = _timed_steps(model, x, y, batch, steps)
     # Build, compile and trace: paid once per task (the warm-up steps less their own work).
-    setup_s = timed_from - build_started - WARMUP_STEPS * step_s
+    setup_s = max(0.0, timed_from - build_started - WARMUP_STEPS * step_s)
     # A second batch size splits the step into a fixed and a per-sample part (the step of
     # a worker in a split task has batch / k samples). Same compiled model: no new build.
     _, half_s = _timed_steps(model, x, y, half, steps)
     per_sample = max(0.0, (step_s - half_s) / (batch - half)) if batch > half else 0.0
     fixed = max(0.0, step_s - per_sample * batch)
-    # Evaluation is a forward pass; time one batch of 256 (Keras' evaluate batch here)
-    # after one warm call that traces it.
+    # Evaluation is a forward pass: time one batch after one warm call that traces it.
     eval_batch = min(256, len(x))
     model.predict_on_batch(x[:eval_batch])
     eval_started = time.perf_counter()
@@ -183,18 +183,18 @@ def measure_block(task, samples: dict, steps: int = TIMED_STEPS) -> dict:
     forward_per_sample = (time.perf_counter() - eval_started) / eval_batch
 
     train_n, val_n = samples["train"], samples["val"]
-    steps_per_epoch = -(-train_n // batch)
     param_bytes = 4 * int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    read_per_sample = read_s / len(x)
     entry = {
         "seconds_per_step": step_s,
         "fixed_step_s": fixed,
         "per_sample_step_s": per_sample,
         "batch_size": batch,
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": -(-train_n // batch),
         "epochs": task.config.epochs,
         "setup_s": setup_s,
         "bytes_read": per_sample_bytes * (train_n + val_n),
-        "read_bytes_per_s": len(x) * per_sample_bytes / max(read_s, 1e-9),
+        "read_bytes_per_s": per_sample_bytes / max(read_per_sample, 1e-12),
         "eval_s_per_epoch": forward_per_sample * val_n,
         # Before training (val), at the end (train and val), and the BN calibration batch.
         "final_eval_s": forward_per_sample * (train_n + 2 * val_n + 512),
@@ -240,12 +240,53 @@ def profile_phase(context, payload, comm, check) -> dict:
     entries = {}
     for task in payload["tasks"].get(comm.Get_rank(), []):
         check()
-        entries[task.block.name] = measure_block(task, payload["samples"])
+        entries[task.block.name] = measure_block(task, payload["samples"], payload["steps"])
         LOGGER.info("profile %s: %.4f s per step, estimated %.1f s", task.block.name,
                     entries[task.block.name]["seconds_per_step"],
                     entries[task.block.name]["estimated_s"])
     allreduce = measure_allreduce(comm, check) if payload["allreduce"] else None
     return {"blocks": entries, "allreduce": allreduce}
+
+
+def profile_tasks(coordinator, tasks: dict, samples: dict, job, log) -> dict:
+    """Rank 0: the profiling phase. Each worker times its share of `tasks` (BlockTasks,
+    dealt longest-first by FLOP estimate so the shares take about as long), all in
+    parallel; then every rank times an allreduce (split estimates need it). Returns the
+    profile (the FLOP fallback when profiling is off or there is nothing to time)."""
+    from .schedule import TaskEstimate, make_plan
+
+    if not job.schedule.profile:
+        return flop_profile(tasks, "schedule.profile = false")
+    if not tasks:
+        return flop_profile(tasks, "no block left to train")
+    workers = list(coordinator.workers)
+    deal = make_plan([TaskEstimate(n, (t.estimated_cost,)) for n, t in tasks.items()],
+                     tuple(workers), "static-lpt")
+    with_allreduce = len(workers) > 1 and job.schedule.split
+    started = time.perf_counter()
+    values = coordinator.run_collective(
+        "profile",
+        {"tasks": {w: [tasks[n] for n in deal.queues[w]] for w in workers},
+         "samples": samples, "steps": job.schedule.profile_steps, "allreduce": with_allreduce},
+        local=(lambda check: measure_allreduce(coordinator.comm, check)) if with_allreduce
+        else None)
+    blocks = {}
+    for rank in workers:
+        for name, entry in values[rank]["blocks"].items():
+            blocks[name] = {**entry, "rank": rank, "flop_estimate": tasks[name].estimated_cost}
+    profile = {
+        "version": PROFILE_VERSION,
+        "method": "measured: timed training steps on the worker ranks",
+        "workers": len(workers),
+        "threads": job.run.threads,
+        "wall_s": time.perf_counter() - started,
+        "allreduce": values[0],
+        "blocks": {name: blocks[name] for name in tasks},
+    }
+    log(f"profile: {len(blocks)} block(s) timed on {len(workers)} worker(s) in "
+        f"{profile['wall_s']:.1f} s; estimated {sum(b['estimated_s'] for b in blocks.values()):.1f} "
+        f"s of block training")
+    return profile
 
 
 def flop_profile(tasks, note: str) -> dict:

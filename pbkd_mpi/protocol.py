@@ -413,7 +413,10 @@ class Worker:
             if tag is not Tag.TASK:
                 raise RuntimeError(f"expected a task from rank 0, received {tag.name}")
             task_id, task = payload
+            sub = None
             try:
+                if isinstance(task, Share):
+                    task = Share(task.task, task.ranks, sub := self._join(task.ranks))
                 result = handle(task)
             except AbortRequested:
                 raise
@@ -424,8 +427,21 @@ class Worker:
                 self.report_error(f"running task {task_id}", traceback.format_exc())
                 # Rank 0 decides what happens next; until then wait for its word.
                 continue
+            finally:
+                if sub is not None:
+                    sub.Free()
             send(self.comm, (task_id, result), 0, Tag.RESULT)
             count += 1
+
+    def _join(self, ranks):
+        """The communicator of a split task's ranks. MPI_Comm_create_group has no
+        non-blocking form, but it only waits for these ranks, which rank 0 sent the task
+        to at the same moment, so the wait is about one message's time."""
+        group = self.comm.Get_group().Incl(list(ranks))
+        try:
+            return self.comm.Create_group(group, tag=int(Tag.TASK))
+        finally:
+            group.Free()
 
     def wait_for_end(self) -> None:
         tag, _ = self._from_root()

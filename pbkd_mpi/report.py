@@ -123,6 +123,33 @@ def block_rows(blocks, results: dict, records, reused: dict) -> list[dict]:
     return rows
 
 
+def schedule_figures(plan, records, workers: int, makespan_s: float, profile: dict,
+                     predicted_s: float) -> tuple[dict, dict]:
+    """(`schedule`, the scheduling keys of `distill`) for report.json, from the plan the
+    run followed and its task records (protocol.TaskRecord)."""
+    tasks = sorted(records, key=lambda r: (r.start_s, r.task_id))
+    # Worker-seconds: a task split over k workers kept k of them busy for its time.
+    busy = sum(len(r.ranks or (r.rank,)) * r.seconds for r in tasks)
+    longest = max((r.seconds for r in tasks), default=0.0)
+    bound = max(busy / workers, longest)
+    schedule = {
+        "policy": plan.policy,
+        "split": {name: k for name, k in plan.ways.items() if k > 1},
+        "profile_method": profile.get("method"),
+        "predicted_makespan_s": predicted_s,
+        "estimated_lower_bound_s": plan.lower_bound_s,
+        "tasks": [{"name": r.task_id, "ranks": list(r.ranks or (r.rank,)),
+                   "start_s": r.start_s, "end_s": r.end_s, "estimated_s": r.estimated_s,
+                   "measured_s": r.seconds} for r in tasks],
+    }
+    distill = {
+        "sum_task_s": busy,
+        "lower_bound_s": bound,
+        "efficiency": busy / (workers * makespan_s) if makespan_s > 0 else None,
+    }
+    return schedule, distill
+
+
 def replaced_totals(rows) -> dict:
     totals = {key: sum(row[key] for row in rows) for key in
               ("teacher_params", "student_params", "teacher_flops", "student_flops")}
@@ -216,7 +243,12 @@ def render_markdown(report: dict, figures: dict | None = None) -> str:
         f"(sum / makespan = "
         f"{report['distill']['sum_task_s'] / max(report['distill']['makespan_s'], 1e-9):.2f}; "
         f"tasks that share a machine run slower, so the speedup over one worker is what "
-        f"`report A B` measures) on {report['workers']} worker(s); the coordinator used "
+        f"`report A B` measures) on {report['workers']} worker(s)"
+        + (f"; lower bound {report['distill']['lower_bound_s']:.1f} s, efficiency "
+           f"{_pct(report['distill']['efficiency'])} with the `{report['schedule']['policy']}` "
+           f"schedule (profile: {report['schedule']['profile_method']})"
+           if report.get("schedule") else "")
+        + f"; the coordinator used "
         f"{_pct(report['distill']['coordinator_cpu_fraction'])} of a core while it waited. "
         f"{report['distill']['reused_blocks']} block(s) were reused from an earlier run in "
         f"this run directory and are not counted.",
