@@ -333,10 +333,11 @@ class BlockData:
 
 
 @functools.lru_cache(maxsize=2)
-def _recompute_inputs(teacher_file: str, teacher_fingerprint: str, data: DataConfig,
+def load_teacher_and_data(teacher_file: str, teacher_fingerprint: str, data: DataConfig,
                       data_fingerprint: str, seed: int):
-    """The teacher and the data on a worker, loaded once per process and checked against
-    the hashes rank 0 computed, so the pairs are those a cache would have held."""
+    """The teacher (flattened, as rank 0 cut it) and the data on a worker, loaded once per
+    process and checked against the hashes rank 0 computed, so the pairs are those rank 0
+    would have computed."""
     from .data import load_dataset
     from .graph import flatten_model
     from .teacher import load_model_file, weights_fingerprint
@@ -359,7 +360,7 @@ def open_block_data(task, source: DataSource, poison: bool = False) -> BlockData
     names = (block.input_boundary, block.output_boundary)
     train_parts = ["train", *part_names(source.views)[2:]]
     if source.mode == "recompute":
-        teacher, dataset = _recompute_inputs(source.teacher_file, source.teacher_fingerprint,
+        teacher, dataset = load_teacher_and_data(source.teacher_file, source.teacher_fingerprint,
                                              source.data, source.data_fingerprint, source.seed)
         views = Views(dataset.x_train, source.augment, source.seed)
         images = {"train": dataset.x_train, "val": dataset.x_val}

@@ -55,7 +55,7 @@ class PhaseTimer:
 def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> dict:
     """Rank 0: every stage of the run. Returns the report written to the run directory.
     `log(message)` reports progress; `log.detail(message)` finer events (cli.Console)."""
-    from . import cache as cache_mod
+    from .cache_phase import prepare_cache
     from .assemble import assemble_student
     from .cost import model_flops
     from .data import load_dataset
@@ -104,20 +104,12 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
                                         dataset.fingerprint()))
 
     with timer("cache"):
+        # Every rank builds its shards of the cache (cache_phase.py), or recompute mode.
         names = boundaries(blocks)
         teacher_fp = weights_fingerprint(teacher)
-        fingerprint = cache_mod.cache_fingerprint(teacher_fp, dataset.fingerprint(), names,
-                                                  job.cache.dtype)
-        path = cache_mod.cache_path(run_dir, fingerprint)
-        samples = len(dataset.y_train) + len(dataset.y_val)
-        sizes = cache_mod.estimate_bytes(teacher, names, samples, job.cache.dtype)
-        log(f"cache: {len(names)} boundaries x {samples} samples ({job.cache.dtype}): "
-            f"{sum(sizes.values()) / 1e6:.1f} MB estimated")
-        if not cache_mod.is_complete(path, fingerprint):
-            cache_mod.check_disk(run_dir, sizes, samples, job.cache.dtype)
-        cache_info = cache_mod.build_cache(teacher, dataset, names, path, fingerprint,
-                                           job.cache.dtype)
-        cache_info["estimated_bytes"] = sum(sizes.values())
+        stage = prepare_cache(job, teacher, teacher_fp, teacher_info.get("file")
+                              or job.teacher.source, dataset, names, run_dir, coordinator, log)
+        path, fingerprint, cache_info = stage.path, stage.fingerprint, stage.info
     log(f"cache: {cache_info}")
 
     tasks = {
@@ -127,6 +119,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
                           job.distill.epochs),
             depth_multiplier=multiplier,
             initial_weights=initial_weights(block, teacher, multiplier),
+            source=stage.source,
         )
         for block in blocks
     }
