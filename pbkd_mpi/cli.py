@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--granularity", choices=("layer", "block", "stage"),
                       help="block granularity (overrides blocks.granularity)")
     plan.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    simulate = commands.add_parser(
+        "simulate", help="predict each scheduling policy's makespan from a profile.json")
+    simulate.add_argument("profile", metavar="PROFILE",
+                          help="RUN_DIR/profile.json (or the run directory)")
+    simulate.add_argument("--workers", default="1,2,4,8,16,32,64",
+                          help="comma-separated worker counts (default: 1,2,4,8,16,32,64)")
+    simulate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     report = commands.add_parser(
         "report", help="redraw a run's report.md and pictures, or compare two runs")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR",
@@ -93,6 +100,8 @@ def main(argv=None) -> int:
         return _run_coordinator(comm, args, layout)
     return _run_worker(comm, layout)
 
+    if args.command == "simulate":
+        return _run_simulate(args) if rank == 0 else EXIT_OK
 
 def _fail(exc: BaseException) -> int:
     LOGGER.error("%s", "".join(traceback.format_exception(exc)).rstrip())
@@ -159,7 +168,7 @@ def _run_coordinator(comm, args, layout) -> int:
 def _run_worker(comm, layout) -> int:
     from .devices import configure_tensorflow_choice, import_tensorflow, node_cores, worker_threads
     from .energy import PhaseMeter
-    from .protocol import AbortRequested, Worker
+    from .protocol import AbortRequested, Share, Worker
 
     local_rank, local_size, root_on_node = layout
     worker = Worker(comm)
@@ -194,6 +203,11 @@ def _run_worker(comm, layout) -> int:
                                          tensorboard_logger(tb_dir / "blocks" / name)],
                         checkpoint_path=progress_path(context.run_dir, task))
             except (AbortRequested, preemption.Preempted) as stop:
+            if isinstance(task, Share):  # one of k workers training a split block together
+                from .split_block import train_share
+
+                with meter.task(task.task.block.name):
+                    return train_share(task, check=worker.abort_check)
                 LOGGER.warning("task %s: stopped (%s); its last epoch is checkpointed", name, stop)
                 raise
             except Exception:
@@ -264,3 +278,12 @@ def _run_plan(args) -> int:
         return plan_command(args)
     except BaseException as exc:  # noqa: BLE001
         return _fail(exc)
+def _run_simulate(args) -> int:
+    try:
+        from .simulate import simulate_command
+
+        return simulate_command(args)
+    except BaseException as exc:  # noqa: BLE001
+        return _fail(exc)
+
+

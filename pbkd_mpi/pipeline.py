@@ -64,12 +64,16 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
     from .plan import granularity_of, select_blocks
     from .deploy import deployment_figures
     from .energy import aggregate
-    from .report import block_rows, replaced_totals, write_report
+    from .report import block_rows, replaced_totals, schedule_figures, write_report
     from .results import load_result, progress_path, result_path, save_result
     from .students import initial_weights, student_cost
     from .teacher import (load_teacher, outputs_probabilities, save_model_atomically,
                           weights_fingerprint)
     from .train_block import BlockTask, estimate_cost
+    from .profile import profile_tasks, save_profile, task_estimates
+    from .schedule import forced_ways, make_plan
+    from .simulate import simulate_plan
+    import numpy as np
 
     started = time.perf_counter()
     timer = PhaseTimer(meter, on_phase=lambda name: log.status(f"{name} ..."))
@@ -130,7 +134,25 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
         log(f"reusing {len(reused)} finished block(s) of an earlier run: {', '.join(reused)}")
 
     pending = {name: task for name, task in tasks.items() if name not in reused}
-    costs = {name: task.estimated_cost for name, task in pending.items()}
+    with timer("profile"):
+        # Costs measured where the tasks will run, then the schedule they follow.
+        profile = profile_tasks(coordinator, pending, {
+            "train": len(dataset.y_train), "val": len(dataset.y_val),
+            "item_bytes": np.dtype(job.cache.dtype).itemsize}, job, log)
+        save_profile(run_dir, profile)
+        estimates = task_estimates(profile, len(coordinator.workers))
+        plan = make_plan(estimates, tuple(coordinator.workers), job.schedule.policy,
+                         job.schedule.split)
+        if job.schedule.split_blocks:
+            plan = make_plan(estimates, tuple(coordinator.workers), job.schedule.policy,
+                             True, ways=forced_ways(plan.ways, job.schedule.split_blocks,
+                                                    estimates, len(coordinator.workers)))
+    split = {name: k for name, k in plan.ways.items() if k > 1}
+    log(f"schedule: {job.schedule.policy}, predicted makespan "
+        f"{simulate_plan(plan).makespan_s:.1f} s, lower bound {plan.lower_bound_s:.1f} s"
+        + (f"; split: {', '.join(f'{n} on {k} workers' for n, k in split.items())}"
+           if split else ""))
+    costs = dict(plan.estimates)
     progress = DistillProgress(log, costs)
 
     def give_up(name, errors):
@@ -150,7 +172,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
         process = psutil.Process()
         cpu_before, wall_before = process.cpu_times(), time.perf_counter()
         outcome = coordinator.run_tasks(
-            pending, costs, on_result=keep, on_failure=give_up, max_attempts=job.tasks.max_attempts,
+            pending, costs, plan=plan, on_result=keep, on_failure=give_up, max_attempts=job.tasks.max_attempts,
             on_dispatch=lambda name, rank: (log.detail(f"block {name} -> rank {rank}"),
                                             progress.dispatched(name, rank)),
         )
@@ -194,6 +216,9 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
     replaced = replaced_totals(rows)
     failed = [{"name": name, "attempts": len(errors), "errors": errors}
               for name, errors in outcome.failures.items()]
+    schedule, distill_schedule = schedule_figures(
+        plan, outcome.records, len(coordinator.workers), timer.seconds["distill"], profile,
+        simulate_plan(plan).makespan_s)
     report = {
         "status": "degraded" if failed else "ok",
         "run_dir": str(run_dir),
@@ -221,9 +246,10 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
         "phases": timer.seconds,
         "distill": {
             "makespan_s": timer.seconds["distill"],
-            "sum_task_s": sum(b["seconds"] for b in rows if not b["reused"]),
+            **distill_schedule,
             "reused_blocks": sum(b["reused"] for b in rows),
             "coordinator_cpu_fraction": coordinator_cpu,
+        "schedule": schedule,
         },
         "deployment": deployment,
         "cache": cache_info,

@@ -5,16 +5,14 @@ few training steps of the student blocks it is given (after warm-up steps that b
 compile and trace), one forward batch of evaluation, and how fast it reads the block's
 slice of the activation cache. From those and the task's shape (samples, batch, epochs):
 
-    seconds(1) = setup_s + bytes_read / read_bytes_per_s
-                 + epochs x (steps_per_epoch x seconds_per_step + eval_s_per_epoch)
-                 + final_eval_s
+    seconds(1) = setup_s + read_s + epochs x (steps_per_epoch x seconds_per_step
+                                              + eval_s_per_epoch) + final_eval_s
 
 A task trained data-parallel on k workers (each a shard of every global batch, gradients
 averaged by allreduce; pbkd_mpi/data_parallel.py) keeps the global batch, so each worker's
 step has batch / k samples plus one allreduce of the student's weights:
 
-    seconds(k) = setup_s + (bytes_read / read_bytes_per_s + epochs x eval_s_per_epoch
-                 + final_eval_s) / k
+    seconds(k) = setup_s + read_s + (epochs x eval_s_per_epoch + final_eval_s) / k
                  + epochs x steps_per_epoch x (fixed_step_s + per_sample_step_s x batch / k
                                                + allreduce_s(k, param_bytes))
 
@@ -57,14 +55,14 @@ def allreduce_s(allreduce: dict | None, k: int, nbytes: int) -> float:
 
 def split_seconds(entry: dict, k: int, allreduce: dict | None) -> float:
     """Estimated seconds of one block task on k workers (see the module docstring)."""
-    shared = (entry["bytes_read"] / entry["read_bytes_per_s"]
-              + entry["epochs"] * entry["eval_s_per_epoch"] + entry["final_eval_s"])
+    evaluation = entry["epochs"] * entry["eval_s_per_epoch"] + entry["final_eval_s"]
+    fixed = entry["setup_s"] + entry["read_s"]  # every worker opens and loads the data
     if k == 1:
-        return (entry["setup_s"] + shared
+        return (fixed + evaluation
                 + entry["epochs"] * entry["steps_per_epoch"] * entry["seconds_per_step"])
     step = (entry["fixed_step_s"] + entry["per_sample_step_s"] * entry["batch_size"] / k
             + allreduce_s(allreduce, k, entry["param_bytes"]))
-    return entry["setup_s"] + shared / k + entry["epochs"] * entry["steps_per_epoch"] * step
+    return fixed + evaluation / k + entry["epochs"] * entry["steps_per_epoch"] * step
 
 
 def task_estimates(profile: dict, workers: int) -> list[TaskEstimate]:
@@ -129,21 +127,21 @@ class _StepTimes:
         return Timer()
 
 
-def _timed_steps(model, x, y, batch_size: int, steps: int) -> tuple[float, float]:
-    """(when the first timed step began, median seconds per timed step)."""
+def _timed_steps(model, dataset, steps: int) -> tuple[float, float]:
+    """(when the first timed step began, median seconds per timed step) of Keras' fit on
+    the first WARMUP_STEPS + steps batches of `dataset`."""
     timer = _StepTimes()
-    n = (WARMUP_STEPS + steps) * batch_size
-    model.fit(x[:n], y[:n], batch_size=batch_size, epochs=1, shuffle=False, verbose=0,
-              callbacks=[timer])
+    model.fit(dataset.take(WARMUP_STEPS + steps), epochs=1, verbose=0, callbacks=[timer])
     ends = timer.ends
     return ends[WARMUP_STEPS], float(np.median(np.diff(ends[WARMUP_STEPS:])))
 
 
 def measure_block(task, samples: dict, steps: int = TIMED_STEPS) -> dict:
-    """Time a few training steps of `task`'s student block (a BlockTask) on this rank, its
-    data read the way training reads it (cache_reader: the cache, or the teacher prefix
-    recomputed). `samples`: {"train": n, "val": n, "item_bytes": of a cached value}. Returns the block's profile entry."""
-    import itertools
+    """Time a few training steps of `task`'s student block (a BlockTask) on this rank, fed
+    the way training feeds it (cache_reader: the cache, or the teacher prefix recomputed,
+    through the same tf.data pipeline). `samples`: {"train": n, "val": n, "item_bytes": of
+    a cached value}. Returns the block's profile entry."""
+    import dataclasses
 
     import keras
 
@@ -154,12 +152,13 @@ def measure_block(task, samples: dict, steps: int = TIMED_STEPS) -> dict:
     half = max(1, batch // 2)
     started = time.perf_counter()
     data = open_block_data(task, task.source)
-    batches = list(itertools.islice(data.train.epoch_batches(0), WARMUP_STEPS + steps))
+    # The first batch: opening the data, and loading the split when it fits in memory.
+    first_x, _ = next(iter(data.train.epoch_batches(0)))
     read_s = time.perf_counter() - started
-    x = np.concatenate([b[0] for b in batches])
-    y = np.concatenate([b[1] for b in batches])
+    store = getattr(data.train, "store", None)
     per_sample_bytes = (int(np.prod(block.input_shape))
                         + int(np.prod(block.output_shape))) * samples["item_bytes"]
+    loaded = samples["train"] if store is not None and store.in_memory else len(first_x)
 
     keras.utils.set_random_seed(task.block_seed)
     build_started = time.perf_counter()
@@ -167,24 +166,24 @@ def measure_block(task, samples: dict, steps: int = TIMED_STEPS) -> dict:
     for layer_name, arrays in task.initial_weights.items():
         model.get_layer(layer_name).set_weights(arrays)
     model.compile(optimizer=keras.optimizers.Adam(task.config.learning_rate), loss="mse")
-    timed_from, step_s = _timed_steps(model, x, y, batch, steps)
+    timed_from, step_s = _timed_steps(model, data.train_dataset(), steps)
     # Build, compile and trace: paid once per task (the warm-up steps less their own work).
     setup_s = max(0.0, timed_from - build_started - WARMUP_STEPS * step_s)
-    # A second batch size splits the step into a fixed and a per-sample part (the step of
-    # a worker in a split task has batch / k samples). Same compiled model: no new build.
-    _, half_s = _timed_steps(model, x, y, half, steps)
+    # Half the batch splits the step into a fixed and a per-sample part (a worker of a
+    # task split k ways has batch / k samples a step). Same compiled model.
+    halved = dataclasses.replace(task, config=dataclasses.replace(task.config, batch_size=half))
+    _, half_s = _timed_steps(model, open_block_data(halved, task.source).train_dataset(), steps)
     per_sample = max(0.0, (step_s - half_s) / (batch - half)) if batch > half else 0.0
     fixed = max(0.0, step_s - per_sample * batch)
     # Evaluation is a forward pass: time one batch after one warm call that traces it.
-    eval_batch = min(256, len(x))
-    model.predict_on_batch(x[:eval_batch])
+    eval_batch = min(256, len(first_x))
+    model.predict_on_batch(first_x[:eval_batch])
     eval_started = time.perf_counter()
-    model.predict_on_batch(x[:eval_batch])
+    model.predict_on_batch(first_x[:eval_batch])
     forward_per_sample = (time.perf_counter() - eval_started) / eval_batch
 
     train_n, val_n = samples["train"], samples["val"]
     param_bytes = 4 * int(sum(np.prod(w.shape) for w in model.trainable_weights))
-    read_per_sample = read_s / len(x)
     entry = {
         "seconds_per_step": step_s,
         "fixed_step_s": fixed,
@@ -193,8 +192,9 @@ def measure_block(task, samples: dict, steps: int = TIMED_STEPS) -> dict:
         "steps_per_epoch": -(-train_n // batch),
         "epochs": task.config.epochs,
         "setup_s": setup_s,
+        "read_s": read_s,
         "bytes_read": per_sample_bytes * (train_n + val_n),
-        "read_bytes_per_s": per_sample_bytes / max(read_per_sample, 1e-12),
+        "read_bytes_per_s": per_sample_bytes * loaded / max(read_s, 1e-12),
         "eval_s_per_epoch": forward_per_sample * val_n,
         # Before training (val), at the end (train and val), and the BN calibration batch.
         "final_eval_s": forward_per_sample * (train_n + 2 * val_n + 512),

@@ -101,6 +101,7 @@ class TaskRecord:
     ranks: tuple = ()  # every worker that trained it (more than one: a split task)
     estimated_s: float | None = None  # the schedule's estimate when it was handed out
     waiting: set = field(default_factory=set)  # split task: workers whose result is due
+    replicas_identical: bool | None = None  # split task: every worker returned the same weights
 
     @property
     def seconds(self) -> float:
@@ -204,17 +205,16 @@ class Coordinator:
             if tag in (Tag.RESULT, Tag.ERROR):
                 record = running.pop(rank)
                 record.waiting.discard(rank)
+                if tag is Tag.RESULT and len(record.ranks) > 1:
+                    self._compare_replica(record, outcome.results, payload[1])
                 if record.waiting:  # a split task: its other workers have yet to answer
-                    if rank == record.rank:
-                        outcome.results[record.task_id] = payload[1]
                     idle.add(rank)
                     self._dispatch(queue, idle, running, stopped, tasks, on_dispatch)
                     continue
                 record.end_s = self.now()
                 if tag is Tag.RESULT:
                     task_id = record.task_id
-                    if rank == record.rank or task_id not in outcome.results:
-                        outcome.results[task_id] = payload[1]
+                    outcome.results.setdefault(task_id, payload[1])
                     result = outcome.results[task_id]
                     outcome.records.append(record)
                     queue.done(task_id, record.ranks, record.seconds)
@@ -232,6 +232,20 @@ class Coordinator:
             idle.add(rank)
             self._dispatch(queue, idle, running, stopped, tasks, on_dispatch)
         return outcome
+
+    @staticmethod
+    def _compare_replica(record, results, result) -> None:
+        """Keep a split task's first result; note whether each later one has the same
+        weights (data-parallel training keeps them identical, bit for bit)."""
+        import numpy as np
+
+        first = results.setdefault(record.task_id, result)
+        if first is result:
+            return
+        same = first["weights"].keys() == result["weights"].keys() and all(
+            len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+            for a, b in ((first["weights"][k], result["weights"][k]) for k in first["weights"]))
+        record.replicas_identical = same and record.replicas_identical is not False
 
     def _check_alive(self, heard, running, stopped, limit_s, phase: str = "") -> None:
         if limit_s is None:

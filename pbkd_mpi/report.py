@@ -140,7 +140,9 @@ def schedule_figures(plan, records, workers: int, makespan_s: float, profile: di
         "estimated_lower_bound_s": plan.lower_bound_s,
         "tasks": [{"name": r.task_id, "ranks": list(r.ranks or (r.rank,)),
                    "start_s": r.start_s, "end_s": r.end_s, "estimated_s": r.estimated_s,
-                   "measured_s": r.seconds} for r in tasks],
+                   "measured_s": r.seconds,
+                   **({"replicas_identical": r.replicas_identical} if len(r.ranks) > 1 else {})}
+                  for r in tasks],
     }
     distill = {
         "sum_task_s": busy,

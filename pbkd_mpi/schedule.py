@@ -111,6 +111,31 @@ def make_plan(tasks, workers, policy: str = "work-stealing", split: bool = False
     return _plan_with_ways(tasks, ids, policy, ways, split)
 
 
+def forced_ways(ways: dict, rules, tasks, workers: int) -> dict:
+    """`ways` with the job's `"pattern=k"` rules applied (schedule.split_blocks; the first
+    matching rule wins). A rule the tasks cannot follow is refused, saying why."""
+    from fnmatch import fnmatchcase
+
+    from .errors import UserError
+
+    by_name = {t.name: t for t in tasks}
+    out = dict(ways)
+    for name in out:
+        for rule in rules:
+            pattern, _, k = rule.partition("=")
+            if fnmatchcase(name, pattern.strip()):
+                k = int(k)
+                if k > by_name[name].max_ways(workers):
+                    raise UserError(
+                        f"schedule.split_blocks asks for block {name!r} on {k} workers; it can "
+                        f"run on at most {by_name[name].max_ways(workers)} here ({workers} "
+                        f"worker(s); splitting needs a measured profile with 2 or more "
+                        f"workers and schedule.split = true).")
+                out[name] = k
+                break
+    return out
+
+
 def _plan_with_ways(tasks, ids, policy, ways, split) -> Plan:
     by_name = {t.name: t for t in tasks}
     for name, k in ways.items():

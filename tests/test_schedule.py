@@ -126,13 +126,13 @@ def test_gangs_wait_for_enough_idle_workers():
 def test_simulator_table_and_profile_model():
     entry = {"seconds_per_step": 0.02, "fixed_step_s": 0.004, "per_sample_step_s": 0.00025,
              "batch_size": 64, "steps_per_epoch": 100, "epochs": 5, "setup_s": 1.0,
-             "bytes_read": 1e9, "read_bytes_per_s": 1e9, "eval_s_per_epoch": 0.2,
+             "read_s": 1.0, "eval_s_per_epoch": 0.2,
              "final_eval_s": 2.0, "param_bytes": 4e5}
     allreduce = {"latency_s": 1e-4, "seconds_per_byte": 1e-9}
-    # Hand-computed: 1 + (1 + 1 + 2) + 5 * 100 * 0.02 = 15 s alone; on 2 workers
-    # 1 + 4/2 + 500 * (0.004 + 0.00025 * 32 + (2 * 1e-4 + 2 * 0.5 * 4e5 * 1e-9)) = 9.3 s.
+    # Hand-computed: (1 + 1) + (5 * 0.2 + 2) + 5 * 100 * 0.02 = 15 s alone; on 2 workers
+    # 2 + 3 / 2 + 500 * (0.004 + 0.00025 * 32 + (2 * 1e-4 + 2 * 0.5 * 4e5 * 1e-9)) = 9.8 s.
     assert split_seconds(entry, 1, None) == pytest.approx(15.0)
-    assert split_seconds(entry, 2, allreduce) == pytest.approx(9.3)
+    assert split_seconds(entry, 2, allreduce) == pytest.approx(9.8)
     profile = {"allreduce": allreduce,
                "blocks": {"a": {**entry, "estimated_s": 15.0},
                           "b": {"estimated_s": 5.0}}}
