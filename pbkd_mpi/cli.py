@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 import traceback
 
-from . import faults, phases, preemption
+from . import faults, phases, preemption, supervisor
 from .errors import EXIT_FAILURE, EXIT_OK, PbkdError, UserError
 from .console import Console
 from .logs import LOGGER, epoch_logger, open_rank_log, tensorboard_logger
@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def entry() -> int:
+    """The `pbkd-mpi` command: the same as `python -m pbkd_mpi` (supervised under MPI)."""
+    from .supervisor import should_supervise, supervise
+
+    return supervise(sys.argv[1:]) if should_supervise() else main()
+
+
 def main(argv=None) -> int:
     from mpi4py import MPI
 
@@ -93,6 +100,8 @@ def main(argv=None) -> int:
         return _run_plan(args) if rank == 0 else EXIT_OK
     if args.command == "report":
         return _run_report(args) if rank == 0 else EXIT_OK
+    if args.command == "simulate":
+        return _run_simulate(args) if rank == 0 else EXIT_OK
     if args.verbose:
         os.environ["PBKD_TF_VERBOSE"] = "1"
     layout = local_layout(comm)
@@ -100,8 +109,6 @@ def main(argv=None) -> int:
         return _run_coordinator(comm, args, layout)
     return _run_worker(comm, layout)
 
-    if args.command == "simulate":
-        return _run_simulate(args) if rank == 0 else EXIT_OK
 
 def _fail(exc: BaseException) -> int:
     LOGGER.error("%s", "".join(traceback.format_exception(exc)).rstrip())
@@ -175,9 +182,11 @@ def _run_worker(comm, layout) -> int:
     try:
         faults.arm(comm.Get_rank())
         import_tensorflow()  # while rank 0 loads; thread pools are set once the job arrives
+        supervisor.note("waiting for the job from rank 0")
         context = worker.receive_job()
         if context is None:
             return EXIT_OK
+        supervisor.note("waiting for rank 0", run_dir=context.run_dir)
         threads = worker_threads(context.job.run.threads, node_cores(), local_size,
                                  root_on_node)
         open_rank_log(context.run_dir, comm.Get_rank())
@@ -194,8 +203,14 @@ def _run_worker(comm, layout) -> int:
         callback = preemption.keras_callback("training a block", also=worker.abort_check)
 
         def run_task(task):
+            if isinstance(task, Share):  # one of k workers training a split block together
+                from .split_block import train_share
+
+                with meter.task(task.task.block.name):
+                    return train_share(task, check=worker.abort_check)
             name = task.block.name
             LOGGER.info("task %s: started", name)
+            supervisor.note(f"training block {name}", run_dir=context.run_dir)
             try:
                 with meter.task(name):
                     result = train_block(
@@ -203,11 +218,6 @@ def _run_worker(comm, layout) -> int:
                                          tensorboard_logger(tb_dir / "blocks" / name)],
                         checkpoint_path=progress_path(context.run_dir, task))
             except (AbortRequested, preemption.Preempted) as stop:
-            if isinstance(task, Share):  # one of k workers training a split block together
-                from .split_block import train_share
-
-                with meter.task(task.task.block.name):
-                    return train_share(task, check=worker.abort_check)
                 LOGGER.warning("task %s: stopped (%s); its last epoch is checkpointed", name, stop)
                 raise
             except Exception:
@@ -219,6 +229,7 @@ def _run_worker(comm, layout) -> int:
 
         def metered(name, function):
             def run(*args):
+                supervisor.note(f"in the {name} phase", run_dir=context.run_dir)
                 with meter.phase(name):
                     return function(*args)
             return run
@@ -268,6 +279,15 @@ def _run_report(args) -> int:
     return EXIT_OK
 
 
+def _run_simulate(args) -> int:
+    try:
+        from .simulate import simulate_command
+
+        return simulate_command(args)
+    except BaseException as exc:  # noqa: BLE001
+        return _fail(exc)
+
+
 def _run_plan(args) -> int:
     try:
         from .devices import import_tensorflow
@@ -278,12 +298,3 @@ def _run_plan(args) -> int:
         return plan_command(args)
     except BaseException as exc:  # noqa: BLE001
         return _fail(exc)
-def _run_simulate(args) -> int:
-    try:
-        from .simulate import simulate_command
-
-        return simulate_command(args)
-    except BaseException as exc:  # noqa: BLE001
-        return _fail(exc)
-
-

@@ -175,12 +175,6 @@ class ScheduleConfig:
         "workers) may be trained data-parallel by several workers at once, as many as the "
         "planner finds best by simulating the schedule.",
     )
-    split_blocks: tuple[str, ...] = _opt(
-        [],
-        "Blocks trained data-parallel by a given number of workers whatever the planner "
-        "finds, each `\"pattern=k\"` (shell-style pattern on the block name, k >= 2 and at "
-        "most the workers), e.g. `[\"conv1=2\"]`. Needs `profile = true`.",
-    )
     profile: bool = _opt(
         True,
         "Time a few training steps of every block on the workers before distillation and "
@@ -201,34 +195,6 @@ class FinetuneConfig:
     learning_rate: float = _opt(1e-3, "Adam learning rate of fine-tuning.", min=0.0)
     patience: int = _opt(
         3, "Stop after this many epochs without a better validation accuracy.", min=1
-    )
-    loss: str = _opt(
-        "distill",
-        "Fine-tuning loss. `cross-entropy`: labels only. `distill`: Hinton distillation, "
-        "`alpha` x T^2 x KL(teacher || student) on soft targets at temperature T, plus "
-        "(1 - `alpha`) x cross-entropy on labels; the teacher's logits come from the "
-        "activation cache, so the teacher does not run during fine-tuning.",
-        choices=("cross-entropy", "distill"),
-    )
-    temperature: float = _opt(4.0, "`distill` only: softmax temperature T.", min=1.0)
-    alpha: float = _opt(
-        0.7, "`distill` only: weight of the soft-target term (1 - alpha: labels).",
-        min=0.0, max=1.0,
-    )
-    schedule: str = _opt(
-        "cosine",
-        "Learning-rate schedule over `epochs`: `cosine` decays to zero, `constant` keeps it.",
-        choices=("cosine", "constant"),
-    )
-    collapse_drop: float = _opt(
-        0.2,
-        "Divergence guard: a NaN/Inf loss, or a validation accuracy this far below the best "
-        "so far, restores the best weights and lowers the learning rate (x0.3).",
-        min=0.0, max=1.0,
-    )
-    max_recoveries: int = _opt(
-        3, "Divergence guard: recoveries allowed before fine-tuning stops at the best weights.",
-        min=0,
     )
 
 
@@ -454,13 +420,6 @@ def validate_job(job: Job) -> None:
             raise UserError(
                 f"student.family_overrides expects entries \"pattern=family\" with family "
                 f"separable or inverted_residual, received {item!r}."
-            )
-    for item in job.schedule.split_blocks:
-        pattern, sep, ways = item.partition("=")
-        if not (sep and pattern.strip() and ways.strip().isdigit() and int(ways) >= 2):
-            raise UserError(
-                f"schedule.split_blocks expects entries \"pattern=k\" with k an integer >= 2, "
-                f"received {item!r}."
             )
     if any(w < 1 for w in job.teacher.widths):
         raise UserError(f"teacher.widths expects positive integers, received {job.teacher.widths!r}.")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from . import preemption
+from . import preemption, supervisor
 from .config import Job
 from .console import DistillProgress, epoch_status
 from .logs import epoch_logger, open_rank_log, tensorboard_logger
@@ -76,8 +76,13 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
     import numpy as np
 
     started = time.perf_counter()
-    timer = PhaseTimer(meter, on_phase=lambda name: log.status(f"{name} ..."))
     run_dir = prepare_run_dir(job, fresh)
+
+    def starting(name):
+        log.status(f"{name} ...")
+        supervisor.note(f"coordinating the {name} stage", run_dir=str(run_dir))
+
+    timer = PhaseTimer(meter, on_phase=starting)
     open_rank_log(run_dir, 0)
 
     with timer("load"):
@@ -211,14 +216,14 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
 
     worker_stats = [snapshot for rank, snapshot in
                     sorted(coordinator.run_collective("stats").items()) if rank != 0]
+    schedule, distill_schedule = schedule_figures(
+        plan, outcome.records, len(coordinator.workers), timer.seconds["distill"], profile,
+        simulate_plan(plan).makespan_s)
     distilled = [block for block in blocks if block.name not in outcome.failures]
     rows = block_rows(distilled, outcome.results, outcome.records, reused)
     replaced = replaced_totals(rows)
     failed = [{"name": name, "attempts": len(errors), "errors": errors}
               for name, errors in outcome.failures.items()]
-    schedule, distill_schedule = schedule_figures(
-        plan, outcome.records, len(coordinator.workers), timer.seconds["distill"], profile,
-        simulate_plan(plan).makespan_s)
     report = {
         "status": "degraded" if failed else "ok",
         "run_dir": str(run_dir),
@@ -244,12 +249,12 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
         "blocks": rows,
         "failed_blocks": failed,
         "phases": timer.seconds,
+        "schedule": schedule,
         "distill": {
             "makespan_s": timer.seconds["distill"],
             **distill_schedule,
             "reused_blocks": sum(b["reused"] for b in rows),
             "coordinator_cpu_fraction": coordinator_cpu,
-        "schedule": schedule,
         },
         "deployment": deployment,
         "cache": cache_info,

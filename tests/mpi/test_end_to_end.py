@@ -295,6 +295,9 @@ def test_a_killed_worker_ends_the_job_and_finished_blocks_are_kept(tmp_path):
     result = run_mpi(3, args, timeout=120, env={"PBKD_FAULT": "kill:1:12"})
     assert result.returncode != 0
     assert time.monotonic() - started < 60
+    # Rank 1's supervisor (pbkd_mpi.supervisor) names it, its signal and its block.
+    assert re.search(r"error: rank 1 was killed by SIGKILL while training block conv\d\. .*"
+                     r"run the same command again to resume", result.stderr), result.stderr
     done = set(re.findall(r"block (conv\d) done on rank", result.stdout))
     saved = {p.name.split("-")[0] for p in blocks.glob("*.npz") if ".progress" not in p.name}
     # Rank 0 saves a block before it says so: all said are saved, and at most the one being
