@@ -175,6 +175,12 @@ class ScheduleConfig:
         "workers) may be trained data-parallel by several workers at once, as many as the "
         "planner finds best by simulating the schedule.",
     )
+    split_blocks: tuple[str, ...] = _opt(
+        [],
+        "Blocks trained data-parallel by a given number of workers whatever the planner "
+        "finds, each `\"pattern=k\"` (shell-style pattern on the block name, k >= 2 and at "
+        "most the workers), e.g. `[\"conv1=2\"]`. Needs `profile = true`.",
+    )
     profile: bool = _opt(
         True,
         "Time a few training steps of every block on the workers before distillation and "
@@ -449,6 +455,13 @@ def render_job_docs() -> str:
                          if typing.get_origin(hint) is tuple else hint.__name__)
             constraints = []
             if f.metadata.get("choices"):
+    for item in job.schedule.split_blocks:
+        pattern, sep, ways = item.partition("=")
+        if not (sep and pattern.strip() and ways.strip().isdigit() and int(ways) >= 2):
+            raise UserError(
+                f"schedule.split_blocks expects entries \"pattern=k\" with k an integer >= 2, "
+                f"received {item!r}."
+            )
                 constraints.append("one of " + ", ".join(f"`{c}`" for c in f.metadata["choices"]))
             if f.metadata.get("min") is not None:
                 constraints.append(f">= {f.metadata['min']}")
