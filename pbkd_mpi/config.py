@@ -427,6 +427,13 @@ def validate_job(job: Job) -> None:
                 f"student.family_overrides expects entries \"pattern=family\" with family "
                 f"separable or inverted_residual, received {item!r}."
             )
+    for item in job.schedule.split_blocks:
+        pattern, sep, ways = item.partition("=")
+        if not (sep and pattern.strip() and ways.strip().isdigit() and int(ways) >= 2):
+            raise UserError(
+                f"schedule.split_blocks expects entries \"pattern=k\" with k an integer >= 2, "
+                f"received {item!r}."
+            )
     if any(w < 1 for w in job.teacher.widths):
         raise UserError(f"teacher.widths expects positive integers, received {job.teacher.widths!r}.")
 
@@ -455,13 +462,6 @@ def render_job_docs() -> str:
                          if typing.get_origin(hint) is tuple else hint.__name__)
             constraints = []
             if f.metadata.get("choices"):
-    for item in job.schedule.split_blocks:
-        pattern, sep, ways = item.partition("=")
-        if not (sep and pattern.strip() and ways.strip().isdigit() and int(ways) >= 2):
-            raise UserError(
-                f"schedule.split_blocks expects entries \"pattern=k\" with k an integer >= 2, "
-                f"received {item!r}."
-            )
                 constraints.append("one of " + ", ".join(f"`{c}`" for c in f.metadata["choices"]))
             if f.metadata.get("min") is not None:
                 constraints.append(f">= {f.metadata['min']}")
