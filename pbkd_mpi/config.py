@@ -202,6 +202,35 @@ class FinetuneConfig:
     patience: int = _opt(
         3, "Stop after this many epochs without a better validation accuracy.", min=1
     )
+    loss: str = _opt(
+        "distill",
+        "Fine-tuning loss. `cross-entropy`: labels only. `distill`: Hinton distillation, "
+        "`alpha` x T^2 x the KL divergence of the student's soft targets from the "
+        "teacher's at temperature T, plus "
+        "(1 - `alpha`) x cross-entropy on labels; the teacher's logits come from the "
+        "activation cache, so the teacher does not run during fine-tuning.",
+        choices=("cross-entropy", "distill"),
+    )
+    temperature: float = _opt(4.0, "`distill` only: softmax temperature T.", min=1.0)
+    alpha: float = _opt(
+        0.7, "`distill` only: weight of the soft-target term (1 - alpha: labels).",
+        min=0.0, max=1.0,
+    )
+    schedule: str = _opt(
+        "cosine",
+        "Learning-rate schedule over `epochs`: `cosine` decays to zero, `constant` keeps it.",
+        choices=("cosine", "constant"),
+    )
+    collapse_drop: float = _opt(
+        0.2,
+        "Divergence guard: a NaN/Inf loss, or a validation accuracy this far below the best "
+        "so far, restores the best weights and lowers the learning rate (x0.3).",
+        min=0.0, max=1.0,
+    )
+    max_recoveries: int = _opt(
+        3, "Divergence guard: recoveries allowed before fine-tuning stops at the best weights.",
+        min=0,
+    )
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ brings its own, and the test split is kept apart for the final figures only.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from .config import DataConfig
 from .errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+_TEST_FIELDS = frozenset({"x_test", "y_test"})
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,29 @@ class Dataset:
     num_classes: int
     source: str
     skipped_images: tuple[str, ...] = ()  # unreadable image files left out (data.bad_images)
+    # Every read of x_test / y_test, in order: the test split is for the final figures only,
+    # and the pipeline refuses to evaluate if anything read it before (honest selection).
+    _test_reads: list = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def __getattribute__(self, name):
+        if name in _TEST_FIELDS:
+            object.__getattribute__(self, "_test_reads").append(name)
+        return object.__getattribute__(self, name)
+
+    @property
+    def test_reads(self) -> int:
+        """How many times x_test or y_test was read (test_split() counts once)."""
+        return len(object.__getattribute__(self, "_test_reads"))
+
+    def test_split(self) -> tuple[np.ndarray, np.ndarray]:
+        """(x_test, y_test) for the final evaluation: one counted read."""
+        self._test_reads.append("test_split")
+        return self.uncounted("x_test"), self.uncounted("y_test")
+
+    def uncounted(self, name: str) -> np.ndarray:
+        """A split's array without counting a test read: for hashing, sizes and label-range
+        checks, which select nothing."""
+        return object.__getattribute__(self, name)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -39,7 +63,7 @@ class Dataset:
         """Hash of every array: a cache or a teacher made from other data never matches."""
         digest = hashlib.sha256()
         for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
-            array = np.ascontiguousarray(getattr(self, name))
+            array = np.ascontiguousarray(self.uncounted(name))
             digest.update(f"{name}{array.shape}{array.dtype}".encode())
             digest.update(array.data)
         return digest.hexdigest()[:16]
@@ -51,7 +75,7 @@ class Dataset:
             "num_classes": self.num_classes,
             "train": len(self.y_train),
             "val": len(self.y_val),
-            "test": len(self.y_test),
+            "test": len(self.uncounted("y_test")),
             "skipped_images": len(self.skipped_images),
         }
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import importlib
 
-PHASE_MODULES: tuple[str, ...] = ("pbkd_mpi.profile", "pbkd_mpi.cache_phase")
+PHASE_MODULES: tuple[str, ...] = ("pbkd_mpi.profile", "pbkd_mpi.cache_phase",
+                                  "pbkd_mpi.finetune_phase")
 
 _HANDLERS: dict[str, object] = {}
 

@@ -59,7 +59,10 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
     from .assemble import assemble_student
     from .cost import model_flops
     from .data import load_dataset
-    from .finetune import accuracy, finetune
+    from .finetune import accuracy
+    from .finetune_phase import PHASE as FINETUNE_PHASE
+    from .finetune_phase import FinetuneRequest, run_finetune, weights_digest
+    from .logits import logit_boundary
     from .graph import boundaries, flatten_model
     from .plan import granularity_of, select_blocks
     from .deploy import deployment_figures
@@ -67,7 +70,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
     from .report import block_rows, replaced_totals, schedule_figures, write_report
     from .results import load_result, progress_path, result_path, save_result
     from .students import initial_weights, student_cost
-    from .teacher import (load_teacher, outputs_probabilities, save_model_atomically,
+    from .teacher import (load_model_file, load_teacher, save_model_atomically,
                           weights_fingerprint)
     from .train_block import BlockTask, estimate_cost
     from .profile import profile_tasks, save_profile, task_estimates
@@ -114,7 +117,8 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
 
     with timer("cache"):
         # Every rank builds its shards of the cache (cache_phase.py), or recompute mode.
-        names = boundaries(blocks)
+        # The teacher's logit boundary too: distillation reads its soft targets from here.
+        names = list(dict.fromkeys([*boundaries(blocks), logit_boundary(teacher)]))
         teacher_fp = weights_fingerprint(teacher)
         stage = prepare_cache(job, teacher, teacher_fp, teacher_info.get("file")
                               or job.teacher.source, dataset, names, run_dir, coordinator, log)
@@ -190,20 +194,39 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
                                    {name: r["weights"] for name, r in outcome.results.items()}
                                    | {name: r["weights"] for name, (r, _) in reused.items()},
                                    multiplier)
-        merged_accuracy = accuracy(student, dataset.x_test, dataset.y_test)
-    probabilities = outputs_probabilities(teacher)
+        # The workers load the assembled student from here; the final evaluation scores it.
+        assembled_path = run_dir / "student-assembled.keras"
+        save_model_atomically(student, assembled_path)
     with timer("finetune"):
-        tuned = finetune(student, dataset, job.finetune, probabilities, job.run.seed,
-                         callbacks=[preemption.keras_callback("fine-tuning the student"),
-                                    epoch_status(log, "fine-tuning", job.finetune.epochs),
-                                    epoch_logger("fine-tuning", log.detail),
-                                    tensorboard_logger(run_dir / "tb" / "finetune")])
-    log(f"fine-tuning: {tuned['epochs']} epochs, val accuracy {tuned['val_accuracy_before']:.3f} "
-        f"-> {tuned['val_accuracy']:.3f}")
+        # Data-parallel on every rank (finetune_phase.py), teacher logits from the cache.
+        request = FinetuneRequest(str(assembled_path), stage.path, fingerprint, teacher_fp)
+        callbacks = [epoch_status(log, "fine-tuning", job.finetune.epochs),
+                     epoch_logger("fine-tuning", log.detail),
+                     tensorboard_logger(run_dir / "tb" / "finetune")]
+        shares = coordinator.run_collective(
+            FINETUNE_PHASE, request,
+            lambda check: run_finetune(student, teacher, dataset, job, request,
+                                       coordinator.comm, check, callbacks))
+        tuned = shares[0]
+        tuned["identical_weights"] = all(
+            share["weights_digest"] == weights_digest(student)
+            for rank, share in shares.items() if rank != 0)
+    log(f"fine-tuning on {tuned['ranks']} ranks: {tuned['epochs']} epochs, val accuracy "
+        f"{tuned['val_accuracy_before']:.3f} -> {tuned['val_accuracy']:.3f}"
+        + ("" if tuned["identical_weights"] else "; WARNING: ranks ended with different weights"))
+    for recovery in tuned["recoveries"]:
+        log(f"fine-tuning diverged at epoch {recovery['epoch']} ({recovery['reason']}): best "
+            f"weights restored, learning rate x{recovery['learning_rate_scale']:.3g}")
 
     with timer("evaluate"):
-        teacher_accuracy = accuracy(teacher, dataset.x_test, dataset.y_test)
-        finetuned_accuracy = accuracy(student, dataset.x_test, dataset.y_test)
+        # The one read of the test split: every choice before this used validation data.
+        if dataset.test_reads:
+            raise RuntimeError(f"the test split was read {dataset.test_reads} time(s) before "
+                               f"the final evaluation; expected 0")
+        x_test, y_test = dataset.test_split()
+        teacher_accuracy = accuracy(teacher, x_test, y_test)
+        merged_accuracy = accuracy(load_model_file(str(assembled_path)), x_test, y_test)
+        finetuned_accuracy = accuracy(student, x_test, y_test)
     student_path = run_dir / "student.keras"
     save_model_atomically(student, student_path)
     with timer("deploy"):
@@ -228,7 +251,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
         "status": "degraded" if failed else "ok",
         "run_dir": str(run_dir),
         "workers": coordinator.comm.Get_size() - 1,
-        "data": dataset.summary(),
+        "data": {**dataset.summary(), "test_split_reads": dataset.test_reads},
         "teacher": {
             **teacher_info,
             "params": int(teacher.count_params()),
@@ -244,6 +267,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
             "val_accuracy_merged": tuned["val_accuracy_before"],
             "val_accuracy_finetuned": tuned["val_accuracy"],
             "path": str(student_path),
+            "assembled_path": str(assembled_path),
         },
         "replaced": replaced,
         "blocks": rows,

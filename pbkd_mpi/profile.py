@@ -296,3 +296,72 @@ def flop_profile(tasks, note: str) -> dict:
             "allreduce": None,
             "blocks": {name: {"estimated_s": task.estimated_cost, "method": "FLOP estimate"}
                        for name, task in tasks.items()}}
+
+
+def timed_shape_profile(teacher, granularity: str, depth_multiplier: int, batch_size: int,
+                        epochs: int, samples: dict, reference: dict,
+                        steps: int = TIMED_STEPS) -> dict:
+    """A profile of `teacher`'s block tasks without its data or weights: each student
+    block's training steps timed on this rank with random activations of the block's
+    shapes (step time depends on shapes, not values), at `batch_size` and half of it; the
+    cache read rate and the allreduce come from `reference`, a profile measured by a real
+    run on this machine. For simulating models too large to distill here."""
+    import keras
+    import tensorflow as tf
+
+    from .plan import select_blocks
+    from .students import build_student_model
+
+    rates = [b["read_bytes_per_s"] for b in reference["blocks"].values()
+             if "read_bytes_per_s" in b]
+    if not rates or not reference.get("allreduce"):
+        raise UserError("the reference profile needs measured read rates and an allreduce "
+                        "(a profile.json of a run with 2 or more workers and splitting on)")
+    read_rate = float(np.median(rates))
+    item_bytes = samples["item_bytes"]
+    rng = np.random.default_rng(0)
+    blocks = {}
+    for block in select_blocks(teacher, granularity, depth_multiplier):
+        x = rng.standard_normal(((WARMUP_STEPS + steps) * batch_size, *block.input_shape),
+                                np.float32)
+        y = rng.standard_normal(((WARMUP_STEPS + steps) * batch_size, *block.output_shape),
+                                np.float32)
+        keras.utils.set_random_seed(0)
+        build_started = time.perf_counter()
+        model = build_student_model(block, depth_multiplier)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+        pairs = tf.data.Dataset.from_tensor_slices((x, y))
+        timed_from, step_s = _timed_steps(model, pairs.batch(batch_size), steps)
+        setup_s = max(0.0, timed_from - build_started - WARMUP_STEPS * step_s)
+        half = max(1, batch_size // 2)
+        _, half_s = _timed_steps(model, pairs.batch(half), steps)
+        per_sample = max(0.0, (step_s - half_s) / (batch_size - half))
+        model.predict_on_batch(x[:batch_size])
+        eval_started = time.perf_counter()
+        model.predict_on_batch(x[:batch_size])
+        forward = (time.perf_counter() - eval_started) / batch_size
+        per_sample_bytes = (int(np.prod(block.input_shape))
+                            + int(np.prod(block.output_shape))) * item_bytes
+        train_n, val_n = samples["train"], samples["val"]
+        entry = {
+            "seconds_per_step": step_s, "fixed_step_s": max(0.0, step_s - per_sample * batch_size),
+            "per_sample_step_s": per_sample, "batch_size": batch_size,
+            "steps_per_epoch": -(-train_n // batch_size), "epochs": epochs,
+            "setup_s": setup_s, "read_s": per_sample_bytes * train_n / read_rate,
+            "bytes_read": per_sample_bytes * (train_n + val_n), "read_bytes_per_s": read_rate,
+            "eval_s_per_epoch": forward * val_n,
+            "final_eval_s": forward * (train_n + 2 * val_n + 512),
+            "param_bytes": 4 * int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+            "method": "timed steps on random activations of the block's shapes",
+        }
+        entry["estimated_s"] = split_seconds(entry, 1, None)
+        blocks[block.name] = entry
+    return {
+        "version": PROFILE_VERSION,
+        "method": (f"timed student-block steps of {teacher.name} on this CPU (1 process, random "
+                   f"activations of each block's shapes); cache read rate and allreduce from a "
+                   f"measured run's profile; {samples['train']} training samples"),
+        "workers": None,
+        "allreduce": reference["allreduce"],
+        "blocks": blocks,
+    }

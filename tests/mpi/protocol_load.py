@@ -1,7 +1,7 @@
 """A load test of the task protocol alone: many short synthetic tasks, injected failures.
 
 Run under mpiexec by tests/mpi/test_protocol.py:
-    mpiexec -n 4 python tests/mpi/protocol_load.py TASKS SEED
+    mpiexec -n 4 python tests/mpi/protocol_load.py TASKS SEED [POLICY]
 Task i sleeps a random few milliseconds; every 10th task always raises (so it must end as
 failed after max_attempts tries), every 10th+1 raises on odd ranks only (so a retry on an
 even rank must rescue it). Rank 0 prints one JSON line with the outcome; every worker prints
@@ -20,6 +20,7 @@ from mpi4py import MPI
 
 from pbkd_mpi.collectives import allreduce_sum
 from pbkd_mpi.protocol import Coordinator, Worker
+from pbkd_mpi.schedule import TaskEstimate, make_plan
 
 MAX_ATTEMPTS = 3
 
@@ -40,6 +41,7 @@ def rank_sum(comm, check):
 def main():
     comm = MPI.COMM_WORLD
     count, seed = int(sys.argv[1]), int(sys.argv[2])
+    policy = sys.argv[3] if len(sys.argv) > 3 else None  # default: run_tasks' own plan
     rng = random.Random(seed)
     tasks = {f"t{i}": (i, rng.uniform(0.0, 0.02)) for i in range(count)}
     if comm.Get_rank() == 0:
@@ -47,8 +49,11 @@ def main():
         coordinator.broadcast("go")
         process = psutil.Process()
         cpu, wall = sum(process.cpu_times()[:2]), time.perf_counter()
-        outcome = coordinator.run_tasks(
-            tasks, {name: task[1] for name, task in tasks.items()}, max_attempts=MAX_ATTEMPTS)
+        cost = {name: task[1] for name, task in tasks.items()}
+        plan = None if policy is None else make_plan(
+            [TaskEstimate(name, (cost[name],)) for name in tasks], tuple(coordinator.workers),
+            policy)
+        outcome = coordinator.run_tasks(tasks, cost, max_attempts=MAX_ATTEMPTS, plan=plan)
         cpu, wall = sum(process.cpu_times()[:2]) - cpu, time.perf_counter() - wall
         sums = coordinator.run_collective("rank_sum", None, lambda check: rank_sum(comm, check))
         coordinator.finish()

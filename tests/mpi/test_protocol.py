@@ -13,10 +13,14 @@ from ..conftest import REPO
 SCRIPT = REPO / "tests" / "mpi" / "protocol_load.py"
 
 
-@pytest.mark.parametrize("ranks, count", [(4, 500), (3, 200)])
-def test_every_task_ends_exactly_once(ranks, count):
+# The default plan is work-stealing; the fixed policies retry a failed task from another
+# worker's queue instead of any idle worker's.
+@pytest.mark.parametrize("ranks, count, policy", [(4, 500, ""), (3, 200, ""),
+                                                  (4, 200, "round-robin")])
+def test_every_task_ends_exactly_once(ranks, count, policy):
     result = subprocess.run(
-        ["mpiexec", "-n", str(ranks), sys.executable, str(SCRIPT), str(count), "7"],
+        ["mpiexec", "-n", str(ranks), sys.executable, str(SCRIPT), str(count), "7",
+         *([policy] if policy else [])],
         capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]

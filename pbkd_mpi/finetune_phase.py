@@ -1,0 +1,84 @@
+"""The collective phase "finetune": every rank fine-tunes the student together.
+
+Rank 0 saves the assembled student as a .keras file in the run directory and starts the
+phase with a `FinetuneRequest`; each worker loads the teacher and the data (checked against
+rank 0's hashes), the student file, and the teacher's logits from the activation cache,
+then runs finetune.finetune with rank 0 on the world communicator. The weights end
+identical on every rank (data_parallel), so rank 0's student is the fine-tuned one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import phases
+from .finetune import FinetuneData, finetune
+
+PHASE = "finetune"
+
+
+@dataclass(frozen=True)
+class FinetuneRequest:
+    student_file: str  # the assembled student, saved by rank 0
+    cache_path: str  # "" in recompute mode: the teacher then runs once over the data
+    cache_fingerprint: str
+    teacher_fingerprint: str
+
+
+def teacher_logits(teacher, dataset, cache_path: str = "", fingerprint: str = ""):
+    """(train, val) teacher logits, from the cache's copy of `logit_boundary(teacher)`; with
+    no cache, from one pass of the teacher over the two splits (never per step)."""
+    import h5py
+    import keras
+
+    from .cache import require_complete
+    from .logits import logit_boundary, logits_from_boundary
+
+    name = logit_boundary(teacher)
+    if cache_path:
+        require_complete(cache_path, fingerprint)
+        with h5py.File(cache_path, "r") as f:
+            if name not in f["train"]:
+                raise ValueError(f"the activation cache {cache_path!r} lacks the teacher's "
+                                 f"logit boundary {name!r}; it holds {sorted(f['train'])}")
+            cached = f["train"][name][()], f["val"][name][()]
+    else:
+        cut = keras.Model(teacher.inputs, teacher.get_layer(name).output)
+        cached = (cut.predict(dataset.x_train, batch_size=256, verbose=0),
+                  cut.predict(dataset.x_val, batch_size=256, verbose=0))
+    return tuple(logits_from_boundary(teacher, c) for c in cached)
+
+
+def run_finetune(student, teacher, dataset, job, request: FinetuneRequest, comm, check,
+                 callbacks=()) -> dict:
+    """One rank's share of the phase (rank 0 passes its own student and callbacks)."""
+    logits = teacher_logits(teacher, dataset, request.cache_path, request.cache_fingerprint) \
+        if job.finetune.loss == "distill" and job.finetune.epochs > 0 else None
+    return finetune(student, FinetuneData.of(dataset, logits), job.finetune, comm,
+                    job.run.seed, check=check, callbacks=callbacks)
+
+
+@phases.worker_phase(PHASE)
+def finetune_share(context, request: FinetuneRequest, comm, check) -> dict:
+    import keras
+
+    from .cache_reader import load_teacher_and_data
+
+    teacher, dataset = load_teacher_and_data(
+        context.teacher_file, request.teacher_fingerprint, context.job.data,
+        context.data_fingerprint, context.job.run.seed)
+    student = keras.saving.load_model(request.student_file, compile=False)
+    summary = run_finetune(student, teacher, dataset, context.job, request, comm, check)
+    # Rank 0 keeps its own copy; a digest lets it confirm the ranks ended identical.
+    return {"weights_digest": weights_digest(student), "epochs": summary["epochs"]}
+
+
+def weights_digest(model) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in model.get_weights():
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
