@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, field
 
 POLICIES = ("round-robin", "static-lpt", "work-stealing")
+LOCAL_SEARCH_ROUNDS = 64  # enough to move several tasks several workers; each round is cheap
 
 
 @dataclass(frozen=True)
@@ -48,19 +49,38 @@ class TaskEstimate:
         return min(workers, len(self.seconds))
 
 
+def _least_work(task: TaskEstimate, limit: float, workers: int) -> float:
+    """The least worker-seconds of `task` finishing within `limit` (inf: it cannot)."""
+    return min((k * task.on(k) for k in range(1, task.max_ways(workers) + 1)
+                if task.on(k) <= limit), default=math.inf)
+
+
 def lower_bound(tasks, workers: int, split: bool) -> float:
-    """No schedule of these tasks on `workers` finishes sooner: every task needs its least
-    work (min over k of k x its time on k workers; its time alone without splitting) done
-    by someone, and the longest task needs at least its shortest time on up to `workers`."""
+    """No schedule of these tasks on `workers` finishes sooner.
+
+    Without splitting: max(total / workers, longest task). With splitting, a makespan T
+    needs every task done on some k workers with its time on k at most T, at a cost of k
+    times that time in worker-seconds, and all of that to fit in workers x T: the bound is
+    the least T where the least such work fits. A split that costs overhead therefore raises the bound, as it must."""
     if workers < 1:
         raise ValueError(f"expected at least 1 worker, received {workers}")
     if not tasks:
         return 0.0
     if not split:
         return max(sum(t.alone for t in tasks) / workers, max(t.alone for t in tasks))
-    work = sum(min(k * t.on(k) for k in range(1, t.max_ways(workers) + 1)) for t in tasks)
-    longest = max(min(t.seconds[:t.max_ways(workers)]) for t in tasks)
-    return max(work / workers, longest)
+
+    # The least work only changes where T passes some task's time on some k: between two
+    # such points it is constant, so the bound is the first point, or work / W inside the
+    # first stretch where that is not beyond the stretch.
+    low = max(min(t.seconds[:t.max_ways(workers)]) for t in tasks)
+    points = sorted({low} | {t.on(k) for t in tasks for k in range(1, t.max_ways(workers) + 1)
+                             if t.on(k) > low})
+    for start, end in zip(points, [*points[1:], math.inf]):
+        work = sum(_least_work(t, start, workers) for t in tasks)
+        candidate = max(start, work / workers)
+        if candidate < end or end == math.inf:
+            return candidate
+    raise AssertionError("unreachable: everything alone always fits")
 
 
 @dataclass(frozen=True)
@@ -163,24 +183,29 @@ def _plan_with_ways(tasks, ids, policy, ways, split) -> Plan:
 
 def _best_split_plan(tasks, ids) -> Plan:
     """Splitting chosen by simulation: for several targets T (from the ideal makespan
-    total / W down), every task longer than T runs on the fewest workers that bring it
-    under T; also the allotment that gives one more worker to the longest task until the
+    total / W down, and from the lower bound up), every task longer than T runs on the
+    fewest workers that bring it under T; also the allotment that gives one more worker to the longest task until the
     workers run out (best when there are more workers than tasks). The candidate whose
     simulated makespan is shortest wins; no split at all is a candidate too."""
     from .simulate import simulate_plan
 
     workers = len(ids)
     ideal = sum(t.alone for t in tasks) / workers
+    bound = lower_bound(tasks, workers, split=True)
     candidates = [{t.name: 1 for t in tasks}]
-    for fraction in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3):
-        target = ideal * fraction
+    targets = [ideal * f for f in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)]
+    # Around the bound: each task on the fewest workers that bring it under the target,
+    # which is the least work when splitting only adds overhead.
+    targets += [bound * f for f in (1.0, 1.02, 1.05, 1.1, 1.2, 1.35, 1.5)]
+    for target in targets:
         ways = {}
         for t in tasks:
             k = 1
             while t.on(k) > target and k < t.max_ways(workers):
                 k += 1
             ways[t.name] = k
-        candidates.append(ways)
+        if ways not in candidates:
+            candidates.append(ways)
     if len(tasks) <= workers:
         ways = {t.name: 1 for t in tasks}
         while sum(ways.values()) < workers:
@@ -191,12 +216,22 @@ def _best_split_plan(tasks, ids) -> Plan:
             longest = max(growable, key=lambda t: t.on(ways[t.name]))
             ways[longest.name] += 1
         candidates.append(ways)
-    best = None
-    for ways in candidates:
+    def simulated(ways):
         plan = _plan_with_ways(tasks, ids, "work-stealing", ways, split=True)
-        makespan = simulate_plan(plan).makespan_s
-        if best is None or makespan < best[0] - 1e-12:
-            best = (makespan, plan)
+        return simulate_plan(plan).makespan_s, plan
+
+    best = min((simulated(ways) for ways in candidates), key=lambda pair: pair[0])
+    # Then local search: one task's workers one up or down, the best such move while it
+    # shortens the simulated makespan (a few hundred simulations of a few ms at most).
+    by_name = {t.name: t for t in tasks}
+    for _ in range(LOCAL_SEARCH_ROUNDS):
+        ways = best[1].ways
+        moves = [{**ways, name: k + step} for name, k in ways.items() for step in (1, -1)
+                 if 1 <= k + step <= by_name[name].max_ways(workers)]
+        trial = min((simulated(m) for m in moves), key=lambda pair: pair[0], default=None)
+        if trial is None or trial[0] >= best[0] * (1 - 1e-9):
+            break
+        best = trial
     makespan, plan = best
     return Plan(**{**plan.__dict__, "predicted_s": makespan})
 
