@@ -12,13 +12,12 @@ import argparse
 import os
 import socket
 import sys
-from pathlib import Path
 import traceback
 
 from . import faults, phases, preemption, supervisor
 from .errors import EXIT_FAILURE, EXIT_OK, PbkdError, UserError
 from .console import Console
-from .logs import LOGGER, epoch_logger, open_rank_log, tensorboard_logger
+from .logs import LOGGER, open_rank_log
 
 LAUNCH_HINT = (
     "Launch with at least 2 MPI ranks: rank 0 coordinates and ranks 1..N-1 train blocks, "
@@ -138,8 +137,9 @@ def _run_coordinator(comm, args, layout) -> int:
                 f"Only 1 MPI rank is running, so no rank can train blocks. {LAUNCH_HINT}")
         job = load_job(args.job, args.set, run_dir=args.run_dir)
         faults.arm(0)  # parses PBKD_FAULT: a typo fails here, on rank 0, not on a worker
-        # Rank 0 trains the teacher and fine-tunes while the workers sleep: all cores.
-        _, choice = configure_tensorflow_choice(node_cores(), local_rank)
+        # Rank 0 trains the teacher while the workers sleep: all cores, unless the job
+        # fixes the threads per rank (then every rank trains with the same reductions).
+        _, choice = configure_tensorflow_choice(job.run.threads or node_cores(), local_rank)
         meter = PhaseMeter(rank=0, node=socket.gethostname(), gpu=choice.device_id,
                            read_rapl=local_rank == 0)
         from .pipeline import coordinate
@@ -147,7 +147,8 @@ def _run_coordinator(comm, args, layout) -> int:
         say = Console(0 if args.quiet else 2 if args.verbose else 1)
         say(f"pbkd_mpi: {comm.Get_size() - 1} worker rank(s), run directory {job.run.dir}")
         try:
-            report = coordinate(job, coordinator, say, meter, fresh=args.fresh)
+            report = coordinate(job, coordinator, say, meter, fresh=args.fresh,
+                                device=(socket.gethostname(), choice.device_id))
         finally:
             meter.close()
     except BaseException as exc:  # noqa: BLE001 - every failure must end every rank
@@ -175,7 +176,8 @@ def _run_coordinator(comm, args, layout) -> int:
 def _run_worker(comm, layout) -> int:
     from .devices import configure_tensorflow_choice, import_tensorflow, node_cores, worker_threads
     from .energy import PhaseMeter
-    from .protocol import AbortRequested, Share, Worker
+    from .protocol import AbortRequested, Worker
+    from .task_runner import task_runner
 
     local_rank, local_size, root_on_node = layout
     worker = Worker(comm)
@@ -190,42 +192,12 @@ def _run_worker(comm, layout) -> int:
         threads = worker_threads(context.job.run.threads, node_cores(), local_size,
                                  root_on_node)
         open_rank_log(context.run_dir, comm.Get_rank())
-        tb_dir = Path(context.run_dir) / "tb"
         device, choice = configure_tensorflow_choice(threads, local_rank)
         LOGGER.info("worker ready: %d intra-op thread(s), device %s (%s)", threads, device,
                     choice.reason)
         meter = PhaseMeter(rank=comm.Get_rank(), node=socket.gethostname(),
                            gpu=choice.device_id, read_rapl=local_rank == 0)
-        from .results import progress_path
-        from .train_block import train_block
-
-        # Between batches: stop for a signal on this rank or for rank 0's word.
-        callback = preemption.keras_callback("training a block", also=worker.abort_check)
-
-        def run_task(task):
-            if isinstance(task, Share):  # one of k workers training a split block together
-                from .split_block import train_share
-
-                with meter.task(task.task.block.name):
-                    return train_share(task, check=worker.abort_check)
-            name = task.block.name
-            LOGGER.info("task %s: started", name)
-            supervisor.note(f"training block {name}", run_dir=context.run_dir)
-            try:
-                with meter.task(name):
-                    result = train_block(
-                        task, callbacks=[callback, epoch_logger(f"task {name}"),
-                                         tensorboard_logger(tb_dir / "blocks" / name)],
-                        checkpoint_path=progress_path(context.run_dir, task))
-            except (AbortRequested, preemption.Preempted) as stop:
-                LOGGER.warning("task %s: stopped (%s); its last epoch is checkpointed", name, stop)
-                raise
-            except Exception:
-                LOGGER.exception("task %s: failed", name)
-                raise
-            LOGGER.info("task %s: done in %.1f s, %d epoch(s), val MSE %.4g", name,
-                        result["train_seconds"], result["epochs"], result["val_mse"])
-            return result
+        run_task = task_runner(context.run_dir, meter, worker.abort_check)
 
         def metered(name, function):
             def run(*args):
@@ -237,6 +209,8 @@ def _run_worker(comm, layout) -> int:
         phase_handlers = {name: metered(name, handler) for name, handler in
                           phases.handlers(context, comm, worker.abort_check).items()}
         phase_handlers["stats"] = lambda _: meter.snapshot()  # the last phase of a run
+        # Rank 0 asks which GPU each rank chose, to find one no worker uses.
+        phase_handlers["devices"] = lambda _: (socket.gethostname(), choice.device_id)
         worker.start_heartbeat(context.job.tasks.silence_limit_s / 6)
         try:
             worker.run(phase_handlers, metered("distill", lambda: worker.serve(run_task)))

@@ -156,6 +156,14 @@ class TasksConfig:
         "and block, within this plus 10 seconds.",
         min=5.0,
     )
+    coordinator_trains: str = _opt(
+        "auto",
+        "Whether rank 0 also trains block tasks, in a thread, while it coordinates. `auto`: "
+        "when it has a GPU that no worker rank on its node uses (fewer workers there than "
+        "GPUs, e.g. `mpirun -np 4` on 4 GPUs), so no GPU sits idle during distillation. "
+        "`yes` forces it (also on CPU), `no` never.",
+        choices=("auto", "yes", "no"),
+    )
 
 
 @dataclass(frozen=True)

@@ -186,6 +186,24 @@ def _device_id(index: int, count: int, environ: Mapping[str, str]) -> str:
     return ids[index]
 
 
+def coordinator_trains(setting: str, own: tuple[str, str | None],
+                       workers: Sequence[tuple[str, str | None]]) -> tuple[bool, str]:
+    """Whether rank 0 should train block tasks too, and why. `own` and each of `workers`
+    is (node name, GPU id or None for CPU), the GPU each rank chose. With `auto`, rank 0
+    trains when its GPU is one no worker on its node uses: there are fewer workers than
+    GPUs there, and that GPU would otherwise idle through the distillation."""
+    if setting in ("yes", "no"):
+        return setting == "yes", f"tasks.coordinator_trains = {setting}"
+    node, gpu = own
+    if gpu is None:
+        return False, "rank 0 has no GPU"
+    sharing = [index + 1 for index, (other_node, other_gpu) in enumerate(workers)
+               if other_node == node and other_gpu == gpu]
+    if sharing:
+        return False, f"rank 0's GPU {gpu} is used by worker rank(s) {sharing}"
+    return True, f"no worker rank uses rank 0's GPU {gpu} on {node}"
+
+
 def check_world_size(actual: int, environ: Mapping[str, str]) -> None:
     """Raise UserError when the launcher or Slurm announced a different number of ranks
     than MPI reports (`actual`, i.e. COMM_WORLD's size).

@@ -52,7 +52,8 @@ class PhaseTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
-def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> dict:
+def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
+               device: tuple = ("localhost", None)) -> dict:
     """Rank 0: every stage of the run. Returns the report written to the run directory.
     `log(message)` reports progress; `log.detail(message)` finer events (cli.Console)."""
     from .cache_phase import prepare_cache
@@ -73,7 +74,10 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
     from .teacher import (load_model_file, load_teacher, save_model_atomically,
                           weights_fingerprint)
     from .train_block import BlockTask, estimate_cost
+    from .devices import coordinator_trains
     from .profile import profile_tasks, save_profile, task_estimates
+    from .protocol import LocalWorker
+    from .task_runner import task_runner
     from .schedule import forced_ways, make_plan
     from .simulate import simulate_plan
     import numpy as np
@@ -143,19 +147,26 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
         log(f"reusing {len(reused)} finished block(s) of an earlier run: {', '.join(reused)}")
 
     pending = {name: task for name, task in tasks.items() if name not in reused}
+    chosen = coordinator.run_collective("devices", None, lambda check: device)
+    trains, why = coordinator_trains(job.tasks.coordinator_trains, device,
+                                     [chosen[rank] for rank in coordinator.workers])
+    if trains:
+        coordinator.local = LocalWorker(lambda stop_check: task_runner(str(run_dir), meter,
+                                                                       stop_check))
+        log(f"rank 0 trains block tasks too, in a thread: {why}")
     with timer("profile"):
         # Costs measured where the tasks will run, then the schedule they follow.
         profile = profile_tasks(coordinator, pending, {
             "train": len(dataset.y_train), "val": len(dataset.y_val),
             "item_bytes": np.dtype(job.cache.dtype).itemsize}, job, log)
         save_profile(run_dir, profile)
-        estimates = task_estimates(profile, len(coordinator.workers))
-        plan = make_plan(estimates, tuple(coordinator.workers), job.schedule.policy,
-                         job.schedule.split)
+        workers = coordinator.task_workers
+        estimates = task_estimates(profile, len(workers))
+        plan = make_plan(estimates, workers, job.schedule.policy, job.schedule.split)
         if job.schedule.split_blocks:
-            plan = make_plan(estimates, tuple(coordinator.workers), job.schedule.policy,
-                             True, ways=forced_ways(plan.ways, job.schedule.split_blocks,
-                                                    estimates, len(coordinator.workers)))
+            plan = make_plan(estimates, workers, job.schedule.policy, True,
+                             ways=forced_ways(plan.ways, job.schedule.split_blocks,
+                                              estimates, len(workers)))
     split = {name: k for name, k in plan.ways.items() if k > 1}
     log(f"schedule: {job.schedule.policy}, predicted makespan "
         f"{simulate_plan(plan).makespan_s:.1f} s, lower bound {plan.lower_bound_s:.1f} s"
@@ -240,7 +251,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
     worker_stats = [snapshot for rank, snapshot in
                     sorted(coordinator.run_collective("stats").items()) if rank != 0]
     schedule, distill_schedule = schedule_figures(
-        plan, outcome.records, len(coordinator.workers), timer.seconds["distill"], profile,
+        plan, outcome.records, len(workers), timer.seconds["distill"], profile,
         simulate_plan(plan).makespan_s)
     distilled = [block for block in blocks if block.name not in outcome.failures]
     rows = block_rows(distilled, outcome.results, outcome.records, reused)
@@ -279,6 +290,9 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False) -> d
             **distill_schedule,
             "reused_blocks": sum(b["reused"] for b in rows),
             "coordinator_cpu_fraction": coordinator_cpu,
+            "coordinator_trains": trains,
+            "coordinator_trains_why": why,
+            "max_poll_gap_s": coordinator.max_poll_gap_s,
         },
         "deployment": deployment,
         "cache": cache_info,

@@ -12,6 +12,7 @@ raises it as a RemoteError naming the rank, so one clear message reaches the use
 from __future__ import annotations
 
 import enum
+import queue
 import threading
 import time
 import traceback
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from mpi4py import MPI
 
 from . import preemption
-from .errors import PbkdError, RemoteError
+from .errors import EXIT_FAILURE, PbkdError, RemoteError
 
 POLL_FIRST_S = 1e-4
 POLL_CAP_S = 0.005  # a 5 ms sleep between probes costs well under 1% of a core
@@ -149,10 +150,43 @@ class Coordinator:
     epoch: float = field(default_factory=time.monotonic)
     silence_limit_s: float | None = None  # set from the job: a worker this quiet is lost
     heard: dict = field(default_factory=dict)  # worker rank -> when it last said anything
+    local: "LocalWorker | None" = None  # rank 0's own training thread, when it has a GPU
+    max_poll_gap_s: float = 0.0  # the longest rank 0 went without looking for messages
 
     @property
     def workers(self) -> range:
         return range(1, self.comm.Get_size())
+
+    @property
+    def task_workers(self) -> tuple:
+        """The ranks that take tasks: the workers, and rank 0 when it trains too."""
+        return ((0,) if self.local is not None else ()) + tuple(self.workers)
+
+    def _send(self, payload, rank: int, tag: Tag) -> None:
+        if rank == 0:
+            self.local.send(payload, tag)
+        else:
+            send(self.comm, payload, rank, tag)
+
+    def _receive(self, deadline: float):
+        """The next message from a worker rank or from rank 0's own thread, as
+        (tag, rank, payload), or None at the deadline. Notes the longest gap between two
+        looks: with rank 0 training in a thread, that is its coordination latency."""
+        status = MPI.Status()
+        backoff = Backoff()
+        last = time.monotonic()
+        while True:
+            now = time.monotonic()
+            self.max_poll_gap_s = max(self.max_poll_gap_s, now - last)
+            last = now
+            if self.local is not None and (message := self.local.poll()) is not None:
+                return message
+            if self.comm.iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
+                tag, origin = status.Get_tag(), status.Get_source()
+                return Tag(tag), origin, self.comm.recv(source=origin, tag=tag)
+            if now >= deadline:
+                return None
+            backoff.sleep()
 
     def now(self) -> float:
         return time.monotonic() - self.epoch
@@ -178,7 +212,7 @@ class Coordinator:
 
         self.broadcast(None, Tag.SERVE)
         self.epoch = time.monotonic()  # task start and end times count from here
-        plan = plan if plan is not None else default_plan(tasks, cost, self.workers)
+        plan = plan if plan is not None else default_plan(tasks, cost, self.task_workers)
         queue = Scheduler(plan, max_attempts)
         idle: set[int] = set()
         running: dict[int, TaskRecord] = {}
@@ -186,52 +220,56 @@ class Coordinator:
         outcome = TaskOutcome(plan=plan)
         silence_limit_s = silence_limit_s if silence_limit_s is not None else self.silence_limit_s
         heard = self.heard
-        for rank in self.workers:
+        for rank in self.task_workers:
             heard[rank] = time.monotonic()
-        while len(stopped) < len(self.workers):
-            message = receive(self.comm, deadline=time.monotonic() + SIGNAL_CHECK_S)
-            preemption.check(f"{len(running)} block task(s) were running")
-            self._check_alive(heard, running, stopped, silence_limit_s)
-            if message is None:
-                continue
-            tag, rank, payload = message
-            heard[rank] = time.monotonic()
-            if tag is Tag.HEARTBEAT:
-                continue
-            if tag is Tag.PREEMPTED:
-                raise preemption.Preempted(f"rank {rank}: {payload}")
-            if tag is Tag.ERROR and (rank not in running or len(running[rank].ranks) > 1):
-                raise RemoteError(rank, *payload)
-            if tag in (Tag.RESULT, Tag.ERROR):
-                record = running.pop(rank)
-                record.waiting.discard(rank)
-                if tag is Tag.RESULT and len(record.ranks) > 1:
-                    self._compare_replica(record, outcome.results, payload[1])
-                if record.waiting:  # a split task: its other workers have yet to answer
-                    idle.add(rank)
-                    self._dispatch(queue, idle, running, stopped, tasks, on_dispatch)
+        try:
+            while len(stopped) < len(self.task_workers):
+                message = self._receive(deadline=time.monotonic() + SIGNAL_CHECK_S)
+                preemption.check(f"{len(running)} block task(s) were running")
+                self._check_alive(heard, running, stopped, silence_limit_s)
+                if message is None:
                     continue
-                record.end_s = self.now()
-                if tag is Tag.RESULT:
-                    task_id = record.task_id
-                    outcome.results.setdefault(task_id, payload[1])
-                    result = outcome.results[task_id]
-                    outcome.records.append(record)
-                    queue.done(task_id, record.ranks, record.seconds)
-                    if on_result is not None:
-                        on_result(task_id, result, record)
-                else:
-                    what, text = payload
-                    errors = queue.failed(record.task_id, rank, text)
-                    if errors is not None:
-                        outcome.failures[record.task_id] = errors
-                        if on_failure is not None:
-                            on_failure(record.task_id, errors)
-            elif tag is not Tag.READY:
-                raise RuntimeError(f"unexpected message {tag.name} from rank {rank}")
-            idle.add(rank)
-            self._dispatch(queue, idle, running, stopped, tasks, on_dispatch)
-        return outcome
+                tag, rank, payload = message
+                heard[rank] = time.monotonic()
+                if tag is Tag.HEARTBEAT:
+                    continue
+                if tag is Tag.PREEMPTED:
+                    raise preemption.Preempted(f"rank {rank}: {payload}")
+                if tag is Tag.ERROR and (rank not in running or len(running[rank].ranks) > 1):
+                    raise RemoteError(rank, *payload)
+                if tag in (Tag.RESULT, Tag.ERROR):
+                    record = running.pop(rank)
+                    record.waiting.discard(rank)
+                    if tag is Tag.RESULT and len(record.ranks) > 1:
+                        self._compare_replica(record, outcome.results, payload[1])
+                    if record.waiting:  # a split task: its other workers have yet to answer
+                        idle.add(rank)
+                        self._dispatch(queue, idle, running, stopped, tasks, on_dispatch)
+                        continue
+                    record.end_s = self.now()
+                    if tag is Tag.RESULT:
+                        task_id = record.task_id
+                        outcome.results.setdefault(task_id, payload[1])
+                        result = outcome.results[task_id]
+                        outcome.records.append(record)
+                        queue.done(task_id, record.ranks, record.seconds)
+                        if on_result is not None:
+                            on_result(task_id, result, record)
+                    else:
+                        what, text = payload
+                        errors = queue.failed(record.task_id, rank, text)
+                        if errors is not None:
+                            outcome.failures[record.task_id] = errors
+                            if on_failure is not None:
+                                on_failure(record.task_id, errors)
+                elif tag is not Tag.READY:
+                    raise RuntimeError(f"unexpected message {tag.name} from rank {rank}")
+                idle.add(rank)
+                self._dispatch(queue, idle, running, stopped, tasks, on_dispatch)
+            return outcome
+        finally:
+            if self.local is not None:
+                self.local.cancel()  # a no-op after STOP; else it stops its task
 
     @staticmethod
     def _compare_replica(record, results, result) -> None:
@@ -262,17 +300,19 @@ class Coordinator:
                     f"same command again to resume.")
 
     def _dispatch(self, queue, idle, running, stopped, tasks, on_dispatch) -> None:
-        available = [r for r in self.workers if r not in stopped]
+        available = [r for r in self.task_workers if r not in stopped]
         for task_id, ranks in queue.assign(idle, available):
             record = TaskRecord(task_id, ranks[0], self.now(), ranks=tuple(ranks),
                                 estimated_s=queue.estimates[task_id], waiting=set(ranks))
             for rank in ranks:
                 idle.discard(rank)
                 running[rank] = record
-            payload = tasks[task_id] if len(ranks) == 1 else None
-            requests = [self.comm.isend((task_id, payload if payload is not None else
-                                         Share(tasks[task_id], tuple(ranks))),
-                                        dest=rank, tag=int(Tag.TASK)) for rank in ranks]
+            message = (task_id, tasks[task_id] if len(ranks) == 1 else
+                       Share(tasks[task_id], tuple(ranks)))
+            if 0 in ranks:
+                self.local.send(message, Tag.TASK)
+            requests = [self.comm.isend(message, dest=rank, tag=int(Tag.TASK))
+                        for rank in ranks if rank != 0]
             for request in requests:  # the workers of a split task start together
                 wait_request(request)
             if on_dispatch is not None:
@@ -282,7 +322,7 @@ class Coordinator:
             for rank in sorted(idle):
                 idle.discard(rank)
                 stopped.add(rank)
-                send(self.comm, None, rank, Tag.STOP)
+                self._send(None, rank, Tag.STOP)
         # else: idle workers wait: for a running task that may fail and need another
         # worker, for a split task's workers to be free together, or (fixed policies) for
         # nothing, until every task has ended
@@ -344,6 +384,60 @@ class Coordinator:
             if tag is Tag.ABORT_ACK:
                 waiting.discard(rank)
         return True
+
+
+class LocalWorker:
+    """Rank 0's own worker: a thread that trains tasks on the GPU no worker rank uses
+    while the main thread goes on coordinating. It speaks the task protocol through two
+    queues instead of MPI: READY first, then RESULT or ERROR for each TASK, until STOP.
+    `make_runner(stop_check)` builds its `run(task)`; `stop_check` raises between batches
+    once rank 0 gives up on the hand-out (an abort or a signal), so the thread leaves."""
+
+    def __init__(self, make_runner):
+        self.inbox: queue.Queue = queue.Queue()
+        self.outbox: queue.Queue = queue.Queue()
+        self._cancelled = threading.Event()
+        self.run_task = make_runner(self.stop_check)
+        self.outbox.put((Tag.READY, 0, None))
+        self._thread = threading.Thread(target=self._serve, name="pbkd-rank0-worker",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop_check(self) -> None:
+        if self._cancelled.is_set():
+            raise AbortRequested(EXIT_FAILURE)
+
+    def send(self, payload, tag: Tag) -> None:
+        self.inbox.put((tag, payload))
+
+    def poll(self):
+        try:
+            return self.outbox.get_nowait()
+        except queue.Empty:
+            return None
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self.inbox.put((Tag.STOP, None))
+
+    def _serve(self) -> None:
+        while True:
+            tag, payload = self.inbox.get()
+            if tag is not Tag.TASK:
+                return
+            task_id, task = payload
+            try:
+                result = self.run_task(task)
+            except AbortRequested:
+                return
+            except preemption.Preempted as stop:
+                self.outbox.put((Tag.PREEMPTED, 0, str(stop)))
+                return
+            except Exception:  # noqa: BLE001 - reported like a worker rank's failure
+                self.outbox.put((Tag.ERROR, 0, (f"running task {task_id}",
+                                                traceback.format_exc())))
+                continue
+            self.outbox.put((Tag.RESULT, 0, (task_id, result)))
 
 
 class Worker:

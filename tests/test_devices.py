@@ -269,3 +269,22 @@ def test_configure_tensorflow_for_real_in_a_fresh_process():
     device, intra, inter = result.stdout.split()[-3:]
     assert (intra, inter) == ("1", "2")
     assert device == "cpu" or "GPU" in device
+
+
+def test_rank_0_trains_only_on_a_gpu_no_worker_uses():
+    from pbkd_mpi.devices import coordinator_trains
+
+    # mpirun -np 4 on 4 GPUs: workers on GPUs 1-3, rank 0's GPU 0 would idle.
+    assert coordinator_trains("auto", ("n1", "0"), [("n1", "1"), ("n1", "2"), ("n1", "3")])[0]
+    # -np 5 on 4 GPUs: worker 4 shares GPU 0 (local rank 4 modulo 4).
+    trains, why = coordinator_trains("auto", ("n1", "0"),
+                                     [("n1", "1"), ("n1", "2"), ("n1", "3"), ("n1", "0")])
+    assert not trains and "worker rank(s) [4]" in why
+    # The same GPU id on another node is another GPU.
+    assert coordinator_trains("auto", ("n1", "0"), [("n2", "0"), ("n2", "1")])[0]
+    # Slurm binding one GPU per task: distinct ids, though each rank sees "its only GPU".
+    assert coordinator_trains("auto", ("n1", "GPU-aa"), [("n1", "GPU-bb")])[0]
+    assert not coordinator_trains("auto", ("n1", None), [("n1", None)])[0]  # CPU only
+    assert coordinator_trains("yes", ("n1", None), [("n1", None)]) == (
+        True, "tasks.coordinator_trains = yes")
+    assert not coordinator_trains("no", ("n1", "0"), [("n1", "1")])[0]

@@ -246,29 +246,39 @@ def test_sigusr1_stops_the_job_with_exit_75_and_the_next_run_resumes(tmp_path):
 
 
 def test_block_weights_do_not_depend_on_the_number_of_workers(tmp_path):
-    """Tasks are independent and seeded by block: 1 worker and 2 workers (one thread each,
-    so reductions run in the same order) must train identical weights."""
+    """Tasks are independent and seeded by block: 2 workers, 1 worker, and 1 worker with
+    rank 0 training in a thread beside it (one thread each, so reductions run in the same
+    order) must train identical weights."""
     from pbkd_mpi.results import load_result
 
     run_dir = tmp_path / "run"
     weights = {}
-    for ranks in (3, 2):
+    for ranks, rank0_trains, expected_ranks in ((3, "no", {1, 2}), (2, "no", {1}),
+                                                (2, "yes", {0, 1})):
         result = run_mpi(ranks, ["run", TINY_JOB, "--run-dir", run_dir, "--set", "run.threads=1",
-                                 "--set", "finetune.epochs=0", "--quiet"], timeout=180)
+                                 "--set", "finetune.epochs=0", "--set",
+                                 f"tasks.coordinator_trains={rank0_trains}", "--quiet"],
+                         timeout=180)
         assert result.returncode == 0, result.stderr[-3000:]
         assert len(result.stdout.splitlines()) == 1 and "report:" in result.stdout  # --quiet
         blocks = run_dir / "blocks"
-        weights[ranks] = {path.name: load_result(path)[0]["weights"]
-                          for path in blocks.glob("*.npz")}
-        ranks_used = {b["rank"] for b in json.loads((run_dir / "report.json").read_text())["blocks"]}
-        assert ranks_used == set(range(1, ranks))
+        weights[ranks, rank0_trains] = {path.name: load_result(path)[0]["weights"]
+                                        for path in blocks.glob("*.npz")}
+        report = json.loads((run_dir / "report.json").read_text())
+        assert {b["rank"] for b in report["blocks"]} == expected_ranks
+        assert report["distill"]["coordinator_trains"] is (rank0_trains == "yes")
+        # Rank 0 kept coordinating while it trained: it never went a second without looking.
+        assert report["distill"]["max_poll_gap_s"] < 1.0
         for path in blocks.glob("*.npz"):
-            path.unlink()  # the second run must train every block again
-    assert sorted(weights[3]) == sorted(weights[2]) and len(weights[2]) == 4
-    for name, per_layer in weights[3].items():
-        for layer, arrays in per_layer.items():
-            for a, b in zip(arrays, weights[2][name][layer]):
-                np.testing.assert_array_equal(a, b, err_msg=f"{name} {layer}")
+            path.unlink()  # the next run must train every block again
+    reference = weights[3, "no"]
+    assert len(reference) == 4
+    for other in (weights[2, "no"], weights[2, "yes"]):
+        assert sorted(other) == sorted(reference)
+        for name, per_layer in reference.items():
+            for layer, arrays in per_layer.items():
+                for a, b in zip(arrays, other[name][layer]):
+                    np.testing.assert_array_equal(a, b, err_msg=f"{name} {layer}")
 
 
 def test_a_silent_worker_ends_the_job_naming_its_rank_and_block(tmp_path):
