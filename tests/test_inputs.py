@@ -49,3 +49,19 @@ def test_a_run_directory_of_another_job_is_refused_unless_fresh(tmp_path):
     assert not (run_dir / "blocks" / "conv1-abc.npz").exists()
     assert (run_dir / "notes.txt").exists()  # --fresh removes only the tool's own files
     assert load_job(run_dir / "job.toml") == other
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("teacher.keras", b"not a zip archive", r"could not be loaded as a Keras model"),
+    ("teacher.h5", b"\x89HDF\r\n\x1a\n but truncated", r"could not be loaded as a Keras model"),
+    ("teacher.pt", b"torch weights", r"is not a \.keras or \.h5 file \(received a \.pt path\)"),
+    ("absent.keras", None, r"does not exist\. Expected a \.keras or \.h5 model file"),
+])
+def test_a_teacher_file_that_is_not_a_keras_model_is_refused(tmp_path, name, content, message):
+    from pbkd_mpi.teacher import load_model_file
+
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        load_model_file(str(path))
