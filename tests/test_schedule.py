@@ -144,3 +144,31 @@ def test_simulator_table_and_profile_model():
     assert table[1]["policies"]["round-robin"]["makespan_s"] == pytest.approx(20.0)
     assert table[2]["policies"]["static-lpt"]["makespan_s"] == pytest.approx(15.0)
     json.dumps(table)  # the --json output
+
+
+def test_simulate_command_prints_each_policy_and_json(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    profile = {"method": "hand-written", "allreduce": None,
+               "blocks": {"a": {"estimated_s": 4.0}, "b": {"estimated_s": 3.0},
+                          "c": {"estimated_s": 3.0}, "d": {"estimated_s": 2.0}}}
+    (tmp_path / "profile.json").write_text(json.dumps(profile))
+    command = [sys.executable, "-m", "pbkd_mpi", "simulate", str(tmp_path / "profile.json"),
+               "--workers", "1,2"]
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    table = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    assert table.returncode == 0, table.stderr
+    assert "round-robin" in table.stdout and "work-stealing+split" in table.stdout
+    out = subprocess.run([*command, "--json"], capture_output=True, text=True, env=env, cwd=REPO)
+    rows = json.loads(out.stdout)["workers"]
+    # 2 workers: LPT puts a+d | b+c = 6 | 6, the bound; round-robin a+c | b+d = 7 | 5.
+    assert rows["2"]["lower_bound_s"] == 6.0
+    assert rows["2"]["policies"]["static-lpt"]["makespan_s"] == 6.0
+    assert rows["2"]["policies"]["round-robin"]["makespan_s"] == 7.0
+    assert rows["1"]["policies"]["work-stealing"]["ratio"] == 1.0
+    bad = subprocess.run([*command[:-1], "2,x"], capture_output=True, text=True, env=env,
+                         cwd=REPO)
+    assert bad.returncode == 2 and "--workers expects" in bad.stderr
