@@ -156,12 +156,20 @@ def forced_ways(ways: dict, rules, tasks, workers: int) -> dict:
     return out
 
 
+def gang_workers(ids) -> tuple:
+    """The workers that can train a split task: not rank 0's own training thread, which
+    has no MPI communicator of its own to join one with."""
+    return tuple(w for w in ids if w != 0)
+
+
 def _plan_with_ways(tasks, ids, policy, ways, split) -> Plan:
     by_name = {t.name: t for t in tasks}
+    capacity = len(gang_workers(ids))
     for name, k in ways.items():
-        if not 1 <= k <= by_name[name].max_ways(len(ids)):
+        if not 1 <= k <= max(1, by_name[name].max_ways(capacity)):
             raise ValueError(f"task {name!r} cannot run on {k} workers: it has estimates for "
-                             f"1..{len(by_name[name].seconds)} and there are {len(ids)} workers")
+                             f"1..{len(by_name[name].seconds)} and {capacity} workers can "
+                             f"train a split task")
     estimates = {t.name: t.on(ways[t.name]) for t in tasks}
     order = tuple(sorted(estimates, key=lambda n: (-estimates[n], n)))
     singles = [t.name for t in tasks if ways[t.name] == 1]
@@ -174,7 +182,7 @@ def _plan_with_ways(tasks, ids, policy, ways, split) -> Plan:
         loads = {w: 0.0 for w in ids}
         for name in order:
             if ways[name] > 1:
-                for w in sorted(ids, key=lambda w: (loads[w], w))[:ways[name]]:
+                for w in sorted(gang_workers(ids), key=lambda w: (loads[w], w))[:ways[name]]:
                     loads[w] += estimates[name]
         queues = _lpt(singles, estimates, ids, loads)
     return Plan(policy, ids, dict(ways), queues, estimates, order,
@@ -189,7 +197,7 @@ def _best_split_plan(tasks, ids) -> Plan:
     simulated makespan is shortest wins; no split at all is a candidate too."""
     from .simulate import simulate_plan
 
-    workers = len(ids)
+    workers = len(gang_workers(ids))  # the most workers one split task can have
     ideal = sum(t.alone for t in tasks) / workers
     bound = lower_bound(tasks, workers, split=True)
     candidates = [{t.name: 1 for t in tasks}]
@@ -257,6 +265,7 @@ class Scheduler:
         self.gangs = [n for n in self.plan.order if self.plan.ways[n] > 1]
         self.estimates = dict(self.plan.estimates)
         self.errors = {name: [] for name in self.plan.estimates}
+        self._gang_able = set(gang_workers(self.plan.workers))
         self._measured = {w: 0.0 for w in self.plan.workers}
         self._estimated = {w: 0.0 for w in self.plan.workers}
 
@@ -285,17 +294,22 @@ class Scheduler:
         every available worker has)."""
         idle = sorted(idle)
         out = []
+        able = [w for w in idle if w in self._gang_able]
         # A gang starts only when enough workers are idle at once; until then the idle
-        # workers wait for it (it is the longest task left, so its start cannot slip).
+        # workers that could join it wait (it is the longest task left, so its start
+        # cannot slip); one that cannot (rank 0's thread) goes on with single tasks.
         while self.gangs:
             name = self.gangs[0]
             k = self.plan.ways[name]
-            if len(idle) < k:
-                return out
-            chosen = sorted(idle, key=lambda w: (self.load(w), w))[:k]
+            if len(able) < k:
+                break
+            chosen = sorted(able, key=lambda w: (self.load(w), w))[:k]
             self.gangs.pop(0)
             idle = [w for w in idle if w not in chosen]
+            able = [w for w in able if w not in chosen]
             out.append((name, tuple(sorted(chosen))))
+        if self.gangs:
+            idle = [w for w in idle if w not in self._gang_able]
         for worker in idle:
             name = self._next_single(worker, available)
             if name is not None:

@@ -172,3 +172,14 @@ def test_simulate_command_prints_each_policy_and_json(tmp_path):
     bad = subprocess.run([*command[:-1], "2,x"], capture_output=True, text=True, env=env,
                          cwd=REPO)
     assert bad.returncode == 2 and "--workers expects" in bad.stderr
+
+
+def test_rank_0s_training_thread_never_joins_a_split_task():
+    tasks = [TaskEstimate("g", (8.0, 4.0, 3.0)), TaskEstimate("a", (2.0,)),
+             TaskEstimate("b", (2.0,))]
+    plan = make_plan(tasks, (0, 1, 2), "work-stealing", ways={"g": 2, "a": 1, "b": 1})
+    result = simulate_plan(plan)
+    assert ("g", (1, 2), 0.0, 4.0) in result.tasks
+    assert [t[:2] for t in result.tasks if t[1] == (0,)] == [("a", (0,)), ("b", (0,))]
+    with pytest.raises(ValueError, match="2 workers can train a split task"):
+        make_plan(tasks, (0, 1, 2), "work-stealing", ways={"g": 3, "a": 1, "b": 1})
