@@ -84,6 +84,7 @@ def load_model_file(source: str):
             f"teacher.source {source!r} is not a .keras or .h5 file (received a "
             f"{path.suffix or 'suffix-less'} path). Save the model with model.save('name.keras')."
         )
+    _check_container(path, source)
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as exc:  # Keras raises many types for a foreign or broken file
@@ -96,6 +97,26 @@ def load_model_file(source: str):
             f"teacher.source {source!r} holds a {type(model).__name__}, expected a keras.Model."
         )
     return model
+
+
+def _check_container(path: Path, source: str) -> None:
+    """A .keras file is a zip archive and a .h5 file HDF5: say so plainly, instead of the
+    "file not found" Keras reports for a file that exists but is something else."""
+    import zipfile
+
+    import h5py
+
+    if path.suffix == ".keras":
+        expected, ok = "a zip archive (what model.save('name.keras') writes)", \
+            zipfile.is_zipfile(path)
+    else:
+        expected, ok = "an HDF5 file (what model.save('name.h5') writes)", h5py.is_hdf5(path)
+    if not ok:
+        with open(path, "rb") as file:
+            head = file.read(16)
+        raise UserError(
+            f"teacher.source {source!r} is not a Keras model file: a {path.suffix} model is "
+            f"{expected}, but this file ({path.stat().st_size} bytes) starts with {head!r}.")
 
 
 def check_teacher_fits_data(model, dataset: Dataset) -> None:

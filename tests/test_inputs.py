@@ -52,8 +52,9 @@ def test_a_run_directory_of_another_job_is_refused_unless_fresh(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("teacher.keras", b"not a zip archive", r"could not be loaded as a Keras model"),
-    ("teacher.h5", b"\x89HDF\r\n\x1a\n but truncated", r"could not be loaded as a Keras model"),
+    ("teacher.keras", b"not a zip archive", r"is not a Keras model file: a \.keras model is a "
+                                            r"zip archive .* starts with b'not a zip"),
+    ("teacher.h5", b"GIF89a an image", r"a \.h5 model is an HDF5 file"),
     ("teacher.pt", b"torch weights", r"is not a \.keras or \.h5 file \(received a \.pt path\)"),
     ("absent.keras", None, r"does not exist\. Expected a \.keras or \.h5 model file"),
 ])
