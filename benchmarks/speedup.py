@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JOB = REPO / "jobs" / "demo.toml"
 # Not what these benchmarks measure: skipped so each measured run costs its distillation.
-NO_FINETUNE = ("--set", "finetune.epochs=0")
+NO_FINETUNE = ("--set", "finetune.epochs=0", "--set", "finetune.loss=cross-entropy")
 
 
 def run(ranks: int, job: str, run_dir: Path, extra=()) -> dict:
