@@ -75,13 +75,20 @@ def _producer(tensor) -> str:
 
 
 def assemble_student(teacher, blocks: list[Block], block_weights: dict[str, dict],
-                     depth_multiplier: int = 1) -> keras.Model:
+                     depth_multiplier: int | dict[str, int] = 1) -> keras.Model:
     """The student: blocks with trained weights in `block_weights` are replaced by their
-    students; blocks without stay the teacher's."""
+    students; blocks without stay the teacher's. `depth_multiplier`: one for every block,
+    or {block name: multiplier} (a block retrained wider by acceptance, accept.py)."""
     weights = layer_weights(flatten_model(teacher))
     for per_layer in block_weights.values():
         weights.update(per_layer)
     replaced = [block for block in blocks if block.name in block_weights]
+
+    def multiplier(block) -> int:
+        if isinstance(depth_multiplier, dict):
+            return depth_multiplier[block.name]
+        return depth_multiplier
+
     return rewrite(teacher, replaced,
-                   lambda block, tensor: apply_student(block, tensor, depth_multiplier),
+                   lambda block, tensor: apply_student(block, tensor, multiplier(block)),
                    weights)

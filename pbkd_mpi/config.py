@@ -29,8 +29,10 @@ def _opt(default, help, *, min=None, max=None, choices=None):
 class TeacherConfig:
     source: str = _opt(
         "vgg_demo",
-        "A `.keras` or `.h5` model file, or a built-in architecture name (`vgg_demo`), "
-        "which is trained on the job's data first and kept in the run directory.",
+        "A `.keras` or `.h5` model file, or a built-in architecture name (`vgg_demo`: a "
+        "2x2 max pool after every second conv; `vgg_deep`: VGG16's stages, a pool wherever "
+        "the next conv's width changes, see jobs/deep.toml), which is trained on the job's "
+        "data first and kept in the run directory.",
     )
     widths: tuple[int, ...] = _opt(
         [16, 16, 32, 32, 64, 64],
@@ -242,6 +244,36 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class AcceptConfig:
+    max_drop: float = _opt(
+        0.03,
+        "Per-block acceptance: each student block is swapped alone into the teacher and "
+        "scored on the validation split; one that lowers the teacher's validation accuracy "
+        "by more than this (a fraction: 0.03 = 3 points) is retrained once with a wider "
+        "student, and stays the teacher's if that one costs too much too. 1.0 accepts all.",
+        min=0.0, max=1.0,
+    )
+    widen: int = _opt(
+        2, "The wider retrain's depth multiplier, times `student.depth_multiplier`.", min=2
+    )
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    saved_model: bool = _opt(
+        True, "Also export the student as a SavedModel directory (`student_savedmodel/`)."
+    )
+    tflite: str = _opt(
+        "float32",
+        "TFLite files of the student: `float32` (`student_float32.tflite`), `int8` "
+        "(`student_int8.tflite`: weights and activations quantised, calibrated on "
+        "validation images; float32 inputs and outputs), `both` or `none`. Needs the "
+        "SavedModel, which is then written too.",
+        choices=("none", "float32", "int8", "both"),
+    )
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     mode: str = _opt(
         "cache",
@@ -313,6 +345,8 @@ class Job:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    accept: AcceptConfig = field(default_factory=AcceptConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -448,8 +482,9 @@ def validate_job(job: Job) -> None:
             f"data.image_size expects [height, width], each at least 8, "
             f"received {list(job.data.image_size)!r}."
         )
-    if job.teacher.source == "vgg_demo" and not job.teacher.widths:
-        raise UserError("teacher.widths expects at least one conv width for vgg_demo.")
+    if job.teacher.source in ("vgg_demo", "vgg_deep") and not job.teacher.widths:
+        raise UserError(f"teacher.widths expects at least one conv width for "
+                        f"{job.teacher.source}.")
     for item in job.blocks.explicit:
         first, sep, last = item.partition(":")
         if not (sep and first and last):

@@ -34,6 +34,35 @@ def latency_ms(model, input_shape, batch: int, repeats: int = 20) -> float:
     return 1000.0 * statistics.median(times)
 
 
+def callable_latency_ms(function, input_shape, batch: int, repeats: int = 20) -> float:
+    """Median milliseconds of `function(batch of float32 images)` returning NumPy (a loaded
+    SavedModel or TFLite interpreter), timed like `latency_ms`."""
+    x = np.random.default_rng(0).uniform(size=(batch, *input_shape)).astype(np.float32)
+    for _ in range(WARMUP_CALLS):
+        function(x)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function(x)
+        times.append(time.perf_counter() - started)
+    return 1000.0 * statistics.median(times)
+
+
+def export_figures(student, exports, input_shape, check_images, repeats: int = 20) -> dict:
+    """Each export of the student (exports.py), loaded back from disk: its size, its
+    agreement with the Keras student, and its latency at batch 1 and 32."""
+    from .exports import check_exports
+
+    figures = check_exports(student, exports, check_images)
+    for export in exports:
+        if export.format == "keras":
+            continue  # the same model as deployment.student
+        function = export.load()
+        figures[export.format]["latency_ms"] = {
+            f"batch_{b}": callable_latency_ms(function, input_shape, b, repeats) for b in BATCHES}
+    return figures
+
+
 def deployment_figures(teacher, student, input_shape, teacher_file, student_file,
                        repeats: int = 20) -> dict:
     """{"teacher"|"student": {"latency_ms": {"batch_1", "batch_32"}, "file_bytes"}}."""

@@ -6,6 +6,7 @@ themselves (graph, students, cache, training, assembly, report are plain Python/
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,7 +61,10 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
     from .assemble import assemble_student
     from .cost import model_flops
     from .data import load_dataset
-    from .finetune import accuracy
+    from .accept import ACCEPTED_WIDER, KEPT_TEACHER, accept_blocks
+    from .deploy import export_figures
+    from .exports import tflite_kinds, write_exports
+    from .finetune import accuracy, recalibrate_batchnorm
     from .finetune_phase import PHASE as FINETUNE_PHASE
     from .finetune_phase import FinetuneRequest, run_finetune, weights_digest
     from .logits import logit_boundary
@@ -200,11 +204,47 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
     coordinator_cpu = ((cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
                        ) / max(wall_after - wall_before, 1e-9)
 
+    trained = {name: r for name, r in outcome.results.items()} | \
+        {name: r for name, (r, _) in reused.items()}
+    wide = {"results": {}, "records": [], "reused": {}}
+
+    def retrain(names, wider):
+        # Acceptance's wider students: tasks like the first, reused from RUN/blocks/ when an
+        # earlier run trained them.
+        wide_tasks = {name: dataclasses.replace(
+            tasks[name], depth_multiplier=wider,
+            initial_weights=initial_weights(tasks[name].block, teacher, wider)) for name in names}
+        wide_paths = {name: result_path(run_dir, task) for name, task in wide_tasks.items()}
+        for name, path in wide_paths.items():
+            if (loaded := load_result(path)) is not None:
+                wide["reused"][name] = loaded
+        todo = {name: task for name, task in wide_tasks.items() if name not in wide["reused"]}
+        if todo:
+            done = coordinator.run_tasks(
+                todo, {name: task.estimated_cost for name, task in todo.items()},
+                max_attempts=job.tasks.max_attempts,
+                on_result=lambda name, result, record: save_result(
+                    wide_paths[name], result,
+                    {"rank": record.rank, "seconds": record.end_s - record.start_s}),
+                on_failure=lambda name, errors: log(
+                    f"wider block {name} failed: {errors[-1]['error']}"))
+            wide["results"].update(done.results)
+            wide["records"].extend(done.records)
+        return {name: r["weights"] for name, r in wide["results"].items()} | \
+            {name: r["weights"] for name, (r, _) in wide["reused"].items()}
+
+    with timer("accept"):
+        # Validation only: each block alone in the teacher (accept.py).
+        verdicts, kept, multipliers, teacher_val = accept_blocks(
+            teacher, blocks, {name: r["weights"] for name, r in trained.items()}, multiplier,
+            job.accept, dataset.x_val, dataset.y_val, retrain, log, dataset.x_train)
+    for verdict in verdicts.values():
+        log.detail(f"block {verdict.name}: alone {verdict.solo_val_accuracy:.4f} val accuracy "
+                   f"(teacher {teacher_val:.4f}) -> {verdict.decision}")
     with timer("assemble"):
-        student = assemble_student(teacher, blocks,
-                                   {name: r["weights"] for name, r in outcome.results.items()}
-                                   | {name: r["weights"] for name, (r, _) in reused.items()},
-                                   multiplier)
+        student = assemble_student(teacher, blocks, kept, multipliers)
+        # BN statistics of the stitched student, from training images (no weight trained).
+        recalibrate_batchnorm(student, dataset.x_train)
         # The workers load the assembled student from here; the final evaluation scores it.
         assembled_path = run_dir / "student-assembled.keras"
         save_model_atomically(student, assembled_path)
@@ -244,6 +284,13 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
         teacher_file = teacher_info.get("file") or job.teacher.source
         deployment = deployment_figures(teacher, student, dataset.image_shape, teacher_file,
                                         student_path)
+        exports = write_exports(student, student_path, run_dir, job.export.saved_model,
+                                tflite_kinds(job.export.tflite), dataset.x_val)
+        deployment["exports"] = export_figures(student, exports, dataset.image_shape,
+                                               dataset.x_val)
+    for name, figures in deployment["exports"].items():
+        log.detail(f"export {name}: {figures['bytes']} bytes, largest output difference "
+                   f"{figures['max_abs_diff']:.2g}, class agreement {figures['class_agreement']:.3f}")
     log(f"latency batch 1 (CPU, median): teacher "
         f"{deployment['teacher']['latency_ms']['batch_1']:.2f} ms, student "
         f"{deployment['student']['latency_ms']['batch_1']:.2f} ms")
@@ -253,9 +300,19 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
     schedule, distill_schedule = schedule_figures(
         plan, outcome.records, len(workers), timer.seconds["distill"], profile,
         simulate_plan(plan).makespan_s)
-    distilled = [block for block in blocks if block.name not in outcome.failures]
-    rows = block_rows(distilled, outcome.results, outcome.records, reused)
-    replaced = replaced_totals(rows)
+    # One row per trained block, with the student kept (the wider one when acceptance chose
+    # it); a block acceptance gave back to the teacher keeps its row but is not replaced.
+    distilled = [block for block in blocks if block.name in verdicts]
+    wider_names = {n for n, v in verdicts.items() if v.decision == ACCEPTED_WIDER}
+    results = {n: r for n, r in outcome.results.items() if n not in wider_names} | \
+        {n: r for n, r in wide["results"].items() if n in wider_names}
+    rows = block_rows(distilled, results, [*outcome.records, *wide["records"]],
+                      {n: r for n, r in reused.items() if n not in wider_names}
+                      | {n: r for n, r in wide["reused"].items() if n in wider_names})
+    for row in rows:
+        row["accept"] = verdicts[row["name"]].to_dict()
+        row["replaced"] = verdicts[row["name"]].decision != KEPT_TEACHER
+    replaced = replaced_totals([row for row in rows if row["replaced"]])
     failed = [{"name": name, "attempts": len(errors), "errors": errors}
               for name, errors in outcome.failures.items()]
     report = {
@@ -281,6 +338,9 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
             "assembled_path": str(assembled_path),
         },
         "replaced": replaced,
+        "accept": {"max_drop": job.accept.max_drop, "teacher_val_accuracy": teacher_val,
+                   "decisions": {d: sum(v.decision == d for v in verdicts.values())
+                                 for d in ("accepted", "accepted_wider", "kept_teacher")}},
         "blocks": rows,
         "failed_blocks": failed,
         "phases": timer.seconds,

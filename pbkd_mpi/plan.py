@@ -72,7 +72,7 @@ def block_table(teacher, depth_multiplier: int = 1, granularity="layer",
 
 
 def _load_plan_teacher(args, job):
-    from .teacher import BUILTIN_TEACHERS, build_vgg_demo, load_model_file
+    from .teacher import BUILTIN_TEACHERS, build_builtin, load_model_file
 
     if args.teacher:
         return load_model_file(args.teacher)
@@ -80,7 +80,7 @@ def _load_plan_teacher(args, job):
         # The architecture alone decides the blocks: no need to train it to plan.
         size = tuple(job.data.image_size)
         classes = job.data.demo_classes if job.data.source == "demo" else 10
-        return build_vgg_demo((*size, 3), classes, job.teacher.widths)
+        return build_builtin(job.teacher.source, (*size, 3), classes, job.teacher.widths)
     return load_model_file(job.teacher.source)
 
 

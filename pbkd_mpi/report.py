@@ -280,6 +280,7 @@ def render_markdown(report: dict, figures: dict | None = None) -> str:
             f"{_count(block['teacher_params'])} -> {_count(block['student_params'])} | "
             f"{_count(block['teacher_flops'])} -> {_count(block['student_flops'])} |"
         )
+    lines += _acceptance_lines(report)
     if report["failed_blocks"]:
         lines += ["", "## Failed blocks (kept the teacher's layers)", "",
                   "| block | attempts | last error (rank) |", "|---|---|---|"]
@@ -296,8 +297,60 @@ def render_markdown(report: dict, figures: dict | None = None) -> str:
         f"{finetune['epochs']} epoch(s) run; validation accuracy {_pct(finetune['val_accuracy_before'])} "
         f"before and {_pct(finetune['val_accuracy'])} after (best epoch {finetune['best_epoch']}; "
         f"0 means the merged student was kept).",
+        *_finetune_detail(finetune),
         "",
         f"Student model: `{student['path']}`.",
+        *_export_lines((report.get("deployment") or {}).get("exports")),
         "",
     ]
     return "\n".join(lines)
+
+
+def _acceptance_lines(report: dict) -> list[str]:
+    """Each block's solo validation score and acceptance decision (accept.py)."""
+    accept = report.get("accept")
+    if not accept:
+        return []
+    lines = ["", "## Acceptance", "",
+             f"Each student block swapped alone into the teacher, scored on the validation "
+             f"split (teacher: {_pct(accept['teacher_val_accuracy'])}); a block costing more "
+             f"than {100 * accept['max_drop']:.1f} points is retrained once wider, then kept "
+             f"only if it passes.", "",
+             "| block | alone (val) | drop | wider alone (val) | decision | depth multiplier |",
+             "|---|---|---|---|---|---|"]
+    for block in report["blocks"]:
+        v = block.get("accept")
+        if v is None:
+            continue
+        wider = "" if v["wider_solo_val_accuracy"] is None else _pct(v["wider_solo_val_accuracy"])
+        lines.append(f"| {block['name']} | {_pct(v['solo_val_accuracy'])} | "
+                     f"{100 * v['drop']:.1f} pts | {wider} | {v['decision']} | "
+                     f"{v['depth_multiplier']} |")
+    return lines
+
+
+def _finetune_detail(finetune: dict) -> list[str]:
+    lines = []
+    if "ranks" in finetune:
+        lines += ["", f"Data-parallel on {finetune['ranks']} rank(s), loss `{finetune['loss']}`; "
+                  f"weights identical on every rank at the end: "
+                  f"{'yes' if finetune.get('identical_weights', True) else 'NO'}."]
+    for r in finetune.get("recoveries", []):
+        lines += ["", f"Divergence guard at epoch {r['epoch']} ({r['reason']}): weights of "
+                  f"epoch {r['restored_epoch']} restored, learning rate x"
+                  f"{r['learning_rate_scale']:.3g}."]
+    return lines
+
+
+def _export_lines(exports: dict | None) -> list[str]:
+    if not exports:
+        return []
+    lines = ["", "| export | size | largest output difference | class agreement "
+             "| latency batch 1 / 32 (ms) |", "|---|---|---|---|---|"]
+    for name, e in exports.items():
+        latency = e.get("latency_ms")
+        timing = (f"{latency['batch_1']:.2f} / {latency['batch_32']:.2f}" if latency
+                  else "as the student above")
+        lines.append(f"| {name} (`{e['path']}`) | {_count(e['bytes'])} B | "
+                     f"{e['max_abs_diff']:.2g} | {_pct(e['class_agreement'])} | {timing} |")
+    return lines

@@ -21,7 +21,8 @@ IDENTITY_SECTIONS = ("teacher", "data", "blocks", "student", "distill", "cache")
 # What --fresh removes: the tool's own files only, never anything else in the directory.
 OWN_ENTRIES = ("job.toml", "blocks", "cache", "logs", "tb", "report.json", "report.md",
                "student.keras", "timeline.png", "block_costs.png", "block_losses.png",
-               "finetune.png", "student-assembled.keras", "profile.json")
+               "finetune.png", "student-assembled.keras", "profile.json", "student_savedmodel",
+               "student_float32.tflite", "student_int8.tflite")
 
 
 def prepare_run_dir(job: Job, fresh: bool = False) -> Path:

@@ -18,27 +18,50 @@ from .data import Dataset
 from .errors import UserError
 from .finetune import fit_classifier
 
-BUILTIN_TEACHERS = ("vgg_demo",)
+BUILTIN_TEACHERS = ("vgg_demo", "vgg_deep")
 BUILTIN_VERSION = 1  # bump when build_vgg_demo changes, so old trained teachers are not reused
 
 
-def build_vgg_demo(input_shape, num_classes: int, widths) -> "keras.Model":
-    """VGG-style: 3x3 conv + BN + ReLU per width, a 2x2 max pool after every second conv,
-    global average pooling and a softmax classifier."""
+def build_vgg_demo(input_shape, num_classes: int, widths, pool_after=None,
+                   name: str = "vgg_demo") -> "keras.Model":
+    """VGG-style: 3x3 conv + BN + ReLU per width, a 2x2 max pool after every second conv
+    (or after the convs numbered in `pool_after`, from 1), global average pooling and a
+    softmax classifier."""
     import keras
     from keras import layers
 
+    if pool_after is None:
+        pool_after = [i for i in range(2, len(widths), 2)]
     inputs = keras.Input(input_shape, name="image")
     x = inputs
+    pools = 0
     for i, width in enumerate(widths, start=1):
         x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
         x = layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)
         x = layers.ReLU(name=f"relu{i}")(x)
-        if i % 2 == 0 and i < len(widths):
-            x = layers.MaxPooling2D(name=f"pool{i // 2}")(x)
+        if i in pool_after and i < len(widths):
+            pools += 1
+            x = layers.MaxPooling2D(name=f"pool{pools}")(x)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="classifier")(x)
-    return keras.Model(inputs, outputs, name="vgg_demo")
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_vgg_deep(input_shape, num_classes: int, widths) -> "keras.Model":
+    """VGG16's rule for a deeper teacher: the convs come in stages of equal width and a
+    2x2 max pool ends each stage (wherever the next conv's width changes), e.g. widths
+    16,16 | 24,24 | 32,32,32 | 48,48,48 | 64,64,64: 13 convs, 4 pools."""
+    pool_after = [i for i in range(1, len(widths)) if widths[i] != widths[i - 1]]
+    return build_vgg_demo(input_shape, num_classes, widths, pool_after, name="vgg_deep")
+
+
+def build_builtin(name: str, input_shape, num_classes: int, widths) -> "keras.Model":
+    """The built-in teacher `name` (one of BUILTIN_TEACHERS), untrained."""
+    builders = {"vgg_demo": build_vgg_demo, "vgg_deep": build_vgg_deep}
+    if name not in builders:
+        raise UserError(f"teacher.source {name!r} is not a built-in teacher; expected one of "
+                        f"{', '.join(BUILTIN_TEACHERS)}")
+    return builders[name](input_shape, num_classes, widths)
 
 
 def weights_fingerprint(model) -> str:
@@ -167,7 +190,7 @@ def _builtin_teacher(config: TeacherConfig, dataset: Dataset, run_dir: Path, see
     if path.exists():
         return keras.saving.load_model(path, compile=False), info
     keras.utils.set_random_seed(seed)
-    model = build_vgg_demo(dataset.image_shape, dataset.num_classes, config.widths)
+    model = build_builtin(config.source, dataset.image_shape, dataset.num_classes, config.widths)
     history, _ = fit_classifier(
         model, dataset, epochs=config.train_epochs, batch_size=config.train_batch_size,
         learning_rate=config.learning_rate, patience=config.train_epochs, probabilities=True,

@@ -136,3 +136,19 @@ def test_unreadable_images_are_refused_or_skipped_and_counted(tmp_path):
                                    bad_images="skip"), seed=0)
     assert data.summary()["skipped_images"] == 1
     assert len(data.y_train) + len(data.y_val) + len(data.y_test) == 12
+
+
+def test_the_test_split_counts_its_reads(tiny_dataset):
+    """The pipeline refuses a final evaluation after any earlier read of the test split
+    (honest selection): hashing, sizes and label checks do not count, reading does."""
+    import dataclasses
+
+    data = dataclasses.replace(tiny_dataset)  # a fresh counter
+    assert data.test_reads == 0
+    data.fingerprint(), data.summary(), data.uncounted("y_test")
+    _ = data.x_train, data.x_val, data.y_val
+    assert data.test_reads == 0
+    _ = data.y_test
+    assert data.test_reads == 1
+    x, y = data.test_split()
+    assert data.test_reads == 2 and len(x) == len(y) == data.summary()["test"]

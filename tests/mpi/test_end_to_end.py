@@ -46,6 +46,9 @@ def _check_report(run_dir, ranks, all_workers_busy=True):
     assert report["student"]["accuracy_finetuned"] > 2 * chance
     for key in ("load", "blocks", "cache", "distill", "assemble", "finetune"):
         assert report["phases"][key] >= 0
+    # Honest selection: the test split is read once, by the final evaluation.
+    assert report["data"]["test_split_reads"] == 1
+    assert report["finetune"]["identical_weights"] and report["finetune"]["ranks"] == ranks
     assert report["distill"]["sum_task_s"] == pytest.approx(
         sum(b["seconds"] for b in blocks if not b["reused"]))
     assert report["distill"]["coordinator_cpu_fraction"] < 0.25
