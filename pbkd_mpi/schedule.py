@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 POLICIES = ("round-robin", "static-lpt", "work-stealing")
 LOCAL_SEARCH_ROUNDS = 64  # enough to move several tasks several workers; each round is cheap
+LOCAL_SEARCH_STARTS = 4
 
 
 @dataclass(frozen=True)
@@ -228,18 +229,24 @@ def _best_split_plan(tasks, ids) -> Plan:
         plan = _plan_with_ways(tasks, ids, "work-stealing", ways, split=True)
         return simulate_plan(plan).makespan_s, plan
 
-    best = min((simulated(ways) for ways in candidates), key=lambda pair: pair[0])
-    # Then local search: one task's workers one up or down, the best such move while it
-    # shortens the simulated makespan (a few hundred simulations of a few ms at most).
+    ranked = sorted((simulated(ways) for ways in candidates), key=lambda pair: pair[0])
+    # Then local search from the best few: one task's workers one up or down, the best
+    # such move while it shortens the simulated makespan (each simulation takes
+    # milliseconds; greedy search from one start alone stalls in local minima).
     by_name = {t.name: t for t in tasks}
-    for _ in range(LOCAL_SEARCH_ROUNDS):
-        ways = best[1].ways
-        moves = [{**ways, name: k + step} for name, k in ways.items() for step in (1, -1)
-                 if 1 <= k + step <= by_name[name].max_ways(workers)]
-        trial = min((simulated(m) for m in moves), key=lambda pair: pair[0], default=None)
-        if trial is None or trial[0] >= best[0] * (1 - 1e-9):
-            break
-        best = trial
+    best = ranked[0]
+    for start in ranked[:LOCAL_SEARCH_STARTS]:
+        current = start
+        for _ in range(LOCAL_SEARCH_ROUNDS):
+            ways = current[1].ways
+            moves = [{**ways, name: k + step} for name, k in ways.items() for step in (1, -1)
+                     if 1 <= k + step <= by_name[name].max_ways(workers)]
+            trial = min((simulated(m) for m in moves), key=lambda pair: pair[0], default=None)
+            if trial is None or trial[0] >= current[0] * (1 - 1e-9):
+                break
+            current = trial
+        if current[0] < best[0]:
+            best = current
     makespan, plan = best
     return Plan(**{**plan.__dict__, "predicted_s": makespan})
 
