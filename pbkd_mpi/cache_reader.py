@@ -128,16 +128,26 @@ class PairSource:
 
     def _finish(self, x, y):
         x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
-        if self.poison:  # PBKD_FAULT nan: a NaN in every batch
+        return self._poisoned(x), y
+
+    def _poisoned(self, x):
+        if self.poison:  # PBKD_FAULT nan: a NaN in every piece, so in every batch's reach
             x = x.copy()
             x[0] = np.nan
-        return x, y
+        return x
 
     def next_epoch(self):
-        """This source's next epoch, prefetched; the epoch counter moves on once the epoch
-        has been read to the end (Keras asks once per epoch)."""
+        """This source's next epoch as pieces of many samples in training order (stored
+        dtype), prepared by a background thread; the epoch counter moves on once the epoch
+        has been read to the end (Keras reads one per epoch)."""
         epoch = self.epoch
-        yield from _prefetched(lambda: self.epoch_batches(epoch))
+
+        def pieces():
+            rng = np.random.default_rng([self.seed, epoch])
+            for x, y in self._pieces(self.part_for(epoch), rng):
+                yield self._poisoned(x), y
+
+        yield from _prefetched(pieces)
         self.epoch = epoch + 1
 
     def head(self, count: int) -> np.ndarray:
@@ -146,17 +156,24 @@ class PairSource:
         return x
 
     def dataset(self):
-        """A tf.data.Dataset over this source, one epoch per iteration (for Keras)."""
+        """A tf.data.Dataset of float32 batches over this source, one epoch per iteration
+        (for Keras). Python hands over whole windows, TensorFlow cuts them into batches and
+        converts them: a hand-over per batch between Python threads costs more than a small
+        block's training step on a busy core."""
         import tensorflow as tf
 
         x_shape, y_shape = self.shapes()
+        dtype = tf.as_dtype(self.stored_dtype())
         batches = -(-self.samples_per_epoch() // self.batch_size)
-        # A known length lets Keras count steps from the first epoch on.
-        return tf.data.Dataset.from_generator(
+        pieces = tf.data.Dataset.from_generator(
             self.next_epoch,
-            output_signature=(tf.TensorSpec((None, *x_shape), tf.float32),
-                              tf.TensorSpec((None, *y_shape), tf.float32)),
-        ).apply(tf.data.experimental.assert_cardinality(batches))
+            output_signature=(tf.TensorSpec((None, *x_shape), dtype),
+                              tf.TensorSpec((None, *y_shape), dtype)))
+        return (pieces.unbatch().batch(self.batch_size)
+                .map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.float32)))
+                .prefetch(1)
+                # A known length lets Keras count steps from the first epoch on.
+                .apply(tf.data.experimental.assert_cardinality(batches)))
 
     def target_variance(self) -> float:
         """Variance of every target value of the first part (float64 sums)."""
@@ -171,6 +188,9 @@ class PairSource:
     def samples_per_epoch(self) -> int:
         """Samples in one epoch (every part has as many: views of the same split)."""
         raise NotImplementedError
+
+    def stored_dtype(self) -> str:
+        return "float32"
 
     def _pieces(self, part: str, rng):
         raise NotImplementedError
@@ -207,6 +227,7 @@ class CacheStore:
         with h5py.File(self.path, "r") as f:
             x, y = f[parts[0]][input_name], f[parts[0]][output_name]
             self.shapes = (x.shape[1:], y.shape[1:])
+            self.dtype = x.dtype.name
             sample_bytes = x.dtype.itemsize * (int(np.prod(x.shape[1:]))
                                                + int(np.prod(y.shape[1:])))
             self.samples = {part: f[part][input_name].shape[0] for part in parts}
@@ -254,16 +275,20 @@ class CachedPairs(PairSource):
     def samples_per_epoch(self) -> int:
         return self.store.samples[self.parts[0]]
 
+    def stored_dtype(self) -> str:
+        return self.store.dtype
+
     def _pieces(self, part, rng):
         shuffle = rng is not None and self.shuffle
         if self.store.in_memory:
             x, y = self.store.arrays(part)
             order = rng.permutation(len(x)) if shuffle else None
-            for start in range(0, len(x), self.batch_size):
+            step = max(self.batch_size, self.store.unit_rows * self.window_units)
+            for start in range(0, len(x), step):
                 if order is None:
-                    yield x[start:start + self.batch_size], y[start:start + self.batch_size]
+                    yield x[start:start + step], y[start:start + step]
                 else:
-                    rows = order[start:start + self.batch_size]
+                    rows = order[start:start + step]
                     yield x[rows], y[rows]
             return
         x_data, y_data = self.store.datasets(part)
