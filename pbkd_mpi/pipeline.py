@@ -170,7 +170,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
         if job.schedule.split_blocks:
             plan = make_plan(estimates, workers, job.schedule.policy, True,
                              ways=forced_ways(plan.ways, job.schedule.split_blocks,
-                                              estimates, len(workers)))
+                                              estimates, workers))
     split = {name: k for name, k in plan.ways.items() if k > 1}
     log(f"schedule: {job.schedule.policy}, predicted makespan "
         f"{simulate_plan(plan).makespan_s:.1f} s, lower bound {plan.lower_bound_s:.1f} s"

@@ -132,13 +132,16 @@ def make_plan(tasks, workers, policy: str = "work-stealing", split: bool = False
     return _plan_with_ways(tasks, ids, policy, ways, split)
 
 
-def forced_ways(ways: dict, rules, tasks, workers: int) -> dict:
+def forced_ways(ways: dict, rules, tasks, workers) -> dict:
     """`ways` with the job's `"pattern=k"` rules applied (schedule.split_blocks; the first
-    matching rule wins). A rule the tasks cannot follow is refused, saying why."""
+    matching rule wins). `workers`: the task workers' ids (or their count). A rule the
+    tasks cannot follow is refused, saying why."""
     from fnmatch import fnmatchcase
 
     from .errors import UserError
 
+    ids = tuple(range(1, workers + 1)) if isinstance(workers, int) else tuple(workers)
+    workers = len(gang_workers(ids))  # rank 0's training thread never joins a split task
     by_name = {t.name: t for t in tasks}
     out = dict(ways)
     for name in out:
@@ -150,8 +153,8 @@ def forced_ways(ways: dict, rules, tasks, workers: int) -> dict:
                     raise UserError(
                         f"schedule.split_blocks asks for block {name!r} on {k} workers; it can "
                         f"run on at most {by_name[name].max_ways(workers)} here ({workers} "
-                        f"worker(s); splitting needs a measured profile with 2 or more "
-                        f"workers and schedule.split = true).")
+                        f"worker rank(s) can join a split task; splitting needs a measured "
+                        f"profile with 2 or more workers and schedule.split = true).")
                 out[name] = k
                 break
     return out

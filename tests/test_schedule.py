@@ -183,3 +183,13 @@ def test_rank_0s_training_thread_never_joins_a_split_task():
     assert [t[:2] for t in result.tasks if t[1] == (0,)] == [("a", (0,)), ("b", (0,))]
     with pytest.raises(ValueError, match="2 workers can train a split task"):
         make_plan(tasks, (0, 1, 2), "work-stealing", ways={"g": 3, "a": 1, "b": 1})
+
+
+def test_forced_split_is_refused_when_too_few_workers_can_join():
+    from pbkd_mpi.errors import UserError
+    from pbkd_mpi.schedule import forced_ways
+
+    tasks = tasks_of(4, 2, linear_split=3)
+    assert forced_ways({"t0": 1, "t1": 1}, ["t0=2"], tasks, (1, 2)) == {"t0": 2, "t1": 1}
+    with pytest.raises(UserError, match="block 't0' on 2 workers.*at most 1"):
+        forced_ways({"t0": 1, "t1": 1}, ["t0=2"], tasks, (0, 1))
