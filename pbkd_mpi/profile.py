@@ -127,21 +127,52 @@ class _StepTimes:
         return Timer()
 
 
-def _timed_steps(model, dataset, steps: int) -> tuple[float, float]:
-    """(when the first timed step began, median seconds per timed step) of Keras' fit on
-    the first WARMUP_STEPS + steps batches of `dataset`."""
+def _batches_then_halves(batches, steps: int):
+    """The batches, then the last `steps` of them again cut in half (each half a step)."""
+    def generate():
+        yield from batches
+        for x, y in batches[-steps:]:
+            half = max(1, len(x) // 2)
+            yield x[:half], y[:half]
+    return generate
+
+
+def _timed_steps(model, batches, steps: int) -> tuple[float, float, float]:
+    """Keras' fit over `batches` (WARMUP_STEPS + steps full batches) and then `steps` half
+    batches, fed through tf.data from a Python generator as training feeds it, in one call
+    so that nothing is traced twice. Returns (when the first timed step began, median
+    seconds of a full-batch step, median seconds of a half-batch step)."""
+    import tensorflow as tf
+
+    x0, y0 = batches[0]
+    dataset = tf.data.Dataset.from_generator(
+        _batches_then_halves(batches, steps),
+        output_signature=(tf.TensorSpec((None, *x0.shape[1:]), tf.float32),
+                          tf.TensorSpec((None, *y0.shape[1:]), tf.float32)))
     timer = _StepTimes()
-    model.fit(dataset.take(WARMUP_STEPS + steps), epochs=1, verbose=0, callbacks=[timer])
-    ends = timer.ends
-    return ends[WARMUP_STEPS], float(np.median(np.diff(ends[WARMUP_STEPS:])))
+    model.fit(dataset, epochs=1, verbose=0, callbacks=[timer])
+    times = np.diff(timer.ends)
+    full = times[WARMUP_STEPS:WARMUP_STEPS + steps]
+    half = times[WARMUP_STEPS + steps:]
+    return timer.ends[WARMUP_STEPS], float(np.median(full)), float(np.median(half))
+
+
+def _sequential_read_rate(store, rows: int) -> float:
+    """Bytes per second of one contiguous read of the first `rows` training pairs."""
+    x_data, y_data = store.datasets("train")
+    rows = min(rows, len(x_data))
+    started = time.perf_counter()
+    x, y = x_data[:rows], y_data[:rows]
+    return (x.nbytes + y.nbytes) / max(time.perf_counter() - started, 1e-12)
 
 
 def measure_block(task, samples: dict, steps: int = TIMED_STEPS) -> dict:
-    """Time a few training steps of `task`'s student block (a BlockTask) on this rank, fed
-    the way training feeds it (cache_reader: the cache, or the teacher prefix recomputed,
-    through the same tf.data pipeline). `samples`: {"train": n, "val": n, "item_bytes": of
-    a cached value}. Returns the block's profile entry."""
+    """Time a few training steps of `task`'s student block (a BlockTask) on this rank, its
+    batches read the way training reads them (cache_reader: from the cache, streamed so
+    that only those batches are read, or the teacher prefix recomputed). `samples`:
+    {"train": n, "val": n, "item_bytes": of a cached value}. Returns the block's entry."""
     import dataclasses
+    import itertools
 
     import keras
 
@@ -149,16 +180,21 @@ def measure_block(task, samples: dict, steps: int = TIMED_STEPS) -> dict:
     from .students import build_student_model
 
     block, batch = task.block, task.config.batch_size
-    half = max(1, batch // 2)
     started = time.perf_counter()
-    data = open_block_data(task, task.source)
-    # The first batch: opening the data, and loading the split when it fits in memory.
-    first_x, _ = next(iter(data.train.epoch_batches(0)))
+    # Streamed (no memory budget): read what the timed steps need, not the whole split.
+    source = (dataclasses.replace(task.source, memory_budget_bytes=0)
+              if task.source.mode == "cache" else task.source)
+    data = open_block_data(task, source)
+    batches = list(itertools.islice(data.train.epoch_batches(0), WARMUP_STEPS + steps))
     read_s = time.perf_counter() - started
-    store = getattr(data.train, "store", None)
     per_sample_bytes = (int(np.prod(block.input_shape))
                         + int(np.prod(block.output_shape))) * samples["item_bytes"]
-    loaded = samples["train"] if store is not None and store.in_memory else len(first_x)
+    read_rate = per_sample_bytes * sum(len(x) for x, _ in batches) / max(read_s, 1e-12)
+    store = getattr(data.train, "store", None)
+    if store is not None and per_sample_bytes * (samples["train"] + samples["val"]) \
+            <= task.source.memory_budget_bytes:
+        # The task will load its split whole, one sequential read: time one of those.
+        read_rate = _sequential_read_rate(store, len(batches) * batch)
 
     keras.utils.set_random_seed(task.block_seed)
     build_started = time.perf_counter()
@@ -166,21 +202,20 @@ def measure_block(task, samples: dict, steps: int = TIMED_STEPS) -> dict:
     for layer_name, arrays in task.initial_weights.items():
         model.get_layer(layer_name).set_weights(arrays)
     model.compile(optimizer=keras.optimizers.Adam(task.config.learning_rate), loss="mse")
-    timed_from, step_s = _timed_steps(model, data.train_dataset(), steps)
+    timed_from, step_s, half_s = _timed_steps(model, batches, steps)
     # Build, compile and trace: paid once per task (the warm-up steps less their own work).
     setup_s = max(0.0, timed_from - build_started - WARMUP_STEPS * step_s)
-    # Half the batch splits the step into a fixed and a per-sample part (a worker of a
-    # task split k ways has batch / k samples a step). Same compiled model.
-    halved = dataclasses.replace(task, config=dataclasses.replace(task.config, batch_size=half))
-    _, half_s = _timed_steps(model, open_block_data(halved, task.source).train_dataset(), steps)
+    # Half batches split the step into a fixed and a per-sample part (a worker of a task
+    # split k ways has batch / k samples a step).
+    half = max(1, batch // 2)
     per_sample = max(0.0, (step_s - half_s) / (batch - half)) if batch > half else 0.0
     fixed = max(0.0, step_s - per_sample * batch)
     # Evaluation is a forward pass: time one batch after one warm call that traces it.
-    eval_batch = min(256, len(first_x))
-    model.predict_on_batch(first_x[:eval_batch])
+    first_x = batches[0][0]
+    model.predict_on_batch(first_x)
     eval_started = time.perf_counter()
-    model.predict_on_batch(first_x[:eval_batch])
-    forward_per_sample = (time.perf_counter() - eval_started) / eval_batch
+    model.predict_on_batch(first_x)
+    forward_per_sample = (time.perf_counter() - eval_started) / len(first_x)
 
     train_n, val_n = samples["train"], samples["val"]
     param_bytes = 4 * int(sum(np.prod(w.shape) for w in model.trainable_weights))
@@ -192,9 +227,10 @@ def measure_block(task, samples: dict, steps: int = TIMED_STEPS) -> dict:
         "steps_per_epoch": -(-train_n // batch),
         "epochs": task.config.epochs,
         "setup_s": setup_s,
-        "read_s": read_s,
+        # A task opens its data and (when it fits in memory) loads it whole first.
+        "read_s": per_sample_bytes * (train_n + val_n) / read_rate,
         "bytes_read": per_sample_bytes * (train_n + val_n),
-        "read_bytes_per_s": per_sample_bytes * loaded / max(read_s, 1e-12),
+        "read_bytes_per_s": read_rate,
         "eval_s_per_epoch": forward_per_sample * val_n,
         # Before training (val), at the end (train and val), and the BN calibration batch.
         "final_eval_s": forward_per_sample * (train_n + 2 * val_n + 512),
@@ -307,7 +343,6 @@ def timed_shape_profile(teacher, granularity: str, depth_multiplier: int, batch_
     cache read rate and the allreduce come from `reference`, a profile measured by a real
     run on this machine. For simulating models too large to distill here."""
     import keras
-    import tensorflow as tf
 
     from .plan import select_blocks
     from .students import build_student_model
@@ -330,11 +365,11 @@ def timed_shape_profile(teacher, granularity: str, depth_multiplier: int, batch_
         build_started = time.perf_counter()
         model = build_student_model(block, depth_multiplier)
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
-        pairs = tf.data.Dataset.from_tensor_slices((x, y))
-        timed_from, step_s = _timed_steps(model, pairs.batch(batch_size), steps)
+        batches = [(x[i:i + batch_size], y[i:i + batch_size])
+                   for i in range(0, len(x), batch_size)]
+        timed_from, step_s, half_s = _timed_steps(model, batches, steps)
         setup_s = max(0.0, timed_from - build_started - WARMUP_STEPS * step_s)
         half = max(1, batch_size // 2)
-        _, half_s = _timed_steps(model, pairs.batch(half), steps)
         per_sample = max(0.0, (step_s - half_s) / (batch_size - half))
         model.predict_on_batch(x[:batch_size])
         eval_started = time.perf_counter()
