@@ -27,6 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speedup import DEFAULT_JOB, REPO, run  # noqa: E402
 
+sys.path.insert(0, str(REPO))  # this process imports pbkd_mpi too (the profiles)
+
 POLICIES = ("round-robin", "static-lpt", "work-stealing")
 MODELS = {  # model: (keras.applications name, job file with its distill settings)
     "vgg16": ("VGG16", REPO / "jobs" / "vgg16.toml"),
@@ -70,6 +72,7 @@ def main() -> None:
     for policy in POLICIES:
         reports[policy] = run(3, args.job, run_dir, ["--set", f"schedule.policy={policy}"])
         measured[policy] = round(reports[policy]["distill"]["makespan_s"], 2)
+        print(f"{policy}: distill makespan {measured[policy]} s", file=sys.stderr, flush=True)
         if policy == "work-stealing":  # its profile: the machine's read rate and allreduce
             reference = json.loads((run_dir / "profile.json").read_text())
 
