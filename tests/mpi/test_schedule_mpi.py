@@ -9,6 +9,7 @@ import shutil
 from collections import Counter
 
 from ..conftest import REPO
+from .test_protocol import json_objects
 
 DRIVER = REPO / "tests" / "mpi" / "schedule_driver.py"
 
@@ -22,7 +23,7 @@ def test_idle_workers_steal_the_slow_workers_queue():
         capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    lines = json_objects(result.stdout)
     (summary,) = [line for line in lines if line["role"] == "coordinator"]
     workers = {line["rank"]: line["executed"] for line in lines if line["role"] == "worker"}
     assert {name: len(q) for name, q in summary["queues"].items()} == {"1": 4, "2": 4, "3": 4}
