@@ -150,7 +150,9 @@ def _timed_steps(model, batches, steps: int) -> tuple[float, float, float]:
         output_signature=(tf.TensorSpec((None, *x0.shape[1:]), tf.float32),
                           tf.TensorSpec((None, *y0.shape[1:]), tf.float32)))
     timer = _StepTimes()
-    model.fit(dataset, epochs=1, verbose=0, callbacks=[timer])
+    # The step count said, so Keras does not warn that the generator ran out.
+    model.fit(dataset, epochs=1, steps_per_epoch=len(batches) + steps, verbose=0,
+              callbacks=[timer])
     times = np.diff(timer.ends)
     full = times[WARMUP_STEPS:WARMUP_STEPS + steps]
     half = times[WARMUP_STEPS + steps:]
