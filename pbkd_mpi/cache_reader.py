@@ -136,10 +136,11 @@ class PairSource:
             x[0] = np.nan
         return x
 
-    def next_epoch(self):
+    def next_epoch(self, background: bool = True):
         """This source's next epoch as pieces of many samples in training order (stored
-        dtype), prepared by a background thread; the epoch counter moves on once the epoch
-        has been read to the end (Keras reads one per epoch)."""
+        dtype), prepared by a background thread of its own unless `background` is False
+        (a caller that runs this in its own thread already); the epoch counter moves on
+        once the epoch has been read to the end (Keras reads one per epoch)."""
         epoch = self.epoch
 
         def pieces():
@@ -147,7 +148,7 @@ class PairSource:
             for x, y in self._pieces(self.part_for(epoch), rng):
                 yield self._poisoned(x), y
 
-        yield from _prefetched(pieces)
+        yield from (_prefetched(pieces) if background else pieces())
         self.epoch = epoch + 1
 
     def head(self, count: int) -> np.ndarray:
@@ -165,13 +166,15 @@ class PairSource:
         x_shape, y_shape = self.shapes()
         dtype = tf.as_dtype(self.stored_dtype())
         batches = -(-self.samples_per_epoch() // self.batch_size)
+        # tf.data's prefetch thread runs the generator (the reads) while the block trains:
+        # a second Python thread of ours would make the two fight for the GIL.
         pieces = tf.data.Dataset.from_generator(
-            self.next_epoch,
+            lambda: self.next_epoch(background=False),
             output_signature=(tf.TensorSpec((None, *x_shape), dtype),
                               tf.TensorSpec((None, *y_shape), dtype)))
         return (pieces.unbatch().batch(self.batch_size)
                 .map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.float32)))
-                .prefetch(1)
+                .prefetch(PREFETCH_BATCHES)
                 # A known length lets Keras count steps from the first epoch on.
                 .apply(tf.data.experimental.assert_cardinality(batches)))
 
