@@ -4,9 +4,10 @@ From the cache (`CachedPairs`): a block's arrays are loaded into RAM when they f
 memory budget (`cache.memory_budget_mb`) and shuffled whole; otherwise they are streamed:
 the samples are cut into read units of about a chunk, the units are visited in a random
 order, a window of units is read (each a contiguous slice, the fast way to read HDF5) and
-shuffled within the window. Either way every sample comes exactly once per epoch, and a
-background thread prepares the next batches while the block trains (h5py holds the GIL
-while it reads, but TensorFlow releases it while it computes, so the two overlap).
+shuffled within the window. Either way every sample comes exactly once per epoch. For
+Keras, tf.data's prefetch thread reads the next window while the block trains (h5py holds
+the GIL while it reads, but TensorFlow releases it while it computes, so the two overlap);
+`next_epoch` run by hand reads in a background thread of its own.
 
 Recomputed (`RecomputedPairs`, `cache.mode = "recompute"`): each batch of images goes
 through the teacher up to the block's output, as the method's original implementation did;
