@@ -124,8 +124,8 @@ def runtime_failures(work: Path, ranks: int) -> list[dict]:
     faults = {
         "a block raises (every attempt)": "raise:conv2",
         "NaN loss in a block": "nan:conv3",
-        "worker SIGKILLed mid-distillation": "kill:1:10",
-        "worker hangs (SIGSTOP, silent)": "hang:1:10",
+        "worker SIGKILLed mid-distillation": "kill:1:3",
+        "worker hangs (SIGSTOP, silent)": "hang:1:3",
         "SIGUSR1 on rank 0 (preemption)": "signal:USR1:10",
     }
     for case, fault in faults.items():

@@ -4,8 +4,10 @@ Forms, several separated by commas:
   raise:BLOCK           the task of block BLOCK raises an exception on its worker
   nan:BLOCK             the task of block BLOCK trains on data with a NaN, so its loss is NaN
   signal:NAME:SECONDS   rank 0 receives SIGNAME (USR1 or TERM) SECONDS after it starts
-  kill:RANK:SECONDS     rank RANK kills itself (SIGKILL) SECONDS after it starts
-  hang:RANK:SECONDS     rank RANK stops itself (SIGSTOP): alive, but silent
+  kill:RANK:SECONDS     rank RANK kills itself (SIGKILL) SECONDS after it starts its first
+                        block task
+  hang:RANK:SECONDS     rank RANK stops itself (SIGSTOP) SECONDS after it starts its first
+                        block task: alive, but silent
   killwrite:RANK:N      rank RANK kills itself (SIGKILL) half-way through writing its N-th
                         activation cache shard
 Not for production use: it exists so that the failure paths are tested for real.
@@ -51,9 +53,15 @@ def active(kind: str, target: str) -> bool:
     return (kind, target) in parse(os.environ.get("PBKD_FAULT", ""))
 
 
+# Kill and hang timers wait for the rank's first block task: counted from start-up, they
+# would land in whichever stage (loading, caching) happens to take that long on the machine.
+_task_timers: list[threading.Timer] = []
+
+
 def arm(rank: int) -> None:
-    """Start this rank's timed faults: signal items on rank 0, kill and hang items on the
-    rank they name. Every rank calls this once at start-up."""
+    """Arm this rank's timed faults: signal items start now on rank 0; kill and hang items
+    on the rank they name start with its first block task (`task_started`). Every rank
+    calls this once at start-up."""
     for kind, target in parse(os.environ.get("PBKD_FAULT", "")):
         if kind not in _TIMED:
             continue
@@ -66,4 +74,13 @@ def arm(rank: int) -> None:
             continue
         timer = threading.Timer(float(seconds), os.kill, (os.getpid(), signum))
         timer.daemon = True
-        timer.start()
+        if kind == "signal":
+            timer.start()
+        else:
+            _task_timers.append(timer)
+
+
+def task_started() -> None:
+    """Start the kill and hang timers armed for this rank (once: later calls do nothing)."""
+    while _task_timers:
+        _task_timers.pop().start()

@@ -184,11 +184,15 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
         log(f"block {name} failed {len(errors)} time(s) and stays the teacher's: "
             f"{errors[-1]['error']} (rank {errors[-1]['rank']})")
 
+    def store(task, result, record):
+        seconds = record.end_s - record.start_s
+        save_result(result_path(run_dir, task), result, {"rank": record.rank, "seconds": seconds})
+        progress_path(run_dir, task).unlink(missing_ok=True)  # superseded
+        return seconds
+
     def keep(name, result, record):
         progress.ended(name)
-        seconds = record.end_s - record.start_s
-        save_result(paths[name], result, {"rank": record.rank, "seconds": seconds})
-        progress_path(run_dir, tasks[name]).unlink(missing_ok=True)  # superseded
+        seconds = store(tasks[name], result, record)
         log(f"block {name} done on rank {record.rank} in {seconds:.1f} s, "
             f"val MSE {result['val_mse']:.4g}")
 
@@ -223,9 +227,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
             done = coordinator.run_tasks(
                 todo, {name: task.estimated_cost for name, task in todo.items()},
                 max_attempts=job.tasks.max_attempts,
-                on_result=lambda name, result, record: save_result(
-                    wide_paths[name], result,
-                    {"rank": record.rank, "seconds": record.end_s - record.start_s}),
+                on_result=lambda name, result, record: store(todo[name], result, record),
                 on_failure=lambda name, errors: log(
                     f"wider block {name} failed: {errors[-1]['error']}"))
             wide["results"].update(done.results)

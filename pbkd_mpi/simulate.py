@@ -12,7 +12,7 @@ import heapq
 import json
 from dataclasses import dataclass
 
-from .schedule import POLICIES, Scheduler, lower_bound, make_plan
+from .schedule import Scheduler, lower_bound, make_plan
 
 # The rows of a simulation: the three policies, and work-stealing with splitting.
 VARIANTS = (("round-robin", False), ("static-lpt", False), ("work-stealing", False),

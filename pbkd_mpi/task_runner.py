@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from . import preemption, supervisor
+from . import faults, preemption, supervisor
 from .logs import LOGGER, epoch_logger, tensorboard_logger
 
 
@@ -33,6 +33,7 @@ def task_runner(run_dir: str, meter, stop_check):
         name = task.task.block.name if isinstance(task, Share) else task.block.name
         LOGGER.info("task %s: started", name)
         supervisor.note(f"training block {name}", run_dir=run_dir)
+        faults.task_started()
         if isinstance(task, Share):  # one of k ranks training a split block together
             from .split_block import train_share
 

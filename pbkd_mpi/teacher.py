@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from .config import TeacherConfig
 from .data import Dataset
 from .errors import UserError
 from .finetune import fit_classifier
+
+if TYPE_CHECKING:  # keras is imported where used: start-up stays fast without TensorFlow
+    import keras
 
 BUILTIN_TEACHERS = ("vgg_demo", "vgg_deep")
 BUILTIN_VERSION = 1  # bump when build_vgg_demo changes, so old trained teachers are not reused

@@ -41,7 +41,9 @@ def test_plan_refuses_a_file_that_is_not_a_model(tmp_path):
     path.write_text("hello")
     result = _plan("--teacher", path)
     assert result.returncode == 2
-    assert "could not be loaded as a Keras model" in result.stderr
+    # What was expected and what was received: the format, the size and the first bytes.
+    assert "is not a Keras model file" in result.stderr
+    assert "zip archive" in result.stderr and "(5 bytes) starts with b'hello'" in result.stderr
     assert "Traceback" not in result.stderr
 
 
