@@ -76,14 +76,14 @@ def main() -> None:
         if policy == "work-stealing":  # its profile: the machine's read rate and allreduce
             reference = json.loads((run_dir / "profile.json").read_text())
 
-    from pbkd_mpi.report import write_atomically
+    from pbkd_mpi import atomic
     from pbkd_mpi.simulate import render_table, simulate_profile
 
     simulated, tables = {}, {}
     for model in MODELS:
         profile = model_profile(model, reference)
         path = run_dir / f"{model}-profile.json"
-        write_atomically(path, json.dumps(profile, indent=2) + "\n")
+        atomic.write_text(path, json.dumps(profile, indent=2) + "\n")
         table = simulate_profile(profile, workers)
         tables[model] = table
         simulated[model] = {str(w): {name: round(row["ratio"], 3)

@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 from . import faults
+from .atomic import atomic_path, stale_temporaries
 from .augment import Views
 from .cache import (CacheOptions, FORMAT_VERSION, Shard, assigned, boundary_shapes,
                     check_shard, chunk_rows, incomplete_reason, part_counts, part_source,
@@ -26,14 +27,6 @@ from .cache import (CacheOptions, FORMAT_VERSION, Shard, assigned, boundary_shap
 from .graph import MODEL_INPUT
 
 BUILD_BATCH = 256  # teacher forward batch while building
-
-
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _extractor(teacher, names):
@@ -59,8 +52,7 @@ def write_shard(path: Path, shard: Shard, images, extractor, layer_names, names,
                 fingerprint: str, options: CacheOptions, batch_size: int = BUILD_BATCH,
                 kill_midway: bool = False) -> int:
     """One shard file: written to a temporary name, synced, renamed. Returns its bytes."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs.update({"fingerprint": fingerprint, "part": shard.part,
                             "index": shard.index, "start": shard.start, "stop": shard.stop,
@@ -86,12 +78,6 @@ def write_shard(path: Path, shard: Shard, images, extractor, layer_names, names,
                 if kill_midway:  # PBKD_FAULT killwrite: die with half a shard on disk
                     f.flush()
                     os.kill(os.getpid(), signal.SIGKILL)
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-        _fsync_path(path.parent, directory=True)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path.stat().st_size
 
 
@@ -113,7 +99,7 @@ def build_shards(teacher, dataset, names, path: Path, fingerprint: str,
     built = reused = written = 0
     for count, shard in enumerate(mine, start=1):
         target = folder / shard.file_name
-        for stale in folder.glob(f".{shard.file_name}.tmp*"):  # left by a killed build
+        for stale in stale_temporaries(target):  # left by a killed build
             stale.unlink(missing_ok=True)
         if target.exists():
             reason = check_shard(target, shard, fingerprint, shapes, options.dtype, deep=True)
@@ -147,8 +133,7 @@ def stitch(teacher, dataset, names, path: Path, fingerprint: str, options: Cache
         if reason is not None:
             raise RuntimeError(f"cannot stitch the activation cache: shard {shard.file_name} "
                                f"{reason}")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs.update({"fingerprint": fingerprint, "complete": False,
                             "boundaries": json.dumps(list(names)),
@@ -167,12 +152,6 @@ def stitch(teacher, dataset, names, path: Path, fingerprint: str, options: Cache
                             shape=(shard.samples, *shapes[name]))
                     group.create_virtual_dataset(name, layout, fillvalue=np.nan)
             f.attrs["complete"] = True
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-        _fsync_path(path.parent, directory=True)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return {"path": str(path), "shards": len(shards),
             "bytes": sum((folder / s.file_name).stat().st_size for s in shards)
             + path.stat().st_size}

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_path
 
 
 @dataclass
@@ -38,9 +39,8 @@ def save_state(path: Path, state: TaskState) -> None:
         arrays.update({f"best/{i}": a for i, a in enumerate(state.best_weights)})
     meta = {"epoch": state.epoch, "history": state.history, "extra": state.extra,
             "best": state.best, "best_epoch": state.best_epoch, "wait": state.wait}
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
 
 
 def load_state(path: Path) -> TaskState | None:

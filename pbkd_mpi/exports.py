@@ -11,12 +11,13 @@ images whose predicted class agrees.
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from . import atomic
 
 SAVED_MODEL_DIR = "student_savedmodel"
 TFLITE_FILES = {"float32": "student_float32.tflite", "int8": "student_int8.tflite"}
@@ -126,9 +127,7 @@ def write_exports(student, keras_path: Path, run_dir: Path, saved_model: bool,
     for kind in tflite:
         path = run_dir / TFLITE_FILES[kind]
         sample = representative[:REPRESENTATIVE_SAMPLES] if kind == "int8" else None
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_bytes(convert_tflite(directory, kind, sample))
-        os.replace(tmp, path)
+        atomic.write_bytes(path, convert_tflite(directory, kind, sample))
         exports.append(Export(f"tflite_{kind}", path))
     return exports
 

@@ -102,10 +102,10 @@ def load_profile(path) -> dict:
 
 
 def save_profile(run_dir, profile: dict) -> Path:
-    from .report import write_atomically
+    from . import atomic
 
     path = Path(run_dir) / "profile.json"
-    write_atomically(path, json.dumps(profile, indent=2) + "\n")
+    atomic.write_text(path, json.dumps(profile, indent=2) + "\n")
     return path
 
 

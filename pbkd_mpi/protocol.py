@@ -440,6 +440,16 @@ class LocalWorker:
             self.outbox.put((Tag.RESULT, 0, (task_id, result)))
 
 
+_FAILED = object()  # Worker._attempt: the work failed and rank 0 was told
+
+
+def _run_phase(handlers: dict, name: str, argument):
+    if name not in handlers:
+        raise RuntimeError(f"rank 0 asked for phase {name!r}; this worker knows "
+                           f"{sorted(handlers)}")
+    return handlers[name](argument)
+
+
 class Worker:
     """A worker rank's side: receive the job, pull tasks until told to stop."""
 
@@ -474,20 +484,10 @@ class Worker:
                 serve()
             elif tag is Tag.PHASE:
                 name, argument = payload
-                try:
-                    if name not in handlers:
-                        raise RuntimeError(f"rank 0 asked for phase {name!r}; this worker "
-                                           f"knows {sorted(handlers)}")
-                    value = handlers[name](argument)
-                except AbortRequested:
-                    raise
-                except preemption.Preempted as stop:
-                    send(self.comm, str(stop), 0, Tag.PREEMPTED)
-                    continue  # rank 0 answers with ABORT
-                except Exception:
-                    self.report_error(f"running phase {name}", traceback.format_exc())
-                    continue
-                send(self.comm, (name, value), 0, Tag.RESULT)
+                value = self._attempt(f"running phase {name}", _run_phase, handlers, name,
+                                      argument)
+                if value is not _FAILED:
+                    send(self.comm, (name, value), 0, Tag.RESULT)
             else:
                 raise RuntimeError(f"expected a phase, tasks or the end from rank 0, "
                                    f"received {tag.name}")
@@ -521,25 +521,33 @@ class Worker:
             if tag is not Tag.TASK:
                 raise RuntimeError(f"expected a task from rank 0, received {tag.name}")
             task_id, task = payload
-            sub = None
-            try:
-                if isinstance(task, Share):
-                    task = Share(task.task, task.ranks, sub := self._join(task.ranks))
-                result = handle(task)
-            except AbortRequested:
-                raise
-            except preemption.Preempted as stop:
-                send(self.comm, str(stop), 0, Tag.PREEMPTED)
-                continue  # rank 0 answers with ABORT
-            except Exception:
-                self.report_error(f"running task {task_id}", traceback.format_exc())
-                # Rank 0 decides what happens next; until then wait for its word.
-                continue
-            finally:
-                if sub is not None:
-                    sub.Free()
-            send(self.comm, (task_id, result), 0, Tag.RESULT)
-            count += 1
+            result = self._attempt(f"running task {task_id}", self._run_task, handle, task)
+            if result is not _FAILED:
+                send(self.comm, (task_id, result), 0, Tag.RESULT)
+                count += 1
+
+    def _attempt(self, what: str, work, *args):
+        """`work(*args)`, or `_FAILED` once its failure is reported to rank 0, which
+        decides what happens next (another task, or ABORT); until then this rank waits
+        for its word."""
+        try:
+            return work(*args)
+        except AbortRequested:
+            raise
+        except preemption.Preempted as stop:
+            send(self.comm, str(stop), 0, Tag.PREEMPTED)  # rank 0 answers with ABORT
+        except Exception:
+            self.report_error(what, traceback.format_exc())
+        return _FAILED
+
+    def _run_task(self, handle, task):
+        if not isinstance(task, Share):
+            return handle(task)
+        sub = self._join(task.ranks)
+        try:
+            return handle(Share(task.task, task.ranks, sub))
+        finally:
+            sub.Free()
 
     def _join(self, ranks):
         """The communicator of a split task's ranks. MPI_Comm_create_group has no

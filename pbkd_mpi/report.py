@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from . import atomic
 from .errors import UserError
-
-
-def write_atomically(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
     json_path = Path(run_dir) / "report.json"
-    write_atomically(json_path, json.dumps(report, indent=2) + "\n")
+    atomic.write_text(json_path, json.dumps(report, indent=2) + "\n")
     return json_path, render_report(run_dir, report)
 
 
@@ -27,7 +20,7 @@ def render_report(run_dir: Path, report: dict) -> Path:
     from .figures import draw_all
 
     md_path = Path(run_dir) / "report.md"
-    write_atomically(md_path, render_markdown(report, draw_all(report, run_dir)))
+    atomic.write_text(md_path, render_markdown(report, draw_all(report, run_dir)))
     return md_path
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_path
 
 _WEIGHT_PREFIX = "weights/"
 
@@ -55,9 +56,8 @@ def save_result(path: Path, result: dict, info: dict) -> None:
     meta = {key: value for key, value in result.items() if key != "weights"}
     meta["info"] = info
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
 
 
 def load_result(path: Path) -> tuple[dict, dict] | None:

@@ -84,11 +84,11 @@ def clear(run_dir: Path) -> None:
 
 
 def write_job_toml(job: Job, path: Path) -> None:
-    from .report import write_atomically
+    from . import atomic
 
     lines = []
     for section, values in job.to_dict().items():
         lines.append(f"[{section}]")
         lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
         lines.append("")
-    write_atomically(path, "\n".join(lines))
+    atomic.write_text(path, "\n".join(lines))

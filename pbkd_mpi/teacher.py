@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .atomic import atomic_path
 from .config import TeacherConfig
 from .data import Dataset
 from .errors import UserError
@@ -211,6 +211,5 @@ def _builtin_teacher(config: TeacherConfig, dataset: Dataset, run_dir: Path, see
 
 def save_model_atomically(model, path: Path) -> None:
     """Write next to the target and rename, so a crash never leaves a half-written model."""
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    model.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        model.save(tmp)

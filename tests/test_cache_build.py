@@ -132,7 +132,7 @@ def test_complete_shards_are_kept_and_broken_ones_rebuilt(caches, tiny_teacher, 
     (folder / "val-00000.h5").unlink()
     with h5py.File(path, "r") as f:  # what HDF5 itself would hand a reader
         assert np.isnan(f["val"]["relu1"][()]).all()
-    (folder / ".train-00003.h5.tmp999").write_bytes(b"half a shard")
+    (folder / ".train-00003.tmp999.h5").write_bytes(b"half a shard")
 
     # The stitched file would read a missing shard as fill values: it is not complete.
     assert "is missing or unreadable" in incomplete_reason(path, fp)
