@@ -16,7 +16,8 @@ from pathlib import Path
 
 
 def temporary_name(path: Path) -> Path:
-    """Hidden, per process, with the target's suffix (np.savez and Keras' save look at it)."""
+    """Hidden, per process, with the target's suffix (np.savez and Keras' save look at it).
+    The leading dot keeps it out of globs for finished files, which use `[!.]*`."""
     return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
 
 

@@ -178,5 +178,6 @@ def cache_bytes(path: Path) -> int:
     """The stitched file and its shards, on disk."""
     path = Path(path)
     folder = shard_dir(path)
-    shards = sum(p.stat().st_size for p in folder.glob("*.h5")) if folder.exists() else 0
+    shards = (sum(p.stat().st_size for p in folder.glob("[!.]*.h5"))  # not temporaries
+             if folder.exists() else 0)
     return path.stat().st_size + shards

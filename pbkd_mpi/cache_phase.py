@@ -84,7 +84,8 @@ def prepare_cache(job, teacher, teacher_fingerprint: str, teacher_file: str, dat
     complete = mode != "recompute" and incomplete_reason(path, fingerprint) is None
     if mode != "recompute" and not complete:
         folder = shard_dir(path)
-        present = sum(p.stat().st_size for p in folder.glob("*.h5")) if folder.exists() else 0
+        present = (sum(p.stat().st_size for p in folder.glob("[!.]*.h5"))  # not temporaries
+                  if folder.exists() else 0)
         try:
             check_disk(run_dir, sizes, samples, config.dtype, config.views, present)
         except UserError:

@@ -23,7 +23,7 @@ def test_a_build_killed_mid_write_reuses_its_complete_shards(tmp_path):
     killed = _build(tmp_path, {"PBKD_FAULT": "killwrite:1:2"})
     assert killed.returncode != 0, killed.stdout
     folder = tmp_path / "activations.shards"
-    complete = sorted(p.name for p in folder.glob("*.h5"))
+    complete = sorted(p.name for p in folder.glob("[!.]*.h5"))
     half_written = list(folder.glob(".*.tmp*"))
     assert half_written, "the killed rank should have left its temporary file"
     assert "train-00001.h5" in complete  # rank 1's first shard made it

@@ -18,6 +18,11 @@ from pbkd_mpi.checkpoint import load_state
 from ..conftest import REPO, TINY_JOB, run_mpi
 
 
+# Stages a failure test does not look at: profiling, acceptance's wider retraining, exports.
+QUICK = ["--set", "schedule.profile=false", "--set", "accept.max_drop=1.0",
+         "--set", "export.saved_model=false", "--set", "export.tflite=none"]
+
+
 def _check_report(run_dir, ranks, all_workers_busy=True):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["status"] == "ok"
@@ -102,7 +107,7 @@ def _check_keys_documented(report):
     assert not missing, f"report keys missing from docs/report.md: {missing}"
 
 
-def _run_tiny(ranks, run_dir):
+def _run_tiny(ranks, run_dir, teacher_trained_here=True):
     started = time.monotonic()
     result = run_mpi(ranks, ["run", TINY_JOB, "--run-dir", run_dir], timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -114,7 +119,7 @@ def _run_tiny(ranks, run_dir):
     assert "cuda" not in (result.stdout + result.stderr).lower()
     report = _check_report(run_dir, ranks)
     _check_logs(run_dir, report)
-    assert report["teacher"]["trained_here"] is True
+    assert report["teacher"]["trained_here"] is teacher_trained_here
     return report
 
 
@@ -138,8 +143,11 @@ def _warm_run_dir(tiny_run, tmp_path):
     return run_dir
 
 
-def test_tiny_job_end_to_end_with_two_ranks(tmp_path):
-    _run_tiny(2, tmp_path / "run")
+def test_tiny_job_end_to_end_with_two_ranks(tiny_run, tmp_path):
+    # From the 3-rank run's teacher and cache: teacher training is rank 0's alone, and a
+    # 2-rank cache build has its own test (test_cache_resume.py).
+    report = _run_tiny(2, _warm_run_dir(tiny_run, tmp_path), teacher_trained_here=False)
+    assert report["cache"]["reused"] is True
 
 
 def test_tiny_job_end_to_end_with_three_ranks_then_again(tiny_run):
@@ -201,8 +209,8 @@ def test_bad_job_key_is_refused_once(tmp_path):
 def test_a_failing_block_is_retried_elsewhere_then_kept_as_the_teachers(tiny_run, tmp_path):
     run_dir = _warm_run_dir(tiny_run, tmp_path)
     # No fine-tuning in the failing run (the second run does it): not what is tested here.
-    result = run_mpi(3, ["run", TINY_JOB, "--run-dir", run_dir, "--set", "finetune.epochs=0"],
-                     timeout=180, env={"PBKD_FAULT": "raise:conv3"})
+    result = run_mpi(3, ["run", TINY_JOB, "--run-dir", run_dir, "--set", "finetune.epochs=0",
+                         *QUICK], timeout=180, env={"PBKD_FAULT": "raise:conv3"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: block conv3 stays the teacher's after 2 failed attempt(s)" in result.stdout
     report = json.loads((run_dir / "report.json").read_text())
@@ -219,7 +227,7 @@ def test_a_failing_block_is_retried_elsewhere_then_kept_as_the_teachers(tiny_run
     assert "degraded" in (run_dir / "report.md").read_text()
 
     # The next run in the same directory trains only the missing block.
-    again = run_mpi(3, ["run", TINY_JOB, "--run-dir", run_dir], timeout=180)
+    again = run_mpi(3, ["run", TINY_JOB, "--run-dir", run_dir, *QUICK], timeout=180)
     assert again.returncode == 0, again.stderr[-3000:]
     assert re.findall(r"block (conv\d) done on rank", again.stdout) == ["conv3"]
     report = _check_report(run_dir, 3, all_workers_busy=False)
@@ -229,7 +237,7 @@ def test_a_failing_block_is_retried_elsewhere_then_kept_as_the_teachers(tiny_run
 def test_a_block_with_nan_loss_fails_every_attempt_and_the_run_completes(tiny_run, tmp_path):
     run_dir = _warm_run_dir(tiny_run, tmp_path)
     result = run_mpi(2, ["run", TINY_JOB, "--run-dir", run_dir,
-                         "--set", "tasks.max_attempts=1", "--set", "finetune.epochs=0"],
+                         "--set", "tasks.max_attempts=1", "--set", "finetune.epochs=0", *QUICK],
                      timeout=180,
                      env={"PBKD_FAULT": "nan:conv2"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -244,7 +252,7 @@ def test_sigusr1_stops_the_job_with_exit_75_and_the_next_run_resumes(tiny_run, t
     run_dir = _warm_run_dir(tiny_run, tmp_path)
     command = ["mpiexec", "-n", "3", sys.executable, "-m", "pbkd_mpi", "run", str(TINY_JOB),
                "--run-dir", str(run_dir), "--set", "distill.epochs=8",
-               "--set", "finetune.epochs=0"]
+               "--set", "finetune.epochs=0", *QUICK]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     started = time.monotonic()
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -274,7 +282,7 @@ def test_sigusr1_stops_the_job_with_exit_75_and_the_next_run_resumes(tiny_run, t
     assert time.monotonic() - started < 150
 
     again = run_mpi(3, ["run", TINY_JOB, "--run-dir", run_dir, "--set", "distill.epochs=8",
-                        "--set", "finetune.epochs=0"], timeout=180)
+                        "--set", "finetune.epochs=0", *QUICK], timeout=180)
     assert again.returncode == 0, again.stderr[-3000:]
     report = json.loads((run_dir / "report.json").read_text())
     assert report["status"] == "ok"
@@ -300,7 +308,7 @@ def test_block_weights_do_not_depend_on_the_number_of_workers(tiny_run, tmp_path
                                                 (2, "yes", {0, 1})):
         result = run_mpi(ranks, ["run", TINY_JOB, "--run-dir", run_dir, "--set", "run.threads=1",
                                  "--set", "finetune.epochs=0", "--set",
-                                 f"tasks.coordinator_trains={rank0_trains}", "--quiet"],
+                                 f"tasks.coordinator_trains={rank0_trains}", "--quiet", *QUICK],
                          timeout=180)
         assert result.returncode == 0, result.stderr[-3000:]
         assert len(result.stdout.splitlines()) == 1 and "report:" in result.stdout  # --quiet
@@ -328,7 +336,8 @@ def test_a_silent_worker_ends_the_job_naming_its_rank_and_block(tiny_run, tmp_pa
     run_dir = _warm_run_dir(tiny_run, tmp_path)
     started = time.monotonic()
     result = run_mpi(3, ["run", TINY_JOB, "--run-dir", run_dir,
-                         "--set", "tasks.silence_limit_s=6", "--set", "distill.epochs=8"],
+                         "--set", "tasks.silence_limit_s=6", "--set", "distill.epochs=8",
+                         *QUICK],
                      timeout=120, env={"PBKD_FAULT": "hang:2:3"})  # SIGSTOP: alive, silent
     assert result.returncode == 1, result.stderr[-3000:]
     assert time.monotonic() - started < 60
@@ -340,7 +349,7 @@ def test_a_silent_worker_ends_the_job_naming_its_rank_and_block(tiny_run, tmp_pa
 
 def test_a_killed_worker_ends_the_job_and_finished_blocks_are_kept(tiny_run, tmp_path):
     run_dir = _warm_run_dir(tiny_run, tmp_path)
-    args = ["run", TINY_JOB, "--run-dir", run_dir, "--set", "distill.epochs=8"]
+    args = ["run", TINY_JOB, "--run-dir", run_dir, "--set", "distill.epochs=8", *QUICK]
     blocks = run_dir / "blocks"
     # The timer starts with rank 1's first block task: the kill lands in the middle of them.
     started = time.monotonic()

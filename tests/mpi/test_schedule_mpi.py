@@ -41,7 +41,9 @@ def test_idle_workers_steal_the_slow_workers_queue():
 # The tiny job made smaller still: what is compared is one block's training, not accuracy.
 SMALL = ["--set", "teacher.train_epochs=2", "--set", "data.demo_train=600",
          "--set", "distill.epochs=4", "--set", "finetune.epochs=0",
-         "--set", "finetune.loss=cross-entropy"]  # no teacher logits needed for 0 epochs
+         "--set", "finetune.loss=cross-entropy",  # no teacher logits needed for 0 epochs
+         "--set", "accept.max_drop=1.0", "--set", "export.saved_model=false",
+         "--set", "export.tflite=none"]  # neither acceptance's retraining nor exports
 
 
 def test_a_block_split_over_two_workers_learns_what_it_learns_alone(tmp_path):
