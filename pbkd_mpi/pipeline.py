@@ -308,7 +308,11 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
     wider_names = {n for n, v in verdicts.items() if v.decision == ACCEPTED_WIDER}
     results = {n: r for n, r in outcome.results.items() if n not in wider_names} | \
         {n: r for n, r in wide["results"].items() if n in wider_names}
-    rows = block_rows(distilled, results, [*outcome.records, *wide["records"]],
+    # The same choice for the timing records: a block kept the teacher's still shows the
+    # run of its first student, the one in the schedule.
+    records = [r for r in outcome.records if r.task_id not in wider_names] + \
+        [r for r in wide["records"] if r.task_id in wider_names]
+    rows = block_rows(distilled, results, records,
                       {n: r for n, r in reused.items() if n not in wider_names}
                       | {n: r for n, r in wide["reused"].items() if n in wider_names})
     for row in rows:

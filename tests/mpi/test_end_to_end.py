@@ -41,8 +41,15 @@ def _check_report(run_dir, ranks, all_workers_busy=True):
         # The student block learned: better than predicting the target's mean.
         assert b["val_mse"] < b["target_variance"]
     assert report["replaced"]["param_ratio"] <= 0.40
-    assert report["student"]["params"] < 0.5 * report["teacher"]["params"]
-    assert report["student"]["flops"] < 0.5 * report["teacher"]["flops"]
+    # The student is the teacher less what its replaced blocks saved, to the parameter and
+    # the FLOP (acceptance may keep a block the teacher's: on 200 validation samples that
+    # decision is noise, so it is not fixed here).
+    replaced = [b for b in blocks if b["replaced"]]
+    assert replaced
+    for key in ("params", "flops"):
+        assert all(b[f"student_{key}"] < 0.5 * b[f"teacher_{key}"] for b in replaced)
+        saved = sum(b[f"teacher_{key}"] - b[f"student_{key}"] for b in replaced)
+        assert report["teacher"][key] - report["student"][key] == saved
     # The tiny job has 4 classes (chance 0.25); measured: teacher 0.67, merged student 0.40,
     # fine-tuned student 0.78. A skipped or faked stage lands near chance.
     chance = 1 / report["data"]["num_classes"]
@@ -55,11 +62,16 @@ def _check_report(run_dir, ranks, all_workers_busy=True):
     assert report["data"]["test_split_reads"] == 1
     assert report["finetune"]["identical_weights"] and report["finetune"]["ranks"] == ranks
     # Worker-seconds: a block split over k workers (the scheduler splits a lone block when
-    # workers would idle) kept k of them busy.
+    # workers would idle) kept k of them busy. A block acceptance retrained wider shows its
+    # second run, which is not part of the distillation phase's schedule.
     tasks = {t["name"]: t for t in report["schedule"]["tasks"]}
     assert set(tasks) == {b["name"] for b in blocks if not b["reused"]}
+    first_runs = [b for b in blocks
+                  if not b["reused"] and b["accept"]["decision"] != "accepted_wider"]
+    for b in first_runs:
+        assert b["seconds"] == pytest.approx(tasks[b["name"]]["measured_s"], abs=0.05)
     assert report["distill"]["sum_task_s"] == pytest.approx(sum(
-        b["seconds"] * len(tasks[b["name"]]["ranks"]) for b in blocks if not b["reused"]))
+        tasks[n]["measured_s"] * len(tasks[n]["ranks"]) for n in tasks))
     assert report["distill"]["coordinator_cpu_fraction"] < 0.25
     for model in ("teacher", "student"):  # measured, so positive; files exist, so sized
         assert all(v > 0 for v in report["deployment"][model]["latency_ms"].values())
@@ -70,18 +82,22 @@ def _check_report(run_dir, ranks, all_workers_busy=True):
     student = keras.saving.load_model(run_dir / "student.keras")
     kinds = {type(layer).__name__ for layer in student.layers}
     assert "DepthwiseConv2D" in kinds
-    assert not any(layer.name in {"conv1", "conv2", "conv3", "conv4"} for layer in student.layers)
+    # Replaced blocks' teacher layers are gone; a block kept the teacher's keeps its own.
+    assert {layer.name for layer in student.layers} & {"conv1", "conv2", "conv3", "conv4"} \
+        == {b["name"] for b in blocks if not b["replaced"]}
     assert (run_dir / "report.md").read_text().startswith("# Distillation report")
     _check_keys_documented(report)
     return report
 
 
 def _check_logs(run_dir, report):
-    """Every rank wrote its own log: workers their tasks with per-epoch losses."""
+    """Every rank wrote its own log: rank 0 the teacher's training when it trained it,
+    workers their tasks with per-epoch losses."""
     ranks = report["workers"] + 1
     assert sorted(p.name for p in (run_dir / "logs").glob("*.log")) == [
         f"rank-{r}.log" for r in range(ranks)]
-    assert "teacher: epoch 1:" in (run_dir / "logs" / "rank-0.log").read_text()
+    trained = "teacher: epoch 1:" in (run_dir / "logs" / "rank-0.log").read_text()
+    assert trained is report["teacher"]["trained_here"]
     for block in report["blocks"]:
         text = (run_dir / "logs" / f"rank-{block['rank']}.log").read_text()
         assert f"task {block['name']}: started" in text
@@ -118,8 +134,8 @@ def _run_tiny(ranks, run_dir, teacher_trained_here=True):
     assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", result.stdout + result.stderr)
     assert "cuda" not in (result.stdout + result.stderr).lower()
     report = _check_report(run_dir, ranks)
-    _check_logs(run_dir, report)
     assert report["teacher"]["trained_here"] is teacher_trained_here
+    _check_logs(run_dir, report)
     return report
 
 
