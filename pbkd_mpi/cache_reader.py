@@ -173,7 +173,8 @@ class PairSource:
             lambda: self.next_epoch(background=False),
             output_signature=(tf.TensorSpec((None, *x_shape), dtype),
                               tf.TensorSpec((None, *y_shape), dtype)))
-        return (pieces.unbatch().batch(self.batch_size)
+        # rebatch slices the windows; unbatch().batch() went through one sample at a time.
+        return (pieces.rebatch(self.batch_size)
                 .map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.float32)))
                 .prefetch(PREFETCH_BATCHES)
                 # A known length lets Keras count steps from the first epoch on.
