@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import heapq
 import math
+
+import numpy as np
 from dataclasses import dataclass, field
 
 POLICIES = ("round-robin", "static-lpt", "work-stealing")
@@ -50,38 +52,87 @@ class TaskEstimate:
         return min(workers, len(self.seconds))
 
 
-def _least_work(task: TaskEstimate, limit: float, workers: int) -> float:
-    """The least worker-seconds of `task` finishing within `limit` (inf: it cannot)."""
-    return min((k * task.on(k) for k in range(1, task.max_ways(workers) + 1)
-                if task.on(k) <= limit), default=math.inf)
+# Per-worker packing limits the bound uses: on one worker, pieces longer than T / (m + 1)
+# number at most m when everything on it ends by T (m + 1 of them would exceed T).
+PACKING_LEVELS = (1, 2, 3)
+
+
+def _options(task: TaskEstimate, workers: int, split: bool) -> list[tuple[int, float]]:
+    """(k, seconds on k) for each way `task` may run."""
+    most = task.max_ways(workers) if split else 1
+    return [(k, task.on(k)) for k in range(1, most + 1)]
+
+
+def _least_packed_work(options, limit: float, level: int, workers: int) -> float:
+    """The least worker-seconds of every task done within `limit`, each on one of its
+    `options` (per task: [(k, seconds)]), where the pieces longer than limit / (level + 1)
+    take at most level x workers worker slots in all (k slots for a task on k workers;
+    see `lower_bound`). inf: no choice does. A knapsack over the slots used."""
+    slots = level * workers
+    least = np.full(slots + 1, math.inf)
+    least[0] = 0.0
+    for choices in options:
+        fits = [(k, seconds) for k, seconds in choices if seconds <= limit]
+        if not fits:
+            return math.inf
+        # A short piece uses no slot: only the least work of those matters.
+        short = [k * s for k, s in fits if s * (level + 1) <= limit]
+        best = least + min(short) if short else np.full(slots + 1, math.inf)
+        for k, seconds in fits:
+            if seconds * (level + 1) > limit and k <= slots:
+                best[k:] = np.minimum(best[k:], least[:-k] + k * seconds)
+        least = best
+    return float(least.min())
+
+
+def _packing_bound(options, workers: int, level: int) -> float:
+    """The least T at which `_least_packed_work` at `level` fits in workers x T.
+
+    Which choices fit and which count as long only changes where T passes a task's
+    seconds on some k, or level + 1 times that: between two such points the least work is
+    constant, so the bound is the first point P_i with least work <= W x P_{i+1}, at
+    max(P_i, least work / W). Feasibility only grows with T (a choice that fits at T fits
+    beyond it and counts as long no more), so the first such stretch is found by bisection."""
+    points = sorted({s * f for choices in options for _, s in choices for f in (1, level + 1)})
+    ends = [*points[1:], math.inf]
+
+    def candidate(i):
+        work = _least_packed_work(options, points[i], level, workers)
+        value = max(points[i], work / workers)
+        return value if value < ends[i] else None
+
+    low, high = 0, len(points) - 1  # the last stretch always fits: everything alone
+    while low < high:
+        middle = (low + high) // 2
+        if candidate(middle) is None:
+            low = middle + 1
+        else:
+            high = middle
+    return candidate(low)
 
 
 def lower_bound(tasks, workers: int, split: bool) -> float:
-    """No schedule of these tasks on `workers` finishes sooner.
+    """No schedule of these tasks on `workers` finishes sooner (each task on one worker,
+    or with `split` on k workers at once for its time on k, as gangs run).
 
-    Without splitting: max(total / workers, longest task). With splitting, a makespan T
-    needs every task done on some k workers with its time on k at most T, at a cost of k
-    times that time in worker-seconds, and all of that to fit in workers x T: the bound is
-    the least T where the least such work fits. A split that costs overhead therefore raises the bound, as it must."""
+    Take any schedule with makespan T. Each task runs on some k workers, for its time on
+    k, at most T, and costs k times that in worker-seconds; the work of all tasks fits in
+    workers x T. On any one worker the pieces it runs add up to at most T, so for any m
+    at most m of them last longer than T / (m + 1); a task on k workers is a piece on
+    each of them, so the tasks longer than T / (m + 1) use at most m x workers worker
+    slots in all, k each. The bound is, for m = 1, 2, 3, the least T for which some choice
+    of k per task meets all of that, and the largest of the three. It is never below
+    max(total / workers, longest task) (without splitting) or the least work over
+    workers and the longest task's shortest time (with it); it is above them when tasks
+    pack badly (say, three tasks of 2 s on two workers: 4 s, not 3 s), and splitting
+    that costs overhead raises it, as it must. Tested against the brute-force optimum of
+    small task sets (tests/test_schedule.py)."""
     if workers < 1:
         raise ValueError(f"expected at least 1 worker, received {workers}")
     if not tasks:
         return 0.0
-    if not split:
-        return max(sum(t.alone for t in tasks) / workers, max(t.alone for t in tasks))
-
-    # The least work only changes where T passes some task's time on some k: between two
-    # such points it is constant, so the bound is the first point, or work / W inside the
-    # first stretch where that is not beyond the stretch.
-    low = max(min(t.seconds[:t.max_ways(workers)]) for t in tasks)
-    points = sorted({low} | {t.on(k) for t in tasks for k in range(1, t.max_ways(workers) + 1)
-                             if t.on(k) > low})
-    for start, end in zip(points, [*points[1:], math.inf]):
-        work = sum(_least_work(t, start, workers) for t in tasks)
-        candidate = max(start, work / workers)
-        if candidate < end or end == math.inf:
-            return candidate
-    raise AssertionError("unreachable: everything alone always fits")
+    options = [_options(t, workers, split) for t in tasks]
+    return max(_packing_bound(options, workers, level) for level in PACKING_LEVELS)
 
 
 @dataclass(frozen=True)

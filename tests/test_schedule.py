@@ -111,10 +111,12 @@ def test_split_overhead_counts_in_the_lower_bound():
     # Splitting costs 1 s more on every k > 1. Alone on 4 workers: 3.5 s on all four.
     task = TaskEstimate("big", (10.0, 6.0, 10 / 3 + 1, 3.5))
     assert lower_bound([task], 4, split=True) == 3.5
-    # With two 4 s tasks: T >= 4; below 13/3 + ... only k = 4 fits (14 worker-s) and
-    # 14 + 8 > 4 T; from T = 13/3 k = 3 fits (13 worker-s): 13 + 8 <= 4 T gives 5.25.
-    # Ignoring the overhead (total / W = 18 / 4 = 4.5) would promise too much.
-    assert lower_bound([task, *tasks_of(4, 4)], 4, split=True) == pytest.approx(5.25)
+    # With two 4 s tasks: the work alone allows 5.25 s (from T = 13/3, k = 3 fits: 13
+    # worker-s, and 13 + 8 <= 4 T). But below 6 s the big task needs 3 or 4 workers, for
+    # more than half of T, and so does each 4 s task on its own worker: 5 or 6 workers
+    # running a piece longer than T / 2, of 4. At 6 s it runs on 2 (6 s) beside them: the
+    # optimum. Ignoring the overhead (total / W = 18 / 4 = 4.5) would promise more still.
+    assert lower_bound([task, *tasks_of(4, 4)], 4, split=True) == pytest.approx(6.0)
 
 
 def test_gangs_wait_for_enough_idle_workers():
@@ -193,3 +195,70 @@ def test_forced_split_is_refused_when_too_few_workers_can_join():
     assert forced_ways({"t0": 1, "t1": 1}, ["t0=2"], tasks, (1, 2)) == {"t0": 2, "t1": 1}
     with pytest.raises(UserError, match="block 't0' on 2 workers.*at most 1"):
         forced_ways({"t0": 1, "t1": 1}, ["t0=2"], tasks, (0, 1))
+
+
+def brute_force_optimum(tasks, workers: int, split: bool) -> float:
+    """The shortest makespan of any schedule, by exhaustive search. Some optimal schedule
+    starts every task at 0 or when another ends (shift each task left until it starts at
+    0 or meets the end of a task on one of its workers), so the search visits those
+    times in order, and at each starts any remaining task on some of the free workers, or
+    moves on to the next end."""
+    best = [sum(t.alone for t in tasks)]  # everything on one worker
+
+    def search(now, busy_until, remaining, makespan):
+        if makespan >= best[0]:
+            return
+        if not remaining:
+            best[0] = makespan
+            return
+        free = [w for w, until in enumerate(busy_until) if until <= now]
+        for i in remaining:  # start one more task now (the others may follow)
+            task = tasks[i]
+            for k in range(1, (task.max_ways(workers) if split else 1) + 1):
+                if k > len(free):
+                    break
+                after = list(busy_until)
+                for w in free[:k]:  # free workers are alike
+                    after[w] = now + task.on(k)
+                search(now, after, remaining - {i}, max(makespan, now + task.on(k)))
+        later = [until for until in busy_until if until > now]
+        if later:
+            search(min(later), busy_until, remaining, makespan)
+
+    search(0.0, [0.0] * workers, frozenset(range(len(tasks))), 0.0)
+    return best[0]
+
+
+def test_lower_bound_never_exceeds_the_brute_force_optimum_and_tightens_packing():
+    import random
+
+    rng = random.Random(5)
+    tighter = 0
+    for _ in range(150):
+        workers = rng.randint(1, 4)
+        tasks = []
+        for i in range(rng.randint(1, 5)):
+            alone = float(rng.randint(1, 12))
+            overhead = rng.choice([0.0, 0.5, 2.0])
+            tasks.append(TaskEstimate(f"t{i}", tuple(
+                alone / k + (overhead if k > 1 else 0.0) for k in range(1, rng.randint(1, 4) + 1))))
+        for split in (False, True):
+            bound = lower_bound(tasks, workers, split)
+            optimum = brute_force_optimum(tasks, workers, split)
+            assert bound <= optimum + 1e-9, (tasks, workers, split, bound, optimum)
+            # Never weaker than max(least work / W, the longest task's shortest time).
+            simple = max(max(min(t.seconds[:t.max_ways(workers) if split else 1]) for t in tasks),
+                         sum(t.alone for t in tasks) / workers if not split else 0.0)
+            assert bound >= simple - 1e-9
+            tighter += bound > max(simple, sum(min(k * t.on(k) for k in range(
+                1, (t.max_ways(workers) if split else 1) + 1)) for t in tasks) / workers) + 1e-9
+    assert tighter >= 10  # the packing limits raise the bound on many of these sets
+
+
+def test_packing_raises_the_bound_where_the_work_bound_is_loose():
+    # Three 2 s tasks on two workers: work / W = 3, but two of them share a worker: 4.
+    assert lower_bound(tasks_of(2, 2, 2), 2, split=False) == 4.0
+    assert brute_force_optimum(tasks_of(2, 2, 2), 2, split=False) == 4.0
+    # Split perfectly, one task on 2 workers and the other two ... still a worker runs
+    # two pieces of at least 1 s, or a 2 s task and its share: the optimum is 3 s.
+    assert lower_bound(tasks_of(2, 2, 2, linear_split=2), 2, split=True) == 3.0
