@@ -262,3 +262,66 @@ def test_packing_raises_the_bound_where_the_work_bound_is_loose():
     # Split perfectly, one task on 2 workers and the other two ... still a worker runs
     # two pieces of at least 1 s, or a 2 s task and its share: the optimum is 3 s.
     assert lower_bound(tasks_of(2, 2, 2, linear_split=2), 2, split=True) == 3.0
+
+
+def test_gangs_run_on_their_planned_workers_and_singles_fill_the_gap_before_them():
+    # g (2 workers, 4 s) and h (2 workers, 3 s) on 3 workers: g on 1, 2 from 0; h on the
+    # first free pair, 3 (free at 0) and 1 (free at 4), so 3 has a 4 s gap before h that
+    # the 4 s single fills; the 2 s single follows g on 2.
+    tasks = [TaskEstimate("g", (8.0, 4.0)), TaskEstimate("h", (6.0, 3.0)),
+             TaskEstimate("a", (4.0,)), TaskEstimate("b", (2.0,))]
+    plan = make_plan(tasks, 3, "work-stealing", ways={"g": 2, "h": 2, "a": 1, "b": 1})
+    assert plan.gangs == {"g": (1, 2), "h": (1, 3)}
+    assert plan.queues == {1: ["g", "h"], 2: ["g", "b"], 3: ["a", "h"]}
+    result = simulate_plan(plan)
+    assert ("h", (1, 3), 4.0, 7.0) in result.tasks and ("a", (3,), 0.0, 4.0) in result.tasks
+    assert result.makespan_s == 7.0
+    assert plan.to_dict()["gangs"] == {"g": [1, 2], "h": [1, 3]}
+
+
+def test_a_gang_member_waiting_for_its_partner_takes_the_partners_task_before_the_gang():
+    tasks = [TaskEstimate("g", (8.0, 4.0)), TaskEstimate("a", (3.0,)), TaskEstimate("b", (2.0,))]
+    plan = make_plan(tasks, 2, "work-stealing", ways={"g": 2, "a": 1, "b": 1})
+    scheduler = Scheduler(plan)
+    scheduler.queues = {1: ["g"], 2: ["a", "b", "g"]}
+    # Worker 1 waits at g; worker 2 starts a, and 1 takes b (the last before g on 2).
+    assert scheduler.assign({1, 2}, [1, 2]) == [("a", (2,)), ("b", (1,))]
+    assert scheduler.assign(set(), [1, 2]) == []
+    scheduler.done("b", (1,), 2.0)
+    assert scheduler.assign({1}, [1, 2]) == []  # g waits for worker 2
+    scheduler.done("a", (2,), 3.0)
+    assert scheduler.assign({1, 2}, [1, 2]) == [("g", (1, 2))]
+    assert scheduler.empty()
+
+
+def test_random_plans_with_gangs_finish_every_task_once_even_on_unequal_workers():
+    import random
+
+    rng = random.Random(11)
+    for _ in range(60):
+        workers = rng.randint(2, 6)
+        tasks = [TaskEstimate(f"t{i}", tuple(rng.uniform(1, 9) / k + 0.3 * (k > 1)
+                                             for k in range(1, rng.randint(1, workers) + 1)))
+                 for i in range(rng.randint(1, 9))]
+        ways = {t.name: rng.randint(1, len(t.seconds)) for t in tasks}
+        plan = make_plan(tasks, workers, "work-stealing", True, ways=ways)
+        slowness = {w: rng.choice([1.0, 1.0, 2.5]) for w in plan.workers}
+        actual = {n: e * rng.uniform(0.5, 1.5) for n, e in plan.estimates.items()}
+        result = simulate_plan(plan, actual=actual, slowness=slowness)
+        assert sorted(t[0] for t in result.tasks) == sorted(ways)
+        for name, members, _, _ in result.tasks:
+            assert members == (plan.gangs[name] if ways[name] > 1 else members)
+            assert len(members) == ways[name]
+        # No worker runs two tasks at once.
+        for w in plan.workers:
+            spans = sorted((s, e) for _, ms, s, e in result.tasks if w in ms)
+            assert all(a[1] <= b[0] + 1e-9 for a, b in zip(spans, spans[1:]))
+
+
+def test_split_plans_reach_the_bound_on_a_many_worker_set():
+    # 4 tasks, 8 workers, perfect splitting: each on 2 workers side by side, 5 s, the bound.
+    tasks = tasks_of(10, 10, 10, 10, linear_split=8)
+    plan = make_plan(tasks, 8, "work-stealing", split=True)
+    assert lower_bound(tasks, 8, split=True) == pytest.approx(5.0)
+    assert simulate_plan(plan).makespan_s == pytest.approx(5.0)
+    assert sorted(len(ws) for ws in plan.gangs.values()) == [2, 2, 2, 2]
