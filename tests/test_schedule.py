@@ -325,3 +325,18 @@ def test_split_plans_reach_the_bound_on_a_many_worker_set():
     assert lower_bound(tasks, 8, split=True) == pytest.approx(5.0)
     assert simulate_plan(plan).makespan_s == pytest.approx(5.0)
     assert sorted(len(ws) for ws in plan.gangs.values()) == [2, 2, 2, 2]
+
+
+def test_scaled_profile_scales_compute_and_keeps_reads():
+    from pbkd_mpi.profile import scaled_profile
+
+    entry = {"seconds_per_step": 0.02, "fixed_step_s": 0.004, "per_sample_step_s": 0.00025,
+             "batch_size": 64, "steps_per_epoch": 100, "epochs": 5, "setup_s": 1.0,
+             "read_s": 1.0, "eval_s_per_epoch": 0.2, "final_eval_s": 2.0, "param_bytes": 4e5}
+    profile = {"method": "m", "allreduce": None,
+               "blocks": {"a": {**entry, "estimated_s": 15.0}, "b": {"estimated_s": 5.0}}}
+    # 15 s = 2 s of setup and read + 13 s of compute; x4: 2 + 52.
+    scaled = scaled_profile(profile, 4.0)
+    assert scaled["blocks"]["a"]["estimated_s"] == pytest.approx(54.0)
+    assert scaled["blocks"]["a"]["read_s"] == 1.0 and scaled["blocks"]["b"]["estimated_s"] == 20.0
+    assert profile["blocks"]["a"]["estimated_s"] == 15.0  # the original is left alone
