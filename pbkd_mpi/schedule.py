@@ -13,7 +13,10 @@ Policies:
 - `work-stealing`: queues seeded by LPT; a worker whose queue is empty takes the longest
   task left in the most loaded queue (load = estimated seconds x that worker's measured
   slowness), and measured task times correct the estimates as the run goes. With
-  splitting, tasks longer than the ideal makespan run on k workers at once ("gangs").
+  splitting, tasks longer than the ideal makespan run on k workers at once ("gangs", on
+  the workers the plan names, in the same place of each member's queue: packing.py).
+
+docs/scheduling.md gives the lower bound's argument and how close the plans come to it.
 """
 
 from __future__ import annotations
