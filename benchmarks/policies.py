@@ -7,13 +7,25 @@ thread per worker; fine-tuning skipped). Simulated: each model's student-block t
 steps timed on this CPU with random activations of the blocks' shapes (1 process, 1
 thread; CIFAR-10-sized data: 45,000 training and 5,000 validation samples, the epochs and
 batch of jobs/vgg16.toml and jobs/resnet50.toml), the cache read rate and the allreduce
-taken from the profile.json the measured work-stealing run wrote (`profile.timed_shape_profile`),
+taken from a reference profile.json a measured run wrote (`profile.timed_shape_profile`),
 then each policy simulated (`simulate.py`, the coordinator's own Scheduler). Ratios are to
-the lower bound with splitting allowed. The model profiles are saved next to the run so
-`python -m pbkd_mpi simulate RUN_DIR/vgg16-profile.json` reproduces the tables.
-Prints one JSON object, last line.
+the lower bound with splitting allowed (`schedule.lower_bound`: least work, the longest
+task's shortest time and the per-worker packing limits). Sensitivity: the work-stealing+
+split ratios again with every block's compute (steps and evaluation; not reads, setup or
+the allreduce) scaled by each of `--scales` (`profile.scaled_profile`), so a result that
+held only at the measured speeds would show.
+
+The reference is the measured work-stealing run's profile.json (saved as
+benchmarks/profiles/reference-profile.json); `--simulate-only` skips the measured runs and
+takes that saved reference (or `--reference PATH`), still timing the student blocks here;
+`--reuse-profiles` also skips the timing and simulates the saved model profiles. The model
+profiles are saved as benchmarks/profiles/{vgg16,resnet50}-profile.json, so
+`python -m pbkd_mpi simulate benchmarks/profiles/vgg16-profile.json --workers
+2,4,8,16,32,64` reproduces a table. Prints one JSON object, last line.
 
     python benchmarks/policies.py [--run-dir /tmp/bench] [--workers 2,4,8,16,32,64]
+    python benchmarks/policies.py --simulate-only [--reference RUN/profile.json]
+    python benchmarks/policies.py --reuse-profiles
 """
 
 from __future__ import annotations
@@ -35,6 +47,9 @@ MODELS = {  # model: (keras.applications name, job file with its distill setting
     "resnet50": ("ResNet50", REPO / "jobs" / "resnet50.toml"),
 }
 CIFAR10 = {"train": 45000, "val": 5000}
+PROFILES = REPO / "benchmarks" / "profiles"
+REFERENCE = PROFILES / "reference-profile.json"
+TARGET = 1.05  # the goal: work-stealing with splitting within this of the lower bound
 
 
 def model_profile(model: str, reference: dict) -> dict:
@@ -58,14 +73,11 @@ def model_profile(model: str, reference: dict) -> dict:
                                job.distill.epochs, {**CIFAR10, "item_bytes": item}, reference)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--job", default=str(DEFAULT_JOB))
-    parser.add_argument("--run-dir", default=None)
-    parser.add_argument("--workers", default="2,4,8,16,32,64")
-    args = parser.parse_args()
-    run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="pbkd-bench-"))
-    workers = [int(w) for w in args.workers.split(",")]
+def measured_runs(args, run_dir: Path) -> tuple[dict, dict]:
+    """Each policy on the demo job; returns (makespans, reports), and saves the
+    work-stealing run's profile.json as the reference."""
+    from pbkd_mpi import atomic
+
     if not (run_dir / "report.json").exists():
         run(3, args.job, run_dir)  # warm-up: trains the teacher, builds the cache
     measured, reports = {}, {}
@@ -74,35 +86,93 @@ def main() -> None:
         measured[policy] = round(reports[policy]["distill"]["makespan_s"], 2)
         print(f"{policy}: distill makespan {measured[policy]} s", file=sys.stderr, flush=True)
         if policy == "work-stealing":  # its profile: the machine's read rate and allreduce
-            reference = json.loads((run_dir / "profile.json").read_text())
+            atomic.write_text(REFERENCE, (run_dir / "profile.json").read_text())
+    return measured, reports
+
+
+def sensitivity(profile: dict, workers, scales) -> dict:
+    """{scale: {workers: work-stealing+split's ratio to the bound}} on the scaled profile."""
+    from pbkd_mpi.profile import scaled_profile, task_estimates
+    from pbkd_mpi.simulate import simulate_estimates
+
+    out = {}
+    for scale in scales:
+        scaled = scaled_profile(profile, scale)
+        table = simulate_estimates(lambda w: task_estimates(scaled, w), workers,
+                                   (("work-stealing", True),))
+        out[f"{scale:g}"] = {str(w): round(table[w]["policies"]["work-stealing+split"]["ratio"], 3)
+                             for w in workers}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--job", default=str(DEFAULT_JOB))
+    parser.add_argument("--run-dir", default=None)
+    parser.add_argument("--workers", default="2,4,8,16,32,64")
+    parser.add_argument("--simulate-only", action="store_true",
+                        help="skip the measured runs: time the student blocks against the "
+                             "saved reference profile (or --reference)")
+    parser.add_argument("--reference", default=None,
+                        help="a measured run's profile.json (read rate and allreduce)")
+    parser.add_argument("--reuse-profiles", action="store_true",
+                        help="simulate the saved model profiles, timing nothing")
+    parser.add_argument("--scales", default="0.25,0.5,2,4",
+                        help="factors on the blocks' compute for the sensitivity table")
+    args = parser.parse_args()
+    workers = [int(w) for w in args.workers.split(",")]
+    scales = [float(s) for s in args.scales.split(",") if s.strip()]
+    measured = reports = None
+    if not (args.simulate_only or args.reuse_profiles):
+        run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="pbkd-bench-"))
+        measured, reports = measured_runs(args, run_dir)
 
     from pbkd_mpi import atomic
     from pbkd_mpi.simulate import render_table, simulate_profile
 
-    simulated, tables = {}, {}
+    reference = None
+    if not args.reuse_profiles:
+        reference = json.loads(Path(args.reference or REFERENCE).read_text())
+    simulated, tables, sensitive = {}, {}, {}
     for model in MODELS:
-        profile = model_profile(model, reference)
-        path = run_dir / f"{model}-profile.json"
-        atomic.write_text(path, json.dumps(profile, indent=2) + "\n")
+        path = PROFILES / f"{model}-profile.json"
+        if args.reuse_profiles:
+            profile = json.loads(path.read_text())
+        else:
+            profile = model_profile(model, reference)
+            atomic.write_text(path, json.dumps(profile, indent=2) + "\n")
         table = simulate_profile(profile, workers)
         tables[model] = table
         simulated[model] = {str(w): {name: round(row["ratio"], 3)
                                      for name, row in table[w]["policies"].items()}
                             for w in workers}
-        print(render_table(table, f"{model} at 32x32 ({path})"), file=sys.stderr)
+        print(render_table(table, f"{model} at 32x32 ({path.relative_to(REPO)})"),
+              file=sys.stderr)
+        sensitive[model] = sensitivity(profile, workers, scales)
+        print(f"{model}: work-stealing+split / lower bound with the compute scaled: "
+              + "; ".join(f"x{s}: max {max(r.values()):.3f}" for s, r in sensitive[model].items()),
+              file=sys.stderr, flush=True)
+    split_ratios = [r["work-stealing+split"] for m in simulated.values() for r in m.values()]
+    scaled_ratios = [r for m in sensitive.values() for rows in m.values() for r in rows.values()]
     print(json.dumps({
-        "measured": measured,
-        "measured_lower_bound_s": {p: round(r["distill"]["lower_bound_s"], 2)
-                                   for p, r in reports.items()},
-        "measured_profile_s": round(reports["work-stealing"]["phases"]["profile"], 2),
+        **({"measured": measured,
+            "measured_lower_bound_s": {p: round(r["distill"]["lower_bound_s"], 2)
+                                       for p, r in reports.items()},
+            "measured_profile_s": round(reports["work-stealing"]["phases"]["profile"], 2),
+            "workers_measured": 2, "threads_per_worker": 1} if measured else {}),
         "simulated": simulated,
         "simulated_makespan_s": {m: {str(w): {n: round(row["makespan_s"], 1)
                                               for n, row in t[w]["policies"].items()}
                                      for w in workers} for m, t in tables.items()},
+        "simulated_lower_bound_s": {m: {str(w): round(t[w]["lower_bound_s"], 1) for w in workers}
+                                    for m, t in tables.items()},
         "simulated_split": {m: {str(w): t[w]["policies"]["work-stealing+split"]["split"]
                                 for w in workers} for m, t in tables.items()},
-        "workers_measured": 2,
-        "threads_per_worker": 1,
+        "sensitivity": sensitive,
+        "split_worst_ratio": round(max(split_ratios), 3),
+        "split_worst_ratio_scaled": round(max(scaled_ratios), 3),
+        "split_within_target": max(split_ratios) <= TARGET,
+        "target": TARGET,
     }))
 
 

@@ -82,6 +82,26 @@ def task_estimates(profile: dict, workers: int) -> list[TaskEstimate]:
     return out
 
 
+COMPUTE_KEYS = ("seconds_per_step", "fixed_step_s", "per_sample_step_s", "eval_s_per_epoch",
+                "final_eval_s")  # what a faster or slower processor changes; reads do not
+
+
+def scaled_profile(profile: dict, factor: float) -> dict:
+    """`profile` with every block's compute (training steps and evaluation) `factor` times
+    as long, its reads, setup and the allreduce as they were: how the schedule fares on a
+    processor that much slower (factor > 1) or faster, against the same network and disk."""
+    blocks = {}
+    for name, entry in profile["blocks"].items():
+        entry = {**entry, **{k: entry[k] * factor for k in COMPUTE_KEYS if k in entry}}
+        if "seconds_per_step" in entry:
+            entry["estimated_s"] = split_seconds(entry, 1, None)
+        else:  # a FLOP estimate: all of it is compute
+            entry["estimated_s"] = entry["estimated_s"] * factor
+        blocks[name] = entry
+    return {**profile, "method": f"{profile.get('method')}; compute x {factor:g}",
+            "blocks": blocks}
+
+
 def load_profile(path) -> dict:
     path = Path(path)
     if path.is_dir():

@@ -13,14 +13,21 @@ Policies:
 - `work-stealing`: queues seeded by LPT; a worker whose queue is empty takes the longest
   task left in the most loaded queue (load = estimated seconds x that worker's measured
   slowness), and measured task times correct the estimates as the run goes. With
-  splitting, tasks longer than the ideal makespan run on k workers at once ("gangs").
+  splitting, tasks longer than the ideal makespan run on k workers at once ("gangs", on
+  the workers the plan names, in the same place of each member's queue: packing.py).
+
+docs/scheduling.md gives the lower bound's argument and how close the plans come to it.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+
+import numpy as np
 from dataclasses import dataclass, field
+
+from .packing import pack
 
 POLICIES = ("round-robin", "static-lpt", "work-stealing")
 LOCAL_SEARCH_ROUNDS = 64  # enough to move several tasks several workers; each round is cheap
@@ -50,38 +57,117 @@ class TaskEstimate:
         return min(workers, len(self.seconds))
 
 
-def _least_work(task: TaskEstimate, limit: float, workers: int) -> float:
-    """The least worker-seconds of `task` finishing within `limit` (inf: it cannot)."""
-    return min((k * task.on(k) for k in range(1, task.max_ways(workers) + 1)
-                if task.on(k) <= limit), default=math.inf)
+# Per-worker packing limits the bound uses: on one worker, pieces longer than T / (m + 1)
+# number at most m when everything on it ends by T (m + 1 of them would exceed T).
+PACKING_LEVELS = (1, 2, 3)
+
+
+def _options(task: TaskEstimate, workers: int, split: bool) -> list[tuple[int, float]]:
+    """(k, seconds on k) for each way `task` may run."""
+    most = task.max_ways(workers) if split else 1
+    return [(k, task.on(k)) for k in range(1, most + 1)]
+
+
+def _least_packed_work(options, limit: float, level: int, workers: int,
+                       shortest: float) -> float:
+    """The least worker-seconds of every task done within `limit`, each on one of its
+    `options` (per task: [(k, seconds)]), where the pieces longer than limit / (level + 1)
+    take at most level x workers worker slots in all (k slots for a task on k workers),
+    and (level 1) a piece too long to leave room for the `shortest` piece of any task
+    beside it also counts the time its workers then stay idle (see `lower_bound`). inf:
+    no choice does. A knapsack over the slots used."""
+    slots = level * workers
+    least = np.full(slots + 1, math.inf)
+    least[0] = 0.0
+    for choices in options:
+        fits = [(k, seconds) for k, seconds in choices if seconds <= limit]
+        if not fits:
+            return math.inf
+        # A short piece uses no slot: only the least work of those matters.
+        short = [k * s for k, s in fits if s * (level + 1) <= limit]
+        best = least + min(short) if short else np.full(slots + 1, math.inf)
+        for k, seconds in fits:
+            if seconds * (level + 1) > limit and k <= slots:
+                idle = limit - seconds if level == 1 and limit - seconds < shortest else 0.0
+                best[k:] = np.minimum(best[k:], least[:-k] + k * (seconds + idle))
+        least = best
+    return float(least.min())
+
+
+def _packing_bound(options, workers: int, level: int) -> float:
+    """The least T at which `_least_packed_work` at `level` fits in workers x T.
+
+    Feasibility only grows with T: a choice that fits at T fits beyond it, counts as long
+    no more, and its idle time grows by at most (T' - T) on each of at most `workers`
+    slots (a piece that leaves no room for another is the only one on its worker, so
+    longer than T / 2, one of the level-1 slots). Which choices fit, count as long or
+    leave no room only changes where T passes a task's seconds s on some k, (level + 1) s
+    or s + the shortest piece: the first such point P_i that is feasible is found by
+    bisection, then the least T in [P_(i-1), P_i): max(P_(i-1), least work there / W)
+    when that is feasible (always, without idle time), else by bisection from there,
+    keeping the infeasible end (never above the true least T)."""
+    shortest = min(s for choices in options for _, s in choices)
+    points = sorted({s + f for choices in options for _, s in choices
+                     for f in (0.0, level * s, *((shortest,) if level == 1 else ()))})
+    # Everything alone on one worker, one after another, is always feasible: the last point.
+    total = sum(choices[0][1] for choices in options)
+    points = [p for p in points if p < total] + [total]
+
+    def work(limit):
+        return _least_packed_work(options, limit, level, workers, shortest)
+
+    def feasible(limit):
+        return work(limit) <= workers * limit
+
+    low, high = 0, len(points) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if feasible(points[middle]):
+            high = middle
+        else:
+            low = middle + 1
+    if low == 0:
+        return points[0]
+    start, end = points[low - 1], points[low]
+    below = max(start, work(start) / workers)  # the least work only grows inside
+    if below >= end:
+        return end
+    if feasible(below):
+        return below
+    for _ in range(60):  # far below any time a profile resolves
+        middle = (below + end) / 2
+        if feasible(middle):
+            end = middle
+        else:
+            below = middle
+    return below
 
 
 def lower_bound(tasks, workers: int, split: bool) -> float:
-    """No schedule of these tasks on `workers` finishes sooner.
+    """No schedule of these tasks on `workers` finishes sooner (each task on one worker,
+    or with `split` on k workers at once for its time on k, as gangs run).
 
-    Without splitting: max(total / workers, longest task). With splitting, a makespan T
-    needs every task done on some k workers with its time on k at most T, at a cost of k
-    times that time in worker-seconds, and all of that to fit in workers x T: the bound is
-    the least T where the least such work fits. A split that costs overhead therefore raises the bound, as it must."""
+    Take any schedule with makespan T. Each task runs on some k workers, for its time on
+    k, at most T, and costs k times that in worker-seconds; the work of all tasks fits in
+    workers x T. On any one worker the pieces it runs add up to at most T, so for any m
+    at most m of them last longer than T / (m + 1); a task on k workers is a piece on
+    each of them, so the tasks longer than T / (m + 1) use at most m x workers worker
+    slots in all, k each. And a piece that leaves its workers less than the shortest
+    piece of any task (T minus its length below that) is alone on them: its workers'
+    idle time counts as work (a worker-second of it cannot run anything). The bound is,
+    for m = 1, 2, 3, the least T for which some choice of k per task meets all of that
+    (the idle time with m = 1), and the largest of the three. It is never below
+    max(total / workers, longest task) (without splitting) or the least work over
+    workers and the longest task's shortest time (with it); it is above them when tasks
+    pack badly (say, three tasks of 2 s on two workers: 4 s, not 3 s), and splitting
+    that costs overhead raises it, as it must. Tested against the brute-force optimum of
+    small task sets (tests/test_schedule.py)."""
     if workers < 1:
         raise ValueError(f"expected at least 1 worker, received {workers}")
     if not tasks:
         return 0.0
-    if not split:
-        return max(sum(t.alone for t in tasks) / workers, max(t.alone for t in tasks))
-
-    # The least work only changes where T passes some task's time on some k: between two
-    # such points it is constant, so the bound is the first point, or work / W inside the
-    # first stretch where that is not beyond the stretch.
-    low = max(min(t.seconds[:t.max_ways(workers)]) for t in tasks)
-    points = sorted({low} | {t.on(k) for t in tasks for k in range(1, t.max_ways(workers) + 1)
-                             if t.on(k) > low})
-    for start, end in zip(points, [*points[1:], math.inf]):
-        work = sum(_least_work(t, start, workers) for t in tasks)
-        candidate = max(start, work / workers)
-        if candidate < end or end == math.inf:
-            return candidate
-    raise AssertionError("unreachable: everything alone always fits")
+    options = [_options(t, workers, split) for t in tasks]
+    return max(_packing_bound(options, workers, level) for level in PACKING_LEVELS)
 
 
 @dataclass(frozen=True)
@@ -89,29 +175,19 @@ class Plan:
     policy: str
     workers: tuple[int, ...]  # worker ids (MPI ranks in a run, 1..W in a simulation)
     ways: dict  # task name -> workers that train it together (1: not split)
-    queues: dict  # worker id -> initial queue of single-worker task names, in order
+    queues: dict  # worker id -> initial queue of task names, in order (gangs included)
     estimates: dict  # task name -> estimated seconds at its ways
     order: tuple[str, ...]  # every task name, longest estimate first
     lower_bound_s: float
     predicted_s: float | None = None  # the simulator's makespan for this plan, when known
+    gangs: dict = field(default_factory=dict)  # split task name -> the workers it runs on
 
     def to_dict(self) -> dict:
         return {"policy": self.policy, "ways": dict(self.ways),
                 "queues": {str(w): list(q) for w, q in self.queues.items()},
+                "gangs": {n: list(ws) for n, ws in self.gangs.items()},
                 "estimates": dict(self.estimates), "lower_bound_s": self.lower_bound_s,
                 "predicted_s": self.predicted_s}
-
-
-def _lpt(names, seconds, workers, loads=None) -> dict:
-    """Longest first onto the least-loaded worker (ties: the lowest id)."""
-    queues = {w: [] for w in workers}
-    heap = [((loads or {}).get(w, 0.0), i, w) for i, w in enumerate(workers)]
-    heapq.heapify(heap)
-    for name in sorted(names, key=lambda n: (-seconds[n], n)):
-        load, i, w = heapq.heappop(heap)
-        queues[w].append(name)
-        heapq.heappush(heap, (load + seconds[name], i, w))
-    return queues
 
 
 def make_plan(tasks, workers, policy: str = "work-stealing", split: bool = False,
@@ -176,21 +252,9 @@ def _plan_with_ways(tasks, ids, policy, ways, split) -> Plan:
                              f"train a split task")
     estimates = {t.name: t.on(ways[t.name]) for t in tasks}
     order = tuple(sorted(estimates, key=lambda n: (-estimates[n], n)))
-    singles = [t.name for t in tasks if ways[t.name] == 1]
-    if policy == "round-robin":
-        queues = {w: [] for w in ids}
-        for i, name in enumerate(singles):
-            queues[ids[i % len(ids)]].append(name)
-    else:
-        # Gangs start first (they are the longest); seed the single tasks around their load.
-        loads = {w: 0.0 for w in ids}
-        for name in order:
-            if ways[name] > 1:
-                for w in sorted(gang_workers(ids), key=lambda w: (loads[w], w))[:ways[name]]:
-                    loads[w] += estimates[name]
-        queues = _lpt(singles, estimates, ids, loads)
-    return Plan(policy, ids, dict(ways), queues, estimates, order,
-                lower_bound(tasks, len(ids), split))
+    packing = pack([t.name for t in tasks], estimates, ways, ids, gang_workers(ids), policy)
+    return Plan(policy, ids, dict(ways), packing.queues, estimates, order,
+                lower_bound(tasks, len(ids), split), gangs=packing.gangs)
 
 
 def _best_split_plan(tasks, ids) -> Plan:
@@ -258,12 +322,18 @@ def _best_split_plan(tasks, ids) -> Plan:
 class Scheduler:
     """The live state of a plan: who runs what next. `assign` hands tasks to idle workers,
     `done` takes a measured time, `failed` puts a task back for another worker (up to
-    `max_attempts` tries in all)."""
+    `max_attempts` tries in all).
+
+    A gang (a split task) starts when it is next in all its members' queues and they are
+    all idle; a member that reaches it first waits, or takes over a single task queued
+    before the gang on a member still busy (that task then starts sooner than it would
+    have, so the gang cannot start later for it). Gangs keep one order in every queue
+    (packing.py), so the waiting always ends. Single tasks are stolen as before."""
 
     plan: Plan
     max_attempts: int = 1
     queues: dict = field(init=False)
-    gangs: list = field(init=False)  # split tasks not yet started, longest first
+    gangs: dict = field(init=False)  # split tasks not yet started -> their workers
     estimates: dict = field(init=False)
     errors: dict = field(init=False)
     # Per worker: measured / estimated seconds of the tasks it finished (its slowness).
@@ -272,10 +342,9 @@ class Scheduler:
 
     def __post_init__(self):
         self.queues = {w: list(q) for w, q in self.plan.queues.items()}
-        self.gangs = [n for n in self.plan.order if self.plan.ways[n] > 1]
+        self.gangs = dict(self.plan.gangs)
         self.estimates = dict(self.plan.estimates)
         self.errors = {name: [] for name in self.plan.estimates}
-        self._gang_able = set(gang_workers(self.plan.workers))
         self._measured = {w: 0.0 for w in self.plan.workers}
         self._estimated = {w: 0.0 for w in self.plan.workers}
 
@@ -304,44 +373,57 @@ class Scheduler:
         every available worker has)."""
         idle = sorted(idle)
         out = []
-        able = [w for w in idle if w in self._gang_able]
-        # A gang starts only when enough workers are idle at once; until then the idle
-        # workers that could join it wait (it is the longest task left, so its start
-        # cannot slip); one that cannot (rank 0's thread) goes on with single tasks.
-        while self.gangs:
-            name = self.gangs[0]
-            k = self.plan.ways[name]
-            if len(able) < k:
-                break
-            chosen = sorted(able, key=lambda w: (self.load(w), w))[:k]
-            self.gangs.pop(0)
-            idle = [w for w in idle if w not in chosen]
-            able = [w for w in able if w not in chosen]
-            out.append((name, tuple(sorted(chosen))))
-        if self.gangs:
-            idle = [w for w in idle if w not in self._gang_able]
         for worker in idle:
-            name = self._next_single(worker, available)
+            queue = self.queues.get(worker, [])
+            if not any(worker in ws for _, ws in out) and queue and queue[0] in self.gangs:
+                name = queue[0]
+                members = self.gangs[name]
+                if all(w in idle and not any(w in ws for _, ws in out)
+                       and self.queues[w][:1] == [name] for w in members):
+                    del self.gangs[name]
+                    for w in members:
+                        self.queues[w].pop(0)
+                    out.append((name, members))
+        free = set(idle) - {w for _, ws in out for w in ws}
+        # Workers waiting at a gang go last: a partner that takes a task now is busy.
+        for worker in sorted(free, key=lambda w: (self.queues.get(w, [])[:1] != [] and
+                                                  self.queues[w][0] in self.gangs, w)):
+            name = self._next_single(worker, available, free)
             if name is not None:
+                free.discard(worker)
                 out.append((name, (worker,)))
         return out
 
-    def _next_single(self, worker, available) -> str | None:
+    def _next_single(self, worker, available, idle) -> str | None:
         def allowed(name):
             failed = self._failed_on(name)
             return worker not in failed or all(w in failed for w in available)
 
         own = self.queues.get(worker, [])
         for name in own:
+            if name in self.gangs:
+                break  # not past a gang: its partners count on this worker being there
             if allowed(name):
                 own.remove(name)
                 return name
         if not self.stealing:
             return None
-        # Steal: the longest task this worker may run from the most loaded other queue.
+        if own:
+            # Waiting for a gang: take the last single task before it on a busy partner.
+            gang = own[0] if own[0] in self.gangs else None
+            for partner in (self.gangs.get(gang, ()) if gang else ()):
+                if partner == worker or partner in idle:
+                    continue
+                before = self.queues[partner][:self.queues[partner].index(gang)]
+                candidates = [n for n in before if n not in self.gangs and allowed(n)]
+                if candidates:
+                    self.queues[partner].remove(candidates[-1])
+                    return candidates[-1]
+            return None
+        # Steal: the longest single task this worker may run from the most loaded queue.
         for victim in sorted((w for w in self.queues if w != worker and self.queues[w]),
                              key=lambda w: (-self.load(w), w)):
-            candidates = [n for n in self.queues[victim] if allowed(n)]
+            candidates = [n for n in self.queues[victim] if n not in self.gangs and allowed(n)]
             if candidates:
                 name = max(candidates, key=lambda n: (self.estimates[n], n))
                 self.queues[victim].remove(name)
@@ -370,9 +452,10 @@ class Scheduler:
                                   "traceback": text})
         if len(self.errors[name]) >= self.max_attempts:
             return self.errors[name]
-        if self.plan.ways[name] > 1:
-            self.gangs.insert(0, name)
-            self.gangs.sort(key=lambda n: (-self.estimates[n], n))
+        if self.plan.ways[name] > 1:  # first again in every member's queue
+            self.gangs[name] = self.plan.gangs[name]
+            for w in self.plan.gangs[name]:
+                self.queues[w].insert(0, name)
             return None
         failed = self._failed_on(name)
         others = [w for w in self.queues if w not in failed] or list(self.queues)

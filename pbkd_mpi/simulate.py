@@ -99,7 +99,8 @@ def render_table(table: dict, title: str = "") -> str:
         lines.append(f"{workers:>7}  {row['lower_bound_s']:>13.1f}  " +
                      "  ".join(f"{c:>26}" for c in cells))
     lines.append("Each cell: predicted makespan (ratio to the lower bound with splitting "
-                 "allowed, max(least total work / workers, shortest time of the longest task)).")
+                 "allowed: least work / workers, the longest task's shortest time and the "
+                 "per-worker packing limits, schedule.lower_bound).")
     return "\n".join(lines)
 
 
