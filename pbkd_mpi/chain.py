@@ -36,7 +36,6 @@ import numpy as np
 
 from .atomic import atomic_path
 from .cache import chunk_rows
-from .graph import MODEL_INPUT
 
 PREDICT_BATCH = 256
 
@@ -65,8 +64,7 @@ def student_inputs(teacher, blocks, block_weights, multipliers, block, x_calibra
 
     tensors: dict = {}
     student = assemble_student(teacher, blocks, block_weights, multipliers, tensors)
-    prefix = keras.Model(student.inputs, tensors[block.input_boundary]
-                         if block.input_boundary != MODEL_INPUT else student.inputs[0])
+    prefix = keras.Model(student.inputs, tensors[block.input_boundary])  # graph.MODEL_INPUT too
     student_layers = {layer.name for name in block_weights for layer in student.layers
                       if layer.name.startswith(f"{name}_student")}
     if not student_layers & {layer.name for layer in prefix.layers}:

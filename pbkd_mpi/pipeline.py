@@ -252,6 +252,8 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
         from .chain import chain_blocks
 
         def run_chained(task):
+            # One task at a time, on one worker. Splitting it over all workers (as a split
+            # block of the parallel phase) was slower on the demo: docs/usage.md.
             name = task.block.name
             done = coordinator.run_tasks(
                 {name: task}, {name: task.estimated_cost}, max_attempts=job.tasks.max_attempts,
