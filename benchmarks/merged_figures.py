@@ -26,7 +26,7 @@ def figures(run_dir: Path) -> dict:
     report = json.loads((run_dir / "report.json").read_text())
     job = load_job(str(run_dir / "job.toml"))
     x_test, _ = load_dataset(job.data, job.run.seed).test_split()
-    teacher = load_model_file(report["teacher"]["file"])
+    teacher = load_model_file(report["teacher"].get("file") or report["teacher"]["source"])
     merged = load_model_file(report["student"]["assembled_path"])
     ours = merged.predict(x_test, batch_size=256, verbose=0).argmax(1)
     theirs = teacher.predict(x_test, batch_size=256, verbose=0).argmax(1)
