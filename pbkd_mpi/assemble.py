@@ -15,10 +15,12 @@ from .students import apply_student, layer_weights
 __all__ = ["assemble_student", "copy_block", "copy_layer", "rewrite"]
 
 
-def rewrite(teacher, blocks: list[Block], make_block, weights: dict[str, list]) -> keras.Model:
+def rewrite(teacher, blocks: list[Block], make_block, weights: dict[str, list],
+            tensors: dict | None = None) -> keras.Model:
     """A new model following the teacher's graph, with `make_block(block, tensor)` (which
     returns the block's output tensor) in place of each block's layers; every layer's
-    weights are then set from `weights` by layer name."""
+    weights are then set from `weights` by layer name. `tensors`, when given, receives
+    {teacher layer name (or graph.MODEL_INPUT): the new model's tensor there}."""
     teacher = flatten_model(teacher)
     source = teacher.inputs[0]
     inputs = keras.Input(source.shape[1:], dtype=source.dtype, name=source.name)
@@ -42,6 +44,8 @@ def rewrite(teacher, blocks: list[Block], make_block, weights: dict[str, list]) 
 
     result = replay(teacher, [inputs], call)
     model = keras.Model(inputs, result[0], name=f"{teacher.name}_student")
+    if tensors is not None:
+        tensors.update(outputs)
     for layer in model.layers:
         if layer.weights:
             layer.set_weights(weights[layer.name])
@@ -75,7 +79,8 @@ def _producer(tensor) -> str:
 
 
 def assemble_student(teacher, blocks: list[Block], block_weights: dict[str, dict],
-                     depth_multiplier: int | dict[str, int] = 1) -> keras.Model:
+                     depth_multiplier: int | dict[str, int] = 1,
+                     tensors: dict | None = None) -> keras.Model:
     """The student: blocks with trained weights in `block_weights` are replaced by their
     students; blocks without stay the teacher's. `depth_multiplier`: one for every block,
     or {block name: multiplier} (a block retrained wider by acceptance, accept.py)."""
@@ -91,4 +96,4 @@ def assemble_student(teacher, blocks: list[Block], block_weights: dict[str, dict
 
     return rewrite(teacher, replaced,
                    lambda block, tensor: apply_student(block, tensor, multiplier(block)),
-                   weights)
+                   weights, tensors)

@@ -223,46 +223,85 @@ class _Head(PairSource):
 
 class CacheStore:
     """One block's two arrays in the stitched cache file, for every part it reads; in RAM
-    when they all fit the memory budget, else read from the file as needed."""
+    when they all fit the memory budget, else read from the file as needed.
+
+    `input_path`: read the inputs from this HDF5 file instead (a group per part, a dataset
+    named `input_name`, attribute `fingerprint` equal to `input_fingerprint`): the chained
+    pass's student activations (chain.py); the targets still come from the cache."""
 
     def __init__(self, path, fingerprint: str, parts, input_name: str, output_name: str,
-                 memory_budget_bytes: int = 2 << 30):
+                 memory_budget_bytes: int = 2 << 30, input_path: str = "",
+                 input_fingerprint: str = ""):
         require_complete(path, fingerprint)
-        self.path, self.names = str(path), (input_name, output_name)
-        with h5py.File(self.path, "r") as f:
-            x, y = f[parts[0]][input_name], f[parts[0]][output_name]
+        self.names = (input_name, output_name)
+        self.paths = (str(input_path or path), str(path))
+        if input_path:
+            _check_inputs(input_path, input_fingerprint, parts, input_name)
+        with h5py.File(self.paths[0], "r") as fx, h5py.File(self.paths[1], "r") as fy:
+            x, y = fx[parts[0]][input_name], fy[parts[0]][output_name]
             self.shapes = (x.shape[1:], y.shape[1:])
             self.dtype = x.dtype.name
             sample_bytes = x.dtype.itemsize * (int(np.prod(x.shape[1:]))
                                                + int(np.prod(y.shape[1:])))
-            self.samples = {part: f[part][input_name].shape[0] for part in parts}
+            self.samples = {part: fy[part][output_name].shape[0] for part in parts}
+            for part in parts:
+                if fx[part][input_name].shape[0] != self.samples[part] or \
+                        fx[part][input_name].dtype != fy[part][output_name].dtype:
+                    raise UserError(
+                        f"The inputs in {self.paths[0]!r} ({part}: "
+                        f"{fx[part][input_name].shape} {fx[part][input_name].dtype}) do not "
+                        f"match the targets' samples and dtype ({fy[part][output_name].shape} "
+                        f"{fy[part][output_name].dtype}).")
         self.bytes = sample_bytes * sum(self.samples.values())
         self.in_memory = self.bytes <= memory_budget_bytes
         # A read unit of about READ_BYTES per array: whole chunks, few calls into HDF5.
         self.unit_rows = max(1, READ_BYTES // max(1, sample_bytes // 2))
         self._arrays: dict[str, tuple] = {}
-        self._file = None
+        self._files: dict[str, h5py.File] = {}
         self._lock = threading.Lock()
+
+    @property
+    def path(self) -> str:
+        return self.paths[1]
 
     def arrays(self, part: str) -> tuple:
         with self._lock:
             if part not in self._arrays:
-                with h5py.File(self.path, "r") as f:
-                    self._arrays[part] = (f[part][self.names[0]][()],
-                                          f[part][self.names[1]][()])
+                self._arrays[part] = tuple(
+                    _read_whole(path, part, name) for path, name in zip(self.paths, self.names))
             return self._arrays[part]
 
     def datasets(self, part: str) -> tuple:
         with self._lock:
-            if self._file is None:
-                self._file = h5py.File(self.path, "r")
-            return self._file[part][self.names[0]], self._file[part][self.names[1]]
+            for path in self.paths:
+                if path not in self._files:
+                    self._files[path] = h5py.File(path, "r")
+            return tuple(self._files[path][part][name]
+                         for path, name in zip(self.paths, self.names))
 
     def close(self) -> None:
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            for handle in self._files.values():
+                handle.close()
+            self._files.clear()
+
+
+def _read_whole(path: str, part: str, name: str) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        return f[part][name][()]
+
+
+def _check_inputs(path, fingerprint: str, parts, name: str) -> None:
+    try:
+        with h5py.File(path, "r") as f:
+            found = f.attrs.get("fingerprint")
+            missing = [part for part in parts if part not in f or name not in f[part]]
+    except OSError as exc:
+        raise UserError(f"Cannot read the chained inputs {str(path)!r}: {exc}.") from None
+    if found != fingerprint or missing:
+        raise UserError(f"The chained inputs {str(path)!r} hold fingerprint {found!r} and lack "
+                        f"{missing or 'nothing'}; expected fingerprint {fingerprint!r} and "
+                        f"{name!r} in {list(parts)}.")
 
 
 class CachedPairs(PairSource):
@@ -399,8 +438,11 @@ def open_block_data(task, source: DataSource, poison: bool = False) -> BlockData
             return RecomputedPairs(teacher, views, images, parts, *names, batch,
                                    seed=task.block_seed, shuffle=shuffle, poison=poison)
     else:
+        if task.input_path:  # a chained task: the student's inputs, no augmented views
+            train_parts = ["train"]
         store = CacheStore(task.cache_path, task.cache_fingerprint, [*train_parts, "val"],
-                           *names, memory_budget_bytes=source.memory_budget_bytes)
+                           *names, memory_budget_bytes=source.memory_budget_bytes,
+                           input_path=task.input_path, input_fingerprint=task.input_digest)
 
         def make(parts, shuffle, batch, poison):
             return CachedPairs(store, parts, batch, seed=task.block_seed, shuffle=shuffle,

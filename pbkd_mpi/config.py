@@ -140,6 +140,16 @@ class DistillConfig:
     patience: int = _opt(
         3, "Stop a block after this many epochs without a better validation MSE.", min=1
     )
+    chained_epochs: int = _opt(
+        0,
+        "After the parallel phase (and acceptance), train each replaced block up to this many "
+        "more epochs, one block after another in the teacher's order, on the assembled "
+        "student's own input to the block (blocks before it already chained) against the "
+        "teacher's output, so errors do not compound across blocks; a block keeps the new "
+        "weights only when they lower its validation MSE on that input. Needs the activation "
+        "cache (not `cache.mode = \"recompute\"`). 0: off. See docs/usage.md.",
+        min=0,
+    )
 
 
 @dataclass(frozen=True)
@@ -506,6 +516,12 @@ def validate_job(job: Job) -> None:
                 f"schedule.split_blocks expects entries \"pattern=k\" with k an integer >= 2, "
                 f"received {item!r}."
             )
+    if job.distill.chained_epochs and job.cache.mode == "recompute":
+        raise UserError(
+            "distill.chained_epochs expects the activation cache (the chained pass reads the "
+            "teacher's targets from it), received cache.mode = \"recompute\"; set "
+            "cache.mode = \"cache\" or distill.chained_epochs = 0."
+        )
     if any(w < 1 for w in job.teacher.widths):
         raise UserError(f"teacher.widths expects positive integers, received {job.teacher.widths!r}.")
 

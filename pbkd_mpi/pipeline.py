@@ -243,6 +243,29 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
     for verdict in verdicts.values():
         log.detail(f"block {verdict.name}: alone {verdict.solo_val_accuracy:.4f} val accuracy "
                    f"(teacher {teacher_val:.4f}) -> {verdict.decision}")
+    chained = None
+    if job.distill.chained_epochs and stage.source.mode == "recompute":
+        chained = {"epochs": job.distill.chained_epochs, "blocks": [], "input_bytes_max": 0,
+                   "skipped": "cache.mode resolved to recompute: no cache to read targets from"}
+        log(f"chained pass skipped: {chained['skipped']}")
+    elif job.distill.chained_epochs:
+        from .chain import chain_blocks
+
+        def run_chained(task):
+            # One task at a time, on one worker. Splitting it over all workers (as a split
+            # block of the parallel phase) was slower on the demo: docs/usage.md.
+            name = task.block.name
+            done = coordinator.run_tasks(
+                {name: task}, {name: task.estimated_cost}, max_attempts=job.tasks.max_attempts,
+                on_result=lambda name, result, record: store(task, result, record),
+                on_failure=lambda name, errors: log(
+                    f"chained block {name} failed: {errors[-1]['error']}"))
+            return done.results.get(name), done.records
+
+        with timer("chain"):
+            # Sequential: each block's input is the student with the blocks before it chained.
+            kept, chained = chain_blocks(teacher, blocks, kept, multipliers, tasks, job,
+                                         dataset, run_dir, run_chained, log)
     with timer("assemble"):
         student = assemble_student(teacher, blocks, kept, multipliers)
         # BN statistics of the stitched student, from training images (no weight trained).
@@ -364,6 +387,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
         "cache": cache_info,
         "energy": aggregate([meter.snapshot(), *worker_stats]) if meter is not None else None,
         "finetune": tuned,
+        "chained": chained,
         "wall_s": time.perf_counter() - started,
     }
     write_report(run_dir, report)

@@ -23,13 +23,20 @@ _WEIGHT_PREFIX = "weights/"
 
 
 def task_key(task) -> str:
+    """A parallel-phase task's key leaves `chained_epochs` out (its result does not depend
+    on it, so runs that differ only there share it); a chained task (chain.py) adds what
+    its input depends on, `input_digest`, and its epochs are its config's `epochs`."""
+    distill = dataclasses.asdict(task.config)
+    distill.pop("chained_epochs", None)
+    chained = {"input_digest": task.input_digest} if task.input_digest else {}
     text = json.dumps(
         {
             "cache": task.cache_fingerprint,
             "block": task.block.to_dict(),
-            "distill": dataclasses.asdict(task.config),
+            "distill": distill,
             "depth_multiplier": task.depth_multiplier,
             "seed": task.seed,
+            **chained,
         },
         sort_keys=True,
         default=list,

@@ -18,11 +18,15 @@ from .errors import UserError
 JOB_FILE = "job.toml"
 # What a run's results depend on; fine-tuning, retries and threads may change between tries.
 IDENTITY_SECTIONS = ("teacher", "data", "blocks", "student", "distill", "cache")
+# Keys of those sections that may change all the same: their results have keys of their
+# own (a chained task's key covers its epochs and inputs, chain.py), and the parallel
+# phase's blocks do not depend on them.
+MAY_CHANGE = {("distill", "chained_epochs")}
 # What --fresh removes: the tool's own files only, never anything else in the directory.
 OWN_ENTRIES = ("job.toml", "blocks", "cache", "logs", "tb", "report.json", "report.md",
                "student.keras", "timeline.png", "block_costs.png", "block_losses.png",
                "finetune.png", "student-assembled.keras", "profile.json", "student_savedmodel",
-               "student_float32.tflite", "student_int8.tflite")
+               "student_float32.tflite", "student_int8.tflite", "chain")
 
 
 def prepare_run_dir(job: Job, fresh: bool = False) -> Path:
@@ -47,9 +51,10 @@ def prepare_run_dir(job: Job, fresh: bool = False) -> Path:
 
 def differences(previous: Job, job: Job) -> list[str]:
     old, new = previous.to_dict(), job.to_dict()
-    keys = [(s, k) for s in IDENTITY_SECTIONS for k in new[s]] + [("run", "seed")]
-    return [f"{s}.{k} was {json.dumps(old[s][k])}, is now {json.dumps(new[s][k])}"
-            for s, k in keys if old[s][k] != new[s][k]]
+    keys = [(s, k) for s in IDENTITY_SECTIONS for k in new[s] if (s, k) not in MAY_CHANGE]
+    keys.append(("run", "seed"))
+    return [f"{s}.{k} was {json.dumps(old[s].get(k))}, is now {json.dumps(new[s][k])}"
+            for s, k in keys if old[s].get(k) != new[s][k]]
 
 
 def check_same_job(run_dir: Path, job: Job) -> None:

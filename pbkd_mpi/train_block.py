@@ -33,6 +33,10 @@ class BlockTask:
     depth_multiplier: int = 1
     initial_weights: dict = field(default_factory=dict)  # {student layer name: arrays}
     source: DataSource = field(default_factory=DataSource)  # cache reader or recompute
+    # A chained task (chain.py): its inputs come from this HDF5 file (the assembled
+    # student's activations), its targets from the cache; the digest keys that file.
+    input_path: str = ""
+    input_digest: str = ""
 
     @property
     def block_seed(self) -> int:

@@ -41,6 +41,9 @@ def test_a_run_directory_of_another_job_is_refused_unless_fresh(tmp_path):
     # The same job, or one that only changes fine-tuning or threads, may resume here.
     prepare_run_dir(load_job(None, ["distill.epochs=3", "finetune.epochs=1", "run.threads=1"],
                              run_dir=run_dir))
+    # So may the chained pass's epochs: its results have keys of their own.
+    prepare_run_dir(load_job(None, ["distill.epochs=3", "distill.chained_epochs=2"],
+                             run_dir=run_dir))
     other = load_job(None, ["distill.epochs=5"], run_dir=run_dir)
     with pytest.raises(UserError, match=r"holds a run of a different job: distill.epochs was 3, "
                                         r"is now 5\..*--fresh"):

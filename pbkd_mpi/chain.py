@@ -1,0 +1,151 @@
+"""The chained pass (`distill.chained_epochs`): each replaced block trained a little more on
+the student's own input to it, so errors stop compounding from block to block.
+
+In the parallel phase every student block learns teacher input -> teacher output. Stitched
+together, block k sees what the students before it compute, which differs from the
+teacher's activation it was trained on, and the differences add up along the network. The
+chained pass goes through the replaced blocks in the teacher's order; for block k it
+assembles the student with the weights so far (blocks before k already chained), re-
+estimates its BN statistics as assembly does, writes the student's activation at block k's
+input for the training and validation images to an HDF5 file, and trains block k's student
+from its current weights for up to `chained_epochs` epochs on (that input, the teacher's
+output from the cache). The new weights are kept only when they lower the validation MSE
+on that input.
+
+Why one block after another: block k's chained input exists only once the blocks before
+it are chained, so the pass is sequential; each block is still a task handed to a worker
+(retries, heartbeats, checkpoints and reuse as in the parallel phase) while the other
+workers wait. Training every block at once on the inputs of the unchained student would be
+parallel, but each block would then learn inputs that the blocks before it change again.
+Blocks with no replaced block before them see the teacher's own input and are skipped.
+
+Each chained task's key (results.task_key) includes a digest of every block weight the
+pass started that block from, so a resumed run reuses exactly the chained results whose
+inputs it would compute again. The input files are deleted once their block is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .atomic import atomic_path
+from .cache import chunk_rows
+
+PREDICT_BATCH = 256
+
+
+def weights_digest(block_weights: dict[str, dict], multipliers: dict[str, int]) -> str:
+    """Hash of the replaced blocks' weights and multipliers: what a chained input depends on
+    besides the teacher and the data (the cache fingerprint covers those)."""
+    digest = hashlib.sha256()
+    for name in sorted(block_weights):
+        digest.update(f"{name}:{multipliers.get(name, 1)}".encode())
+        for layer in sorted(block_weights[name]):
+            digest.update(layer.encode())
+            for array in block_weights[name][layer]:
+                digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def student_inputs(teacher, blocks, block_weights, multipliers, block, x_calibrate):
+    """The assembled student's model from the image to `block`'s input (BN statistics
+    re-estimated on `x_calibrate`), or None when no replaced block lies before it (its input
+    is then the teacher's own)."""
+    import keras
+
+    from .assemble import assemble_student
+    from .finetune import recalibrate_batchnorm
+
+    tensors: dict = {}
+    student = assemble_student(teacher, blocks, block_weights, multipliers, tensors)
+    prefix = keras.Model(student.inputs, tensors[block.input_boundary])  # graph.MODEL_INPUT too
+    student_layers = {layer.name for name in block_weights for layer in student.layers
+                      if layer.name.startswith(f"{name}_student")}
+    if not student_layers & {layer.name for layer in prefix.layers}:
+        return None
+    recalibrate_batchnorm(student, x_calibrate)
+    return prefix
+
+
+def write_inputs(path: Path, prefix, splits: dict, name: str, dtype: str,
+                 fingerprint: str) -> int:
+    """`prefix`'s outputs on each split's images, as group `split`, dataset `name`, in the
+    cache's dtype; written atomically. Returns the file's bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shape = tuple(prefix.outputs[0].shape[1:])
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["fingerprint"] = fingerprint
+            for split, images in splits.items():
+                data = f.create_group(split).create_dataset(
+                    name, (len(images), *shape), dtype=dtype,
+                    chunks=(chunk_rows(len(images), shape, dtype), *shape))
+                for start in range(0, len(images), PREDICT_BATCH):
+                    batch = images[start:start + PREDICT_BATCH]
+                    data[start:start + len(batch)] = prefix.predict_on_batch(batch)
+    return path.stat().st_size
+
+
+def chain_blocks(teacher, blocks, block_weights: dict[str, dict], multipliers: dict[str, int],
+                 tasks: dict, job, dataset, run_dir, run_task, log) -> tuple[dict, dict]:
+    """The chained pass over the replaced blocks (`block_weights`), in the teacher's order.
+
+    `tasks`: the parallel phase's BlockTask per block (a chained task is derived from it);
+    `run_task(task) -> (result or None when it failed, records)` runs one task on a
+    worker and saves its result (a saved one is reused without running it). Returns (the block
+    weights after the pass, the report's `chained`)."""
+    from .results import load_result, result_path
+
+    epochs = job.distill.chained_epochs
+    current = dict(block_weights)
+    rows = []
+    folder = Path(run_dir) / "chain"
+    for block in [b for b in blocks if b.name in block_weights]:
+        started = time.perf_counter()
+        digest = weights_digest(current, multipliers)
+        base = tasks[block.name]
+        task = dataclasses.replace(
+            base, config=dataclasses.replace(base.config, epochs=epochs),
+            depth_multiplier=multipliers[block.name], initial_weights=current[block.name],
+            source=dataclasses.replace(base.source, views=0),
+            input_path=str(folder / f"{block.name}-{digest}.h5"), input_digest=digest)
+        row = {"name": block.name, "input_bytes": 0, "reused": False}
+        saved = load_result(result_path(run_dir, task))
+        if saved is None:
+            prefix = student_inputs(teacher, blocks, current, multipliers, block,
+                                    dataset.x_train)
+            if prefix is None:
+                rows.append(row | {"skipped": "no replaced block before it",
+                                   "seconds": time.perf_counter() - started})
+                continue
+            row["input_bytes"] = write_inputs(
+                Path(task.input_path), prefix, {"train": dataset.x_train, "val": dataset.x_val},
+                block.input_boundary, job.cache.dtype, digest)
+            row["input_seconds"] = time.perf_counter() - started
+            try:
+                result, _ = run_task(task)
+            finally:
+                Path(task.input_path).unlink(missing_ok=True)
+        else:
+            result, row["reused"] = saved[0], True
+        if result is None:  # the task failed on every attempt: the block keeps its weights
+            rows.append(row | {"failed": True, "seconds": time.perf_counter() - started})
+            continue
+        improved = result["val_mse"] < result["initial_val_mse"]
+        if improved:
+            current[block.name] = result["weights"]
+        rows.append(row | {
+            "val_mse_before": result["initial_val_mse"], "val_mse": result["val_mse"],
+            "epochs": result["epochs"], "kept": improved,
+            "seconds": time.perf_counter() - started})
+        log(f"chained {block.name}: val MSE on the student's input "
+            f"{result['initial_val_mse']:.4g} -> {result['val_mse']:.4g}"
+            + ("" if improved else " (no better: earlier weights kept)"))
+    return current, {"epochs": epochs, "blocks": rows,
+                     "input_bytes_max": max((r["input_bytes"] for r in rows), default=0)}

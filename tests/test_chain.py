@@ -1,0 +1,170 @@
+"""The chained pass (chain.py): blocks retrained on the assembled student's own inputs."""
+
+import dataclasses
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from pbkd_mpi.assemble import assemble_student
+from pbkd_mpi.cache import build_cache, cache_fingerprint
+from pbkd_mpi.cache_reader import CacheStore
+from pbkd_mpi.chain import chain_blocks, weights_digest
+from pbkd_mpi.config import CacheConfig, DistillConfig, Job, validate_job
+from pbkd_mpi.errors import UserError
+from pbkd_mpi.graph import boundaries, find_blocks
+from pbkd_mpi.results import task_key
+from pbkd_mpi.students import initial_weights
+from pbkd_mpi.train_block import BlockTask, train_block
+
+CHAINED_EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_teacher, tiny_dataset, tmp_path_factory):
+    """The tiny teacher's blocks, a float32 cache, and each block trained briefly alone
+    (the parallel phase, in this process)."""
+    blocks = find_blocks(tiny_teacher)
+    names = boundaries(blocks)
+    fingerprint = cache_fingerprint("t", tiny_dataset.fingerprint(), names, "float32")
+    path = tmp_path_factory.mktemp("cache") / "c.h5"
+    build_cache(tiny_teacher, tiny_dataset, names, path, fingerprint, "float32")
+    config = DistillConfig(epochs=2, batch_size=32)
+    tasks = {block.name: BlockTask(block, str(path), fingerprint, config, seed=0,
+                                   estimated_cost=1.0,
+                                   initial_weights=initial_weights(block, tiny_teacher))
+             for block in blocks}
+    trained = {name: train_block(task)["weights"] for name, task in tasks.items()}
+    return blocks, tasks, trained, path, fingerprint
+
+
+def output_error(teacher, blocks, weights, dataset):
+    """MSE between the assembled student's and the teacher's last block outputs (val)."""
+    last = blocks[-1].output_boundary
+    tensors = {}
+    student = assemble_student(teacher, blocks, weights, 1, tensors)
+    from pbkd_mpi.finetune import recalibrate_batchnorm
+
+    recalibrate_batchnorm(student, dataset.x_train)
+    ours = keras.Model(student.inputs, tensors[last]).predict(dataset.x_val, verbose=0)
+    theirs = keras.Model(teacher.inputs, teacher.get_layer(last).output).predict(
+        dataset.x_val, verbose=0)
+    return float(np.mean((ours - theirs) ** 2))
+
+
+def test_the_chained_pass_lowers_each_blocks_error_on_the_students_input(
+        setup, tiny_teacher, tiny_dataset, tmp_path):
+    blocks, tasks, trained, _, _ = setup
+    job = Job(distill=DistillConfig(batch_size=32, chained_epochs=CHAINED_EPOCHS),
+              cache=CacheConfig(dtype="float32"))
+    ran, messages = [], []
+
+    def run_task(task):
+        # The task reads the student's inputs from its own file, and targets from the cache.
+        assert Path(task.input_path).exists() and task.input_digest
+        assert task.config.epochs == CHAINED_EPOCHS and task.source.views == 0
+        ran.append(task.block.name)
+        return train_block(task), []
+
+    chained, report = chain_blocks(tiny_teacher, blocks, trained, {b.name: 1 for b in blocks},
+                                   tasks, job, tiny_dataset, tmp_path, run_task, messages.append)
+    rows = {row["name"]: row for row in report["blocks"]}
+    # The first block reads the image, which is the teacher's own input: nothing to chain.
+    assert rows[blocks[0].name]["skipped"] and blocks[0].name not in ran
+    assert ran == [b.name for b in blocks[1:]]
+    for block in blocks[1:]:
+        row = rows[block.name]
+        assert row["input_bytes"] > 0 and row["epochs"] >= 1
+        # On its own (student) input, the trained block was worse than it can be: the pass
+        # lowers its validation MSE there, and keeps the new weights only then.
+        assert row["kept"] == (row["val_mse"] < row["val_mse_before"])
+    assert sum(rows[b.name]["kept"] for b in blocks[1:]) >= 2
+    for block in blocks[1:]:
+        if rows[block.name]["kept"]:
+            assert not all(np.array_equal(a, b) for a, b in zip(
+                chained[block.name][f"{block.name}_student_pw"],
+                trained[block.name][f"{block.name}_student_pw"]))
+    assert list((tmp_path / "chain").glob("*.h5")) == []  # inputs deleted when done
+    # The point of it all: the stitched student's last activation is closer to the teacher's.
+    assert output_error(tiny_teacher, blocks, chained, tiny_dataset) < \
+        output_error(tiny_teacher, blocks, trained, tiny_dataset)
+
+
+def test_a_resumed_chained_pass_reuses_its_saved_results(setup, tiny_teacher, tiny_dataset,
+                                                          tmp_path):
+    from pbkd_mpi.results import result_path, save_result
+
+    blocks, tasks, trained, _, _ = setup
+    blocks, trained = blocks[:2], {b.name: trained[b.name] for b in blocks[:2]}
+    job = Job(distill=DistillConfig(batch_size=32, chained_epochs=1),
+              cache=CacheConfig(dtype="float32"))
+    calls = []
+
+    def run_task(task):
+        calls.append(task.block.name)
+        result = train_block(task)
+        save_result(result_path(tmp_path, task), result, {})
+        return result, []
+
+    first, _ = chain_blocks(tiny_teacher, blocks, trained, {b.name: 1 for b in blocks}, tasks,
+                            job, tiny_dataset, tmp_path, run_task, lambda _: None)
+    second, report = chain_blocks(tiny_teacher, blocks, trained, {b.name: 1 for b in blocks},
+                                  tasks, job, tiny_dataset, tmp_path, run_task, lambda _: None)
+    assert calls == [blocks[1].name]  # the second pass trained nothing
+    assert report["blocks"][1]["reused"]
+    for layer, arrays in first[blocks[1].name].items():
+        for a, b in zip(arrays, second[blocks[1].name][layer]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_task_keys_follow_the_chained_setting(setup):
+    _, tasks, trained, _, _ = setup
+    task = tasks["conv2"]
+    # A parallel task does not depend on chained_epochs: runs differing only there share it.
+    assert task_key(task) == task_key(dataclasses.replace(
+        task, config=dataclasses.replace(task.config, chained_epochs=3)))
+    digest = weights_digest(trained, {name: 1 for name in trained})
+    chained = dataclasses.replace(task, input_path="x.h5", input_digest=digest)
+    assert task_key(chained) != task_key(task)
+    # Other chained epochs, or inputs from other weights: another result.
+    assert task_key(chained) != task_key(dataclasses.replace(
+        chained, config=dataclasses.replace(task.config, epochs=task.config.epochs + 1)))
+    other = {**trained, "conv1": {k: [a + 1 for a in v] for k, v in trained["conv1"].items()}}
+    assert weights_digest(other, {n: 1 for n in other}) != digest
+    assert weights_digest(trained, {**{n: 1 for n in trained}, "conv1": 2}) != digest
+
+
+def test_a_cache_store_reads_inputs_from_another_file(setup, tmp_path):
+    blocks, _, _, path, fingerprint = setup
+    block = blocks[1]
+    with h5py.File(path, "r") as f:
+        x = {part: f[part][block.input_boundary][()] for part in ("train", "val")}
+        y = f["train"][block.output_boundary][()]
+    inputs = tmp_path / "inputs.h5"
+    with h5py.File(inputs, "w") as f:
+        f.attrs["fingerprint"] = "abc"
+        for part, values in x.items():
+            f.create_group(part).create_dataset(block.input_boundary, data=values * 2 + 1)
+    store = CacheStore(path, fingerprint, ["train", "val"], block.input_boundary,
+                       block.output_boundary, input_path=str(inputs), input_fingerprint="abc")
+    got_x, got_y = store.arrays("train")
+    np.testing.assert_array_equal(got_x, x["train"] * 2 + 1)
+    np.testing.assert_array_equal(got_y, y)
+    streamed = CacheStore(path, fingerprint, ["train", "val"], block.input_boundary,
+                          block.output_boundary, memory_budget_bytes=0,
+                          input_path=str(inputs), input_fingerprint="abc")
+    sx, sy = streamed.datasets("val")
+    np.testing.assert_array_equal(sx[:5], x["val"][:5] * 2 + 1)
+    streamed.close()
+    with pytest.raises(UserError, match="fingerprint"):
+        CacheStore(path, fingerprint, ["train", "val"], block.input_boundary,
+                   block.output_boundary, input_path=str(inputs), input_fingerprint="other")
+
+
+def test_chained_epochs_need_the_cache():
+    validate_job(Job(distill=DistillConfig(chained_epochs=2)))
+    with pytest.raises(UserError, match="chained_epochs"):
+        validate_job(Job(distill=DistillConfig(chained_epochs=2),
+                         cache=CacheConfig(mode="recompute")))
