@@ -339,7 +339,7 @@ class Coordinator:
             self.heard.setdefault(rank, time.monotonic())
 
         def check():
-            preemption.check(f"during {name}")
+            preemption.check(f"running the {name} phase")
             # Drain first: heartbeats queue up while rank 0 computes between phases.
             while (message := receive(self.comm, deadline=0.0)) is not None:
                 self._take_phase_message(name, message, values)

@@ -21,11 +21,10 @@ docs/scheduling.md gives the lower bound's argument and how close the plans come
 
 from __future__ import annotations
 
-import heapq
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
-from dataclasses import dataclass, field
 
 from .packing import pack
 

@@ -383,3 +383,28 @@ def test_a_killed_worker_ends_the_job_and_finished_blocks_are_kept(tiny_run, tmp
     # Rank 0's log says which block each rank was given, for the post-mortem.
     assert re.search(r"block conv\d -> rank 1", (run_dir / "logs" / "rank-0.log")
                      .read_text())
+
+
+def test_the_chained_pass_trains_each_block_on_the_workers_then_is_reused(tiny_run, tmp_path):
+    # From the tiny run's teacher and cache: blocks, then the chained pass (each block a
+    # task on a worker, one after another), then a resumed run that reuses them all.
+    run_dir = _warm_run_dir(tiny_run, tmp_path)
+    args = ["run", TINY_JOB, "--run-dir", run_dir, "--set", "finetune.epochs=0",
+            "--set", "distill.chained_epochs=1", *QUICK]
+    result = run_mpi(3, args, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    _check_keys_documented(report)
+    assert report["phases"]["chain"] > 0 and report["chained"]["epochs"] == 1
+    rows = report["chained"]["blocks"]
+    assert [row["name"] for row in rows] == ["conv1", "conv2", "conv3", "conv4"]
+    assert rows[0]["skipped"] and not any(row.get("failed") for row in rows)
+    assert all(row["epochs"] == 1 and row["input_bytes"] > 0 and not row["reused"]
+               for row in rows[1:])
+    assert re.findall(r"chained (conv\d)", result.stdout) == ["conv2", "conv3", "conv4"]
+    assert not list((run_dir / "chain").glob("*.h5"))  # the student inputs are deleted
+    again = run_mpi(3, args, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = json.loads((run_dir / "report.json").read_text())
+    assert all(row["reused"] for row in second["chained"]["blocks"][1:])
+    assert second["student"]["accuracy_merged"] == report["student"]["accuracy_merged"]
