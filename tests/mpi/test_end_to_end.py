@@ -72,7 +72,8 @@ def _check_report(run_dir, ranks, all_workers_busy=True):
         assert b["seconds"] == pytest.approx(tasks[b["name"]]["measured_s"], abs=0.05)
     assert report["distill"]["sum_task_s"] == pytest.approx(sum(
         tasks[n]["measured_s"] * len(tasks[n]["ranks"]) for n in tasks))
-    assert report["distill"]["coordinator_cpu_fraction"] < 0.25
+    if tasks:  # a run that reused every block has a distillation phase of moments: no ratio
+        assert report["distill"]["coordinator_cpu_fraction"] < 0.25
     for model in ("teacher", "student"):  # measured, so positive; files exist, so sized
         assert all(v > 0 for v in report["deployment"][model]["latency_ms"].values())
         assert report["deployment"][model]["file_bytes"] > 0
