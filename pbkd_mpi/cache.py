@@ -167,6 +167,13 @@ def shard_dir(path: Path) -> Path:
     return path.with_name(path.stem + ".shards")
 
 
+def shard_bytes(path: Path) -> int:
+    """Disk used by the complete shards of the stitched file `path` (a temporary's name
+    starts with a dot and also ends in .h5: atomic.temporary_name)."""
+    folder = shard_dir(path)
+    return sum(p.stat().st_size for p in folder.glob("[!.]*.h5")) if folder.exists() else 0
+
+
 def boundary_shapes(teacher, names) -> dict[str, tuple]:
     return {name: tuple((teacher.inputs[0] if name == MODEL_INPUT
                          else teacher.get_layer(name).output).shape[1:]) for name in names}

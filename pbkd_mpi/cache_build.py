@@ -23,7 +23,7 @@ from .atomic import atomic_path, stale_temporaries
 from .augment import Views
 from .cache import (CacheOptions, FORMAT_VERSION, Shard, assigned, boundary_shapes,
                     check_shard, chunk_rows, incomplete_reason, part_counts, part_source,
-                    plan_shards, shard_dir)
+                    plan_shards, shard_bytes, shard_dir)
 from .graph import MODEL_INPUT
 
 BUILD_BATCH = 256  # teacher forward batch while building
@@ -176,8 +176,4 @@ def build_cache(teacher, dataset, names, path: Path, fingerprint: str, dtype: st
 
 def cache_bytes(path: Path) -> int:
     """The stitched file and its shards, on disk."""
-    path = Path(path)
-    folder = shard_dir(path)
-    shards = (sum(p.stat().st_size for p in folder.glob("[!.]*.h5"))  # not temporaries
-             if folder.exists() else 0)
-    return path.stat().st_size + shards
+    return Path(path).stat().st_size + shard_bytes(path)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import phases
 from .cache import (CacheOptions, check_disk, estimate_bytes, fingerprint_for,
-                    incomplete_reason, cache_path, part_counts, plan_shards, shard_dir,
+                    incomplete_reason, cache_path, part_counts, plan_shards, shard_bytes,
                     size_lines)
 from .cache_build import build_shards, cache_bytes, stitch
 from .cache_reader import DataSource, load_teacher_and_data
@@ -83,9 +83,7 @@ def prepare_cache(job, teacher, teacher_fingerprint: str, teacher_file: str, dat
         log("cache estimate:\n" + "\n".join(size_lines(sizes, samples, config.dtype)))
     complete = mode != "recompute" and incomplete_reason(path, fingerprint) is None
     if mode != "recompute" and not complete:
-        folder = shard_dir(path)
-        present = (sum(p.stat().st_size for p in folder.glob("[!.]*.h5"))  # not temporaries
-                  if folder.exists() else 0)
+        present = shard_bytes(path)
         try:
             check_disk(run_dir, sizes, samples, config.dtype, config.views, present)
         except UserError:

@@ -329,15 +329,17 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
     # it); a block acceptance gave back to the teacher keeps its row but is not replaced.
     distilled = [block for block in blocks if block.name in verdicts]
     wider_names = {n for n, v in verdicts.items() if v.decision == ACCEPTED_WIDER}
-    results = {n: r for n, r in outcome.results.items() if n not in wider_names} | \
-        {n: r for n, r in wide["results"].items() if n in wider_names}
-    # The same choice for the timing records: a block kept the teacher's still shows the
-    # run of its first student, the one in the schedule.
-    records = [r for r in outcome.records if r.task_id not in wider_names] + \
-        [r for r in wide["records"] if r.task_id in wider_names]
-    rows = block_rows(distilled, results, records,
-                      {n: r for n, r in reused.items() if n not in wider_names}
-                      | {n: r for n, r in wide["reused"].items() if n in wider_names})
+
+    def chosen(first: dict, wider: dict) -> dict:
+        # The wider retrain's entry for a block accepted wider, else the first run's (a
+        # block kept the teacher's shows its first student, the one in the schedule).
+        return {n: v for n, v in first.items() if n not in wider_names} | \
+            {n: v for n, v in wider.items() if n in wider_names}
+
+    records = chosen({r.task_id: r for r in outcome.records},
+                     {r.task_id: r for r in wide["records"]})
+    rows = block_rows(distilled, chosen(outcome.results, wide["results"]),
+                      list(records.values()), chosen(reused, wide["reused"]))
     for row in rows:
         row["accept"] = verdicts[row["name"]].to_dict()
         row["replaced"] = verdicts[row["name"]].decision != KEPT_TEACHER
