@@ -204,7 +204,7 @@ def make_plan(tasks, workers, policy: str = "work-stealing", split: bool = False
         if split and policy == "work-stealing" and len(ids) > 1:
             return _best_split_plan(tasks, ids)
         ways = {t.name: 1 for t in tasks}
-    return _plan_with_ways(tasks, ids, policy, ways, split)
+    return _plan_with_ways(tasks, ids, policy, ways, lower_bound(tasks, len(ids), split))
 
 
 def forced_ways(ways: dict, rules, tasks, workers) -> dict:
@@ -241,7 +241,9 @@ def gang_workers(ids) -> tuple:
     return tuple(w for w in ids if w != 0)
 
 
-def _plan_with_ways(tasks, ids, policy, ways, split) -> Plan:
+def _plan_with_ways(tasks, ids, policy, ways, bound: float) -> Plan:
+    """The plan for fixed `ways`; `bound`: the tasks' lower bound on these workers, which
+    does not depend on the ways (so a search over ways computes it once)."""
     by_name = {t.name: t for t in tasks}
     capacity = len(gang_workers(ids))
     for name, k in ways.items():
@@ -252,8 +254,8 @@ def _plan_with_ways(tasks, ids, policy, ways, split) -> Plan:
     estimates = {t.name: t.on(ways[t.name]) for t in tasks}
     order = tuple(sorted(estimates, key=lambda n: (-estimates[n], n)))
     packing = pack([t.name for t in tasks], estimates, ways, ids, gang_workers(ids), policy)
-    return Plan(policy, ids, dict(ways), packing.queues, estimates, order,
-                lower_bound(tasks, len(ids), split), gangs=packing.gangs)
+    return Plan(policy, ids, dict(ways), packing.queues, estimates, order, bound,
+                gangs=packing.gangs)
 
 
 def _best_split_plan(tasks, ids) -> Plan:
@@ -291,8 +293,10 @@ def _best_split_plan(tasks, ids) -> Plan:
             longest = max(growable, key=lambda t: t.on(ways[t.name]))
             ways[longest.name] += 1
         candidates.append(ways)
+    plan_bound = lower_bound(tasks, len(ids), split=True)
+
     def simulated(ways):
-        plan = _plan_with_ways(tasks, ids, "work-stealing", ways, split=True)
+        plan = _plan_with_ways(tasks, ids, "work-stealing", ways, plan_bound)
         return simulate_plan(plan).makespan_s, plan
 
     ranked = sorted((simulated(ways) for ways in candidates), key=lambda pair: pair[0])
