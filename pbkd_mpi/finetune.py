@@ -201,7 +201,7 @@ def finetune(student, data: FinetuneData, config: FinetuneConfig, comm, seed: in
             model.set_weights(best_weights)
             scale *= GUARD_LR_FACTOR
             # Adam's moments may hold the blow-up: start them again.
-            trainer.optimizer = keras.optimizers.Adam(rate * GUARD_LR_FACTOR)
+            trainer.use_optimizer(keras.optimizers.Adam(rate * GUARD_LR_FACTOR))
             summary["recoveries"].append({"epoch": epoch, "reason": reason,
                                           "restored_epoch": best_epoch,
                                           "learning_rate_scale": scale})

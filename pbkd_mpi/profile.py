@@ -172,7 +172,7 @@ def _timed_steps(model, batches, steps: int) -> tuple[float, float, float]:
     timer = _StepTimes()
     # The step count said, so Keras does not warn that the generator ran out.
     model.fit(dataset, epochs=1, steps_per_epoch=len(batches) + steps, verbose=0,
-              callbacks=[timer])
+              callbacks=[timer], shuffle=False)
     times = np.diff(timer.ends)
     full = times[WARMUP_STEPS:WARMUP_STEPS + steps]
     half = times[WARMUP_STEPS + steps:]
