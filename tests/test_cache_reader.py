@@ -100,6 +100,15 @@ def test_the_dataset_gives_next_epochs_samples_in_full_float32_batches(cache16, 
         store.close()
 
 
+@pytest.mark.parametrize("budget", [0, 1 << 30], ids=["streamed", "in-memory"])
+def test_a_poisoned_dataset_has_a_nan_in_every_batch(cache16, budget):
+    path, fp = cache16
+    store = CacheStore(path, fp, ["train"], "pool1", "relu3", memory_budget_bytes=budget)
+    for x, _ in CachedPairs(store, ["train"], batch_size=32, poison=True).dataset():
+        assert np.isnan(x[0]).all() and not np.isnan(x[1:]).any()
+    store.close()
+
+
 def test_window_plan_covers_each_unit_once():
     plan = window_plan(100, 16, 3, np.random.default_rng(0))
     starts = sorted(piece.start for window in plan for piece in window)
