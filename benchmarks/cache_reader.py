@@ -1,21 +1,24 @@
-"""Block training fed by the HDF5 cache reader vs fed by in-memory arrays.
+"""Block training fed by the HDF5 cache reader vs fed by in-memory float32 arrays.
 
 The demo teacher (untrained, 32x32 images, widths 16,16,32,32,64,64) on the demo data
 (7,200 training samples) is cached in float16 without compression. Two of its block tasks
-are trained: `conv2`, the largest boundary (32x32x16 in and out, 32 KB a sample), and
-`conv6`, the smallest (8x8x64, 8 KB). Each is trained for 3 epochs with batch 64 after one
-warm-up epoch (graph tracing), from the same start, three ways (each twice, interleaved,
-the faster run kept):
+are trained: `conv2`, the largest boundary (32x32x16 in and out, 64 KB a sample), and
+`conv6`, the smallest (8x8x64, 16 KB), batch 64, three ways:
 
-  memory    model.fit on float32 NumPy arrays, shuffled by Keras: the upper bound
+  memory    model.fit on float32 NumPy arrays, shuffled by Keras: the baseline
   streamed  cache_reader with a memory budget of 0: shuffled chunk windows read from the
-            file during training (prefetch thread), the path of caches larger than RAM
-  in_ram    cache_reader with the default budget: the block's arrays loaded, shuffled whole
+            file during training, the path of caches larger than RAM
+  in_ram    cache_reader with the default budget: the block's arrays loaded (as float32),
+            shuffled whole
 
-`ratio_small` / `ratio_large` = streamed samples/s / memory samples/s (the `in_ram` ratios
-are reported too). The process is pinned to one core with one TensorFlow thread, as each of
-two workers is on this 2-core machine, so the prefetch thread competes for the same core.
-The file was just written, so reads come from the page cache, not the disk.
+Each way has its own model (same start), traced and warmed up by one epoch first. Then
+ROUNDS rounds: in each, each way trains EPOCHS epochs, the three interleaved, so a slow
+spell of the machine hits a round's three runs alike. A round's ratio is reader samples/s
+over memory samples/s of that round; `ratio_small` / `ratio_large` are the median over the
+rounds of the streamed ratio (`*_in_ram` of the in-RAM one); `rounds` lists each round's.
+The process is pinned to one core with one TensorFlow thread, as each of two workers is on
+this 2-core machine, so the reads compete with the training for the same core. The file
+was just written, so reads come from the page cache, not the disk.
 Prints one JSON object, last line.
 
     python benchmarks/cache_reader.py
@@ -23,8 +26,10 @@ Prints one JSON object, last line.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +38,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-EPOCHS, BATCH = 3, 64
+EPOCHS, BATCH, ROUNDS = 2, 64, 5
+
+
+def timed(fit, samples: int) -> float:
+    """Training samples/s of EPOCHS epochs of `fit` over `samples` samples each."""
+    started = time.perf_counter()
+    history = fit(epochs=EPOCHS)
+    return samples * len(history.epoch) / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -76,41 +88,36 @@ def main() -> None:
                 student.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
                 return student
 
-            def timed(fit_once) -> float:
-                fit_once(1)  # warm-up: tracing, first reads
-                started = time.perf_counter()
-                fit_once(EPOCHS)
-                return len(dataset.y_train) * EPOCHS / (time.perf_counter() - started)
-
             x, y = (a.astype(np.float32) for a in read_pair(
                 path, fingerprint, "train", block.input_boundary, block.output_boundary))
-            rates = {"memory": 0.0, "streamed": 0.0, "in_ram": 0.0}
-            # Twice each, interleaved, best kept: other work on the machine only slows.
-            for _ in range(2):
+            fits, stores = {}, []
+            for mode, budget in (("memory", None), ("streamed", 0), ("in_ram", 2 << 30)):
                 student = model()
-                rates["memory"] = max(rates["memory"], timed(lambda epochs: student.fit(
-                    x, y, batch_size=BATCH, epochs=epochs, shuffle=True, verbose=0)))
-                for mode, budget in (("streamed", 0), ("in_ram", 2 << 30)):
-                    store = CacheStore(path, fingerprint, ["train"], block.input_boundary,
-                                       block.output_boundary, memory_budget_bytes=budget)
-                    source = CachedPairs(store, ["train"], BATCH, seed=0)
-                    student = model()
-                    rates[mode] = max(rates[mode], timed(lambda epochs: student.fit(
-                        source.dataset(), epochs=epochs, shuffle=False, verbose=0)))
-                    store.close()
-            results[label] = {"block": name, "sample_bytes": int(
-                x[0].size + y[0].size) * 2, **{f"{k}_samples_per_s": v for k, v in rates.items()}}
+                if budget is None:
+                    fits[mode] = functools.partial(student.fit, x, y, batch_size=BATCH,
+                                                   shuffle=True, verbose=0)
+                else:
+                    stores.append(CacheStore(path, fingerprint, ["train"], block.input_boundary,
+                                             block.output_boundary, memory_budget_bytes=budget))
+                    source = CachedPairs(stores[-1], ["train"], BATCH, seed=0)
+                    fits[mode] = functools.partial(student.fit, source.dataset(),
+                                                   shuffle=False, verbose=0)
+                fits[mode](epochs=1)  # warm-up: tracing, first reads
+            rounds = [{mode: timed(fit, len(x)) for mode, fit in fits.items()}
+                      for _ in range(ROUNDS)]
+            for store in stores:
+                store.close()
+            results[label] = {"block": name, "sample_bytes": int(x[0].size + y[0].size) * 2,
+                              "rounds": rounds, **{
+                                  f"ratio{suffix}": statistics.median(
+                                      r[mode] / r["memory"] for r in rounds)
+                                  for mode, suffix in (("streamed", ""), ("in_ram", "_in_ram"))}}
     print(json.dumps({
-        "ratio_small": results["small"]["streamed_samples_per_s"]
-        / results["small"]["memory_samples_per_s"],
-        "ratio_large": results["large"]["streamed_samples_per_s"]
-        / results["large"]["memory_samples_per_s"],
-        "ratio_small_in_ram": results["small"]["in_ram_samples_per_s"]
-        / results["small"]["memory_samples_per_s"],
-        "ratio_large_in_ram": results["large"]["in_ram_samples_per_s"]
-        / results["large"]["memory_samples_per_s"],
-        "epochs": EPOCHS, "batch_size": BATCH, "train_samples": len(dataset.y_train),
-        **results,
+        "ratio_small": results["small"]["ratio"], "ratio_large": results["large"]["ratio"],
+        "ratio_small_in_ram": results["small"]["ratio_in_ram"],
+        "ratio_large_in_ram": results["large"]["ratio_in_ram"],
+        "rounds": ROUNDS, "epochs": EPOCHS, "batch_size": BATCH,
+        "train_samples": len(dataset.y_train), **results,
     }))
 
 

@@ -1,13 +1,14 @@
 """(input, target) batches for one block task: from the activation cache, or recomputed.
 
 From the cache (`CachedPairs`): a block's arrays are loaded into RAM when they fit the
-memory budget (`cache.memory_budget_mb`) and shuffled whole; otherwise they are streamed:
-the samples are cut into read units of about a chunk, the units are visited in a random
-order, a window of units is read (each a contiguous slice, the fast way to read HDF5) and
-shuffled within the window. Either way every sample comes exactly once per epoch. For
-Keras, tf.data's prefetch thread reads the next window while the block trains (h5py holds
-the GIL while it reads, but TensorFlow releases it while it computes, so the two overlap);
-`next_epoch` run by hand reads in a background thread of its own.
+memory budget (`cache.memory_budget_mb`), as float32 when twice their bytes fit too, and
+shuffled whole; otherwise they are streamed: the samples are cut into read units of about
+a chunk, the units are visited in a random order, a window of units is read (each a
+contiguous slice, the fast way to read HDF5) and shuffled within the window. Either way
+every sample comes exactly once per epoch. For Keras (`dataset`), Python only reads
+(streamed) or draws the order (in RAM); TensorFlow gathers the batches and converts them
+to float32, in C without the GIL. tf.data's prefetch thread reads the next window while
+the block trains; `next_epoch` run by hand reads in a background thread of its own.
 
 Recomputed (`RecomputedPairs`, `cache.mode = "recompute"`): each batch of images goes
 through the teacher up to the block's output, as the method's original implementation did;
@@ -138,18 +139,20 @@ class PairSource:
         return x
 
     def next_epoch(self, background: bool = True):
-        """This source's next epoch as pieces of many samples in training order (stored
-        dtype), prepared by a background thread of its own unless `background` is False
-        (a caller that runs this in its own thread already); the epoch counter moves on
-        once the epoch has been read to the end (Keras reads one per epoch)."""
-        epoch = self.epoch
-
+        """This source's next epoch as pieces of many samples in training order, prepared by
+        a background thread of its own unless `background` is False (a caller that runs
+        this in its own thread already)."""
         def pieces():
-            rng = np.random.default_rng([self.seed, epoch])
-            for x, y in self._pieces(self.part_for(epoch), rng):
+            for x, y in self._advancing(self._pieces):
                 yield self._poisoned(x), y
 
         yield from (_prefetched(pieces) if background else pieces())
+
+    def _advancing(self, produce):
+        """`produce(part, rng)` for the current epoch; the epoch counter moves on once the
+        epoch has been read to the end (Keras reads one per epoch)."""
+        epoch = self.epoch
+        yield from produce(self.part_for(epoch), np.random.default_rng([self.seed, epoch]))
         self.epoch = epoch + 1
 
     def head(self, count: int) -> np.ndarray:
@@ -159,25 +162,18 @@ class PairSource:
 
     def dataset(self):
         """A tf.data.Dataset of float32 batches over this source, one epoch per iteration
-        (for Keras). Python hands over whole windows, TensorFlow cuts them into batches and
-        converts them: a hand-over per batch between Python threads costs more than a small
-        block's training step on a busy core."""
+        (for Keras). Python hands over whole pieces, TensorFlow cuts them into batches."""
         import tensorflow as tf
 
         x_shape, y_shape = self.shapes()
-        dtype = tf.as_dtype(self.stored_dtype())
         batches = -(-self.samples_per_epoch() // self.batch_size)
-        # tf.data's prefetch thread runs the generator (the reads) while the block trains:
-        # a second Python thread of ours would make the two fight for the GIL.
+        # tf.data's prefetch thread runs the generator while the block trains: a second
+        # Python thread of ours would make the two fight for the GIL.
         pieces = tf.data.Dataset.from_generator(
             lambda: self.next_epoch(background=False),
-            output_signature=(tf.TensorSpec((None, *x_shape), dtype),
-                              tf.TensorSpec((None, *y_shape), dtype)))
-        # rebatch slices the windows; unbatch().batch() went through one sample at a time.
-        return (pieces.rebatch(self.batch_size)
-                .map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.float32)))
-                .prefetch(PREFETCH_BATCHES)
-                # A known length lets Keras count steps from the first epoch on.
+            output_signature=(tf.TensorSpec((None, *x_shape), tf.float32),
+                              tf.TensorSpec((None, *y_shape), tf.float32)))
+        return (pieces.rebatch(self.batch_size).prefetch(PREFETCH_BATCHES)
                 .apply(tf.data.experimental.assert_cardinality(batches)))
 
     def target_variance(self) -> float:
@@ -193,9 +189,6 @@ class PairSource:
     def samples_per_epoch(self) -> int:
         """Samples in one epoch (every part has as many: views of the same split)."""
         raise NotImplementedError
-
-    def stored_dtype(self) -> str:
-        return "float32"
 
     def _pieces(self, part: str, rng):
         raise NotImplementedError
@@ -254,9 +247,13 @@ class CacheStore:
                         f"{fy[part][output_name].dtype}).")
         self.bytes = sample_bytes * sum(self.samples.values())
         self.in_memory = self.bytes <= memory_budget_bytes
+        # Widened to float32 once at load when twice the bytes still fit; otherwise every
+        # batch is converted again, every epoch.
+        self.memory_dtype = ("float32" if self.in_memory and self.dtype == "float16"
+                             and 2 * self.bytes <= memory_budget_bytes else self.dtype)
         # A read unit of about READ_BYTES per array: whole chunks, few calls into HDF5.
         self.unit_rows = max(1, READ_BYTES // max(1, sample_bytes // 2))
-        self._arrays: dict[str, tuple] = {}
+        self._tensors: dict[str, tuple] = {}
         self._files: dict[str, h5py.File] = {}
         self._lock = threading.Lock()
 
@@ -264,12 +261,20 @@ class CacheStore:
     def path(self) -> str:
         return self.paths[1]
 
-    def arrays(self, part: str) -> tuple:
+    def tensors(self, part: str) -> tuple:
+        """The part's two arrays as TensorFlow tensors (`memory_dtype`), loaded once."""
+        import tensorflow as tf
+
         with self._lock:
-            if part not in self._arrays:
-                self._arrays[part] = tuple(
-                    _read_whole(path, part, name) for path, name in zip(self.paths, self.names))
-            return self._arrays[part]
+            if part not in self._tensors:
+                self._tensors[part] = tuple(
+                    tf.cast(_read_whole(path, part, name), self.memory_dtype)
+                    for path, name in zip(self.paths, self.names))
+            return self._tensors[part]
+
+    def arrays(self, part: str) -> tuple:
+        """The part's two arrays as NumPy copies (`memory_dtype`)."""
+        return tuple(t.numpy() for t in self.tensors(part))
 
     def datasets(self, part: str) -> tuple:
         with self._lock:
@@ -319,33 +324,99 @@ class CachedPairs(PairSource):
     def samples_per_epoch(self) -> int:
         return self.store.samples[self.parts[0]]
 
-    def stored_dtype(self) -> str:
-        return self.store.dtype
+    def dataset(self):
+        """A tf.data.Dataset of float32 batches, one epoch per iteration (for Keras), in
+        next_epoch's order. In RAM: each batch gathered from the part's tensors, as Keras
+        feeds arrays. Streamed: Python reads each window (in tf.data's prefetch thread,
+        while the block trains); TensorFlow shuffles, converts and cuts it into batches,
+        one call per window: those copies run in C without the GIL."""
+        import tensorflow as tf
+
+        data = self._memory_dataset() if self.store.in_memory else self._streamed_dataset()
+        if self.poison:  # PBKD_FAULT nan: a NaN in every batch
+            data = data.map(lambda x, y: (tf.tensor_scatter_nd_update(
+                x, [[0]], tf.fill([1, *self.shapes()[0]], float("nan"))), y))
+        batches = -(-self.samples_per_epoch() // self.batch_size)
+        # A known length lets Keras count steps from the first epoch on.
+        return (data.prefetch(PREFETCH_BATCHES)
+                .apply(tf.data.experimental.assert_cardinality(batches)))
+
+    def _memory_dataset(self):
+        import tensorflow as tf
+
+        held = tf.data.Dataset.from_tensors(
+            tuple(self.store.tensors(part) for part in self.parts)).repeat()
+        rows = tf.data.Dataset.from_generator(
+            lambda: self._advancing(self._batch_rows),
+            output_signature=(tf.TensorSpec((), tf.int32), tf.TensorSpec((None,), tf.int64)))
+
+        def gather(picked, arrays):
+            part, index = picked
+            chosen = arrays[0] if len(arrays) == 1 else tf.switch_case(
+                part, [lambda pair=pair: pair for pair in arrays])
+            return tuple(tf.cast(tf.gather(a, index), tf.float32) for a in chosen)
+
+        return tf.data.Dataset.zip(rows, held).map(gather)
+
+    def _streamed_dataset(self):
+        import tensorflow as tf
+
+        x_shape, y_shape = self.shapes()
+        dtype = tf.as_dtype(self.store.dtype)
+        windows = tf.data.Dataset.from_generator(
+            lambda: self._advancing(self._shuffled_windows),
+            output_signature=(tf.TensorSpec((None, *x_shape), dtype),
+                              tf.TensorSpec((None, *y_shape), dtype),
+                              tf.TensorSpec((None,), tf.int64)))
+        # rebatch carries a window's last samples into the next batch: every batch full.
+        return windows.map(lambda x, y, order: (
+            tf.cast(tf.gather(x, order), tf.float32),
+            tf.cast(tf.gather(y, order), tf.float32))).rebatch(self.batch_size)
+
+    def _batch_rows(self, part, rng):
+        """(part index, rows) per batch of an in-RAM epoch, rows in _pieces' order."""
+        samples = self.store.samples[part]
+        order = rng.permutation(samples) if self.shuffle else np.arange(samples)
+        for start in range(0, samples, self.batch_size):
+            yield self.parts.index(part), order[start:start + self.batch_size]
+
+    def _shuffled_windows(self, part, rng):
+        """A streamed epoch's windows with their orders. Each in buffers of its own: tf.data
+        keeps the arrays without copying them (tested)."""
+        for x, y, order in self._windows(part, rng):
+            yield x, y, np.arange(len(x)) if order is None else order
 
     def _pieces(self, part, rng):
         shuffle = rng is not None and self.shuffle
         if self.store.in_memory:
             x, y = self.store.arrays(part)
-            order = rng.permutation(len(x)) if shuffle else None
+            order = rng.permutation(len(x)) if shuffle else np.arange(len(x))
             step = max(self.batch_size, self.store.unit_rows * self.window_units)
             for start in range(0, len(x), step):
-                if order is None:
-                    yield x[start:start + step], y[start:start + step]
-                else:
-                    rows = order[start:start + step]
-                    yield x[rows], y[rows]
+                rows = order[start:start + step]
+                yield x[rows], y[rows]
             return
+        for x, y, order in self._windows(part, rng):
+            yield (x, y) if order is None else (x[order], y[order])
+
+    def _windows(self, part, rng):
+        """A streamed epoch as (inputs, targets, order) per window: whole units read into
+        one buffer each (no concatenation), `order` the window's shuffle or None."""
         x_data, y_data = self.store.datasets(part)
         samples, unit = self.store.samples[part], self.store.unit_rows
-        if not shuffle:
-            for start in range(0, samples, unit):
-                yield x_data[start:start + unit], y_data[start:start + unit]
-            return
-        for window in window_plan(samples, unit, self.window_units, rng):
-            xs = np.concatenate([x_data[piece] for piece in window])
-            ys = np.concatenate([y_data[piece] for piece in window])
-            order = rng.permutation(len(xs))
-            yield xs[order], ys[order]
+        shuffle = rng is not None and self.shuffle
+        plan = (window_plan(samples, unit, self.window_units, rng) if shuffle else
+                [[slice(s, min(s + unit, samples))] for s in range(0, samples, unit)])
+        for window in plan:
+            rows = sum(piece.stop - piece.start for piece in window)
+            held = [np.empty((rows, *shape), self.store.dtype) for shape in self.shapes()]
+            filled = 0
+            for piece in window:
+                size = piece.stop - piece.start
+                for data, buffer in zip((x_data, y_data), held):
+                    data.read_direct(buffer, piece, np.s_[filled:filled + size])
+                filled += size
+            yield held[0], held[1], rng.permutation(rows) if shuffle else None
 
 
 class RecomputedPairs(PairSource):

@@ -328,7 +328,8 @@ class CacheConfig:
     memory_budget_mb: int = _opt(
         2048,
         "Per worker: a block's cached arrays (all its parts) are loaded into RAM when they "
-        "fit in this many MB, else streamed from the file in shuffled chunks.",
+        "fit in this many MB (as float32 when twice their size fits too), else streamed "
+        "from the file in shuffled chunks.",
         min=0,
     )
 

@@ -57,6 +57,58 @@ def test_every_sample_comes_once_per_epoch_with_its_own_target(cache, budget):
     store.close()
 
 
+@pytest.fixture(scope="module")
+def cache16(tiny_teacher, tiny_dataset, tmp_path_factory):
+    """float16 (the default), no views, one rank."""
+    path = tmp_path_factory.mktemp("reader16") / "activations.h5"
+    options = CacheOptions(shard_samples=100)
+    fp = fingerprint_for("t16", tiny_dataset, NAMES, options, "unit", seed=0)
+    build_shards(tiny_teacher, tiny_dataset, NAMES, path, fp, options, 0, 1, seed=0)
+    stitch(tiny_teacher, tiny_dataset, NAMES, path, fp, options)
+    return path, fp
+
+
+@pytest.mark.parametrize("way", ["streamed", "in-memory float16", "in-memory widened"])
+def test_the_dataset_gives_next_epochs_samples_in_full_float32_batches(cache16, way):
+    path, fp = cache16
+    twins = []
+    for _ in range(2):  # one read through dataset(), one through next_epoch
+        store = CacheStore(path, fp, ["train"], "pool1", "relu3", memory_budget_bytes=0)
+        budget = {"streamed": 0, "in-memory float16": store.bytes,
+                  "in-memory widened": 2 * store.bytes}[way]
+        store = CacheStore(path, fp, ["train"], "pool1", "relu3", memory_budget_bytes=budget)
+        store.unit_rows = 16  # several windows of several units, the last one short
+        twins.append(CachedPairs(store, ["train"], batch_size=32, seed=5, window_units=3))
+    source, twin = twins
+    assert source.store.memory_dtype == ("float32" if way == "in-memory widened" else "float16")
+    images, targets = read_pair(path, fp, "train", "pool1", "relu3")
+    where = _index_of_rows(images.astype(np.float32))
+    data = source.dataset()
+    for epoch in range(3):
+        batches = list(data)
+        assert [len(x) for x, _ in batches] == [32] * 8 + [14]
+        assert all(x.dtype == y.dtype == "float32" for x, y in batches)
+        x, y = (np.concatenate(a) for a in zip(*batches))
+        expected = [np.concatenate(a).astype(np.float32) for a in zip(*twin.next_epoch())]
+        np.testing.assert_array_equal(x, expected[0])
+        np.testing.assert_array_equal(y, expected[1])
+        seen = [where[row.tobytes()] for row in x]
+        assert sorted(seen) == list(range(270)) and seen != sorted(seen)
+        np.testing.assert_array_equal(y, targets[seen].astype(np.float32))
+    assert source.epoch == 3
+    for store in {source.store, twin.store}:
+        store.close()
+
+
+@pytest.mark.parametrize("budget", [0, 1 << 30], ids=["streamed", "in-memory"])
+def test_a_poisoned_dataset_has_a_nan_in_every_batch(cache16, budget):
+    path, fp = cache16
+    store = CacheStore(path, fp, ["train"], "pool1", "relu3", memory_budget_bytes=budget)
+    for x, _ in CachedPairs(store, ["train"], batch_size=32, poison=True).dataset():
+        assert np.isnan(x[0]).all() and not np.isnan(x[1:]).any()
+    store.close()
+
+
 def test_window_plan_covers_each_unit_once():
     plan = window_plan(100, 16, 3, np.random.default_rng(0))
     starts = sorted(piece.start for window in plan for piece in window)
