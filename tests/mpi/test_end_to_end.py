@@ -148,15 +148,20 @@ def tiny_run(tmp_path_factory):
     return run_dir, _run_tiny(3, run_dir)
 
 
-def _warm_run_dir(tiny_run, tmp_path):
-    """A new run directory holding only the tiny run's trained teacher and activation cache:
-    no job file (a test may change distill settings), no blocks, no report."""
+def _warm_run_dir(tiny_run, tmp_path, blocks=()):
+    """A new run directory holding the tiny run's trained teacher and activation cache, and
+    its finished results of `blocks` (reused by a run with the same distill settings): no
+    job file (a test may change distill settings), no report."""
     source, _ = tiny_run
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     for teacher in source.glob("teacher-*.keras"):
         shutil.copy2(teacher, run_dir / teacher.name)
     shutil.copytree(source / "cache", run_dir / "cache")
+    (run_dir / "blocks").mkdir()
+    for result in (source / "blocks").glob("[!.]*.npz"):
+        if result.name.split("-")[0] in blocks and ".progress" not in result.name:
+            shutil.copy2(result, run_dir / "blocks" / result.name)
     return run_dir
 
 
@@ -224,14 +229,17 @@ def test_bad_job_key_is_refused_once(tmp_path):
 
 
 def test_a_failing_block_is_retried_elsewhere_then_kept_as_the_teachers(tiny_run, tmp_path):
-    run_dir = _warm_run_dir(tiny_run, tmp_path)
+    # The other blocks are the tiny run's, so conv3 is the only task. Unsplit: a lone block
+    # would otherwise train on both workers at once, and a failing split task ends the run.
+    run_dir = _warm_run_dir(tiny_run, tmp_path, blocks=("conv1", "conv2", "conv4"))
     # No fine-tuning in the failing run (the second run does it): not what is tested here.
     result = run_mpi(3, ["run", TINY_JOB, "--run-dir", run_dir, "--set", "finetune.epochs=0",
-                         *QUICK], timeout=180, env={"PBKD_FAULT": "raise:conv3"})
+                         "--set", "schedule.split=false", *QUICK], timeout=180,
+                     env={"PBKD_FAULT": "raise:conv3"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: block conv3 stays the teacher's after 2 failed attempt(s)" in result.stdout
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["status"] == "degraded"
+    assert report["status"] == "degraded" and report["distill"]["reused_blocks"] == 3
     (failure,) = report["failed_blocks"]
     assert failure["name"] == "conv3" and failure["attempts"] == 2
     # Tried on both workers, and the worker's own traceback reached the report.
@@ -252,14 +260,14 @@ def test_a_failing_block_is_retried_elsewhere_then_kept_as_the_teachers(tiny_run
 
 
 def test_a_block_with_nan_loss_fails_every_attempt_and_the_run_completes(tiny_run, tmp_path):
-    run_dir = _warm_run_dir(tiny_run, tmp_path)
+    run_dir = _warm_run_dir(tiny_run, tmp_path, blocks=("conv1", "conv3", "conv4"))
     result = run_mpi(2, ["run", TINY_JOB, "--run-dir", run_dir,
                          "--set", "tasks.max_attempts=1", "--set", "finetune.epochs=0", *QUICK],
                      timeout=180,
                      env={"PBKD_FAULT": "nan:conv2"})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["status"] == "degraded"
+    assert report["status"] == "degraded" and report["distill"]["reused_blocks"] == 3
     (failure,) = report["failed_blocks"]
     assert failure["name"] == "conv2" and failure["attempts"] == 1
     assert "non-finite" in failure["errors"][0]["error"]
@@ -316,7 +324,8 @@ def test_sigusr1_stops_the_job_with_exit_75_and_the_next_run_resumes(tiny_run, t
 def test_block_weights_do_not_depend_on_the_number_of_workers(tiny_run, tmp_path):
     """Tasks are independent and seeded by block: 2 workers, 1 worker, and 1 worker with
     rank 0 training in a thread beside it (one thread each, so reductions run in the same
-    order) must train identical weights."""
+    order) must train identical weights. Two epochs each: enough for any difference in
+    order or data to show."""
     run_dir = _warm_run_dir(tiny_run, tmp_path)
     from pbkd_mpi.results import load_result
 
@@ -324,7 +333,8 @@ def test_block_weights_do_not_depend_on_the_number_of_workers(tiny_run, tmp_path
     for ranks, rank0_trains, expected_ranks in ((3, "no", {1, 2}), (2, "no", {1}),
                                                 (2, "yes", {0, 1})):
         result = run_mpi(ranks, ["run", TINY_JOB, "--run-dir", run_dir, "--set", "run.threads=1",
-                                 "--set", "finetune.epochs=0", "--set",
+                                 "--set", "distill.epochs=2", "--set", "finetune.epochs=0",
+                                 "--set",
                                  f"tasks.coordinator_trains={rank0_trains}", "--quiet", *QUICK],
                          timeout=180)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -387,15 +397,16 @@ def test_a_killed_worker_ends_the_job_and_finished_blocks_are_kept(tiny_run, tmp
 
 
 def test_the_chained_pass_trains_each_block_on_the_workers_then_is_reused(tiny_run, tmp_path):
-    # From the tiny run's teacher and cache: blocks, then the chained pass (each block a
-    # task on a worker, one after another), then a resumed run that reuses them all.
-    run_dir = _warm_run_dir(tiny_run, tmp_path)
+    # From the tiny run's teacher, cache and blocks: the chained pass (each block a task on
+    # a worker, one after another), then a resumed run that reuses them all.
+    run_dir = _warm_run_dir(tiny_run, tmp_path, blocks=("conv1", "conv2", "conv3", "conv4"))
     args = ["run", TINY_JOB, "--run-dir", run_dir, "--set", "finetune.epochs=0",
             "--set", "distill.chained_epochs=1", *QUICK]
     result = run_mpi(3, args, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((run_dir / "report.json").read_text())
     _check_keys_documented(report)
+    assert report["distill"]["reused_blocks"] == 4
     assert report["phases"]["chain"] > 0 and report["chained"]["epochs"] == 1
     rows = report["chained"]["blocks"]
     assert [row["name"] for row in rows] == ["conv1", "conv2", "conv3", "conv4"]
@@ -409,3 +420,36 @@ def test_the_chained_pass_trains_each_block_on_the_workers_then_is_reused(tiny_r
     second = json.loads((run_dir / "report.json").read_text())
     assert all(row["reused"] for row in second["chained"]["blocks"][1:])
     assert second["student"]["accuracy_merged"] == report["student"]["accuracy_merged"]
+
+
+def test_a_block_split_over_two_workers_learns_what_it_learns_alone(tiny_run, tmp_path):
+    # conv2 is the only task (the other blocks are the tiny run's): first split over both
+    # workers, then trained again on one.
+    run_dir = _warm_run_dir(tiny_run, tmp_path, blocks=("conv1", "conv3", "conv4"))
+    reports = {}
+    for label, schedule in (("split", 'schedule.split_blocks=["conv2=2"]'),
+                            ("alone", "schedule.split=false")):
+        for result in (run_dir / "blocks").glob("conv2-*.npz"):
+            result.unlink()
+        run = run_mpi(3, ["run", TINY_JOB, "--run-dir", run_dir, "--set", "finetune.epochs=0",
+                          *QUICK, "--set", schedule], timeout=180)
+        assert run.returncode == 0, run.stderr[-3000:]
+        reports[label] = json.loads((run_dir / "report.json").read_text())
+        assert reports[label]["distill"]["reused_blocks"] == 3
+
+    assert reports["split"]["schedule"]["split"] == {"conv2": 2}
+    (task,) = reports["split"]["schedule"]["tasks"]
+    assert task["name"] == "conv2"
+    assert sorted(task["ranks"]) == [1, 2] and task["replicas_identical"] is True
+    assert reports["alone"]["schedule"]["split"] == {}
+    (task,) = reports["alone"]["schedule"]["tasks"]
+    assert len(task["ranks"]) == 1
+    a, b = ({r["name"]: r for r in reports[label]["blocks"]}["conv2"]
+            for label in ("alone", "split"))
+    relative = {name: row["val_mse"] / row["target_variance"]
+                for name, row in (("alone", a), ("split", b))}
+    # Same global batch, start, data and epochs; what differs is BN's statistics over half
+    # batches and the order of samples. Both must improve on the start, and end close.
+    for row in (a, b):
+        assert row["val_mse"] < row["initial_val_mse"]
+    assert abs(relative["split"] - relative["alone"]) <= 0.25 * relative["alone"], relative
