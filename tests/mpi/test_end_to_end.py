@@ -427,12 +427,14 @@ def test_a_block_split_over_two_workers_learns_what_it_learns_alone(tiny_run, tm
     # workers, then trained again on one.
     run_dir = _warm_run_dir(tiny_run, tmp_path, blocks=("conv1", "conv3", "conv4"))
     reports = {}
-    for label, schedule in (("split", 'schedule.split_blocks=["conv2=2"]'),
-                            ("alone", "schedule.split=false")):
+    # Splitting needs a measured profile (QUICK turns profiling off).
+    for label, schedule in (("split", ["schedule.profile=true",
+                                       'schedule.split_blocks=["conv2=2"]']),
+                            ("alone", ["schedule.split=false"])):
         for result in (run_dir / "blocks").glob("conv2-*.npz"):
             result.unlink()
         run = run_mpi(3, ["run", TINY_JOB, "--run-dir", run_dir, "--set", "finetune.epochs=0",
-                          *QUICK, "--set", schedule], timeout=180)
+                          *QUICK, *(f"--set={item}" for item in schedule)], timeout=180)
         assert run.returncode == 0, run.stderr[-3000:]
         reports[label] = json.loads((run_dir / "report.json").read_text())
         assert reports[label]["distill"]["reused_blocks"] == 3
