@@ -389,12 +389,16 @@ class CachedPairs(PairSource):
     def _pieces(self, part, rng):
         shuffle = rng is not None and self.shuffle
         if self.store.in_memory:
-            x, y = self.store.arrays(part)
+            import tensorflow as tf
+
+            # Only the rows of each piece leave the held tensors: a NumPy copy of the whole
+            # part per call would double the memory the budget allowed.
+            x, y = self.store.tensors(part)
             order = rng.permutation(len(x)) if shuffle else np.arange(len(x))
             step = max(self.batch_size, self.store.unit_rows * self.window_units)
             for start in range(0, len(x), step):
                 rows = order[start:start + step]
-                yield x[rows], y[rows]
+                yield tf.gather(x, rows).numpy(), tf.gather(y, rows).numpy()
             return
         for x, y, order in self._windows(part, rng):
             yield (x, y) if order is None else (x[order], y[order])
