@@ -62,20 +62,26 @@ def _prefetched(produce, depth: int = PREFETCH_BATCHES):
     stop = threading.Event()
     done = object()
 
+    def offer(item) -> bool:
+        """Put `item` when there is room; False once the consumer has left (a plain put
+        into a full queue nobody reads would block this thread, and the consumer's join,
+        forever)."""
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def run():
         try:
             for item in produce():
-                while not stop.is_set():
-                    try:
-                        items.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(item):
                     return
-            items.put(done)
+            offer(done)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            items.put(exc)
+            offer(exc)
 
     thread = threading.Thread(target=run, name="pbkd-prefetch", daemon=True)
     thread.start()

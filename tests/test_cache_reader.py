@@ -169,3 +169,20 @@ def test_a_block_trains_in_recompute_mode(tiny_teacher, tiny_dataset, tmp_path):
     result = train_block(task)
     assert result["epochs"] == 2 and np.isfinite(result["val_mse"])
     assert result["val_mse"] < result["target_variance"]
+
+
+def test_leaving_a_prefetched_loop_early_ends_its_thread():
+    """The producer has made every item and waits to hand over the end with the queue
+    full; the consumer leaves. Closing must not wait forever for the producer."""
+    import threading
+    import time
+
+    from pbkd_mpi.cache_reader import _prefetched
+
+    items = _prefetched(lambda: iter(range(3)), depth=2)
+    assert next(items) == 0
+    time.sleep(0.3)  # 1 and 2 fill the queue; the end marker has no room
+    closing = threading.Thread(target=items.close)
+    closing.start()
+    closing.join(timeout=5)
+    assert not closing.is_alive()
