@@ -10,7 +10,8 @@ estimates its BN statistics as assembly does, writes the student's activation at
 input for the training and validation images to an HDF5 file, and trains block k's student
 from its current weights for up to `chained_epochs` epochs on (that input, the teacher's
 output from the cache). The new weights are kept only when they lower the validation MSE
-on that input.
+on that input. The last replaced block also learns the teacher's predictions through the
+teacher's head (`distill.head_weight`, head_loss.py); it is judged on that combined loss.
 
 Why one block after another: block k's chained input exists only once the blocks before
 it are chained, so the pass is sequential; each block is still a task handed to a worker
@@ -100,22 +101,29 @@ def chain_blocks(teacher, blocks, block_weights: dict[str, dict], multipliers: d
     `run_task(task) -> (result or None when it failed, records)` runs one task on a
     worker and saves its result (a saved one is reused without running it). Returns (the block
     weights after the pass, the report's `chained`)."""
+    from .head_loss import cut_head
     from .results import load_result, result_path
 
     epochs = job.distill.chained_epochs
     current = dict(block_weights)
     rows = []
     folder = Path(run_dir) / "chain"
-    for block in [b for b in blocks if b.name in block_weights]:
+    replaced = [b for b in blocks if b.name in block_weights]
+    for block in replaced:
         started = time.perf_counter()
         digest = weights_digest(current, multipliers)
         base = tasks[block.name]
+        # Only the last replaced block: after it, the student is the teacher's own layers.
+        head = cut_head(teacher, block.output_boundary, job.distill.head_weight,
+                        job.finetune.temperature) if block is replaced[-1] else None
         task = dataclasses.replace(
             base, config=dataclasses.replace(base.config, epochs=epochs),
             depth_multiplier=multipliers[block.name], initial_weights=current[block.name],
             source=dataclasses.replace(base.source, views=0),
-            input_path=str(folder / f"{block.name}-{digest}.h5"), input_digest=digest)
-        row = {"name": block.name, "input_bytes": 0, "reused": False}
+            input_path=str(folder / f"{block.name}-{digest}.h5"), input_digest=digest,
+            head_loss=head)
+        row = {"name": block.name, "input_bytes": 0, "reused": False,
+               "head_weight": head.weight if head is not None else 0.0}
         saved = load_result(result_path(run_dir, task))
         if saved is None:
             prefix = student_inputs(teacher, blocks, current, multipliers, block,
@@ -137,15 +145,21 @@ def chain_blocks(teacher, blocks, block_weights: dict[str, dict], multipliers: d
         if result is None:  # the task failed on every attempt: the block keeps its weights
             rows.append(row | {"failed": True, "seconds": time.perf_counter() - started})
             continue
-        improved = result["val_mse"] < result["initial_val_mse"]
+        # Judged on the loss it trained on: the MSE, or the MSE and the head's distillation.
+        loss_before = result.get("initial_val_loss", result["initial_val_mse"])
+        loss_after = result.get("val_loss", result["val_mse"])
+        improved = loss_after < loss_before
         if improved:
             current[block.name] = result["weights"]
         rows.append(row | {
             "val_mse_before": result["initial_val_mse"], "val_mse": result["val_mse"],
+            "val_loss_before": loss_before, "val_loss": loss_after,
             "epochs": result["epochs"], "kept": improved,
             "seconds": time.perf_counter() - started})
         log(f"chained {block.name}: val MSE on the student's input "
             f"{result['initial_val_mse']:.4g} -> {result['val_mse']:.4g}"
+            + (f", with the teacher's head {loss_before:.4g} -> {loss_after:.4g}"
+               if head is not None else "")
             + ("" if improved else " (no better: earlier weights kept)"))
     return current, {"epochs": epochs, "blocks": rows,
                      "input_bytes_max": max((r["input_bytes"] for r in rows), default=0)}

@@ -152,6 +152,16 @@ class DistillConfig:
         "docs/usage.md (4 brought the demo's merged student from 0.689 to 0.777).",
         min=0,
     )
+    head_weight: float = _opt(
+        1.0,
+        "In the chained pass, the last replaced block's loss adds Hinton distillation "
+        "through the teacher's own head (the layers after it, frozen; every one of them is "
+        "the student's too) between its output and the teacher's, at "
+        "`finetune.temperature`, with this weight against the MSE; it then keeps the new "
+        "weights when they lower that combined validation loss. 0: MSE alone. See "
+        "docs/usage.md (1.0 brought the demo's merged student from 0.784 to 0.806).",
+        min=0.0,
+    )
 
 
 @dataclass(frozen=True)

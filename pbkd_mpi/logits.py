@@ -51,14 +51,23 @@ def logit_boundary(model) -> str:
     return _inbound_layer_name(model)
 
 
+def final_affine(model):
+    """(kernel, bias or None) that turn the output of `logit_boundary(model)` into logits,
+    or None when that output already is the logits."""
+    if _ending(model) != "dense_softmax":
+        return None
+    kernel, *bias = [np.asarray(w, np.float32) for w in model.layers[-1].get_weights()]
+    return kernel, (bias[0] if bias else None)
+
+
 def logits_from_boundary(model, cached: np.ndarray) -> np.ndarray:
     """The teacher's logits (float32) from the cached output of `logit_boundary(model)`."""
     cached = np.asarray(cached, dtype=np.float32)
-    if _ending(model) != "dense_softmax":
+    affine = final_affine(model)
+    if affine is None:
         return cached
-    dense = model.layers[-1]
-    kernel, *bias = [np.asarray(w, np.float32) for w in dense.get_weights()]
-    return cached @ kernel + (bias[0] if bias else 0.0)
+    kernel, bias = affine
+    return cached @ kernel + (bias if bias is not None else 0.0)
 
 
 def _inputs(model):

@@ -23,12 +23,16 @@ _WEIGHT_PREFIX = "weights/"
 
 
 def task_key(task) -> str:
-    """A parallel-phase task's key leaves `chained_epochs` out (its result does not depend
-    on it, so runs that differ only there share it); a chained task (chain.py) adds what
-    its input depends on, `input_digest`, and its epochs are its config's `epochs`."""
+    """A parallel-phase task's key leaves `chained_epochs` and `head_weight` out (its result
+    does not depend on them, so runs that differ only there share it); a chained task
+    (chain.py) adds what its input depends on, `input_digest`, and its head loss if it has
+    one; its epochs are its config's `epochs`."""
     distill = dataclasses.asdict(task.config)
-    distill.pop("chained_epochs", None)
+    for chained_only in ("chained_epochs", "head_weight"):
+        distill.pop(chained_only, None)
     chained = {"input_digest": task.input_digest} if task.input_digest else {}
+    if task.head_loss is not None:
+        chained["head_loss"] = task.head_loss.key()
     text = json.dumps(
         {
             "cache": task.cache_fingerprint,

@@ -19,6 +19,7 @@ from .checkpoint import epoch_checkpoint, load_state, restore
 from .config import DistillConfig
 from .cost import layers_cost
 from .graph import Block
+from .head_loss import HeadLoss
 from .students import build_student_model, layer_weights
 
 
@@ -37,6 +38,9 @@ class BlockTask:
     # student's activations), its targets from the cache; the digest keys that file.
     input_path: str = ""
     input_digest: str = ""
+    # The last replaced block's chained task: its loss adds distillation through the
+    # teacher's head (head_loss.py).
+    head_loss: HeadLoss | None = None
 
     @property
     def block_seed(self) -> int:
@@ -101,7 +105,16 @@ def train_block(task: BlockTask, callbacks=(), checkpoint_path: Path | None = No
     for layer_name, arrays in task.initial_weights.items():
         model.get_layer(layer_name).set_weights(arrays)
     calibrate_norm(model, data.calibration(CALIBRATION_SAMPLES))
-    model.compile(optimizer=keras.optimizers.Adam(task.config.learning_rate), loss="mse")
+    # The loss trained and early-stopped on; the MSE is reported either way.
+    model.compile(optimizer=keras.optimizers.Adam(task.config.learning_rate),
+                  loss="mse" if task.head_loss is None else task.head_loss.keras_loss(),
+                  metrics=[keras.metrics.MeanSquaredError(name="mse")])
+
+    def scores(dataset) -> tuple[float, float]:
+        """(loss, MSE) in inference mode (BN moving statistics), as the block will run."""
+        values = model.evaluate(dataset, verbose=0, return_dict=True)
+        return float(values["loss"]), float(values["mse"])
+
     best = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=task.config.patience, restore_best_weights=True
     )
@@ -111,7 +124,8 @@ def train_block(task: BlockTask, callbacks=(), checkpoint_path: Path | None = No
         before = resume.extra
     else:
         # Where training starts from (the teacher's factorised kernel), for the report.
-        before = {"initial_val_mse": float(model.evaluate(data.val.dataset(), verbose=0))}
+        loss, mse = scores(data.val.dataset())
+        before = {"initial_val_mse": mse, "initial_val_loss": loss}
     extra_callbacks = []
     if checkpoint_path is not None:
         progress = epoch_checkpoint(checkpoint_path, best, before, resume)
@@ -129,10 +143,9 @@ def train_block(task: BlockTask, callbacks=(), checkpoint_path: Path | None = No
     )
     epochs_history = progress.history if checkpoint_path is not None else history.history
     train_seconds = time.perf_counter() - started
-    # Scored in inference mode (BN moving statistics), as the block will run in the student.
-    train_mse = float(model.evaluate(data.train_eval.dataset(), verbose=0))
-    val_mse = float(model.evaluate(data.val.dataset(), verbose=0))
-    if not np.isfinite(train_mse) or not np.isfinite(val_mse):
+    _, train_mse = scores(data.train_eval.dataset())
+    val_loss, val_mse = scores(data.val.dataset())
+    if not all(np.isfinite(v) for v in (train_mse, val_mse, val_loss)):
         raise FloatingPointError(
             f"block {block.name!r} ended with a non-finite MSE (train {train_mse}, val {val_mse})"
         )
@@ -142,6 +155,9 @@ def train_block(task: BlockTask, callbacks=(), checkpoint_path: Path | None = No
         "train_mse": train_mse,
         "val_mse": val_mse,
         "initial_val_mse": before["initial_val_mse"],
+        # The loss trained on: the MSE, or with a head loss the MSE plus its distillation.
+        "val_loss": val_loss,
+        "initial_val_loss": before.get("initial_val_loss", before["initial_val_mse"]),
         "resumed_from_epoch": resume.epoch + 1 if resume is not None else 0,
         "target_variance": data.val.target_variance(),
         "epochs": len(epochs_history.get("loss", [])),

@@ -65,6 +65,7 @@ def test_the_chained_pass_lowers_each_blocks_error_on_the_students_input(
         # The task reads the student's inputs from its own file, and targets from the cache.
         assert Path(task.input_path).exists() and task.input_digest
         assert task.config.epochs == CHAINED_EPOCHS and task.source.views == 0
+        assert (task.head_loss is not None) == (task.block is blocks[-1])
         ran.append(task.block.name)
         return train_block(task), []
 
@@ -78,8 +79,15 @@ def test_the_chained_pass_lowers_each_blocks_error_on_the_students_input(
         row = rows[block.name]
         assert row["input_bytes"] > 0 and row["epochs"] >= 1
         # On its own (student) input, the trained block was worse than it can be: the pass
-        # lowers its validation MSE there, and keeps the new weights only then.
-        assert row["kept"] == (row["val_mse"] < row["val_mse_before"])
+        # lowers its validation loss there, and keeps the new weights only then.
+        assert row["kept"] == (row["val_loss"] < row["val_loss_before"])
+        if block is blocks[-1]:  # the last one's loss adds distillation through the head
+            assert row["head_weight"] == job.distill.head_weight == 1.0
+            assert row["val_loss"] > row["val_mse"] and row["val_loss_before"] > \
+                row["val_mse_before"]
+        else:  # the others' loss is the MSE
+            assert row["head_weight"] == 0.0
+            assert row["val_loss"] == pytest.approx(row["val_mse"], rel=1e-5)
     assert sum(rows[b.name]["kept"] for b in blocks[1:]) >= 2
     for block in blocks[1:]:
         if rows[block.name]["kept"]:
@@ -131,6 +139,17 @@ def test_task_keys_follow_the_chained_setting(setup):
     # Other chained epochs, or inputs from other weights: another result.
     assert task_key(chained) != task_key(dataclasses.replace(
         chained, config=dataclasses.replace(task.config, epochs=task.config.epochs + 1)))
+    # With the head's distillation, or another weight of it: another result; a parallel
+    # task does not depend on the weight.
+    from pbkd_mpi.head_loss import HeadLoss
+
+    def head(weight):
+        return HeadLoss("{}", (), None, None, weight, 4.0)
+
+    assert len({task_key(chained), task_key(dataclasses.replace(chained, head_loss=head(1.0))),
+                task_key(dataclasses.replace(chained, head_loss=head(2.0)))}) == 3
+    assert task_key(task) == task_key(dataclasses.replace(
+        task, config=dataclasses.replace(task.config, head_weight=0.0)))
     other = {**trained, "conv1": {k: [a + 1 for a in v] for k, v in trained["conv1"].items()}}
     assert weights_digest(other, {n: 1 for n in other}) != digest
     assert weights_digest(trained, {**{n: 1 for n in trained}, "conv1": 2}) != digest

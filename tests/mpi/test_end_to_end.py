@@ -419,6 +419,9 @@ def test_the_chained_pass_trains_each_block_on_the_workers_then_is_reused(tiny_r
     assert rows[0]["skipped"] and not any(row.get("failed") for row in rows)
     assert all(row["epochs"] == 1 and row["input_bytes"] > 0 and not row["reused"]
                for row in rows[1:])
+    # The last block learned through the teacher's head too (sent to the worker with it).
+    assert [row["head_weight"] for row in rows[1:]] == [0.0, 0.0, 1.0]
+    assert rows[-1]["val_loss"] > rows[-1]["val_mse"]
     assert re.findall(r"chained (conv\d)", result.stdout) == ["conv2", "conv3", "conv4"]
     assert not list((run_dir / "chain").glob("*.h5"))  # the student inputs are deleted
     again = run_mpi(3, args, timeout=240)

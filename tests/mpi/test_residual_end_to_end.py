@@ -55,6 +55,7 @@ def test_residual_teacher_end_to_end(tmp_path):
         "--set", f"data.image_size=[{SIZE}, {SIZE}]",
         "--set", "blocks.granularity=block",
         "--set", "distill.epochs=3", "--set", "finetune.epochs=1",
+        "--set", "distill.chained_epochs=1",  # through the head of a residual graph too
     ], timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((run_dir / "report.json").read_text())
@@ -71,4 +72,7 @@ def test_residual_teacher_end_to_end(tmp_path):
     assert "r1_out_student_add" in names  # same shape in and out: the student is residual
     assert not names & {"r1_conv1", "r2_conv1", "r2_shortcut", "r2_add"}
     assert {"gap", "classifier"} <= names  # the head stays the teacher's
+    # The chained pass's last block distilled through that head (cut after the Add's ReLU).
+    chained = {row["name"]: row for row in report["chained"]["blocks"]}
+    assert chained["r2_out"]["head_weight"] == 1.0 and chained["r2_out"]["epochs"] == 1
     assert report["student"]["params"] < report["teacher"]["params"]
