@@ -5,11 +5,19 @@ phase with a `FinetuneRequest`; each worker loads the teacher and the data (chec
 rank 0's hashes), the student file, and the teacher's logits from the activation cache,
 then runs finetune.finetune with rank 0 on the world communicator. The weights end
 identical on every rank (data_parallel), so rank 0's student is the fine-tuned one.
+
+A finished fine-tuning is kept in RUN/finetune/ under a key of everything it depends on
+(`finetune_key`): a run that stops later (an export failing, a kill, a signal) and is run
+again reuses it instead of fine-tuning again.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -82,3 +90,46 @@ def weights_digest(model) -> str:
     for array in model.get_weights():
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()[:16]
+
+
+def finetune_key(student, config, data_fingerprint: str, teacher_fingerprint: str,
+                 seed: int, ranks: int) -> str:
+    """What a fine-tuned student depends on: the assembled student's weights, the
+    fine-tuning settings, the data, the teacher (its logits), the seed, and the number of
+    ranks (each rank's share of every batch, and so the order of the sums)."""
+    text = json.dumps({"student": weights_digest(student), "finetune": dataclasses.asdict(config),
+                       "data": data_fingerprint, "teacher": teacher_fingerprint,
+                       "seed": seed, "ranks": ranks}, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _finetune_paths(run_dir, key: str) -> tuple[Path, Path]:
+    folder = Path(run_dir) / "finetune"
+    return folder / f"student-{key}.keras", folder / f"summary-{key}.json"
+
+
+def save_finetuned(run_dir, key: str, student, summary: dict) -> None:
+    """The fine-tuned student, then its summary; each written atomically, and the summary
+    last, so that its presence means both are complete."""
+    from .atomic import atomic_path
+    from .teacher import save_model_atomically
+
+    model_path, summary_path = _finetune_paths(run_dir, key)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    save_model_atomically(student, model_path)
+    with atomic_path(summary_path) as tmp:
+        Path(tmp).write_text(json.dumps(summary))
+
+
+def load_finetuned(run_dir, key: str, student) -> dict | None:
+    """An earlier run's summary, with its weights put into `student`; None when there is
+    none (or it cannot be read: then fine-tuning runs again and replaces it)."""
+    import keras
+
+    model_path, summary_path = _finetune_paths(run_dir, key)
+    try:
+        summary = json.loads(summary_path.read_text())
+        student.set_weights(keras.saving.load_model(model_path, compile=False).get_weights())
+    except (OSError, ValueError):
+        return None
+    return summary

@@ -66,7 +66,8 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
     from .exports import tflite_kinds, write_exports
     from .finetune import accuracy, recalibrate_batchnorm
     from .finetune_phase import PHASE as FINETUNE_PHASE
-    from .finetune_phase import FinetuneRequest, run_finetune, weights_digest
+    from .finetune_phase import (FinetuneRequest, finetune_key, load_finetuned, run_finetune,
+                                 save_finetuned, weights_digest)
     from .logits import logit_boundary
     from .graph import boundaries, flatten_model
     from .plan import granularity_of, select_blocks
@@ -274,19 +275,28 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
         assembled_path = run_dir / "student-assembled.keras"
         save_model_atomically(student, assembled_path)
     with timer("finetune"):
-        # Data-parallel on every rank (finetune_phase.py), teacher logits from the cache.
-        request = FinetuneRequest(str(assembled_path), stage.path, fingerprint, teacher_fp)
-        callbacks = [epoch_status(log, "fine-tuning", job.finetune.epochs),
-                     epoch_logger("fine-tuning", log.detail),
-                     tensorboard_logger(run_dir / "tb" / "finetune")]
-        shares = coordinator.run_collective(
-            FINETUNE_PHASE, request,
-            lambda check: run_finetune(student, teacher, dataset, job, request,
-                                       coordinator.comm, check, callbacks))
-        tuned = shares[0]
-        tuned["identical_weights"] = all(
-            share["weights_digest"] == weights_digest(student)
-            for rank, share in shares.items() if rank != 0)
+        finetuned_key = finetune_key(student, job.finetune, dataset.fingerprint(), teacher_fp,
+                                     job.run.seed, coordinator.comm.Get_size())
+        tuned = load_finetuned(run_dir, finetuned_key, student)
+        if tuned is not None:
+            tuned["reused"] = True
+            log(f"fine-tuning: reusing the fine-tuned student of an earlier run "
+                f"(RUN/finetune/student-{finetuned_key}.keras)")
+        else:
+            # Data-parallel on every rank (finetune_phase.py), teacher logits from the cache.
+            request = FinetuneRequest(str(assembled_path), stage.path, fingerprint, teacher_fp)
+            callbacks = [epoch_status(log, "fine-tuning", job.finetune.epochs),
+                         epoch_logger("fine-tuning", log.detail),
+                         tensorboard_logger(run_dir / "tb" / "finetune")]
+            shares = coordinator.run_collective(
+                FINETUNE_PHASE, request,
+                lambda check: run_finetune(student, teacher, dataset, job, request,
+                                           coordinator.comm, check, callbacks))
+            tuned = shares[0] | {"reused": False}
+            tuned["identical_weights"] = all(
+                share["weights_digest"] == weights_digest(student)
+                for rank, share in shares.items() if rank != 0)
+            save_finetuned(run_dir, finetuned_key, student, tuned)
     log(f"fine-tuning on {tuned['ranks']} ranks: {tuned['epochs']} epochs, val accuracy "
         f"{tuned['val_accuracy_before']:.3f} -> {tuned['val_accuracy']:.3f}"
         + ("" if tuned["identical_weights"] else "; WARNING: ranks ended with different weights"))

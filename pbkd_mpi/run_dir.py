@@ -21,12 +21,12 @@ IDENTITY_SECTIONS = ("teacher", "data", "blocks", "student", "distill", "cache")
 # Keys of those sections that may change all the same: their results have keys of their
 # own (a chained task's key covers its epochs and inputs, chain.py), and the parallel
 # phase's blocks do not depend on them.
-MAY_CHANGE = {("distill", "chained_epochs")}
+MAY_CHANGE = {("distill", "chained_epochs"), ("distill", "head_weight")}
 # What --fresh removes: the tool's own files only, never anything else in the directory.
 OWN_ENTRIES = ("job.toml", "blocks", "cache", "logs", "tb", "report.json", "report.md",
                "student.keras", "timeline.png", "block_costs.png", "block_losses.png",
                "finetune.png", "student-assembled.keras", "profile.json", "student_savedmodel",
-               "student_float32.tflite", "student_int8.tflite", "chain")
+               "student_float32.tflite", "student_int8.tflite", "chain", "finetune")
 
 
 def prepare_run_dir(job: Job, fresh: bool = False) -> Path:

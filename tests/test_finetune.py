@@ -95,3 +95,32 @@ def test_cosine_schedule_values():
     config = FinetuneConfig(epochs=4, learning_rate=1.0)
     assert [learning_rate(config, e) for e in (1, 3)] == pytest.approx([1.0, 0.5])
     assert learning_rate(dataclasses.replace(config, schedule="constant"), 4) == 1.0
+
+
+def test_a_finished_fine_tuning_is_kept_under_a_key_of_what_it_depends_on(
+        trained, tiny_dataset, tmp_path):
+    from pbkd_mpi.finetune_phase import finetune_key, load_finetuned, save_finetuned
+
+    teacher, _ = trained
+    student = _student(teacher)
+    config = FinetuneConfig(epochs=2)
+    key = finetune_key(student, config, "data", "teacher", 0, 3)
+    changed = _student(teacher)
+    changed.layers[-1].set_weights([w + 1 for w in changed.layers[-1].get_weights()])
+    assert len({key, finetune_key(changed, config, "data", "teacher", 0, 3),
+                finetune_key(student, dataclasses.replace(config, epochs=3), "data",
+                             "teacher", 0, 3),
+                finetune_key(student, config, "other", "teacher", 0, 3),
+                finetune_key(student, config, "data", "other", 0, 3),
+                finetune_key(student, config, "data", "teacher", 1, 3),
+                finetune_key(student, config, "data", "teacher", 0, 2)}) == 7
+
+    assert load_finetuned(tmp_path, key, student) is None  # nothing saved yet
+    save_finetuned(tmp_path, key, changed, {"epochs": 2, "val_accuracy": 0.5})
+    summary = load_finetuned(tmp_path, key, student)
+    assert summary == {"epochs": 2, "val_accuracy": 0.5}
+    for a, b in zip(student.get_weights(), changed.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # A summary whose model file is gone or damaged is not a result: fine-tune again.
+    (tmp_path / "finetune" / f"student-{key}.keras").write_bytes(b"not a zip")
+    assert load_finetuned(tmp_path, key, _student(teacher)) is None

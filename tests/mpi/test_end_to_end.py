@@ -182,6 +182,10 @@ def test_tiny_job_end_to_end_with_three_ranks_then_again(tiny_run):
     assert second["cache"]["reused"] is True
     assert second["distill"]["reused_blocks"] == 4 and "done on rank" not in again.stdout
     assert second["teacher"]["accuracy"] == first["teacher"]["accuracy"]
+    # The same assembled student, settings and ranks: the fine-tuned student is reused too.
+    assert first["finetune"]["reused"] is False and second["finetune"]["reused"] is True
+    assert "fine-tuning: reusing the fine-tuned student of an earlier run" in again.stdout
+    assert second["student"]["accuracy_finetuned"] == first["student"]["accuracy_finetuned"]
 
 
 def _assert_clean_failure(result, elapsed, message):
