@@ -116,6 +116,9 @@ def chain_blocks(teacher, blocks, block_weights: dict[str, dict], multipliers: d
         # Only the last replaced block: after it, the student is the teacher's own layers.
         head = cut_head(teacher, block.output_boundary, job.distill.head_weight,
                         job.finetune.temperature) if block is replaced[-1] else None
+        if block is replaced[-1] and head is None and job.distill.head_weight > 0:
+            log(f"chained {block.name}: MSE alone (the teacher's layers after it read more "
+                f"than its output, or cannot be rebuilt on a worker)")
         task = dataclasses.replace(
             base, config=dataclasses.replace(base.config, epochs=epochs),
             depth_multiplier=multipliers[block.name], initial_weights=current[block.name],

@@ -79,7 +79,8 @@ class HeadLoss:
 def cut_head(teacher, block_output: str, weight: float, temperature: float) -> HeadLoss | None:
     """The teacher's layers from `block_output` (a layer name) to its logits, or None when
     they cannot be cut off on their own (they also read a tensor from before the block, as
-    a skip connection would) or there are none."""
+    a skip connection would), cannot be rebuilt from their description, or there are
+    none."""
     import keras
 
     end = logit_boundary(teacher)
@@ -88,8 +89,11 @@ def cut_head(teacher, block_output: str, weight: float, temperature: float) -> H
     try:
         head = keras.Model(teacher.get_layer(block_output).output,
                            teacher.get_layer(end).output)
-    except ValueError:  # "graph disconnected": the head needs more than the block's output
-        return None
+        description = head.to_json()
+        # Rebuilt as the worker will: a custom layer Keras cannot rebuild fails here.
+        keras.models.model_from_json(description)
+    except (ValueError, TypeError):  # "graph disconnected": it needs more than the block's
+        return None                  # output; or a layer that does not serialise
     kernel, bias = final_affine(teacher) or (None, None)
-    return HeadLoss(head.to_json(), tuple(np.asarray(w) for w in head.get_weights()), kernel,
+    return HeadLoss(description, tuple(np.asarray(w) for w in head.get_weights()), kernel,
                     bias, float(weight), float(temperature))
