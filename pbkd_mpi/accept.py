@@ -44,6 +44,22 @@ def solo_accuracy(teacher, block, weights: dict, depth_multiplier: int, x, y,
     return accuracy(model, x, y)
 
 
+def teacher_accuracy(teacher, x, y, x_calibrate=None) -> float:
+    """What a solo score is compared with: the teacher's validation accuracy with its BN
+    statistics re-estimated on the same training images as a solo swap's (no block
+    replaced), so that a drop is the block's alone, not the re-estimation's."""
+    import keras
+
+    from .finetune import accuracy, recalibrate_batchnorm
+
+    if x_calibrate is None:
+        return accuracy(teacher, x, y)
+    model = keras.models.clone_model(teacher)
+    model.set_weights(teacher.get_weights())
+    recalibrate_batchnorm(model, x_calibrate, samples=CALIBRATION_SAMPLES)
+    return accuracy(model, x, y)
+
+
 def first_verdicts(teacher, blocks, weights: dict, depth_multiplier: int, x_val, y_val,
                    max_drop: float, teacher_val: float, x_calibrate=None
                    ) -> dict[str, Verdict]:
@@ -84,9 +100,7 @@ def accept_blocks(teacher, blocks, trained: dict, depth_multiplier: int, config,
     those blocks' wider students (on the workers) and returns {name: weights} for those
     that finished. Returns (verdicts, {name: weights kept}, {name: depth multiplier kept},
     teacher's validation accuracy)."""
-    from .finetune import accuracy
-
-    teacher_val = accuracy(teacher, x_val, y_val)
+    teacher_val = teacher_accuracy(teacher, x_val, y_val, x_calibrate)
     verdicts = first_verdicts(teacher, blocks, trained, depth_multiplier, x_val, y_val,
                               config.max_drop, teacher_val, x_calibrate)
     failing = [name for name, v in verdicts.items() if v.decision != ACCEPTED]

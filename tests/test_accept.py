@@ -70,3 +70,25 @@ def test_a_broken_block_is_retrained_wider_then_kept_as_the_teachers(setting, ti
     assert asked and broken_name in asked[0][0] and asked[0][1] == 4
     assert broken.decision == KEPT_TEACHER and broken.wider_solo_val_accuracy is not None
     assert broken_name not in kept and broken_name not in multipliers
+
+
+def test_the_teacher_is_scored_with_its_bn_statistics_re_estimated_as_a_solo_swap_is(
+        setting, tiny_dataset):
+    """A drop must be the block's alone: the teacher's score goes through the same BN
+    re-estimation as each solo swap, so stale statistics of the teacher's cancel out."""
+    import keras
+
+    from pbkd_mpi.accept import teacher_accuracy
+    from pbkd_mpi.finetune import accuracy
+
+    teacher, _, _ = setting
+    x, y, x_train = tiny_dataset.x_val, tiny_dataset.y_val, tiny_dataset.x_train
+    stale = keras.models.clone_model(teacher)
+    stale.set_weights(teacher.get_weights())
+    for layer in stale.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights([gamma, beta, mean + 3.0, variance * 9.0])
+    assert teacher_accuracy(stale, x, y) == accuracy(stale, x, y)  # nothing to calibrate on
+    assert teacher_accuracy(stale, x, y, x_train) == teacher_accuracy(teacher, x, y, x_train)
+    assert teacher_accuracy(stale, x, y, x_train) > accuracy(stale, x, y)
