@@ -62,14 +62,19 @@ def student_inputs(teacher, blocks, block_weights, multipliers, block, x_calibra
 
     from .assemble import assemble_student
     from .finetune import recalibrate_batchnorm
+    from .graph import MODEL_INPUT
 
+    if block.input_boundary == MODEL_INPUT:
+        return None
+    # Which teacher layers feed the block, from the graph alone: assembling the student
+    # and re-estimating its BN statistics only to find none of them replaced costs seconds.
+    feeding = keras.Model(teacher.inputs, teacher.get_layer(block.input_boundary).output)
+    replaced = {layer for b in blocks if b.name in block_weights for layer in b.layers}
+    if not replaced & {layer.name for layer in feeding.layers}:
+        return None
     tensors: dict = {}
     student = assemble_student(teacher, blocks, block_weights, multipliers, tensors)
-    prefix = keras.Model(student.inputs, tensors[block.input_boundary])  # graph.MODEL_INPUT too
-    student_layers = {layer.name for name in block_weights for layer in student.layers
-                      if layer.name.startswith(f"{name}_student")}
-    if not student_layers & {layer.name for layer in prefix.layers}:
-        return None
+    prefix = keras.Model(student.inputs, tensors[block.input_boundary])
     recalibrate_batchnorm(student, x_calibrate)
     return prefix
 
