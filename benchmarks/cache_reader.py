@@ -41,10 +41,20 @@ sys.path.insert(0, str(REPO))
 EPOCHS, BATCH, ROUNDS = 2, 64, 5
 
 
-def timed(fit, samples: int) -> float:
-    """Training samples/s of EPOCHS epochs of `fit` over `samples` samples each."""
+def timed(fit, samples: int, epoch_log: list) -> float:
+    """Training samples/s of EPOCHS epochs of `fit` over `samples` samples each; each
+    epoch's seconds (Keras's epoch begin to end) are appended to `epoch_log`."""
+    import keras
+
+    class EpochSeconds(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.began = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            epoch_log.append(round(time.perf_counter() - self.began, 3))
+
     started = time.perf_counter()
-    history = fit(epochs=EPOCHS)
+    history = fit(epochs=EPOCHS, callbacks=[EpochSeconds()])
     return samples * len(history.epoch) / (time.perf_counter() - started)
 
 
@@ -103,12 +113,13 @@ def main() -> None:
                     fits[mode] = functools.partial(student.fit, source.dataset(),
                                                    shuffle=False, verbose=0)
                 fits[mode](epochs=1)  # warm-up: tracing, first reads
-            rounds = [{mode: timed(fit, len(x)) for mode, fit in fits.items()}
+            epoch_s = {mode: [] for mode in fits}
+            rounds = [{mode: timed(fit, len(x), epoch_s[mode]) for mode, fit in fits.items()}
                       for _ in range(ROUNDS)]
             for store in stores:
                 store.close()
             results[label] = {"block": name, "sample_bytes": int(x[0].size + y[0].size) * 2,
-                              "rounds": rounds, **{
+                              "rounds": rounds, "epoch_s": epoch_s, **{
                                   f"ratio{suffix}": statistics.median(
                                       r[mode] / r["memory"] for r in rounds)
                                   for mode, suffix in (("streamed", ""), ("in_ram", "_in_ram"))}}

@@ -9,6 +9,7 @@ every sample comes exactly once per epoch. For Keras (`dataset`), Python only re
 (streamed) or draws the order (in RAM); TensorFlow gathers the batches and converts them
 to float32, in C without the GIL. tf.data's prefetch thread reads the next window while
 the block trains; `next_epoch` run by hand reads in a background thread of its own.
+tf.data's autotuning is off in every dataset made here (`without_autotune`).
 
 Recomputed (`RecomputedPairs`, `cache.mode = "recompute"`): each batch of images goes
 through the teacher up to the block's output, as the method's original implementation did;
@@ -98,6 +99,21 @@ def _prefetched(produce, depth: int = PREFETCH_BATCHES):
         thread.join()
 
 
+def without_autotune(dataset):
+    """`dataset` with tf.data's autotuning off. Its optimisation thread wakes up 10 ms,
+    20 ms, 40 ms, ... after an iterator starts (each wait twice the last, up to 60 s), and
+    destroying the iterator waits for that thread: Keras drops an iterator at the end of
+    every epoch (and of every validation pass), from the main thread, holding the GIL, so
+    an epoch stretched to the next wake-up, 10 ms x (2^k - 1) after its iterator began
+    (2.56, 5.12, 10.24 s; docs/cache.md). Our pipelines have nothing to tune: fixed
+    prefetch depths, one element in flight, one core."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
+
+
 def window_plan(samples: int, unit_rows: int, window_units: int, rng) -> list[list[slice]]:
     """An epoch's reads: contiguous units of `unit_rows` samples in a random order, grouped
     into windows whose samples are shuffled together."""
@@ -179,8 +195,8 @@ class PairSource:
             lambda: self.next_epoch(background=False),
             output_signature=(tf.TensorSpec((None, *x_shape), tf.float32),
                               tf.TensorSpec((None, *y_shape), tf.float32)))
-        return (pieces.rebatch(self.batch_size).prefetch(PREFETCH_BATCHES)
-                .apply(tf.data.experimental.assert_cardinality(batches)))
+        return without_autotune(pieces.rebatch(self.batch_size).prefetch(PREFETCH_BATCHES)
+                                .apply(tf.data.experimental.assert_cardinality(batches)))
 
     def target_variance(self) -> float:
         """Variance of every target value of the first part (float64 sums)."""
@@ -344,8 +360,8 @@ class CachedPairs(PairSource):
                 x, [[0]], tf.fill([1, *self.shapes()[0]], float("nan"))), y))
         batches = -(-self.samples_per_epoch() // self.batch_size)
         # A known length lets Keras count steps from the first epoch on.
-        return (data.prefetch(PREFETCH_BATCHES)
-                .apply(tf.data.experimental.assert_cardinality(batches)))
+        return without_autotune(data.prefetch(PREFETCH_BATCHES)
+                                .apply(tf.data.experimental.assert_cardinality(batches)))
 
     def _memory_dataset(self):
         import tensorflow as tf

@@ -109,6 +109,18 @@ def test_a_poisoned_dataset_has_a_nan_in_every_batch(cache16, budget):
     store.close()
 
 
+@pytest.mark.parametrize("budget", [0, 1 << 30], ids=["streamed", "in-memory"])
+def test_the_dataset_runs_without_tf_data_autotuning(cache16, budget):
+    """Autotuning's thread held up the end of every epoch until its next doubling wake-up
+    (2.56, 5.12, 10.24 s after the epoch's start: docs/cache.md); it stays off."""
+    path, fp = cache16
+    store = CacheStore(path, fp, ["train"], "pool1", "relu3", memory_budget_bytes=budget)
+    data = CachedPairs(store, ["train"], batch_size=32).dataset()
+    assert data.options().autotune.enabled is False
+    assert sum(len(x) for x, _ in data) == 270
+    store.close()
+
+
 def test_window_plan_covers_each_unit_once():
     plan = window_plan(100, 16, 3, np.random.default_rng(0))
     starts = sorted(piece.start for window in plan for piece in window)
