@@ -3,19 +3,24 @@
 The demo teacher (untrained, 32x32 images, widths 16,16,32,32,64,64) on the demo data
 (7,200 training samples) is cached in float16 without compression. Two of its block tasks
 are trained: `conv2`, the largest boundary (32x32x16 in and out, 64 KB a sample), and
-`conv6`, the smallest (8x8x64, 16 KB), batch 64, three ways:
+`conv6`, the smallest (8x8x64, 16 KB), batch 64, four ways:
 
   memory    model.fit on float32 NumPy arrays, shuffled by Keras: the baseline
+  memory_untuned  the same arrays through tf.data (shuffle, batch, prefetch) with
+            autotuning off, as the reader runs: a second baseline, because Keras's
+            arrays path keeps tf.data's autotuning, whose end-of-epoch waits
+            (docs/cache.md) slow it on one core and so flatter the ratios against it
   streamed  cache_reader with a memory budget of 0: shuffled chunk windows read from the
             file during training, the path of caches larger than RAM
   in_ram    cache_reader with the default budget: the block's arrays loaded (as float32),
             shuffled whole
 
 Each way has its own model (same start), traced and warmed up by one epoch first. Then
-ROUNDS rounds: in each, each way trains EPOCHS epochs, the three interleaved, so a slow
-spell of the machine hits a round's three runs alike. A round's ratio is reader samples/s
-over memory samples/s of that round; `ratio_small` / `ratio_large` are the median over the
-rounds of the streamed ratio (`*_in_ram` of the in-RAM one); `rounds` lists each round's.
+ROUNDS rounds: in each, each way trains EPOCHS epochs, the four interleaved, so a slow
+spell of the machine hits a round's runs alike. A round's ratio is reader samples/s over
+memory samples/s of that round; `ratio_small` / `ratio_large` are the median over the
+rounds of the streamed ratio (`*_in_ram` of the in-RAM one, `*_vs_untuned` against the
+second baseline); `rounds` lists each round's.
 The process is pinned to one core with one TensorFlow thread, as each of two workers is on
 this 2-core machine, so the reads compete with the training for the same core. The file
 was just written, so reads come from the page cache, not the disk.
@@ -65,10 +70,12 @@ def main() -> None:
     configure_tensorflow(1, 0, inter_threads=1)
     import keras
     import numpy as np
+    import tensorflow as tf
 
     from pbkd_mpi.cache import CacheOptions, fingerprint_for, read_pair
     from pbkd_mpi.cache_build import build_cache
-    from pbkd_mpi.cache_reader import CachedPairs, CacheStore
+    from pbkd_mpi.cache_reader import (PREFETCH_BATCHES, CachedPairs, CacheStore,
+                                       without_autotune)
     from pbkd_mpi.config import DataConfig
     from pbkd_mpi.data import load_dataset
     from pbkd_mpi.graph import boundaries, find_blocks
@@ -101,11 +108,18 @@ def main() -> None:
             x, y = (a.astype(np.float32) for a in read_pair(
                 path, fingerprint, "train", block.input_boundary, block.output_boundary))
             fits, stores = {}, []
-            for mode, budget in (("memory", None), ("streamed", 0), ("in_ram", 2 << 30)):
+            for mode, budget in (("memory", None), ("memory_untuned", None), ("streamed", 0),
+                                 ("in_ram", 2 << 30)):
                 student = model()
-                if budget is None:
+                if mode == "memory":
                     fits[mode] = functools.partial(student.fit, x, y, batch_size=BATCH,
                                                    shuffle=True, verbose=0)
+                elif mode == "memory_untuned":
+                    arrays = without_autotune(
+                        tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=0)
+                        .batch(BATCH).prefetch(PREFETCH_BATCHES))
+                    fits[mode] = functools.partial(student.fit, arrays, shuffle=False,
+                                                   verbose=0)
                 else:
                     stores.append(CacheStore(path, fingerprint, ["train"], block.input_boundary,
                                              block.output_boundary, memory_budget_bytes=budget))
@@ -120,13 +134,17 @@ def main() -> None:
                 store.close()
             results[label] = {"block": name, "sample_bytes": int(x[0].size + y[0].size) * 2,
                               "rounds": rounds, "epoch_s": epoch_s, **{
-                                  f"ratio{suffix}": statistics.median(
-                                      r[mode] / r["memory"] for r in rounds)
-                                  for mode, suffix in (("streamed", ""), ("in_ram", "_in_ram"))}}
+                                  f"ratio{suffix}{versus}": statistics.median(
+                                      r[mode] / r[baseline] for r in rounds)
+                                  for mode, suffix in (("streamed", ""), ("in_ram", "_in_ram"))
+                                  for baseline, versus in (("memory", ""),
+                                                           ("memory_untuned", "_vs_untuned"))}}
     print(json.dumps({
         "ratio_small": results["small"]["ratio"], "ratio_large": results["large"]["ratio"],
         "ratio_small_in_ram": results["small"]["ratio_in_ram"],
         "ratio_large_in_ram": results["large"]["ratio_in_ram"],
+        **{f"ratio_{label}{suffix}_vs_untuned": results[label][f"ratio{suffix}_vs_untuned"]
+           for label in ("small", "large") for suffix in ("", "_in_ram")},
         "rounds": ROUNDS, "epochs": EPOCHS, "batch_size": BATCH,
         "train_samples": len(dataset.y_train), **results,
     }))
