@@ -11,7 +11,8 @@ input for the training and validation images to an HDF5 file, and trains block k
 from its current weights for up to `chained_epochs` epochs on (that input, the teacher's
 output from the cache). The new weights are kept only when they lower the validation MSE
 on that input. The last replaced block also learns the teacher's predictions through the
-teacher's head (`distill.head_weight`, head_loss.py); it is judged on that combined loss.
+teacher's head (`distill.head_weight`, head_loss.py); it is judged by what it trained for,
+the assembled student's validation accuracy.
 
 Why one block after another: block k's chained input exists only once the blocks before
 it are chained, so the pass is sequential; each block is still a task handed to a worker
@@ -77,6 +78,17 @@ def student_inputs(teacher, blocks, block_weights, multipliers, block, x_calibra
     prefix = keras.Model(student.inputs, tensors[block.input_boundary])
     recalibrate_batchnorm(student, x_calibrate)
     return prefix
+
+
+def assembled_val_accuracy(teacher, blocks, block_weights, multipliers, dataset) -> float:
+    """The student assembled from `block_weights`, BN statistics re-estimated on training
+    images as assembly does, scored on the validation split."""
+    from .assemble import assemble_student
+    from .finetune import accuracy, recalibrate_batchnorm
+
+    student = assemble_student(teacher, blocks, block_weights, multipliers)
+    recalibrate_batchnorm(student, dataset.x_train)
+    return accuracy(student, dataset.x_val, dataset.y_val)
 
 
 def write_inputs(path: Path, prefix, splits: dict, name: str, dtype: str,
@@ -153,10 +165,20 @@ def chain_blocks(teacher, blocks, block_weights: dict[str, dict], multipliers: d
         if result is None:  # the task failed on every attempt: the block keeps its weights
             rows.append(row | {"failed": True, "seconds": time.perf_counter() - started})
             continue
-        # Judged on the loss it trained on: the MSE, or the MSE and the head's distillation.
         loss_before = result.get("initial_val_loss", result["initial_val_mse"])
         loss_after = result.get("val_loss", result["val_mse"])
-        improved = loss_after < loss_before
+        if head is None:  # judged on the loss it trained on, its MSE
+            improved = loss_after < loss_before
+        else:
+            # Trained for the classifier: judged by the assembled student's validation
+            # accuracy, BN statistics re-estimated as assembly does. Its own loss is taken
+            # with the block's BN statistics alone, which assembly replaces (on the deep
+            # job it rose while the student's accuracy rose too: docs/usage.md).
+            accuracy_before, accuracy_after = (
+                assembled_val_accuracy(teacher, blocks, weights, multipliers, dataset)
+                for weights in (current, {**current, block.name: result["weights"]}))
+            improved = accuracy_after > accuracy_before
+            row |= {"val_accuracy_before": accuracy_before, "val_accuracy": accuracy_after}
         if improved:
             current[block.name] = result["weights"]
         rows.append(row | {
@@ -166,8 +188,9 @@ def chain_blocks(teacher, blocks, block_weights: dict[str, dict], multipliers: d
             "seconds": time.perf_counter() - started})
         log(f"chained {block.name}: val MSE on the student's input "
             f"{result['initial_val_mse']:.4g} -> {result['val_mse']:.4g}"
-            + (f", with the teacher's head {loss_before:.4g} -> {loss_after:.4g}"
-               if head is not None else "")
+            + (f", with the teacher's head {loss_before:.4g} -> {loss_after:.4g}, the "
+               f"student's val accuracy {row['val_accuracy_before']:.4f} -> "
+               f"{row['val_accuracy']:.4f}" if head is not None else "")
             + ("" if improved else " (no better: earlier weights kept)"))
     return current, {"epochs": epochs, "blocks": rows,
                      "input_bytes_max": max((r["input_bytes"] for r in rows), default=0)}

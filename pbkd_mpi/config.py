@@ -158,7 +158,7 @@ class DistillConfig:
         "through the teacher's own head (the layers after it, frozen; every one of them is "
         "the student's too) between its output and the teacher's, at "
         "`finetune.temperature`, with this weight against the MSE; it then keeps the new "
-        "weights when they lower that combined validation loss. 0: MSE alone. See "
+        "weights when they raise the assembled student's validation accuracy. 0: MSE alone. See "
         "docs/usage.md (1.0 brought the demo's merged student from 0.784 to 0.806).",
         min=0.0,
     )

@@ -80,14 +80,17 @@ def test_the_chained_pass_lowers_each_blocks_error_on_the_students_input(
         assert row["input_bytes"] > 0 and row["epochs"] >= 1
         # On its own (student) input, the trained block was worse than it can be: the pass
         # lowers its validation loss there, and keeps the new weights only then.
-        assert row["kept"] == (row["val_loss"] < row["val_loss_before"])
         if block is blocks[-1]:  # the last one's loss adds distillation through the head
             assert row["head_weight"] == job.distill.head_weight == 1.0
             assert row["val_loss"] > row["val_mse"] and row["val_loss_before"] > \
                 row["val_mse_before"]
-        else:  # the others' loss is the MSE
-            assert row["head_weight"] == 0.0
+            # and it is judged by the assembled student's validation accuracy
+            assert row["kept"] == (row["val_accuracy"] > row["val_accuracy_before"])
+            assert 0 < row["val_accuracy_before"] <= 1 and 0 < row["val_accuracy"] <= 1
+        else:  # the others' loss is the MSE, and they are judged by it
+            assert row["head_weight"] == 0.0 and "val_accuracy" not in row
             assert row["val_loss"] == pytest.approx(row["val_mse"], rel=1e-5)
+            assert row["kept"] == (row["val_loss"] < row["val_loss_before"])
     assert sum(rows[b.name]["kept"] for b in blocks[1:]) >= 2
     for block in blocks[1:]:
         if rows[block.name]["kept"]:
