@@ -188,15 +188,22 @@ class PairSource:
         import tensorflow as tf
 
         x_shape, y_shape = self.shapes()
-        batches = -(-self.samples_per_epoch() // self.batch_size)
         # tf.data's prefetch thread runs the generator while the block trains: a second
         # Python thread of ours would make the two fight for the GIL.
         pieces = tf.data.Dataset.from_generator(
             lambda: self.next_epoch(background=False),
             output_signature=(tf.TensorSpec((None, *x_shape), tf.float32),
                               tf.TensorSpec((None, *y_shape), tf.float32)))
-        return without_autotune(pieces.rebatch(self.batch_size).prefetch(PREFETCH_BATCHES)
-                                .apply(tf.data.experimental.assert_cardinality(batches)))
+        return self._for_keras(pieces.rebatch(self.batch_size))
+
+    def _for_keras(self, batches):
+        """One epoch of `batches` as Keras gets it: prefetched, with tf.data's autotuning
+        off, and its length known, so that Keras counts steps from the first epoch on."""
+        import tensorflow as tf
+
+        count = -(-self.samples_per_epoch() // self.batch_size)
+        return without_autotune(batches.prefetch(PREFETCH_BATCHES)
+                                .apply(tf.data.experimental.assert_cardinality(count)))
 
     def target_variance(self) -> float:
         """Variance of every target value of the first part (float64 sums)."""
@@ -358,10 +365,7 @@ class CachedPairs(PairSource):
         if self.poison:  # PBKD_FAULT nan: a NaN in every batch
             data = data.map(lambda x, y: (tf.tensor_scatter_nd_update(
                 x, [[0]], tf.fill([1, *self.shapes()[0]], float("nan"))), y))
-        batches = -(-self.samples_per_epoch() // self.batch_size)
-        # A known length lets Keras count steps from the first epoch on.
-        return without_autotune(data.prefetch(PREFETCH_BATCHES)
-                                .apply(tf.data.experimental.assert_cardinality(batches)))
+        return self._for_keras(data)
 
     def _memory_dataset(self):
         import tensorflow as tf
