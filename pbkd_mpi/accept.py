@@ -36,12 +36,10 @@ def solo_accuracy(teacher, block, weights: dict, depth_multiplier: int, x, y,
     """Validation accuracy of the teacher with only `block` replaced by its student, its
     BN statistics re-estimated on training images first as the assembled student's are."""
     from .assemble import assemble_student
-    from .finetune import accuracy, recalibrate_batchnorm
+    from .finetune import recalibrated_accuracy
 
     model = assemble_student(teacher, [block], {block.name: weights}, depth_multiplier)
-    if x_calibrate is not None:
-        recalibrate_batchnorm(model, x_calibrate, samples=CALIBRATION_SAMPLES)
-    return accuracy(model, x, y)
+    return recalibrated_accuracy(model, x, y, x_calibrate, samples=CALIBRATION_SAMPLES)
 
 
 def teacher_accuracy(teacher, x, y, x_calibrate=None) -> float:
@@ -50,14 +48,13 @@ def teacher_accuracy(teacher, x, y, x_calibrate=None) -> float:
     replaced), so that a drop is the block's alone, not the re-estimation's."""
     import keras
 
-    from .finetune import accuracy, recalibrate_batchnorm
+    from .finetune import recalibrated_accuracy
 
-    if x_calibrate is None:
-        return accuracy(teacher, x, y)
-    model = keras.models.clone_model(teacher)
-    model.set_weights(teacher.get_weights())
-    recalibrate_batchnorm(model, x_calibrate, samples=CALIBRATION_SAMPLES)
-    return accuracy(model, x, y)
+    model = teacher
+    if x_calibrate is not None:  # a copy: the teacher itself keeps its statistics
+        model = keras.models.clone_model(teacher)
+        model.set_weights(teacher.get_weights())
+    return recalibrated_accuracy(model, x, y, x_calibrate, samples=CALIBRATION_SAMPLES)
 
 
 def first_verdicts(teacher, blocks, weights: dict, depth_multiplier: int, x_val, y_val,

@@ -80,17 +80,6 @@ def student_inputs(teacher, blocks, block_weights, multipliers, block, x_calibra
     return prefix
 
 
-def assembled_val_accuracy(teacher, blocks, block_weights, multipliers, dataset) -> float:
-    """The student assembled from `block_weights`, BN statistics re-estimated on training
-    images as assembly does, scored on the validation split."""
-    from .assemble import assemble_student
-    from .finetune import accuracy, recalibrate_batchnorm
-
-    student = assemble_student(teacher, blocks, block_weights, multipliers)
-    recalibrate_batchnorm(student, dataset.x_train)
-    return accuracy(student, dataset.x_val, dataset.y_val)
-
-
 def write_inputs(path: Path, prefix, splits: dict, name: str, dtype: str,
                  fingerprint: str) -> int:
     """`prefix`'s outputs on each split's images, as group `split`, dataset `name`, in the
@@ -118,6 +107,8 @@ def chain_blocks(teacher, blocks, block_weights: dict[str, dict], multipliers: d
     `run_task(task) -> (result or None when it failed, records)` runs one task on a
     worker and saves its result (a saved one is reused without running it). Returns (the block
     weights after the pass, the report's `chained`)."""
+    from .assemble import assemble_student
+    from .finetune import recalibrated_accuracy
     from .head_loss import cut_head
     from .results import load_result, result_path
 
@@ -175,7 +166,8 @@ def chain_blocks(teacher, blocks, block_weights: dict[str, dict], multipliers: d
             # with the block's BN statistics alone, which assembly replaces (on the deep
             # job it rose while the student's accuracy rose too: docs/usage.md).
             accuracy_before, accuracy_after = (
-                assembled_val_accuracy(teacher, blocks, weights, multipliers, dataset)
+                recalibrated_accuracy(assemble_student(teacher, blocks, weights, multipliers),
+                                      dataset.x_val, dataset.y_val, dataset.x_train)
                 for weights in (current, {**current, block.name: result["weights"]}))
             improved = accuracy_after > accuracy_before
             row |= {"val_accuracy_before": accuracy_before, "val_accuracy": accuracy_after}

@@ -55,6 +55,15 @@ def accuracy(model, x, y, batch_size: int = 256) -> float:
     return float(np.mean(np.argmax(predictions, axis=-1) == y))
 
 
+def recalibrated_accuracy(model, x, y, x_calibrate=None, **recalibration) -> float:
+    """`model`'s accuracy on (x, y), its BN statistics first re-estimated on the training
+    images `x_calibrate` when given (`recalibrate_batchnorm`), as an assembled student's
+    are, so that scores of stitched models compare with each other. Changes `model`."""
+    if x_calibrate is not None:
+        recalibrate_batchnorm(model, x_calibrate, **recalibration)
+    return accuracy(model, x, y)
+
+
 def fit_classifier(model, dataset: Dataset, *, epochs: int, batch_size: int,
                    learning_rate: float, patience: int, probabilities: bool, seed: int,
                    callbacks=()):
