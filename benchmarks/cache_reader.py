@@ -65,22 +65,22 @@ def timed(fit, samples: int, epoch_log: list) -> float:
 
 def main() -> None:
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    from pbkd_mpi.devices import configure_tensorflow
+    from pbkd_mpi.mpi.devices import configure_tensorflow
 
     configure_tensorflow(1, 0, inter_threads=1)
     import keras
     import numpy as np
     import tensorflow as tf
 
-    from pbkd_mpi.cache import CacheOptions, fingerprint_for, read_pair
-    from pbkd_mpi.cache_build import build_cache
-    from pbkd_mpi.cache_reader import (PREFETCH_BATCHES, CachedPairs, CacheStore,
+    from pbkd_mpi.cache.layout import CacheOptions, fingerprint_for, read_pair
+    from pbkd_mpi.cache.build import build_cache
+    from pbkd_mpi.cache.reader import (PREFETCH_BATCHES, CachedPairs, CacheStore,
                                        without_autotune)
     from pbkd_mpi.config import DataConfig
-    from pbkd_mpi.data import load_dataset
-    from pbkd_mpi.graph import boundaries, find_blocks
-    from pbkd_mpi.students import build_student_model, initial_weights
-    from pbkd_mpi.teacher import build_vgg_demo
+    from pbkd_mpi.data.dataset import load_dataset
+    from pbkd_mpi.model.graph import boundaries, find_blocks
+    from pbkd_mpi.model.students import build_student_model, initial_weights
+    from pbkd_mpi.model.teacher import build_vgg_demo
 
     dataset = load_dataset(DataConfig(), seed=0)
     keras.utils.set_random_seed(1)

@@ -36,7 +36,7 @@ TRAIN_IMAGES = 4000  # before the 10% validation split
 
 
 def deep_teacher(input_shape, num_classes):
-    from pbkd_mpi import teacher
+    from pbkd_mpi.model import teacher
 
     if hasattr(teacher, "build_vgg_deep"):
         return teacher.build_vgg_deep(input_shape, num_classes, DEEP_WIDTHS)
@@ -59,14 +59,14 @@ def deep_teacher(input_shape, num_classes):
 
 
 def compare(teacher, data_config, dataset, tmp: Path) -> dict:
-    from pbkd_mpi.cache import CacheOptions, fingerprint_for
-    from pbkd_mpi.cache_build import build_cache
-    from pbkd_mpi.cache_reader import DataSource, load_teacher_and_data
+    from pbkd_mpi.cache.layout import CacheOptions, fingerprint_for
+    from pbkd_mpi.cache.build import build_cache
+    from pbkd_mpi.cache.reader import DataSource, load_teacher_and_data
     from pbkd_mpi.config import DistillConfig
-    from pbkd_mpi.graph import boundaries, find_blocks, flatten_model
-    from pbkd_mpi.students import initial_weights
-    from pbkd_mpi.teacher import weights_fingerprint
-    from pbkd_mpi.train_block import BlockTask, train_block
+    from pbkd_mpi.model.graph import boundaries, find_blocks, flatten_model
+    from pbkd_mpi.model.students import initial_weights
+    from pbkd_mpi.model.teacher import weights_fingerprint
+    from pbkd_mpi.distill.train_block import BlockTask, train_block
 
     teacher_file = tmp / f"{teacher.name}.keras"
     teacher.save(teacher_file)
@@ -110,14 +110,14 @@ def compare(teacher, data_config, dataset, tmp: Path) -> dict:
 
 def main() -> None:
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    from pbkd_mpi.devices import configure_tensorflow
+    from pbkd_mpi.mpi.devices import configure_tensorflow
 
     configure_tensorflow(1, 0, inter_threads=1)
     import keras
 
     from pbkd_mpi.config import DataConfig
-    from pbkd_mpi.data import load_dataset
-    from pbkd_mpi.teacher import build_vgg_demo
+    from pbkd_mpi.data.dataset import load_dataset
+    from pbkd_mpi.model.teacher import build_vgg_demo
 
     data_config = DataConfig(demo_train=TRAIN_IMAGES, demo_test=100)
     dataset = load_dataset(data_config, seed=0)

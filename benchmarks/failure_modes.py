@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated: bad-input, runtime")
     options = parser.parse_args()
     parts = set(options.only.split(",")) if options.only else {"bad-input", "runtime"}
-    from pbkd_mpi.devices import import_tensorflow
+    from pbkd_mpi.mpi.devices import import_tensorflow
 
     import_tensorflow()
     rows = []

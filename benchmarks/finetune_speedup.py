@@ -29,7 +29,7 @@ def measure(out: str, epochs: int) -> None:
     """One rank of a measured run (under mpiexec)."""
     from mpi4py import MPI
 
-    from pbkd_mpi.devices import configure_tensorflow, node_cores
+    from pbkd_mpi.mpi.devices import configure_tensorflow, node_cores
 
     comm = MPI.COMM_WORLD
     threads = max(1, node_cores() // comm.Get_size())
@@ -39,14 +39,14 @@ def measure(out: str, epochs: int) -> None:
     import keras
     import numpy as np
 
-    from pbkd_mpi.assemble import assemble_student
+    from pbkd_mpi.model.assemble import assemble_student
     from pbkd_mpi.config import Job
-    from pbkd_mpi.data import load_dataset
-    from pbkd_mpi.finetune import FinetuneData, finetune
-    from pbkd_mpi.graph import flatten_model
-    from pbkd_mpi.plan import granularity_of, select_blocks
-    from pbkd_mpi.students import initial_weights
-    from pbkd_mpi.teacher import build_vgg_demo
+    from pbkd_mpi.data.dataset import load_dataset
+    from pbkd_mpi.finetune.train import FinetuneData, finetune
+    from pbkd_mpi.model.graph import flatten_model
+    from pbkd_mpi.model.selection import granularity_of, select_blocks
+    from pbkd_mpi.model.students import initial_weights
+    from pbkd_mpi.model.teacher import build_vgg_demo
 
     job = Job()
     data = load_dataset(job.data, job.run.seed)

@@ -20,8 +20,8 @@ def figures(run_dir: Path) -> dict:
     import numpy as np
 
     from pbkd_mpi.config import load_job
-    from pbkd_mpi.data import load_dataset
-    from pbkd_mpi.teacher import load_model_file
+    from pbkd_mpi.data.dataset import load_dataset
+    from pbkd_mpi.model.teacher import load_model_file
 
     report = json.loads((run_dir / "report.json").read_text())
     job = load_job(str(run_dir / "job.toml"))

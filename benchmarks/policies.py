@@ -56,10 +56,10 @@ def model_profile(model: str, reference: dict) -> dict:
     import keras
 
     from pbkd_mpi.config import load_job
-    from pbkd_mpi.devices import configure_tensorflow_choice, import_tensorflow
-    from pbkd_mpi.graph import flatten_model
-    from pbkd_mpi.plan import granularity_of
-    from pbkd_mpi.profile import timed_shape_profile
+    from pbkd_mpi.mpi.devices import configure_tensorflow_choice, import_tensorflow
+    from pbkd_mpi.model.graph import flatten_model
+    from pbkd_mpi.model.selection import granularity_of
+    from pbkd_mpi.schedule.profile import timed_shape_profile
 
     import_tensorflow()
     configure_tensorflow_choice(1, 0)  # as one worker with 1 thread
@@ -92,8 +92,8 @@ def measured_runs(args, run_dir: Path) -> tuple[dict, dict]:
 
 def sensitivity(profile: dict, workers, scales) -> dict:
     """{scale: {workers: work-stealing+split's ratio to the bound}} on the scaled profile."""
-    from pbkd_mpi.profile import scaled_profile, task_estimates
-    from pbkd_mpi.simulate import simulate_estimates
+    from pbkd_mpi.schedule.profile import scaled_profile, task_estimates
+    from pbkd_mpi.schedule.simulate import simulate_estimates
 
     out = {}
     for scale in scales:
@@ -128,7 +128,7 @@ def main() -> None:
         measured, reports = measured_runs(args, run_dir)
 
     from pbkd_mpi import atomic
-    from pbkd_mpi.simulate import render_table, simulate_profile
+    from pbkd_mpi.schedule.simulate import render_table, simulate_profile
 
     reference = None
     if not args.reuse_profiles:

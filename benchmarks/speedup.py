@@ -53,11 +53,11 @@ def block_tasks(run_dir: Path) -> dict:
     import h5py
 
     from pbkd_mpi.config import load_job
-    from pbkd_mpi.graph import flatten_model
-    from pbkd_mpi.plan import granularity_of, select_blocks
-    from pbkd_mpi.students import initial_weights
-    from pbkd_mpi.teacher import load_model_file
-    from pbkd_mpi.train_block import BlockTask
+    from pbkd_mpi.model.graph import flatten_model
+    from pbkd_mpi.model.selection import granularity_of, select_blocks
+    from pbkd_mpi.model.students import initial_weights
+    from pbkd_mpi.model.teacher import load_model_file
+    from pbkd_mpi.distill.train_block import BlockTask
 
     job = load_job(run_dir / "job.toml")
     report = json.loads((run_dir / "report.json").read_text())
@@ -77,11 +77,11 @@ def block_tasks(run_dir: Path) -> dict:
 def ceiling_worker(run_dir: str, names: str) -> None:
     """One half of the ceiling: train these blocks one after another, 1 thread, no MPI.
     Says "ready" once set up and starts on "go" from stdin, so both halves start together."""
-    from pbkd_mpi.devices import configure_tensorflow_choice, import_tensorflow
+    from pbkd_mpi.mpi.devices import configure_tensorflow_choice, import_tensorflow
 
     import_tensorflow()
     configure_tensorflow_choice(1, 0)
-    from pbkd_mpi.train_block import train_block
+    from pbkd_mpi.distill.train_block import train_block
 
     tasks = block_tasks(Path(run_dir))
     print("ready", flush=True)

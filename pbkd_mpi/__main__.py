@@ -1,10 +1,10 @@
 import sys
 
-from .supervisor import should_supervise, supervise
+from pbkd_mpi.mpi.supervisor import should_supervise, supervise
 
 if should_supervise():  # under an MPI launcher: this process watches the real rank
     sys.exit(supervise(sys.argv[1:]))
 
-from .cli import main  # noqa: E402 - the supervisor must not import MPI or TensorFlow
+from pbkd_mpi.cli import main  # noqa: E402 - the supervisor must not import MPI or TensorFlow
 
 sys.exit(main())

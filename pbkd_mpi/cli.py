@@ -14,10 +14,10 @@ import socket
 import sys
 import traceback
 
-from . import faults, phases, preemption, supervisor
-from .errors import EXIT_FAILURE, EXIT_OK, PbkdError, UserError
-from .console import Console
-from .logs import LOGGER, open_rank_log
+from pbkd_mpi.mpi import faults, phases, preemption, supervisor
+from pbkd_mpi.errors import EXIT_FAILURE, EXIT_OK, PbkdError, UserError
+from pbkd_mpi.output.console import Console
+from pbkd_mpi.output.logs import LOGGER, open_rank_log
 
 LAUNCH_HINT = (
     "Launch with at least 2 MPI ranks: rank 0 coordinates and ranks 1..N-1 train blocks, "
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def entry() -> int:
     """The `pbkd-mpi` command: the same as `python -m pbkd_mpi` (supervised under MPI)."""
-    from .supervisor import should_supervise, supervise
+    from pbkd_mpi.mpi.supervisor import should_supervise, supervise
 
     return supervise(sys.argv[1:]) if should_supervise() else main()
 
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     rank = comm.Get_rank()
     preemption.install()
     argv = list(sys.argv[1:] if argv is None else argv) or ["run"]  # bare: the demo
-    from .devices import check_world_size, local_layout
+    from pbkd_mpi.mpi.devices import check_world_size, local_layout
 
     try:  # the same on every rank: rank 0 alone says so, every rank leaves
         args = build_parser().parse_args(argv)
@@ -124,10 +124,10 @@ def _fail(exc: BaseException) -> int:
 
 
 def _run_coordinator(comm, args, layout) -> int:
-    from .config import load_job
-    from .devices import configure_tensorflow_choice, node_cores
-    from .energy import PhaseMeter
-    from .protocol import Coordinator
+    from pbkd_mpi.config import load_job
+    from pbkd_mpi.mpi.devices import configure_tensorflow_choice, node_cores
+    from pbkd_mpi.output.energy import PhaseMeter
+    from pbkd_mpi.mpi.protocol import Coordinator
 
     local_rank = layout[0]
     coordinator = Coordinator(comm)
@@ -142,7 +142,7 @@ def _run_coordinator(comm, args, layout) -> int:
         _, choice = configure_tensorflow_choice(job.run.threads or node_cores(), local_rank)
         meter = PhaseMeter(rank=0, node=socket.gethostname(), gpu=choice.device_id,
                            read_rapl=local_rank == 0)
-        from .pipeline import coordinate
+        from pbkd_mpi.pipeline import coordinate
 
         say = Console(0 if args.quiet else 2 if args.verbose else 1)
         say(f"pbkd_mpi: {comm.Get_size() - 1} worker rank(s), run directory {job.run.dir}")
@@ -174,10 +174,10 @@ def _run_coordinator(comm, args, layout) -> int:
 
 
 def _run_worker(comm, layout) -> int:
-    from .devices import configure_tensorflow_choice, import_tensorflow, node_cores, worker_threads
-    from .energy import PhaseMeter
-    from .protocol import AbortRequested, Worker
-    from .task_runner import task_runner
+    from pbkd_mpi.mpi.devices import configure_tensorflow_choice, import_tensorflow, node_cores, worker_threads
+    from pbkd_mpi.output.energy import PhaseMeter
+    from pbkd_mpi.mpi.protocol import AbortRequested, Worker
+    from pbkd_mpi.distill.task_runner import task_runner
 
     local_rank, local_size, root_on_node = layout
     worker = Worker(comm)
@@ -235,7 +235,7 @@ def _run_worker(comm, layout) -> int:
 def _run_report(args) -> int:
     import json
 
-    from .report import compare, load_report, render_comparison, render_report
+    from pbkd_mpi.output.report import compare, load_report, render_comparison, render_report
 
     try:
         if len(args.runs) == 1:
@@ -255,7 +255,7 @@ def _run_report(args) -> int:
 
 def _run_simulate(args) -> int:
     try:
-        from .simulate import simulate_command
+        from pbkd_mpi.schedule.simulate import simulate_command
 
         return simulate_command(args)
     except BaseException as exc:  # noqa: BLE001
@@ -264,10 +264,10 @@ def _run_simulate(args) -> int:
 
 def _run_plan(args) -> int:
     try:
-        from .devices import import_tensorflow
+        from pbkd_mpi.mpi.devices import import_tensorflow
 
         import_tensorflow()
-        from .plan import plan_command
+        from pbkd_mpi.model.selection import plan_command
 
         return plan_command(args)
     except BaseException as exc:  # noqa: BLE001

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from pbkd_mpi.errors import UserError
 
 
 def _opt(default, help, *, min=None, max=None, choices=None):

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import psutil
 
-from . import preemption, supervisor
-from .config import Job
-from .console import DistillProgress, epoch_status
-from .logs import epoch_logger, open_rank_log, tensorboard_logger
-from .run_dir import prepare_run_dir
+from pbkd_mpi.mpi import preemption, supervisor
+from pbkd_mpi.config import Job
+from pbkd_mpi.output.console import DistillProgress, epoch_status
+from pbkd_mpi.output.logs import epoch_logger, open_rank_log, tensorboard_logger
+from pbkd_mpi.run_dir import prepare_run_dir
 
 
 @dataclass(frozen=True)
@@ -57,34 +57,34 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
                device: tuple = ("localhost", None)) -> dict:
     """Rank 0: every stage of the run. Returns the report written to the run directory.
     `log(message)` reports progress; `log.detail(message)` finer events (cli.Console)."""
-    from .cache_phase import prepare_cache
-    from .assemble import assemble_student
-    from .cost import model_flops
-    from .data import load_dataset
-    from .accept import ACCEPTED_WIDER, KEPT_TEACHER, accept_blocks
-    from .deploy import export_figures
-    from .exports import tflite_kinds, write_exports
-    from .finetune import accuracy, recalibrate_batchnorm
-    from .finetune_phase import PHASE as FINETUNE_PHASE
-    from .finetune_phase import (FinetuneRequest, finetune_key, load_finetuned, run_finetune,
+    from pbkd_mpi.cache.stage import prepare_cache
+    from pbkd_mpi.model.assemble import assemble_student
+    from pbkd_mpi.model.cost import model_flops
+    from pbkd_mpi.data.dataset import load_dataset
+    from pbkd_mpi.distill.accept import ACCEPTED_WIDER, KEPT_TEACHER, accept_blocks
+    from pbkd_mpi.output.deploy import export_figures
+    from pbkd_mpi.output.exports import tflite_kinds, write_exports
+    from pbkd_mpi.finetune.train import accuracy, recalibrate_batchnorm
+    from pbkd_mpi.finetune.stage import PHASE as FINETUNE_PHASE
+    from pbkd_mpi.finetune.stage import (FinetuneRequest, finetune_key, load_finetuned, run_finetune,
                                  save_finetuned, weights_digest)
-    from .logits import logit_boundary
-    from .graph import boundaries, flatten_model
-    from .plan import granularity_of, select_blocks
-    from .deploy import deployment_figures
-    from .energy import aggregate
-    from .report import block_rows, replaced_totals, schedule_figures, write_report
-    from .results import load_result, progress_path, result_path, save_result
-    from .students import initial_weights, student_cost
-    from .teacher import (load_model_file, load_teacher, save_model_atomically,
+    from pbkd_mpi.model.logits import logit_boundary
+    from pbkd_mpi.model.graph import boundaries, flatten_model
+    from pbkd_mpi.model.selection import granularity_of, select_blocks
+    from pbkd_mpi.output.deploy import deployment_figures
+    from pbkd_mpi.output.energy import aggregate
+    from pbkd_mpi.output.report import block_rows, replaced_totals, schedule_figures, write_report
+    from pbkd_mpi.distill.results import load_result, progress_path, result_path, save_result
+    from pbkd_mpi.model.students import initial_weights, student_cost
+    from pbkd_mpi.model.teacher import (load_model_file, load_teacher, save_model_atomically,
                           weights_fingerprint)
-    from .train_block import BlockTask, estimate_cost
-    from .devices import coordinator_trains
-    from .profile import profile_tasks, save_profile, task_estimates
-    from .protocol import LocalWorker
-    from .task_runner import task_runner
-    from .schedule import forced_ways, make_plan
-    from .simulate import simulate_plan
+    from pbkd_mpi.distill.train_block import BlockTask, estimate_cost
+    from pbkd_mpi.mpi.devices import coordinator_trains
+    from pbkd_mpi.schedule.profile import profile_tasks, save_profile, task_estimates
+    from pbkd_mpi.mpi.protocol import LocalWorker
+    from pbkd_mpi.distill.task_runner import task_runner
+    from pbkd_mpi.schedule.planner import forced_ways, make_plan
+    from pbkd_mpi.schedule.simulate import simulate_plan
     import numpy as np
 
     started = time.perf_counter()
@@ -250,7 +250,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
                    "skipped": "cache.mode resolved to recompute: no cache to read targets from"}
         log(f"chained pass skipped: {chained['skipped']}")
     elif job.distill.chained_epochs:
-        from .chain import chain_blocks
+        from pbkd_mpi.distill.chain import chain_blocks
 
         def run_chained(task):
             # One task at a time, on one worker. Splitting it over all workers (as a split

@@ -12,8 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .config import Job, load_job
-from .errors import UserError
+from pbkd_mpi.config import Job, load_job
+from pbkd_mpi.errors import UserError
 
 JOB_FILE = "job.toml"
 # What a run's results depend on; fine-tuning, retries and threads may change between tries.
@@ -89,7 +89,7 @@ def clear(run_dir: Path) -> None:
 
 
 def write_job_toml(job: Job, path: Path) -> None:
-    from . import atomic
+    from pbkd_mpi import atomic
 
     lines = []
     for section, values in job.to_dict().items():

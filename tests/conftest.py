@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pbkd_mpi.devices import import_tensorflow
+from pbkd_mpi.mpi.devices import import_tensorflow
 
 import_tensorflow()  # once, quietly, before any test touches Keras
 
@@ -20,7 +20,7 @@ TINY_JOB = REPO / "jobs" / "tiny.toml"
 @pytest.fixture(scope="session")
 def tiny_dataset():
     from pbkd_mpi.config import DataConfig
-    from pbkd_mpi.data import load_dataset
+    from pbkd_mpi.data.dataset import load_dataset
 
     return load_dataset(DataConfig(image_size=(16, 16), demo_train=300, demo_test=100), seed=0)
 
@@ -29,7 +29,7 @@ def tiny_dataset():
 def tiny_teacher(tiny_dataset):
     import keras
 
-    from pbkd_mpi.teacher import build_vgg_demo
+    from pbkd_mpi.model.teacher import build_vgg_demo
 
     keras.utils.set_random_seed(1)
     return build_vgg_demo(tiny_dataset.image_shape, tiny_dataset.num_classes, (8, 8, 16, 16))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pbkd_mpi.accept import ACCEPTED, KEPT_TEACHER, accept_blocks
+from pbkd_mpi.distill.accept import ACCEPTED, KEPT_TEACHER, accept_blocks
 from pbkd_mpi.config import AcceptConfig
 
 
@@ -14,10 +14,10 @@ from pbkd_mpi.config import AcceptConfig
 def setting(tiny_dataset, tiny_teacher):
     import keras
 
-    from pbkd_mpi.finetune import fit_classifier
-    from pbkd_mpi.graph import flatten_model
-    from pbkd_mpi.plan import select_blocks
-    from pbkd_mpi.students import initial_weights
+    from pbkd_mpi.finetune.train import fit_classifier
+    from pbkd_mpi.model.graph import flatten_model
+    from pbkd_mpi.model.selection import select_blocks
+    from pbkd_mpi.model.students import initial_weights
 
     teacher = keras.models.clone_model(tiny_teacher)
     teacher.set_weights(tiny_teacher.get_weights())
@@ -56,7 +56,7 @@ def test_a_broken_block_is_retrained_wider_then_kept_as_the_teachers(setting, ti
     asked = []
 
     def retrain(names, multiplier):
-        from pbkd_mpi.students import initial_weights
+        from pbkd_mpi.model.students import initial_weights
 
         asked.append((list(names), multiplier))
         wide = initial_weights(blocks[1], teacher, multiplier)  # the wider student's shapes
@@ -78,8 +78,8 @@ def test_the_teacher_is_scored_with_its_bn_statistics_re_estimated_as_a_solo_swa
     re-estimation as each solo swap, so stale statistics of the teacher's cancel out."""
     import keras
 
-    from pbkd_mpi.accept import teacher_accuracy
-    from pbkd_mpi.finetune import accuracy
+    from pbkd_mpi.distill.accept import teacher_accuracy
+    from pbkd_mpi.finetune.train import accuracy
 
     teacher, _, _ = setting
     x, y, x_train = tiny_dataset.x_val, tiny_dataset.y_val, tiny_dataset.x_train

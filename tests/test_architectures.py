@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from keras import layers
 
-from pbkd_mpi.assemble import assemble_student, copy_block, rewrite
-from pbkd_mpi.graph import GRANULARITIES, find_blocks, flatten_model
-from pbkd_mpi.plan import block_table, select_blocks
-from pbkd_mpi.students import build_student_model, layer_weights, student_cost
+from pbkd_mpi.model.assemble import assemble_student, copy_block, rewrite
+from pbkd_mpi.model.graph import GRANULARITIES, find_blocks, flatten_model
+from pbkd_mpi.model.selection import block_table, select_blocks
+from pbkd_mpi.model.students import build_student_model, layer_weights, student_cost
 
 APPLICATIONS = ("VGG16", "VGG19", "ResNet50", "ResNet50V2", "MobileNetV2", "DenseNet121")
 NAMES = (*APPLICATIONS, "demo", "nested")
@@ -45,7 +45,7 @@ def _nested_backbone_model():
 def _build(name):
     keras.utils.set_random_seed(0)
     if name == "demo":
-        from pbkd_mpi.teacher import build_vgg_demo
+        from pbkd_mpi.model.teacher import build_vgg_demo
 
         return build_vgg_demo((SIZE, SIZE, 3), 10, (16, 16, 32, 32))
     if name == "nested":

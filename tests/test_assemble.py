@@ -1,9 +1,9 @@
 import keras
 import numpy as np
 
-from pbkd_mpi.assemble import assemble_student, copy_block, rewrite
-from pbkd_mpi.graph import find_blocks
-from pbkd_mpi.students import build_student_model, layer_weights
+from pbkd_mpi.model.assemble import assemble_student, copy_block, rewrite
+from pbkd_mpi.model.graph import find_blocks
+from pbkd_mpi.model.students import build_student_model, layer_weights
 
 
 def test_identity_reassembly_reproduces_the_teacher(tiny_teacher):

@@ -3,10 +3,10 @@ import keras
 import numpy as np
 import pytest
 
-from pbkd_mpi.cache import build_cache, cache_fingerprint, is_complete, read_pair
+from pbkd_mpi.cache.layout import build_cache, cache_fingerprint, is_complete, read_pair
 from pbkd_mpi.errors import UserError
-from pbkd_mpi.graph import MODEL_INPUT, boundaries, find_blocks
-from pbkd_mpi.teacher import weights_fingerprint
+from pbkd_mpi.model.graph import MODEL_INPUT, boundaries, find_blocks
+from pbkd_mpi.model.teacher import weights_fingerprint
 
 
 @pytest.fixture()
@@ -76,7 +76,7 @@ def test_fingerprint_changes_with_weights_data_boundaries_and_dtype(tiny_teacher
 
 
 def test_size_estimate_matches_the_written_cache(built_cache, tiny_teacher, tiny_dataset):
-    from pbkd_mpi.cache import estimate_bytes
+    from pbkd_mpi.cache.layout import estimate_bytes
 
     path, _, names, info = built_cache
     samples = len(tiny_dataset.y_train) + len(tiny_dataset.y_val)
@@ -90,7 +90,7 @@ def test_not_enough_disk_is_refused_before_writing(tiny_teacher, tmp_path, monke
     import shutil as shutil_module
     from collections import namedtuple
 
-    from pbkd_mpi import cache
+    from pbkd_mpi.cache import layout as cache
 
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(shutil_module, "disk_usage", lambda path: Usage(10**9, 0, 10**6))

@@ -9,14 +9,14 @@ import keras
 import numpy as np
 import pytest
 
-from pbkd_mpi.augment import AugmentSpec, Views
-from pbkd_mpi.cache import (CacheOptions, cache_fingerprint, check_disk, estimate_bytes,
+from pbkd_mpi.data.augment import AugmentSpec, Views
+from pbkd_mpi.cache.layout import (CacheOptions, cache_fingerprint, check_disk, estimate_bytes,
                             fingerprint_for, incomplete_reason, is_complete, part_counts,
                             plan_shards, read_pair, shard_dir)
-from pbkd_mpi.cache_build import build_shards, stitch
+from pbkd_mpi.cache.build import build_shards, stitch
 from pbkd_mpi.errors import UserError
-from pbkd_mpi.graph import MODEL_INPUT, boundaries, find_blocks
-from pbkd_mpi.teacher import weights_fingerprint
+from pbkd_mpi.model.graph import MODEL_INPUT, boundaries, find_blocks
+from pbkd_mpi.model.teacher import weights_fingerprint
 
 SHARD = 64  # the tiny set's 270 training samples make 5 shards, the last one partial
 
@@ -178,7 +178,7 @@ def _fake_disk(monkeypatch, free):
 
 def test_the_disk_check_refuses_and_auto_mode_recomputes_instead(tiny_teacher, tiny_dataset,
                                                                  tmp_path, monkeypatch):
-    from pbkd_mpi.cache_phase import prepare_cache
+    from pbkd_mpi.cache.stage import prepare_cache
     from pbkd_mpi.config import CacheConfig, Job
 
     _fake_disk(monkeypatch, 10**5)

@@ -4,11 +4,11 @@ import keras
 import numpy as np
 import pytest
 
-from pbkd_mpi.augment import AugmentSpec, Views
-from pbkd_mpi.cache import CacheOptions, fingerprint_for, read_pair
-from pbkd_mpi.cache_build import build_shards, stitch
-from pbkd_mpi.cache_reader import CachedPairs, CacheStore, RecomputedPairs, window_plan
-from pbkd_mpi.graph import MODEL_INPUT
+from pbkd_mpi.data.augment import AugmentSpec, Views
+from pbkd_mpi.cache.layout import CacheOptions, fingerprint_for, read_pair
+from pbkd_mpi.cache.build import build_shards, stitch
+from pbkd_mpi.cache.reader import CachedPairs, CacheStore, RecomputedPairs, window_plan
+from pbkd_mpi.model.graph import MODEL_INPUT
 
 NAMES = [MODEL_INPUT, "relu1", "pool1", "relu3"]
 VIEWS = AugmentSpec(views=2)
@@ -160,12 +160,12 @@ def test_recomputed_pairs_equal_the_cached_ones(cache, tiny_teacher, tiny_datase
 
 
 def test_a_block_trains_in_recompute_mode(tiny_teacher, tiny_dataset, tmp_path):
-    from pbkd_mpi.cache_reader import DataSource
+    from pbkd_mpi.cache.reader import DataSource
     from pbkd_mpi.config import DataConfig, DistillConfig
-    from pbkd_mpi.graph import find_blocks
-    from pbkd_mpi.students import initial_weights
-    from pbkd_mpi.teacher import weights_fingerprint
-    from pbkd_mpi.train_block import BlockTask, train_block
+    from pbkd_mpi.model.graph import find_blocks
+    from pbkd_mpi.model.students import initial_weights
+    from pbkd_mpi.model.teacher import weights_fingerprint
+    from pbkd_mpi.distill.train_block import BlockTask, train_block
 
     teacher_file = tmp_path / "teacher.keras"
     tiny_teacher.save(teacher_file)
@@ -189,7 +189,7 @@ def test_leaving_a_prefetched_loop_early_ends_its_thread():
     import threading
     import time
 
-    from pbkd_mpi.cache_reader import _prefetched
+    from pbkd_mpi.cache.reader import _prefetched
 
     items = _prefetched(lambda: iter(range(3)), depth=2)
     assert next(items) == 0

@@ -8,16 +8,16 @@ import keras
 import numpy as np
 import pytest
 
-from pbkd_mpi.assemble import assemble_student
-from pbkd_mpi.cache import build_cache, cache_fingerprint
-from pbkd_mpi.cache_reader import CacheStore
-from pbkd_mpi.chain import chain_blocks, weights_digest
+from pbkd_mpi.model.assemble import assemble_student
+from pbkd_mpi.cache.layout import build_cache, cache_fingerprint
+from pbkd_mpi.cache.reader import CacheStore
+from pbkd_mpi.distill.chain import chain_blocks, weights_digest
 from pbkd_mpi.config import CacheConfig, DistillConfig, Job, validate_job
 from pbkd_mpi.errors import UserError
-from pbkd_mpi.graph import boundaries, find_blocks
-from pbkd_mpi.results import task_key
-from pbkd_mpi.students import initial_weights
-from pbkd_mpi.train_block import BlockTask, train_block
+from pbkd_mpi.model.graph import boundaries, find_blocks
+from pbkd_mpi.distill.results import task_key
+from pbkd_mpi.model.students import initial_weights
+from pbkd_mpi.distill.train_block import BlockTask, train_block
 
 CHAINED_EPOCHS = 4
 
@@ -45,7 +45,7 @@ def output_error(teacher, blocks, weights, dataset):
     last = blocks[-1].output_boundary
     tensors = {}
     student = assemble_student(teacher, blocks, weights, 1, tensors)
-    from pbkd_mpi.finetune import recalibrate_batchnorm
+    from pbkd_mpi.finetune.train import recalibrate_batchnorm
 
     recalibrate_batchnorm(student, dataset.x_train)
     ours = keras.Model(student.inputs, tensors[last]).predict(dataset.x_val, verbose=0)
@@ -105,7 +105,7 @@ def test_the_chained_pass_lowers_each_blocks_error_on_the_students_input(
 
 def test_a_resumed_chained_pass_reuses_its_saved_results(setup, tiny_teacher, tiny_dataset,
                                                           tmp_path):
-    from pbkd_mpi.results import result_path, save_result
+    from pbkd_mpi.distill.results import result_path, save_result
 
     blocks, tasks, trained, _, _ = setup
     blocks, trained = blocks[:2], {b.name: trained[b.name] for b in blocks[:2]}
@@ -144,7 +144,7 @@ def test_task_keys_follow_the_chained_setting(setup):
         chained, config=dataclasses.replace(task.config, epochs=task.config.epochs + 1)))
     # With the head's distillation, or another weight of it: another result; a parallel
     # task does not depend on the weight.
-    from pbkd_mpi.head_loss import HeadLoss
+    from pbkd_mpi.distill.head_loss import HeadLoss
 
     def head(weight):
         return HeadLoss("{}", (), None, None, weight, 4.0)

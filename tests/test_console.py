@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pbkd_mpi.console import Console, DistillProgress, live_terminal, progress_bar
+from pbkd_mpi.output.console import Console, DistillProgress, live_terminal, progress_bar
 
 from .conftest import REPO
 
@@ -73,7 +73,7 @@ def test_forced_modes(monkeypatch):
 @pytest.mark.skipif(shutil.which("script") is None, reason="needs util-linux script")
 def test_rank_0_sees_the_launchers_terminal_through_the_mpi_pipe(tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text("from mpi4py import MPI\nfrom pbkd_mpi.console import live_terminal\n"
+    probe.write_text("from mpi4py import MPI\nfrom pbkd_mpi.output.console import live_terminal\n"
                      "if MPI.COMM_WORLD.rank == 0:\n    print(0, live_terminal())\n")
     command = f"mpiexec -n 2 {sys.executable} {probe}"
     env = {**os.environ, "PYTHONPATH": str(REPO)}

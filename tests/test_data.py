@@ -4,8 +4,8 @@ import pytest
 from PIL import Image
 
 from pbkd_mpi.config import DataConfig
-from pbkd_mpi.data import load_dataset
-from pbkd_mpi.demo_data import CLASS_NAMES, make_shapes
+from pbkd_mpi.data.dataset import load_dataset
+from pbkd_mpi.data.demo import CLASS_NAMES, make_shapes
 from pbkd_mpi.errors import UserError
 
 

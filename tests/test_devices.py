@@ -2,7 +2,7 @@
 
 import pytest
 
-from pbkd_mpi.devices import (GpuChoice, check_world_size, choose_gpu, device_ids,
+from pbkd_mpi.mpi.devices import (GpuChoice, check_world_size, choose_gpu, device_ids,
                               local_rank_from_env, worker_threads)
 from pbkd_mpi.errors import UserError
 
@@ -215,7 +215,7 @@ class FakeGpu:
 
 @pytest.fixture
 def fake_tf(monkeypatch):
-    from pbkd_mpi import devices
+    from pbkd_mpi.mpi import devices
 
     def install(count):
         tf = FakeTf([FakeGpu(f"/physical_device:GPU:{i}") for i in range(count)])
@@ -226,7 +226,7 @@ def fake_tf(monkeypatch):
 
 
 def test_configure_pins_one_gpu_with_memory_growth(fake_tf):
-    from pbkd_mpi.devices import configure_tensorflow, configure_tensorflow_choice
+    from pbkd_mpi.mpi.devices import configure_tensorflow, configure_tensorflow_choice
 
     tf = fake_tf(4)
     assert configure_tensorflow(3, 6, environ={}) == "/physical_device:GPU:2"
@@ -238,7 +238,7 @@ def test_configure_pins_one_gpu_with_memory_growth(fake_tf):
 
 
 def test_configure_hides_gpus_from_a_rank_that_needs_none(fake_tf):
-    from pbkd_mpi.devices import configure_tensorflow
+    from pbkd_mpi.mpi.devices import configure_tensorflow
 
     tf = fake_tf(2)
     assert configure_tensorflow(1, 0, use_gpu=False, environ={}) == "cpu"
@@ -247,7 +247,7 @@ def test_configure_hides_gpus_from_a_rank_that_needs_none(fake_tf):
 
 
 def test_configure_without_gpus_is_cpu(fake_tf):
-    from pbkd_mpi.devices import configure_tensorflow
+    from pbkd_mpi.mpi.devices import configure_tensorflow
 
     tf = fake_tf(0)
     assert configure_tensorflow(2, 0, environ={}) == "cpu"
@@ -259,7 +259,7 @@ def test_configure_tensorflow_for_real_in_a_fresh_process():
     import subprocess
     import sys
 
-    code = ("from pbkd_mpi.devices import configure_tensorflow; import tensorflow as tf; "
+    code = ("from pbkd_mpi.mpi.devices import configure_tensorflow; import tensorflow as tf; "
             "print(configure_tensorflow(1, 0), "
             "tf.config.threading.get_intra_op_parallelism_threads(), "
             "tf.config.threading.get_inter_op_parallelism_threads())")
@@ -272,7 +272,7 @@ def test_configure_tensorflow_for_real_in_a_fresh_process():
 
 
 def test_rank_0_trains_only_on_a_gpu_no_worker_uses():
-    from pbkd_mpi.devices import coordinator_trains
+    from pbkd_mpi.mpi.devices import coordinator_trains
 
     # mpirun -np 4 on 4 GPUs: workers on GPUs 1-3, rank 0's GPU 0 would idle.
     assert coordinator_trains("auto", ("n1", "0"), [("n1", "1"), ("n1", "2"), ("n1", "3")])[0]

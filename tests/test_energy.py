@@ -4,8 +4,8 @@ from collections import namedtuple
 
 import pytest
 
-from pbkd_mpi import energy
-from pbkd_mpi.energy import (GPU_COUNTER, GPU_NONE, GPU_SAMPLES, NOT_MEASURED, CPU_RAPL,
+from pbkd_mpi.output import energy
+from pbkd_mpi.output.energy import (GPU_COUNTER, GPU_NONE, GPU_SAMPLES, NOT_MEASURED, CPU_RAPL,
                              NvmlGpu, PhaseMeter, PowerIntegrator, RaplPackages, aggregate)
 
 

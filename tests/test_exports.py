@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from pbkd_mpi.deploy import export_figures
-from pbkd_mpi.exports import Export, tflite_kinds, write_exports
+from pbkd_mpi.output.deploy import export_figures
+from pbkd_mpi.output.exports import Export, tflite_kinds, write_exports
 
 
 def test_every_export_loads_back_and_agrees_with_the_keras_student(tiny_teacher, tiny_dataset,
                                                                    tmp_path):
     import keras
 
-    from pbkd_mpi.finetune import fit_classifier
+    from pbkd_mpi.finetune.train import fit_classifier
 
     # Trained a little, so predicted classes are decided (an untrained model's outputs are
     # near-uniform and int8 rounding flips them).

@@ -1,6 +1,6 @@
 import pytest
 
-from pbkd_mpi import faults
+from pbkd_mpi.mpi import faults
 from pbkd_mpi.errors import UserError
 
 

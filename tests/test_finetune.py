@@ -10,8 +10,8 @@ import pytest
 from mpi4py import MPI
 
 from pbkd_mpi.config import FinetuneConfig
-from pbkd_mpi.finetune import FinetuneData, finetune, learning_rate
-from pbkd_mpi.logits import logit_boundary, logits_from_boundary, logits_model
+from pbkd_mpi.finetune.train import FinetuneData, finetune, learning_rate
+from pbkd_mpi.model.logits import logit_boundary, logits_from_boundary, logits_model
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def trained(tiny_dataset, tiny_teacher):
     """The tiny teacher after a little training, and its logits."""
     import keras
 
-    from pbkd_mpi.finetune import fit_classifier
+    from pbkd_mpi.finetune.train import fit_classifier
 
     teacher = keras.models.clone_model(tiny_teacher)
     teacher.set_weights(tiny_teacher.get_weights())
@@ -99,7 +99,7 @@ def test_cosine_schedule_values():
 
 def test_a_finished_fine_tuning_is_kept_under_a_key_of_what_it_depends_on(
         trained, tiny_dataset, tmp_path):
-    from pbkd_mpi.finetune_phase import finetune_key, load_finetuned, save_finetuned
+    from pbkd_mpi.finetune.stage import finetune_key, load_finetuned, save_finetuned
 
     teacher, _ = trained
     student = _student(teacher)

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from keras import layers
 
-from pbkd_mpi.cost import layer_flops, model_flops
+from pbkd_mpi.model.cost import layer_flops, model_flops
 from pbkd_mpi.errors import UserError
-from pbkd_mpi.graph import (MODEL_INPUT, _layer_graph, boundaries, cut_points, find_blocks,
+from pbkd_mpi.model.graph import (MODEL_INPUT, _layer_graph, boundaries, cut_points, find_blocks,
                             flatten_model)
 
 

@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 
-from pbkd_mpi.graph import find_blocks
-from pbkd_mpi.head_loss import cut_head
-from pbkd_mpi.logits import logits_model
+from pbkd_mpi.model.graph import find_blocks
+from pbkd_mpi.distill.head_loss import cut_head
+from pbkd_mpi.model.logits import logits_model
 
 
 def _softmax(z):

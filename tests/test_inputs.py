@@ -8,7 +8,7 @@ from pbkd_mpi.errors import UserError
 def test_teacher_and_data_must_agree_on_classes(tiny_teacher, tiny_dataset):
     import dataclasses
 
-    from pbkd_mpi.teacher import check_teacher_fits_data
+    from pbkd_mpi.model.teacher import check_teacher_fits_data
 
     check_teacher_fits_data(tiny_teacher, tiny_dataset)
     five = dataclasses.replace(tiny_dataset, num_classes=5)
@@ -62,7 +62,7 @@ def test_a_run_directory_of_another_job_is_refused_unless_fresh(tmp_path):
     ("absent.keras", None, r"does not exist\. Expected a \.keras or \.h5 model file"),
 ])
 def test_a_teacher_file_that_is_not_a_keras_model_is_refused(tmp_path, name, content, message):
-    from pbkd_mpi.teacher import load_model_file
+    from pbkd_mpi.model.teacher import load_model_file
 
     path = tmp_path / name
     if content is not None:

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from pbkd_mpi.plan import block_table
+from pbkd_mpi.model.selection import block_table
 
 from .conftest import REPO, TINY_JOB
 
@@ -61,7 +61,7 @@ def test_plan_command_takes_the_granularity_from_the_job(tmp_path):
 def test_explicit_blocks_from_the_job(tiny_teacher):
     from pbkd_mpi.config import BlocksConfig, job_from_dict, validate_job
     from pbkd_mpi.errors import UserError
-    from pbkd_mpi.plan import granularity_of
+    from pbkd_mpi.model.selection import granularity_of
 
     pairs = granularity_of(BlocksConfig(explicit=("conv2:relu2", "conv3:relu4")))
     assert pairs == [("conv2", "relu2"), ("conv3", "relu4")]

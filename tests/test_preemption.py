@@ -9,7 +9,7 @@ from .conftest import REPO
 
 STUCK_AFTER_THE_SIGNAL = """
 import threading
-from pbkd_mpi import preemption
+from pbkd_mpi.mpi import preemption
 preemption.install(grace_s=1.0)
 
 def stuck_forever():
@@ -23,7 +23,7 @@ stuck_forever()
 
 STOPS_IN_ORDER = """
 import time
-from pbkd_mpi import preemption
+from pbkd_mpi.mpi import preemption
 preemption.install(grace_s=1.0)
 print("ready", flush=True)
 while not preemption.requested():

@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from pbkd_mpi.report import compare, render_report
+from pbkd_mpi.output.report import compare, render_report
 
 from .conftest import REPO
 

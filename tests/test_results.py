@@ -3,9 +3,9 @@ import dataclasses
 import numpy as np
 
 from pbkd_mpi.config import DistillConfig
-from pbkd_mpi.graph import find_blocks
-from pbkd_mpi.results import load_result, result_path, save_result, task_key
-from pbkd_mpi.train_block import BlockTask
+from pbkd_mpi.model.graph import find_blocks
+from pbkd_mpi.distill.results import load_result, result_path, save_result, task_key
+from pbkd_mpi.distill.train_block import BlockTask
 
 
 def _task(block, **changes):

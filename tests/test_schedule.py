@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from pbkd_mpi.profile import split_seconds, task_estimates
-from pbkd_mpi.schedule import Scheduler, TaskEstimate, lower_bound, make_plan
-from pbkd_mpi.simulate import simulate_estimates, simulate_plan
+from pbkd_mpi.schedule.profile import split_seconds, task_estimates
+from pbkd_mpi.schedule.planner import Scheduler, TaskEstimate, lower_bound, make_plan
+from pbkd_mpi.schedule.simulate import simulate_estimates, simulate_plan
 
 
 def tasks_of(*seconds, linear_split=0):
@@ -189,7 +189,7 @@ def test_rank_0s_training_thread_never_joins_a_split_task():
 
 def test_forced_split_is_refused_when_too_few_workers_can_join():
     from pbkd_mpi.errors import UserError
-    from pbkd_mpi.schedule import forced_ways
+    from pbkd_mpi.schedule.planner import forced_ways
 
     tasks = tasks_of(4, 2, linear_split=3)
     assert forced_ways({"t0": 1, "t1": 1}, ["t0=2"], tasks, (1, 2)) == {"t0": 2, "t1": 1}
@@ -328,7 +328,7 @@ def test_split_plans_reach_the_bound_on_a_many_worker_set():
 
 
 def test_scaled_profile_scales_compute_and_keeps_reads():
-    from pbkd_mpi.profile import scaled_profile
+    from pbkd_mpi.schedule.profile import scaled_profile
 
     entry = {"seconds_per_step": 0.02, "fixed_step_s": 0.004, "per_sample_step_s": 0.00025,
              "batch_size": 64, "steps_per_epoch": 100, "epochs": 5, "setup_s": 1.0,
@@ -346,7 +346,7 @@ def test_scaled_profile_scales_compute_and_keeps_reads():
 def test_split_plans_stay_within_1_05_of_the_bound_on_the_saved_model_profiles(model, workers):
     # The hardest cells of benchmarks/policies.py (main's plans: 1.066, 1.068, 1.091 of
     # the bound then); the saved profiles are that benchmark's.
-    from pbkd_mpi.profile import load_profile
+    from pbkd_mpi.schedule.profile import load_profile
 
     from .conftest import REPO
 

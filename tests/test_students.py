@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from keras import layers
 
-from pbkd_mpi.graph import find_blocks
-from pbkd_mpi.students import build_student_model, initial_weights
+from pbkd_mpi.model.graph import find_blocks
+from pbkd_mpi.model.students import build_student_model, initial_weights
 
 
 def _model(stride, padding, ending):
@@ -91,7 +91,7 @@ def test_segment_student_keeps_the_skip_connection_and_the_ending():
 
 @pytest.mark.parametrize("granularity", ["layer", "block"])
 def test_inverted_residual_family_and_width_multiplier(granularity):
-    from pbkd_mpi.students import with_family
+    from pbkd_mpi.model.students import with_family
 
     for block in find_blocks(_residual_model(), granularity):
         narrow = with_family(block, "inverted_residual", 0.5)

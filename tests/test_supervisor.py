@@ -3,11 +3,11 @@
 import signal
 import sys
 
-from pbkd_mpi.supervisor import death_message, launcher_rank, should_supervise, supervise
+from pbkd_mpi.mpi.supervisor import death_message, launcher_rank, should_supervise, supervise
 
 CHILD_NOTES_THEN_DIES = """
 import os, signal
-from pbkd_mpi.supervisor import note
+from pbkd_mpi.mpi.supervisor import note
 note("training block conv3", run_dir="/runs/x")
 os.kill(os.getpid(), signal.SIGKILL)
 """

@@ -2,12 +2,12 @@ import keras
 import numpy as np
 import pytest
 
-from pbkd_mpi.cache import build_cache, cache_fingerprint
+from pbkd_mpi.cache.layout import build_cache, cache_fingerprint
 from pbkd_mpi.config import DistillConfig
-from pbkd_mpi.graph import boundaries, find_blocks
-from pbkd_mpi.students import initial_weights
-from pbkd_mpi.checkpoint import load_state
-from pbkd_mpi.train_block import BlockTask, train_block
+from pbkd_mpi.model.graph import boundaries, find_blocks
+from pbkd_mpi.model.students import initial_weights
+from pbkd_mpi.distill.checkpoint import load_state
+from pbkd_mpi.distill.train_block import BlockTask, train_block
 
 
 @pytest.fixture(scope="module")

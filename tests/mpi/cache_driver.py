@@ -36,20 +36,20 @@ def main() -> int:
 
     from mpi4py import MPI
 
-    from pbkd_mpi import collectives
-    from pbkd_mpi.devices import configure_tensorflow
+    from pbkd_mpi.mpi import collectives
+    from pbkd_mpi.mpi.devices import configure_tensorflow
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     configure_tensorflow(args.threads, rank, inter_threads=1)
     import keras
 
-    from pbkd_mpi.cache import CacheOptions, fingerprint_for, read_pair
-    from pbkd_mpi.cache_build import build_shards, stitch
+    from pbkd_mpi.cache.layout import CacheOptions, fingerprint_for, read_pair
+    from pbkd_mpi.cache.build import build_shards, stitch
     from pbkd_mpi.config import DataConfig
-    from pbkd_mpi.data import load_dataset
-    from pbkd_mpi.graph import boundaries, find_blocks
-    from pbkd_mpi.teacher import build_vgg_demo, weights_fingerprint
+    from pbkd_mpi.data.dataset import load_dataset
+    from pbkd_mpi.model.graph import boundaries, find_blocks
+    from pbkd_mpi.model.teacher import build_vgg_demo, weights_fingerprint
 
     dataset = load_dataset(DataConfig(image_size=(args.image, args.image),
                                       demo_train=args.train, demo_test=100), seed=0)

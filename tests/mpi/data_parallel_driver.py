@@ -14,8 +14,8 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from pbkd_mpi.collectives import gather_objects
-from pbkd_mpi.devices import configure_tensorflow
+from pbkd_mpi.mpi.collectives import gather_objects
+from pbkd_mpi.mpi.devices import configure_tensorflow
 
 
 def digest(model) -> str:
@@ -53,7 +53,7 @@ def main():
     configure_tensorflow(1, comm.Get_rank(), 1, use_gpu=False)
     import keras
 
-    from pbkd_mpi.data_parallel import fit, sparse_accuracy_sums
+    from pbkd_mpi.mpi.data_parallel import fit, sparse_accuracy_sums
 
     data = quadrant_data(np.random.default_rng(0))
     # A different seed per rank: the trainer's broadcast must make the start identical.

@@ -18,9 +18,9 @@ import numpy as np
 import psutil
 from mpi4py import MPI
 
-from pbkd_mpi.collectives import allreduce_sum
-from pbkd_mpi.protocol import Coordinator, Worker
-from pbkd_mpi.schedule import TaskEstimate, make_plan
+from pbkd_mpi.mpi.collectives import allreduce_sum
+from pbkd_mpi.mpi.protocol import Coordinator, Worker
+from pbkd_mpi.schedule.planner import TaskEstimate, make_plan
 
 MAX_ATTEMPTS = 3
 

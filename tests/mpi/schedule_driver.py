@@ -14,8 +14,8 @@ import time
 
 from mpi4py import MPI
 
-from pbkd_mpi.protocol import Coordinator, Worker
-from pbkd_mpi.schedule import TaskEstimate, make_plan
+from pbkd_mpi.mpi.protocol import Coordinator, Worker
+from pbkd_mpi.schedule.planner import TaskEstimate, make_plan
 
 
 def main():

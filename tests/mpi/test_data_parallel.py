@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pbkd_mpi.data_parallel import batch_pieces
+from pbkd_mpi.mpi.data_parallel import batch_pieces
 
 pytestmark = pytest.mark.skipif(shutil.which("mpiexec") is None, reason="no mpiexec on PATH")
 

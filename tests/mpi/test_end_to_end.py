@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from pbkd_mpi.checkpoint import load_state
+from pbkd_mpi.distill.checkpoint import load_state
 
 from ..conftest import REPO, TINY_JOB, run_mpi
 
@@ -337,7 +337,7 @@ def test_block_weights_do_not_depend_on_the_number_of_workers(tiny_run, tmp_path
     order) must train identical weights. Two epochs each: enough for any difference in
     order or data to show."""
     run_dir = _warm_run_dir(tiny_run, tmp_path)
-    from pbkd_mpi.results import load_result
+    from pbkd_mpi.distill.results import load_result
 
     weights = {}
     for ranks, rank0_trains, expected_ranks in ((3, "no", {1, 2}), (2, "no", {1}),

@@ -1,0 +1,1 @@
+"""The activation cache: its layout on disk, building it, reading it, its run stage."""

@@ -1,0 +1,1 @@
+"""Data sets: image folders, .npz and HDF5 files, the generated demo, augmentation."""

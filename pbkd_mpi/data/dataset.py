@@ -1,0 +1,302 @@
+"""Data sets: the demo generator, image folders, .npz and HDF5 files; splits; preprocessing.
+
+Everything is loaded into memory as float32 arrays in NHWC order with integer labels. The
+validation split is carved from the training data with the job's seed unless the data set
+brings its own, and the test split is kept apart for the final figures only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pbkd_mpi.config import DataConfig
+from pbkd_mpi.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+_TEST_FIELDS = frozenset({"x_test", "y_test"})
+
+
+@dataclass(frozen=True)
+class Dataset:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    source: str
+    skipped_images: tuple[str, ...] = ()  # unreadable image files left out (data.bad_images)
+    # Every read of x_test / y_test, in order: the test split is for the final figures only,
+    # and the pipeline refuses to evaluate if anything read it before (honest selection).
+    _test_reads: list = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def __getattribute__(self, name):
+        if name in _TEST_FIELDS:
+            object.__getattribute__(self, "_test_reads").append(name)
+        return object.__getattribute__(self, name)
+
+    @property
+    def test_reads(self) -> int:
+        """How many times x_test or y_test was read (test_split() counts once)."""
+        return len(object.__getattribute__(self, "_test_reads"))
+
+    def test_split(self) -> tuple[np.ndarray, np.ndarray]:
+        """(x_test, y_test) for the final evaluation: one counted read."""
+        self._test_reads.append("test_split")
+        return self.uncounted("x_test"), self.uncounted("y_test")
+
+    def uncounted(self, name: str) -> np.ndarray:
+        """A split's array without counting a test read: for hashing, sizes and label-range
+        checks, which select nothing."""
+        return object.__getattribute__(self, name)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def fingerprint(self) -> str:
+        """Hash of every array: a cache or a teacher made from other data never matches."""
+        digest = hashlib.sha256()
+        for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+            array = np.ascontiguousarray(self.uncounted(name))
+            digest.update(f"{name}{array.shape}{array.dtype}".encode())
+            digest.update(array.data)
+        return digest.hexdigest()[:16]
+
+    def summary(self) -> dict:
+        return {
+            "source": self.source,
+            "image_shape": list(self.image_shape),
+            "num_classes": self.num_classes,
+            "train": len(self.y_train),
+            "val": len(self.y_val),
+            "test": len(self.uncounted("y_test")),
+            "skipped_images": len(self.skipped_images),
+        }
+
+
+def load_dataset(config: DataConfig, seed: int) -> Dataset:
+    if config.source == "demo":
+        raw = _load_demo(config, seed)
+    else:
+        path = Path(config.source)
+        if not path.exists():
+            raise UserError(
+                f"data.source {config.source!r} does not exist. Expected 'demo', a directory "
+                f"of images in class subfolders, an .npz file or an HDF5 file."
+            )
+        if path.is_dir():
+            raw = _load_image_folder(path, config.image_size, config.bad_images == "skip")
+        elif path.suffix == ".npz":
+            raw = _load_npz(path)
+        elif path.suffix in (".h5", ".hdf5"):
+            raw = _load_hdf5(path)
+        else:
+            raise UserError(
+                f"data.source {config.source!r} has an unknown format. Expected a directory, "
+                f"an .npz file or an .h5/.hdf5 file."
+            )
+    return _finish(raw, config, seed)
+
+
+def _load_demo(config: DataConfig, seed: int) -> dict:
+    from pbkd_mpi.data.demo import make_shapes
+
+    size = tuple(config.image_size)
+    options = {"noise": config.demo_noise, "classes": config.demo_classes}
+    x_train, y_train = make_shapes(config.demo_train, size, seed=2 * seed, **options)
+    x_test, y_test = make_shapes(config.demo_test, size, seed=2 * seed + 1, **options)
+    return {
+        "x_train": x_train,
+        "y_train": y_train,
+        "x_test": x_test,
+        "y_test": y_test,
+        "num_classes": config.demo_classes,
+        "source": "demo",
+    }
+
+
+def _load_npz(path: Path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError) as exc:
+        raise UserError(f"Cannot read {str(path)!r} as an .npz archive: {exc}.") from None
+    return _named_arrays(arrays, str(path))
+
+
+def _load_hdf5(path: Path) -> dict:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            arrays = {name: f[name][()] for name in f.keys() if isinstance(f[name], h5py.Dataset)}
+    except OSError as exc:
+        raise UserError(f"Cannot read {str(path)!r} as an HDF5 file: {exc}.") from None
+    return _named_arrays(arrays, str(path))
+
+
+def _named_arrays(arrays: dict, source: str) -> dict:
+    required = ("x_train", "y_train", "x_test", "y_test")
+    missing = [name for name in required if name not in arrays]
+    if missing:
+        raise UserError(
+            f"{source!r} must hold arrays named {', '.join(required)} (and optionally x_val, "
+            f"y_val); missing: {', '.join(missing)}; found: {', '.join(sorted(arrays)) or 'none'}."
+        )
+    if ("x_val" in arrays) != ("y_val" in arrays):
+        raise UserError(f"{source!r} must hold both x_val and y_val, or neither.")
+    raw = {name: arrays[name] for name in (*required, "x_val", "y_val") if name in arrays}
+    raw["source"] = source
+    return raw
+
+
+def _load_image_folder(path: Path, image_size, skip_bad: bool) -> dict:
+    """Class subfolders of images, like keras.utils.image_dataset_from_directory.
+
+    A `train` and a `test` subfolder (and optionally `val`) each with class subfolders are
+    the splits; otherwise the folder's class subfolders are the training data and a test
+    split is carved off with the validation split.
+    """
+    splits = {name: path / name for name in ("train", "val", "test") if (path / name).is_dir()}
+    skipped: list[str] = []
+    if "train" in splits and "test" in splits:
+        class_names = _class_names(splits["train"])
+        raw = {}
+        for split, folder in splits.items():
+            raw[f"x_{split}"], raw[f"y_{split}"] = _read_images(folder, class_names, image_size,
+                                                                skip_bad, skipped)
+    else:
+        class_names = _class_names(path)
+        x, y = _read_images(path, class_names, image_size, skip_bad, skipped)
+        raw = {"x_train": x, "y_train": y}
+    raw["num_classes"] = len(class_names)
+    raw["source"] = str(path)
+    raw["class_names"] = class_names
+    raw["skipped_images"] = skipped
+    return raw
+
+
+def _class_names(folder: Path) -> list[str]:
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(names) < 2:
+        raise UserError(
+            f"The image folder {str(folder)!r} must hold one subfolder per class (at least 2), "
+            f"found {len(names)}."
+        )
+    return names
+
+
+def _read_images(folder: Path, class_names, image_size, skip_bad: bool, skipped: list):
+    from PIL import Image, UnidentifiedImageError
+
+    images, labels = [], []
+    height, width = image_size
+    for label, name in enumerate(class_names):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            raise UserError(f"{str(folder)!r} has no subfolder for class {name!r}.")
+        for file in sorted(class_dir.iterdir()):
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(file) as image:
+                    image = image.convert("RGB").resize((width, height), Image.BILINEAR)
+                    images.append(np.asarray(image, dtype=np.uint8))
+            except (OSError, UnidentifiedImageError) as exc:
+                if skip_bad:
+                    skipped.append(str(file))
+                    continue
+                raise UserError(
+                    f"Cannot read the image {str(file)!r}: {exc}. Set data.bad_images = "
+                    f"\"skip\" to leave unreadable images out (they are counted in the report)."
+                ) from None
+            labels.append(label)
+    if not images:
+        raise UserError(
+            f"The image folder {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})."
+        )
+    return np.stack(images), np.asarray(labels, np.int64)
+
+
+def _finish(raw: dict, config: DataConfig, seed: int) -> Dataset:
+    source = raw["source"]
+    arrays = {}
+    for split in ("train", "val", "test"):
+        if f"x_{split}" not in raw:
+            continue
+        x, y = np.asarray(raw[f"x_{split}"]), np.asarray(raw[f"y_{split}"])
+        arrays[split] = _check_split(x, y, split, source)
+    num_classes = raw.get("num_classes") or int(
+        max(arrays[s][1].max() for s in arrays) + 1
+    )
+    if num_classes < 2:
+        raise UserError(f"{source!r} has labels of only one class; classification needs two.")
+    expected = tuple(config.image_size)
+    for split, (x, _) in arrays.items():
+        if x.shape[1:3] != expected:
+            raise UserError(
+                f"The {split} images of {source!r} are {x.shape[1]}x{x.shape[2]}, but "
+                f"data.image_size is {expected[0]}x{expected[1]}. Set data.image_size to the "
+                f"images' size (or resize the data)."
+            )
+    if "test" not in arrays:  # an image folder without a test subfolder
+        arrays["train"], arrays["test"] = _carve(*arrays["train"], config.val_fraction, seed + 1)
+    if "val" not in arrays:
+        arrays["train"], arrays["val"] = _carve(*arrays["train"], config.val_fraction, seed)
+    x_train, y_train = arrays["train"]
+    x_val, y_val = arrays["val"]
+    x_test, y_test = arrays["test"]
+    scale = _SCALES[config.scale]
+    return Dataset(
+        scale(x_train), y_train, scale(x_val), y_val, scale(x_test), y_test, num_classes, source,
+        tuple(raw.get("skipped_images", ())),
+    )
+
+
+def _check_split(x, y, split, source):
+    if x.ndim == 3:
+        x = x[..., None]  # grey images without a channel axis
+    if x.ndim != 4:
+        raise UserError(
+            f"x_{split} of {source!r} must be images of shape (N, H, W, C), "
+            f"received shape {x.shape}."
+        )
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or len(y) != len(x):
+        raise UserError(
+            f"y_{split} of {source!r} must be {len(x)} integer labels, received shape {y.shape}."
+        )
+    if not np.issubdtype(y.dtype, np.integer):
+        raise UserError(f"y_{split} of {source!r} must hold integers, received {y.dtype}.")
+    if len(y) and y.min() < 0:
+        raise UserError(f"y_{split} of {source!r} holds negative labels (min {y.min()}).")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        raise UserError(f"x_{split} of {source!r} holds NaN or Inf values.")
+    return x, y.astype(np.int64)
+
+
+def _carve(x, y, fraction, seed):
+    count = int(round(len(y) * fraction))
+    if count < 1 or count >= len(y):
+        raise UserError(
+            f"data.val_fraction {fraction} leaves no validation or no training samples "
+            f"out of {len(y)}; raise it, or give x_val/y_val."
+        )
+    order = np.random.default_rng(seed).permutation(len(y))
+    train, val = np.sort(order[count:]), np.sort(order[:count])
+    return (x[train], y[train]), (x[val], y[val])
+
+
+_SCALES = {
+    "unit": lambda x: (x.astype(np.float32) / 255.0),
+    "symmetric": lambda x: (x.astype(np.float32) / 127.5 - 1.0),
+    "none": lambda x: x.astype(np.float32),
+}
+

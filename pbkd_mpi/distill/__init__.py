@@ -1,0 +1,1 @@
+"""Block distillation: one task on a worker, results, acceptance, the chained pass."""

@@ -1,0 +1,1 @@
+"""Fine-tuning the assembled student, data-parallel on every rank."""

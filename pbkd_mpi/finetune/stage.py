@@ -1,0 +1,135 @@
+"""The collective phase "finetune": every rank fine-tunes the student together.
+
+Rank 0 saves the assembled student as a .keras file in the run directory and starts the
+phase with a `FinetuneRequest`; each worker loads the teacher and the data (checked against
+rank 0's hashes), the student file, and the teacher's logits from the activation cache,
+then runs finetune.finetune with rank 0 on the world communicator. The weights end
+identical on every rank (data_parallel), so rank 0's student is the fine-tuned one.
+
+A finished fine-tuning is kept in RUN/finetune/ under a key of everything it depends on
+(`finetune_key`): a run that stops later (an export failing, a kill, a signal) and is run
+again reuses it instead of fine-tuning again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pbkd_mpi.mpi import phases
+from pbkd_mpi.finetune.train import FinetuneData, finetune
+
+PHASE = "finetune"
+
+
+@dataclass(frozen=True)
+class FinetuneRequest:
+    student_file: str  # the assembled student, saved by rank 0
+    cache_path: str  # "" in recompute mode: the teacher then runs once over the data
+    cache_fingerprint: str
+    teacher_fingerprint: str
+
+
+def teacher_logits(teacher, dataset, cache_path: str = "", fingerprint: str = ""):
+    """(train, val) teacher logits, from the cache's copy of `logit_boundary(teacher)`; with
+    no cache, from one pass of the teacher over the two splits (never per step)."""
+    import h5py
+    import keras
+
+    from pbkd_mpi.cache.layout import require_complete
+    from pbkd_mpi.model.logits import logit_boundary, logits_from_boundary
+
+    name = logit_boundary(teacher)
+    if cache_path:
+        require_complete(cache_path, fingerprint)
+        with h5py.File(cache_path, "r") as f:
+            if name not in f["train"]:
+                raise ValueError(f"the activation cache {cache_path!r} lacks the teacher's "
+                                 f"logit boundary {name!r}; it holds {sorted(f['train'])}")
+            cached = f["train"][name][()], f["val"][name][()]
+    else:
+        cut = keras.Model(teacher.inputs, teacher.get_layer(name).output)
+        cached = (cut.predict(dataset.x_train, batch_size=256, verbose=0),
+                  cut.predict(dataset.x_val, batch_size=256, verbose=0))
+    return tuple(logits_from_boundary(teacher, c) for c in cached)
+
+
+def run_finetune(student, teacher, dataset, job, request: FinetuneRequest, comm, check,
+                 callbacks=()) -> dict:
+    """One rank's share of the phase (rank 0 passes its own student and callbacks)."""
+    logits = teacher_logits(teacher, dataset, request.cache_path, request.cache_fingerprint) \
+        if job.finetune.loss == "distill" and job.finetune.epochs > 0 else None
+    return finetune(student, FinetuneData.of(dataset, logits), job.finetune, comm,
+                    job.run.seed, check=check, callbacks=callbacks)
+
+
+@phases.worker_phase(PHASE)
+def finetune_share(context, request: FinetuneRequest, comm, check) -> dict:
+    import keras
+
+    from pbkd_mpi.cache.reader import load_teacher_and_data
+
+    teacher, dataset = load_teacher_and_data(
+        context.teacher_file, request.teacher_fingerprint, context.job.data,
+        context.data_fingerprint, context.job.run.seed)
+    student = keras.saving.load_model(request.student_file, compile=False)
+    summary = run_finetune(student, teacher, dataset, context.job, request, comm, check)
+    # Rank 0 keeps its own copy; a digest lets it confirm the ranks ended identical.
+    return {"weights_digest": weights_digest(student), "epochs": summary["epochs"]}
+
+
+def weights_digest(model) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in model.get_weights():
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def finetune_key(student, config, data_fingerprint: str, teacher_fingerprint: str,
+                 seed: int, ranks: int) -> str:
+    """What a fine-tuned student depends on: the assembled student's weights, the
+    fine-tuning settings, the data, the teacher (its logits), the seed, and the number of
+    ranks (each rank's share of every batch, and so the order of the sums)."""
+    text = json.dumps({"student": weights_digest(student), "finetune": dataclasses.asdict(config),
+                       "data": data_fingerprint, "teacher": teacher_fingerprint,
+                       "seed": seed, "ranks": ranks}, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _finetune_paths(run_dir, key: str) -> tuple[Path, Path]:
+    folder = Path(run_dir) / "finetune"
+    return folder / f"student-{key}.keras", folder / f"summary-{key}.json"
+
+
+def save_finetuned(run_dir, key: str, student, summary: dict) -> None:
+    """The fine-tuned student, then its summary; each written atomically, and the summary
+    last, so that its presence means both are complete."""
+    from pbkd_mpi.atomic import atomic_path
+    from pbkd_mpi.model.teacher import save_model_atomically
+
+    model_path, summary_path = _finetune_paths(run_dir, key)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    save_model_atomically(student, model_path)
+    with atomic_path(summary_path) as tmp:
+        Path(tmp).write_text(json.dumps(summary))
+
+
+def load_finetuned(run_dir, key: str, student) -> dict | None:
+    """An earlier run's summary, with its weights put into `student`; None when there is
+    none (or it cannot be read: then fine-tuning runs again and replaces it)."""
+    import keras
+
+    model_path, summary_path = _finetune_paths(run_dir, key)
+    try:
+        summary = json.loads(summary_path.read_text())
+        student.set_weights(keras.saving.load_model(model_path, compile=False).get_weights())
+    except (OSError, ValueError):
+        return None
+    return summary

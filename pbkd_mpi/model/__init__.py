@@ -1,0 +1,1 @@
+"""The teacher and its graph: blocks, student families, costs, assembly, evaluation."""

@@ -1,0 +1,539 @@
+"""Blocks of a teacher's layer graph, at the granularity the job asks for.
+
+The teacher is read as a DAG of layers (a Functional or Sequential model; models nested
+inside it are flattened first). A *cut point* is a layer output through which every path
+from the input to the output passes. Three granularities:
+
+- `layer`: each full Conv2D with the BN and activation layers right after it (a conv
+  group), wherever its inner tensors feed nothing else, also inside residual branches;
+- `block`: the segments between consecutive cut points (a residual block with its skip
+  connection, a DenseNet conv block with its concatenation), each with the element-wise
+  layers right after it;
+- `stage`: consecutive `block` segments merged while the spatial size stays the same.
+
+A block is described by plain data (names, shapes, counts), so it can be printed, sent to
+another rank and written to the report without carrying Keras objects along.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import keras
+
+from pbkd_mpi.model.cost import layers_cost
+from pbkd_mpi.errors import UserError
+
+MODEL_INPUT = "__input__"  # boundary name of the model's input tensor
+GRANULARITIES = ("layer", "block", "stage")
+
+# Layers that may follow a conv inside its block: they act element-wise or per channel.
+_FOLLOWERS = (
+    keras.layers.BatchNormalization,
+    keras.layers.Activation,
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.ELU,
+    keras.layers.PReLU,
+)
+
+
+@dataclass(frozen=True)
+class Block:
+    name: str
+    layers: tuple[str, ...]
+    input_boundary: str  # the layer whose output feeds the block, or MODEL_INPUT
+    output_boundary: str  # the block's last layer
+    input_shape: tuple[int, ...]  # one sample, without the batch axis
+    output_shape: tuple[int, ...]
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int]
+    padding: str
+    dilation_rate: tuple[int, int]
+    final_activation: str  # "linear" when the block ends before any activation
+    teacher_params: int
+    teacher_flops: int
+    # "conv": one conv group (the student starts from its factorised kernel); "segment":
+    # several layers, possibly with skip connections (the student is a separable stack).
+    kind: str = "conv"
+    # Channels inside the student: the teacher block's narrowest conv (a conv group: the
+    # smaller of its input and output channels), times the job's width multiplier.
+    width: int = 0
+    convs: int = 1  # full Conv2D layers in the teacher block
+    repeats: int = 1  # a stage: how many conv segments it merges (the student repeats as many)
+    family: str = "separable"  # the student family: "separable" or "inverted_residual"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_conv2d(layer) -> bool:
+    """A full Conv2D: depthwise, separable and transposed convs are already cheap or differ."""
+    return isinstance(layer, keras.layers.Conv2D) and not isinstance(
+        layer,
+        (keras.layers.Conv2DTranspose, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D),
+    )
+
+
+def check_graph_model(model) -> None:
+    if not isinstance(model, keras.Model):
+        raise UserError(f"The teacher must be a keras.Model, received {type(model).__name__}.")
+    if not _is_graph_model(model):
+        raise UserError(
+            f"The teacher is a subclassed model ({type(model).__name__}) with no layer graph "
+            f"to cut into blocks. Rebuild it with the Functional API or keras.Sequential "
+            f"(same layers, same weights) and save that as .keras."
+        )
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise UserError(
+            f"The teacher must have one input and one output, received {len(model.inputs)} "
+            f"inputs and {len(model.outputs)} outputs."
+        )
+
+
+def _is_graph_model(model) -> bool:
+    return isinstance(model, keras.Sequential) or type(model).__name__ == "Functional"
+
+
+def _functional(model):
+    """The Functional graph behind a model (a Sequential keeps one once it is built)."""
+    if isinstance(model, keras.Sequential):
+        inner = getattr(model, "_functional", None)
+        if inner is None:
+            raise UserError(
+                f"The Sequential model {model.name!r} has no input shape, so it has no graph "
+                f"yet; start it with keras.Input(shape) and save it again."
+            )
+        return inner
+    return model
+
+
+def graph_nodes(model):
+    """The model's call nodes (not its inputs) in an order that runs them correctly."""
+    graph = _functional(model)
+    for depth in sorted(graph._nodes_by_depth, reverse=True):
+        for node in graph._nodes_by_depth[depth]:
+            if node.operation is not None and not node.is_input:
+                yield node
+
+
+def replay(model, inputs, call):
+    """Run the model's graph on new symbolic `inputs`, calling `call(node, args, kwargs)`
+    for each node; returns the new output tensors. Nested models are entered, so `call`
+    only ever sees plain layers."""
+    graph = _functional(model)
+    tensors = {id(old): new for old, new in zip(graph.inputs, inputs)}
+    for node in graph_nodes(graph):
+        args, kwargs = node.arguments.fill_in(tensors)
+        if isinstance(node.operation, keras.Model):
+            if not _is_graph_model(node.operation):
+                check_graph_model(node.operation)  # raises the advice for subclassed models
+            outputs = replay(node.operation, keras.tree.flatten((args, kwargs)), call)
+        else:
+            outputs = keras.tree.flatten(call(node, args, kwargs))
+        for old, new in zip(node.outputs, outputs):
+            tensors[id(old)] = new
+    return [tensors[id(old)] for old in graph.outputs]
+
+
+def copy_layer(layer):
+    """A new layer with the same configuration, unbuilt: the caller sets the weights once
+    the layer is called (built)."""
+    return layer.__class__.from_config(layer.get_config())
+
+
+def has_nested_models(model) -> bool:
+    return any(isinstance(layer, keras.Model) for layer in _functional(model).layers)
+
+
+def flatten_model(model):
+    """One flat Functional model computing the same as `model`, with nested models (a
+    backbone used as a layer) dissolved into their layers, so that every layer, nested or
+    not, is reachable by `get_layer(name)` and has exactly one output tensor there.
+    The layers are copies carrying the same weights; a model without nested models is
+    returned as it is."""
+    check_graph_model(model)
+    if not has_nested_models(model):
+        return model
+    copies = {}
+
+    def call(node, args, kwargs):
+        layer = node.operation
+        if layer.name in copies:
+            raise UserError(
+                f"Layer name {layer.name!r} occurs twice in the teacher once its nested models "
+                f"are flattened (a layer shared between two calls, or two nested models with "
+                f"equally named layers); give every layer a unique name and save it again."
+            )
+        if not isinstance(layer, keras.layers.Layer):
+            return layer(*args, **kwargs)  # a stateless keras.ops call
+        copies[layer.name] = (layer, copy_layer(layer))
+        return copies[layer.name][1](*args, **kwargs)
+
+    source = model.inputs[0]
+    inputs = keras.Input(source.shape[1:], dtype=source.dtype, name=source.name)
+    outputs = replay(model, [inputs], call)
+    flat = keras.Model(inputs, outputs[0], name=model.name)
+    for original, copy in copies.values():
+        copy.set_weights(original.get_weights())
+    return flat
+
+
+# --- the layer DAG ----------------------------------------------------------------------
+
+
+@dataclass
+class _Graph:
+    """The flat teacher as a DAG: layers in topological order and who feeds whom."""
+
+    model: object
+    order: list  # layer names, topological
+    layers: dict  # name -> layer
+    parents: dict  # name -> input layer names (MODEL_INPUT for the model input)
+    children: dict  # name (or MODEL_INPUT) -> consuming layer names
+    output: str  # the layer producing the model output
+
+
+def _layer_graph(model) -> _Graph:
+    check_graph_model(model)
+    if has_nested_models(model):
+        model = flatten_model(model)
+    graph = _Graph(model, [], {}, {}, {MODEL_INPUT: []}, "")
+    input_id = id(model.inputs[0])
+    for node in graph_nodes(model):
+        layer = node.operation
+        if layer.name in graph.layers:
+            raise UserError(
+                f"Layer {layer.name!r} of the teacher is called more than once; shared layers "
+                f"cannot be cut into blocks. Use a separate layer for each call."
+            )
+        if len(node.outputs) != 1:
+            raise UserError(
+                f"Layer {layer.name!r} of the teacher has {len(node.outputs)} outputs; only "
+                f"layers with one output tensor are supported."
+            )
+        parents = [MODEL_INPUT if id(t) == input_id else t._keras_history.operation.name
+                   for t in node.input_tensors]
+        graph.order.append(layer.name)
+        graph.layers[layer.name] = layer
+        graph.parents[layer.name] = parents
+        graph.children[layer.name] = []
+        for parent in dict.fromkeys(parents):
+            graph.children[parent].append(layer.name)
+    graph.output = model.outputs[0]._keras_history.operation.name
+    return graph
+
+
+def cut_points(graph: _Graph) -> list[str]:
+    """Layers whose output every path from input to output passes, in order.
+
+    In a topological order, position i is a cut point when no edge jumps over it: every
+    tensor produced before i is consumed at or before i. Layers that do not lead to the
+    output would make every later position look open, so they are left out first.
+    """
+    useful = _ancestors(graph, graph.output)
+    position = {name: i for i, name in enumerate(n for n in graph.order if n in useful)}
+
+    def reach_of(name):  # the furthest position that consumes this tensor
+        return max((position[c] for c in graph.children[name] if c in position), default=-1)
+
+    reach, cuts = reach_of(MODEL_INPUT), []
+    for name, i in position.items():
+        if reach <= i:  # nothing made before `name` is needed after it
+            cuts.append(name)
+        reach = max(reach, reach_of(name))
+    return cuts
+
+
+def _ancestors(graph: _Graph, name: str) -> set:
+    seen, stack = set(), [name]
+    while stack:
+        current = stack.pop()
+        if current in seen or current == MODEL_INPUT:
+            continue
+        seen.add(current)
+        stack.extend(graph.parents[current])
+    return seen
+
+
+# --- blocks --------------------------------------------------------------------------
+
+
+def _activation_name(layer) -> str | None:
+    """The activation a layer applies, or None for a layer that is not an activation."""
+    if isinstance(layer, keras.layers.ReLU):
+        if layer.negative_slope:
+            return f"leaky_relu({float(layer.negative_slope)})"
+        if layer.max_value is not None:
+            return f"relu_max({float(layer.max_value)})"
+        return "relu"
+    if isinstance(layer, keras.layers.LeakyReLU):
+        return f"leaky_relu({float(layer.negative_slope)})"
+    if isinstance(layer, keras.layers.ELU):
+        return "elu"
+    if isinstance(layer, keras.layers.PReLU):
+        return "prelu"
+    if isinstance(layer, keras.layers.Activation) or is_conv2d(layer):
+        name = keras.activations.serialize(layer.activation)
+        return name if isinstance(name, str) else name.get("config", {}).get("name", "linear")
+    return None
+
+
+def _final_activation(layers) -> str:
+    """How a run of layers ends: the last activation, unless an affine layer (BN) or a
+    merge (Add, Concatenate) comes after it, which leaves the output pre-activation."""
+    final = "linear"
+    for layer in layers:
+        name = _activation_name(layer)
+        if name is not None and name != "linear":
+            final = name
+        elif not isinstance(layer, keras.layers.Dropout):
+            final = "linear"
+    return final
+
+
+def _follower_run(graph: _Graph, last: str) -> list[str]:
+    """The element-wise layers that follow `last` one after the other, each the only
+    consumer of the tensor before it."""
+    run = []
+    while len(graph.children.get(last, [])) == 1:
+        child = graph.children[last][0]
+        if not isinstance(graph.layers[child], _FOLLOWERS) or len(graph.parents[child]) != 1:
+            break
+        run.append(child)
+        last = child
+    return run
+
+
+def _conv_groups(graph: _Graph) -> list[list[str]]:
+    groups = []
+    for name in graph.order:
+        if is_conv2d(graph.layers[name]):
+            groups.append([name, *_follower_run(graph, name)])
+    return groups
+
+
+def _segments(graph: _Graph) -> list[list[str]]:
+    """The layers between consecutive cut points, each with the element-wise layers
+    after it (a conv's BN and ReLU, the ReLU after a residual Add)."""
+    cuts = cut_points(graph)
+    needed = _ancestors(graph, graph.output)
+    useful = [n for n in graph.order if n in needed]
+    segments, current = [], []
+    for name in useful:
+        current.append(name)
+        if name in cuts:
+            segments.append(current)
+            current = []
+    merged = []
+    for segment in segments:
+        if (merged and len(segment) == 1 and isinstance(graph.layers[segment[0]], _FOLLOWERS)
+                and _has_conv(graph, merged[-1])):
+            merged[-1] = merged[-1] + segment
+        else:
+            merged.append(segment)
+    return _bind_depthwise(graph, merged)
+
+
+def _is_depthwise_only(graph: _Graph, names) -> bool:
+    kinds = [graph.layers[n] for n in names]
+    return (any(isinstance(k, keras.layers.DepthwiseConv2D) for k in kinds)
+            and not any(is_conv2d(k) for k in kinds))
+
+
+def _bind_depthwise(graph: _Graph, segments) -> list[list[str]]:
+    """A depthwise conv cannot be a block alone (nothing cheaper replaces it), and in a
+    chain it is a cut point of its own. Join it to the convs around it as MobileNet's
+    blocks do: back over padding to a 1x1 expansion ending in an activation, forward to
+    the next full conv (the projection) and its BN, so that the inverted-residual blocks
+    without a skip connection become blocks too."""
+    result, pending = [], None
+    for segment in segments:
+        if pending is not None:
+            pending = pending + segment
+            if _has_conv(graph, segment):
+                result.append(pending)
+                pending = None
+            continue
+        if not _is_depthwise_only(graph, segment):
+            result.append(segment)
+            continue
+        pending = segment
+        while result and all(isinstance(graph.layers[n], keras.layers.ZeroPadding2D)
+                             for n in result[-1]):
+            pending = result.pop() + pending
+        if result and _is_expansion(graph, result[-1]):
+            pending = result.pop() + pending
+    if pending is not None:
+        result.append(pending)
+    return result
+
+
+def _is_expansion(graph: _Graph, names) -> bool:
+    first = graph.layers[names[0]]
+    return (is_conv2d(first) and tuple(first.kernel_size) == (1, 1)
+            and _final_activation([graph.layers[n] for n in names]) != "linear")
+
+
+def _has_conv(graph: _Graph, names) -> bool:
+    return any(is_conv2d(graph.layers[n]) and graph.layers[n].trainable for n in names)
+
+
+def _spatial(graph: _Graph, name: str) -> tuple:
+    tensor = graph.model.inputs[0] if name == MODEL_INPUT else graph.layers[name].output
+    return tuple(tensor.shape[1:-1])
+
+
+def _stages(graph: _Graph, segments) -> list[tuple[list[str], int]]:
+    """Consecutive conv segments merged while the spatial size stays the same; a segment
+    that changes it (a strided first block) starts a new stage, and a segment without a
+    conv (padding, pooling) stays outside any stage. Each stage comes with the number of
+    segments it merges."""
+    stages, current, count = [], [], 0
+    for segment in segments:
+        if not _has_conv(graph, segment):
+            if current:
+                stages.append((current, count))
+            stages.append((segment, 1))
+            current, count = [], 0
+            continue
+        source = graph.parents[segment[0]][0]
+        if current and _spatial(graph, source) != _spatial(graph, segment[-1]):
+            stages.append((current, count))
+            current, count = [], 0
+        current, count = current + segment, count + 1
+    if current:
+        stages.append((current, count))
+    return stages
+
+
+def _block_input(graph: _Graph, names) -> str | None:
+    """The one tensor (layer name or MODEL_INPUT) feeding this set of layers from outside,
+    or None when several do or an inner tensor is used outside the set."""
+    inside = set(names)
+    sources = {p for n in names for p in graph.parents[n] if p not in inside}
+    if len(sources) != 1:
+        return None
+    for name in names[:-1]:
+        if any(child not in inside for child in graph.children[name]):
+            return None
+    return sources.pop()
+
+
+def _make_block(graph: _Graph, names, source: str, repeats: int = 1) -> Block | None:
+    members = [graph.layers[n] for n in names]
+    convs = [m for m in members if is_conv2d(m)]
+    in_tensor = graph.model.inputs[0] if source == MODEL_INPUT else graph.layers[source].output
+    input_shape = tuple(int(d) for d in in_tensor.shape[1:])
+    output_shape = tuple(int(d) for d in members[-1].output.shape[1:])
+    params, flops = layers_cost(members)
+    common = dict(
+        layers=tuple(names), input_boundary=source, output_boundary=names[-1],
+        input_shape=input_shape, output_shape=output_shape,
+        final_activation=_final_activation(members), teacher_params=params,
+        teacher_flops=flops,
+    )
+    if len(convs) == 1 and members[0] is convs[0] and all(
+            isinstance(m, _FOLLOWERS) for m in members[1:]):
+        conv = convs[0]
+        return Block(name=conv.name, kernel_size=tuple(conv.kernel_size),
+                     strides=tuple(conv.strides), padding=conv.padding,
+                     dilation_rate=tuple(conv.dilation_rate),
+                     width=min(input_shape[-1], output_shape[-1]), **common)
+    strides = _overall_strides(input_shape, output_shape)
+    if strides is None:
+        return None  # the student's same-padded stack cannot reproduce this shape
+    return Block(name=names[-1], kernel_size=(3, 3), strides=strides, padding="same",
+                 dilation_rate=(1, 1), kind="segment", convs=len(convs), repeats=repeats,
+                 width=min(int(c.filters) for c in convs), **common)
+
+
+def _overall_strides(input_shape, output_shape) -> tuple[int, int] | None:
+    """The stride a same-padded conv needs to turn the input's spatial size into the
+    output's, or None when no integer stride does."""
+    strides = []
+    for size_in, size_out in zip(input_shape[:-1], output_shape[:-1]):
+        stride = max(1, round(size_in / size_out))
+        if math.ceil(size_in / stride) != size_out:
+            return None
+        strides.append(stride)
+    return tuple(strides) if len(strides) == 2 else None
+
+
+def find_blocks(model, granularity="layer") -> list[Block]:
+    """The blocks of a teacher. `granularity` is "layer", "block", "stage", or a list of
+    (first layer name, last layer name) pairs; only blocks with a trainable full Conv2D
+    and one input and one output tensor are returned."""
+    graph = _layer_graph(model)
+    if isinstance(granularity, str):
+        if granularity not in GRANULARITIES:
+            raise UserError(
+                f"Expected a granularity among {', '.join(GRANULARITIES)} or a list of "
+                f"[first, last] layer-name pairs, received {granularity!r}."
+            )
+        if granularity == "layer":
+            candidates = [(names, 1) for names in _conv_groups(graph)]
+        elif granularity == "block":
+            candidates = [(names, 1) for names in _segments(graph)]
+        else:
+            candidates = _stages(graph, _segments(graph))
+        blocks = []
+        for names, repeats in candidates:
+            source = _block_input(graph, names)
+            if source is not None and _has_conv(graph, names):
+                block = _make_block(graph, names, source, repeats)
+                if block is not None:
+                    blocks.append(block)
+    else:
+        blocks = [_explicit_block(graph, pair) for pair in granularity]
+    if not blocks:
+        raise UserError(
+            f"The teacher {graph.model.name!r} has no Conv2D layer that can be cut out as a "
+            f"block with one input and one output, so there is no block to distill."
+        )
+    return blocks
+
+
+def _explicit_block(graph: _Graph, pair) -> Block:
+    if len(pair) != 2 or not all(isinstance(n, str) for n in pair):
+        raise UserError(f"Expected a [first, last] pair of layer names, received {pair!r}.")
+    first, last = pair
+    for name in pair:
+        if name not in graph.layers:
+            raise UserError(f"Block [{first!r}, {last!r}]: the teacher has no layer {name!r}.")
+    # The block is every layer on a path from `first` to `last`.
+    between = _ancestors(graph, last) - (_ancestors(graph, first) - {first})
+    names = [n for n in graph.order if n in between]
+    source = _block_input(graph, names)
+    if source is None or names[0] != first:
+        raise UserError(
+            f"Block [{first!r}, {last!r}] must have one input tensor and one output tensor; "
+            f"the layers from {first!r} to {last!r} take several inputs or feed layers "
+            f"outside the block."
+        )
+    if not _has_conv(graph, names):
+        raise UserError(f"Block [{first!r}, {last!r}] has no trainable Conv2D to distill.")
+    block = _make_block(graph, names, source)
+    if block is None:
+        raise UserError(
+            f"Block [{first!r}, {last!r}] maps spatial size {_spatial(graph, source)} to "
+            f"{_spatial(graph, last)}, which no integer stride reproduces."
+        )
+    return block
+
+
+def chain_layers(model) -> list:
+    """The model's layers (not its input) in execution order, nested models flattened."""
+    graph = _layer_graph(model)
+    return [graph.layers[n] for n in graph.order]
+
+
+def boundaries(blocks) -> list[str]:
+    """The tensors the cache must hold: each block's input and output, once each."""
+    seen = []
+    for block in blocks:
+        for name in (block.input_boundary, block.output_boundary):
+            if name not in seen:
+                seen.append(name)
+    return seen

@@ -1,0 +1,243 @@
+"""Student blocks: depthwise-separable replacements with the teacher block's shapes and ending.
+
+A conv group (kind "conv"): depthwise kxk (the teacher's stride, padding and dilation) ->
+pointwise 1x1 to the teacher's channels -> BN -> the teacher block's final activation (none
+when the teacher block ends pre-activation).
+
+A multi-layer segment (kind "segment", e.g. a residual block): two separable units, the
+first carrying the segment's overall stride and going to the teacher's narrowest conv
+width, the second to the segment's output channels; when the segment keeps its input
+shape, the stack is a residual branch added to the input, as in the teacher. Then the
+teacher block's final activation.
+
+Layer names derive from the block's name, so the weights trained on a worker find their
+layers in the assembled student by name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import replace
+
+import keras
+import numpy as np
+
+from pbkd_mpi.model.cost import layers_cost
+from pbkd_mpi.model.graph import Block
+
+# Keras' default 0.99 needs hundreds of steps before the moving statistics that inference
+# uses catch up; a block task may run only a few hundred steps in all.
+BN_MOMENTUM = 0.9
+
+
+def make_activation(name: str, layer_name: str):
+    """A layer applying a final activation named as graph.find_blocks names them."""
+    match = re.fullmatch(r"(leaky_relu|relu_max)\(([-0-9.e]+)\)", name)
+    if match:
+        value = float(match.group(2))
+        if match.group(1) == "leaky_relu":
+            return keras.layers.LeakyReLU(negative_slope=value, name=layer_name)
+        return keras.layers.ReLU(max_value=value, name=layer_name)
+    if name == "relu":
+        return keras.layers.ReLU(name=layer_name)
+    if name == "prelu":
+        return keras.layers.PReLU(shared_axes=[1, 2], name=layer_name)
+    if name == "elu":
+        return keras.layers.ELU(name=layer_name)
+    return keras.layers.Activation(name, name=layer_name)
+
+
+def student_layers(block: Block, depth_multiplier: int = 1) -> list:
+    """Fresh, unbuilt layers of the block's student, in the order they are applied."""
+    prefix = f"{block.name}_student"
+    layers = [
+        keras.layers.DepthwiseConv2D(
+            block.kernel_size,
+            strides=block.strides,
+            padding=block.padding,
+            dilation_rate=block.dilation_rate,
+            depth_multiplier=depth_multiplier,
+            use_bias=False,
+            name=f"{prefix}_dw",
+        ),
+        keras.layers.Conv2D(block.output_shape[-1], 1, use_bias=False, name=f"{prefix}_pw"),
+        keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn"),
+    ]
+    if block.final_activation != "linear":
+        layers.append(make_activation(block.final_activation, f"{prefix}_act"))
+    return layers
+
+
+def apply_layers(layers, tensor):
+    for layer in layers:
+        tensor = layer(tensor)
+    return tensor
+
+
+def _separable_unit(prefix, tensor, channels, strides, activation):
+    tensor = keras.layers.DepthwiseConv2D(3, strides=strides, padding="same", use_bias=False,
+                                          name=f"{prefix}_dw")(tensor)
+    tensor = keras.layers.Conv2D(channels, 1, use_bias=False, name=f"{prefix}_pw")(tensor)
+    tensor = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn")(tensor)
+    if activation != "linear":
+        tensor = make_activation(activation, f"{prefix}_act")(tensor)
+    return tensor
+
+
+def apply_segment_student(block: Block, tensor):
+    """The student of a multi-layer segment applied to `tensor`. The depthwise parts keep
+    a multiplier of 1: the segment's own width, not the multiplier, sets its capacity."""
+    prefix = f"{block.name}_student"
+    residual = tuple(block.input_shape) == tuple(block.output_shape)
+    hidden = _separable_unit(f"{prefix}_1", tensor, block.width, block.strides, "relu")
+    out = _separable_unit(f"{prefix}_2", hidden, block.output_shape[-1], (1, 1), "linear")
+    if residual:
+        out = keras.layers.Add(name=f"{prefix}_add")([tensor, out])
+    if block.final_activation != "linear":
+        out = make_activation(block.final_activation, f"{prefix}_act")(out)
+    # A stage of several teacher blocks: one more residual pair per further block, at the
+    # output's shape, so the student's depth follows the stage's.
+    for repeat in range(2, block.repeats + 1):
+        inner = f"{prefix}_r{repeat}"
+        hidden = _separable_unit(f"{inner}_1", out, block.width, (1, 1), "relu")
+        step = _separable_unit(f"{inner}_2", hidden, block.output_shape[-1], (1, 1), "linear")
+        out = keras.layers.Add(name=f"{inner}_add")([out, step])
+        if block.final_activation != "linear":
+            out = make_activation(block.final_activation, f"{inner}_act")(out)
+    return out
+
+
+def apply_inverted_residual_student(block: Block, tensor):
+    """MobileNetV2-style: 1x1 to `block.width` channels -> BN -> ReLU -> depthwise with
+    the block's stride -> BN -> ReLU -> linear 1x1 projection to the output channels -> BN,
+    added to the input when the shapes match, then the block's final activation."""
+    prefix = f"{block.name}_student"
+    if block.kind == "conv":
+        dw_args = dict(kernel_size=block.kernel_size, strides=block.strides,
+                       padding=block.padding, dilation_rate=block.dilation_rate)
+    else:
+        dw_args = dict(kernel_size=3, strides=block.strides, padding="same")
+    x = keras.layers.Conv2D(block.width, 1, use_bias=False, name=f"{prefix}_expand")(tensor)
+    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_expand_bn")(x)
+    x = keras.layers.ReLU(name=f"{prefix}_expand_act")(x)
+    x = keras.layers.DepthwiseConv2D(use_bias=False, name=f"{prefix}_dw", **dw_args)(x)
+    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_dw_bn")(x)
+    x = keras.layers.ReLU(name=f"{prefix}_dw_act")(x)
+    x = keras.layers.Conv2D(block.output_shape[-1], 1, use_bias=False,
+                            name=f"{prefix}_project")(x)
+    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn")(x)
+    if tuple(block.input_shape) == tuple(block.output_shape):
+        x = keras.layers.Add(name=f"{prefix}_add")([tensor, x])
+    if block.final_activation != "linear":
+        x = make_activation(block.final_activation, f"{prefix}_act")(x)
+    return x
+
+
+FAMILIES = ("separable", "inverted_residual")
+
+
+def apply_student(block: Block, tensor, depth_multiplier: int = 1):
+    """The block's student, fresh layers, applied to `tensor`."""
+    if block.family == "inverted_residual":
+        return apply_inverted_residual_student(block, tensor)
+    if block.family != "separable":
+        raise ValueError(f"Expected a student family among {FAMILIES}, received "
+                         f"{block.family!r} for block {block.name!r}.")
+    if block.kind == "segment":
+        return apply_segment_student(block, tensor)
+    return apply_layers(student_layers(block, depth_multiplier), tensor)
+
+
+def family_for(name: str, default: str, overrides=()) -> str:
+    """The family of the block called `name`: the first `"pattern=family"` override whose
+    shell-style pattern matches the name, else `default`."""
+    for item in overrides:
+        pattern, _, family = item.partition("=")
+        if fnmatch.fnmatchcase(name, pattern.strip()):
+            return family.strip()
+    return default
+
+
+def with_family(block: Block, family: str = "separable", width_multiplier: float = 1.0) -> Block:
+    """The block with the job's student family and internal width."""
+    if family not in FAMILIES:
+        raise ValueError(f"Expected a student family among {FAMILIES}, received {family!r}.")
+    return replace(block, family=family, width=max(1, round(block.width * width_multiplier)))
+
+
+def build_student_model(block: Block, depth_multiplier: int = 1) -> keras.Model:
+    """The student block as a standalone model from block input to block output."""
+    inputs = keras.Input(block.input_shape, name=f"{block.name}_input")
+    outputs = apply_student(block, inputs, depth_multiplier)
+    if tuple(outputs.shape[1:]) != tuple(block.output_shape):
+        raise ValueError(
+            f"Student of block {block.name!r} produces shape {tuple(outputs.shape[1:])}, "
+            f"expected the teacher block's {block.output_shape}."
+        )
+    return keras.Model(inputs, outputs, name=f"{block.name}_student")
+
+
+def initial_weights(block: Block, teacher, depth_multiplier: int = 1) -> dict[str, list]:
+    """Start the student at the best separable approximation of the teacher block.
+
+    For each input channel, the teacher's kxk x C_out kernel slice is factorised by SVD;
+    its leading `depth_multiplier` singular pairs become the depthwise filters and the
+    pointwise weights (the best approximation of that rank in the Frobenius norm). The
+    student's BN takes the teacher block's BN (or the conv bias) so that the student starts
+    close to the teacher's output instead of spending its first epochs getting there.
+    """
+    if block.kind != "conv" or block.family != "separable":
+        return {}  # only the single separable conv has a factorised kernel to start from
+    conv = teacher.get_layer(block.layers[0])
+    kernel = conv.kernel.numpy()  # (kh, kw, c_in, c_out)
+    kh, kw, c_in, c_out = kernel.shape
+    if conv.groups != 1 or depth_multiplier > min(kh * kw, c_out):
+        return {}
+    depthwise = np.zeros((kh, kw, c_in, depth_multiplier), np.float32)
+    pointwise = np.zeros((1, 1, c_in * depth_multiplier, c_out), np.float32)
+    for channel in range(c_in):
+        u, sigma, vt = np.linalg.svd(kernel[:, :, channel, :].reshape(kh * kw, c_out),
+                                     full_matrices=False)
+        for j in range(depth_multiplier):
+            root = np.sqrt(sigma[j])
+            depthwise[:, :, channel, j] = (u[:, j] * root).reshape(kh, kw)
+            pointwise[0, 0, channel * depth_multiplier + j, :] = vt[j] * root
+    bias = conv.bias.numpy() if conv.use_bias else np.zeros(c_out, np.float32)
+    norms = [teacher.get_layer(name) for name in block.layers[1:]
+             if isinstance(teacher.get_layer(name), keras.layers.BatchNormalization)]
+    ones, zeros = np.ones(c_out, np.float32), np.zeros(c_out, np.float32)
+    if norms and block.layers.index(norms[0].name) == 1:  # a BN right after the conv
+        norm = norms[0]
+        gamma = norm.gamma.numpy() if norm.scale else ones
+        beta = norm.beta.numpy() if norm.center else zeros
+        mean, variance = norm.moving_mean.numpy() - bias, norm.moving_variance.numpy()
+        # The student's BN uses Keras' default epsilon; fold the teacher's into the variance.
+        variance = variance + norm.epsilon - keras.layers.BatchNormalization().epsilon
+    else:
+        eps = keras.layers.BatchNormalization().epsilon
+        gamma, beta, mean, variance = ones, bias, zeros, ones - eps
+    prefix = f"{block.name}_student"
+    return {
+        f"{prefix}_dw": [depthwise],
+        f"{prefix}_pw": [pointwise],
+        f"{prefix}_bn": [gamma, beta, mean, variance],
+    }
+
+
+def student_cost(block: Block, depth_multiplier: int = 1) -> tuple[int, int]:
+    """(params, FLOPs) of the block's student."""
+    model = build_student_model(block, depth_multiplier)
+    return layers_cost([layer for layer in model.layers
+                        if not isinstance(layer, keras.layers.InputLayer)])
+
+
+def worthwhile(blocks, depth_multiplier: int = 1) -> list[Block]:
+    """The blocks whose student has fewer parameters than the teacher block: a 1x1 conv,
+    for one, is already pointwise and a separable student could only grow it."""
+    return [b for b in blocks if student_cost(b, depth_multiplier)[0] < b.teacher_params]
+
+
+def layer_weights(model) -> dict[str, list]:
+    """Weights by layer name: what a worker sends back and the assembler sets."""
+    return {layer.name: layer.get_weights() for layer in model.layers if layer.weights}

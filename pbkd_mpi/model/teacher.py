@@ -1,0 +1,215 @@
+"""The teacher: a user's saved Keras model, or a built-in architecture trained on the job's data.
+
+A built-in teacher is trained once and kept in the run directory under a name keyed by a
+hash of everything that shaped it, so a second run with the same job loads it instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pbkd_mpi.atomic import atomic_path
+from pbkd_mpi.config import TeacherConfig
+from pbkd_mpi.data.dataset import Dataset
+from pbkd_mpi.errors import UserError
+from pbkd_mpi.finetune.train import fit_classifier
+
+if TYPE_CHECKING:  # keras is imported where used: start-up stays fast without TensorFlow
+    import keras
+
+BUILTIN_TEACHERS = ("vgg_demo", "vgg_deep")
+BUILTIN_VERSION = 1  # bump when build_vgg_demo changes, so old trained teachers are not reused
+
+
+def build_vgg_demo(input_shape, num_classes: int, widths, pool_after=None,
+                   name: str = "vgg_demo") -> "keras.Model":
+    """VGG-style: 3x3 conv + BN + ReLU per width, a 2x2 max pool after every second conv
+    (or after the convs numbered in `pool_after`, from 1), global average pooling and a
+    softmax classifier."""
+    import keras
+    from keras import layers
+
+    if pool_after is None:
+        pool_after = [i for i in range(2, len(widths), 2)]
+    inputs = keras.Input(input_shape, name="image")
+    x = inputs
+    pools = 0
+    for i, width in enumerate(widths, start=1):
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)
+        x = layers.ReLU(name=f"relu{i}")(x)
+        if i in pool_after and i < len(widths):
+            pools += 1
+            x = layers.MaxPooling2D(name=f"pool{pools}")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="classifier")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_vgg_deep(input_shape, num_classes: int, widths) -> "keras.Model":
+    """VGG16's rule for a deeper teacher: the convs come in stages of equal width and a
+    2x2 max pool ends each stage (wherever the next conv's width changes), e.g. widths
+    16,16 | 24,24 | 32,32,32 | 48,48,48 | 64,64,64: 13 convs, 4 pools."""
+    pool_after = [i for i in range(1, len(widths)) if widths[i] != widths[i - 1]]
+    return build_vgg_demo(input_shape, num_classes, widths, pool_after, name="vgg_deep")
+
+
+def build_builtin(name: str, input_shape, num_classes: int, widths) -> "keras.Model":
+    """The built-in teacher `name` (one of BUILTIN_TEACHERS), untrained."""
+    builders = {"vgg_demo": build_vgg_demo, "vgg_deep": build_vgg_deep}
+    if name not in builders:
+        raise UserError(f"teacher.source {name!r} is not a built-in teacher; expected one of "
+                        f"{', '.join(BUILTIN_TEACHERS)}")
+    return builders[name](input_shape, num_classes, widths)
+
+
+def weights_fingerprint(model) -> str:
+    digest = hashlib.sha256(json.dumps(model.get_config(), sort_keys=True, default=str).encode())
+    for array in model.get_weights():
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()[:16]
+
+
+def outputs_probabilities(model) -> bool:
+    """True when the teacher ends in a softmax, so losses take probabilities, not logits."""
+    import keras
+
+    last = model.layers[-1]
+    activation = getattr(last, "activation", None)
+    if isinstance(last, keras.layers.Softmax):
+        return True
+    return activation is not None and getattr(activation, "__name__", "") == "softmax"
+
+
+def load_teacher(config: TeacherConfig, dataset: Dataset, run_dir: Path, seed: int,
+                 callbacks=()):
+    """Return (model, description) where description says where the teacher came from."""
+    if config.source in BUILTIN_TEACHERS:
+        model, info = _builtin_teacher(config, dataset, run_dir, seed, callbacks)
+    else:
+        model, info = load_model_file(config.source), {"source": config.source, "trained_here": False}
+    check_teacher_fits_data(model, dataset)
+    return model, info
+
+
+def load_model_file(source: str):
+    import keras
+
+    path = Path(source)
+    if not path.exists():
+        raise UserError(
+            f"teacher.source {source!r} does not exist. Expected a .keras or .h5 model file, "
+            f"or a built-in architecture: {', '.join(BUILTIN_TEACHERS)}."
+        )
+    if path.suffix not in (".keras", ".h5", ".hdf5"):
+        raise UserError(
+            f"teacher.source {source!r} is not a .keras or .h5 file (received a "
+            f"{path.suffix or 'suffix-less'} path). Save the model with model.save('name.keras')."
+        )
+    _check_container(path, source)
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many types for a foreign or broken file
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"teacher.source {source!r} could not be loaded as a Keras model: {message}"
+        ) from None
+    if not isinstance(model, keras.Model):
+        raise UserError(
+            f"teacher.source {source!r} holds a {type(model).__name__}, expected a keras.Model."
+        )
+    return model
+
+
+def _check_container(path: Path, source: str) -> None:
+    """A .keras file is a zip archive and a .h5 file HDF5: say so plainly, instead of the
+    "file not found" Keras reports for a file that exists but is something else."""
+    import zipfile
+
+    import h5py
+
+    if path.suffix == ".keras":
+        expected, ok = "a zip archive (what model.save('name.keras') writes)", \
+            zipfile.is_zipfile(path)
+    else:
+        expected, ok = "an HDF5 file (what model.save('name.h5') writes)", h5py.is_hdf5(path)
+    if not ok:
+        with open(path, "rb") as file:
+            head = file.read(16)
+        raise UserError(
+            f"teacher.source {source!r} is not a Keras model file: a {path.suffix} model is "
+            f"{expected}, but this file ({path.stat().st_size} bytes) starts with {head!r}.")
+
+
+def check_teacher_fits_data(model, dataset: Dataset) -> None:
+    expected = tuple(model.inputs[0].shape[1:]) if model.inputs else None
+    if expected is None or expected != dataset.image_shape:
+        raise UserError(
+            f"The teacher expects inputs of shape {expected}, but the data set's images have "
+            f"shape {dataset.image_shape}. Set data.image_size (and the image channels) to "
+            f"match the teacher."
+        )
+    outputs = model.outputs[0].shape
+    if len(outputs) != 2 or outputs[-1] != dataset.num_classes:
+        raise UserError(
+            f"The teacher's output has shape {tuple(outputs)}, but the data set has "
+            f"{dataset.num_classes} classes: expected (None, {dataset.num_classes})."
+        )
+    for split in ("train", "val", "test"):
+        labels = dataset.uncounted(f"y_{split}")  # a range check, not an evaluation
+        if len(labels) and labels.max() >= outputs[-1]:
+            raise UserError(
+                f"y_{split} holds label {labels.max()}, outside the teacher's "
+                f"{outputs[-1]} classes [0, {outputs[-1] - 1}]."
+            )
+
+
+def _builtin_teacher(config: TeacherConfig, dataset: Dataset, run_dir: Path, seed: int,
+                     callbacks=()):
+    import keras
+
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "arch": config.source,
+                "version": BUILTIN_VERSION,
+                "widths": list(config.widths),
+                "epochs": config.train_epochs,
+                "batch": config.train_batch_size,
+                "lr": config.learning_rate,
+                "data": dataset.fingerprint(),
+                "seed": seed,
+                "keras": keras.__version__,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:12]
+    path = run_dir / f"teacher-{key}.keras"
+    info = {"source": config.source, "file": str(path), "trained_here": False}
+    if path.exists():
+        return keras.saving.load_model(path, compile=False), info
+    keras.utils.set_random_seed(seed)
+    model = build_builtin(config.source, dataset.image_shape, dataset.num_classes, config.widths)
+    history, _ = fit_classifier(
+        model, dataset, epochs=config.train_epochs, batch_size=config.train_batch_size,
+        learning_rate=config.learning_rate, patience=config.train_epochs, probabilities=True,
+        seed=seed, callbacks=callbacks,
+    )
+    save_model_atomically(model, path)
+    info.update(
+        trained_here=True,
+        epochs=len(history.history["loss"]),
+        val_accuracy=float(max(history.history["val_accuracy"])),
+    )
+    return model, info
+
+
+def save_model_atomically(model, path: Path) -> None:
+    """Write next to the target and rename, so a crash never leaves a half-written model."""
+    with atomic_path(path) as tmp:
+        model.save(tmp)

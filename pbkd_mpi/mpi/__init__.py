@@ -1,0 +1,1 @@
+"""The MPI shell: messages, collective phases, data parallelism, signals, supervision."""

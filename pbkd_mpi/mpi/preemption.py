@@ -1,0 +1,102 @@
+"""SIGTERM and SIGUSR1: stop at the next safe point, keep what is finished, exit 75.
+
+Slurm sends SIGTERM at the time limit (and SIGUSR1 ahead of it with --signal=USR1@...);
+mpiexec forwards both to every rank. Every rank notes the signal instead of dying; the
+training loops check the note between batches, and rank 0 turns it into an orderly stop:
+no more tasks handed out, running tasks stopped, finished results already on disk, exit
+code 75 ("preempted, state saved, requeue me").
+
+A stop must never hang: Slurm's SIGKILL follows SIGTERM after KillWait (30 s by default),
+and a rank stuck in a call that never returns would otherwise keep its allocation until
+then, or forever under a plain mpiexec. So a watchdog thread waits on the signal too: it
+is woken by the interpreter's C-level handler (`signal.set_wakeup_fd`), which runs even
+while the main thread is blocked in C and cannot run Python handlers, sets the note itself,
+and if the rank is still alive `STOP_GRACE_S` later it prints every thread's stack (what
+was stuck, for the bug report) and ends the rank with exit code 75. Everything finished is
+already on disk by then: results and checkpoints are written atomically.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+import threading
+import time
+
+from pbkd_mpi.errors import PbkdError
+from pbkd_mpi.mpi.supervisor import launcher_rank
+
+EXIT_PREEMPTED = 75
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_GRACE_S = 40.0  # an orderly stop takes seconds; rank 0 gives workers 10 s to answer
+
+_requested = threading.Event()
+_received: list[str] = []
+
+
+class Preempted(PbkdError):
+    exit_code = EXIT_PREEMPTED
+
+
+def _note(signum, _frame=None) -> None:
+    _received.append(signal.Signals(signum).name)
+    _requested.set()
+
+
+def install(grace_s: float = STOP_GRACE_S) -> None:
+    """Note SIGTERM and SIGUSR1 instead of dying, and end this process `grace_s` after
+    the first of them if it has not ended by itself. Call once, from the main thread."""
+    for signum in SIGNALS:
+        signal.signal(signum, _note)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)  # the C handler must never block on a full pipe
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    threading.Thread(target=_watchdog, args=(read_fd, grace_s), name="pbkd-stop-watchdog",
+                     daemon=True).start()
+
+
+def _watchdog(read_fd: int, grace_s: float) -> None:
+    wanted = {int(s) for s in SIGNALS}
+    while True:  # the wakeup fd carries every signal with a Python handler (SIGINT too)
+        received = [n for n in os.read(read_fd, 64) if n in wanted]
+        if received:
+            break
+    if not _requested.is_set():  # the main thread has not run its handler yet
+        _note(received[0])
+    time.sleep(grace_s)
+    rank = launcher_rank()
+    who = f"rank {rank}" if rank is not None else f"process {os.getpid()}"
+    sys.stderr.write(
+        f"error: {who} did not stop within {grace_s:g} s of "
+        f"{_received[0]}; ending it with exit code {EXIT_PREEMPTED}. Every finished block "
+        f"is saved in the run directory; run the same command again to resume. Where its "
+        f"threads were stuck (please report this):\n")
+    sys.stderr.flush()
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    os._exit(EXIT_PREEMPTED)
+
+
+def requested() -> bool:
+    return _requested.is_set()
+
+
+def check(where: str) -> None:
+    """Raise Preempted when a signal arrived; `where` says what is being interrupted."""
+    if _requested.is_set():
+        raise Preempted(f"{_received[0] if _received else 'a signal'} received while {where}")
+
+
+def keras_callback(where: str, also=None):
+    """A callback that stops training at the next batch when a signal arrived; `also`, if
+    given, is called every batch too (e.g. a check for rank 0's abort message)."""
+    import keras
+
+    class PreemptionCheck(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            check(where)
+            if also is not None:
+                also()
+
+    return PreemptionCheck()

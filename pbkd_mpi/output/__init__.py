@@ -1,0 +1,1 @@
+"""What a run shows and leaves: console, logs, report, pictures, exports, energy."""

@@ -1,0 +1,77 @@
+"""Deployment figures: inference latency on this CPU and the size of the saved models.
+
+Latency is the median of repeated timed calls after warm-up calls (the first calls trace
+and compile), for batch 1 and batch 32, with the thread pools rank 0 runs with. The figures
+are for comparing teacher and student on the same machine in the same run, not absolute.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import numpy as np
+
+BATCHES = (1, 32)
+WARMUP_CALLS = 3
+
+
+def latency_ms(model, input_shape, batch: int, repeats: int = 20) -> float:
+    """Median milliseconds of one forward pass of `batch` samples."""
+    import tensorflow as tf
+
+    x = tf.constant(np.random.default_rng(0).uniform(size=(batch, *input_shape)),
+                    dtype=tf.float32)
+    forward = tf.function(lambda inputs: model(inputs, training=False))
+    for _ in range(WARMUP_CALLS):
+        forward(x).numpy()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        forward(x).numpy()  # .numpy() waits for the result
+        times.append(time.perf_counter() - started)
+    return 1000.0 * statistics.median(times)
+
+
+def callable_latency_ms(function, input_shape, batch: int, repeats: int = 20) -> float:
+    """Median milliseconds of `function(batch of float32 images)` returning NumPy (a loaded
+    SavedModel or TFLite interpreter), timed like `latency_ms`."""
+    x = np.random.default_rng(0).uniform(size=(batch, *input_shape)).astype(np.float32)
+    for _ in range(WARMUP_CALLS):
+        function(x)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function(x)
+        times.append(time.perf_counter() - started)
+    return 1000.0 * statistics.median(times)
+
+
+def export_figures(student, exports, input_shape, check_images, repeats: int = 20) -> dict:
+    """Each export of the student (exports.py), loaded back from disk: its size, its
+    agreement with the Keras student, and its latency at batch 1 and 32."""
+    from pbkd_mpi.output.exports import check_exports
+
+    figures = check_exports(student, exports, check_images)
+    for export in exports:
+        if export.format == "keras":
+            continue  # the same model as deployment.student
+        function = export.load()
+        figures[export.format]["latency_ms"] = {
+            f"batch_{b}": callable_latency_ms(function, input_shape, b, repeats) for b in BATCHES}
+    return figures
+
+
+def deployment_figures(teacher, student, input_shape, teacher_file, student_file,
+                       repeats: int = 20) -> dict:
+    """{"teacher"|"student": {"latency_ms": {"batch_1", "batch_32"}, "file_bytes"}}."""
+    figures = {}
+    for name, model, path in (("teacher", teacher, teacher_file),
+                              ("student", student, student_file)):
+        figures[name] = {
+            "latency_ms": {f"batch_{b}": latency_ms(model, input_shape, b, repeats)
+                           for b in BATCHES},
+            "file_bytes": os.path.getsize(path) if path and os.path.exists(path) else None,
+        }
+    return figures

@@ -1,0 +1,148 @@
+"""The student in deployable formats, each loaded back and checked against the Keras student.
+
+`student.keras` holds only the student (the assembled graph has no teacher layer left), a
+SavedModel directory (`model.export`, signature `serve`) for TF Serving and TF runtimes,
+and TFLite flatbuffers: float32, and int8 (weights and activations quantised from a
+representative data set of validation images; inputs and outputs stay float32 so callers
+feed the same images). Each export is run on the same validation images as the Keras
+student; the report gives the largest absolute difference of the outputs and the share of
+images whose predicted class agrees.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pbkd_mpi import atomic
+
+SAVED_MODEL_DIR = "student_savedmodel"
+TFLITE_FILES = {"float32": "student_float32.tflite", "int8": "student_int8.tflite"}
+REPRESENTATIVE_SAMPLES = 200  # int8 calibration images (validation split)
+CHECK_SAMPLES = 64  # images every export is compared on
+
+
+def tflite_kinds(option: str) -> tuple[str, ...]:
+    """The job's `export.tflite` value as the TFLite files to write."""
+    return {"none": (), "float32": ("float32",), "int8": ("int8",),
+            "both": ("float32", "int8")}[option]
+
+
+def path_bytes(path: Path) -> int:
+    """Size of a file, or of every file under a directory."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def export_saved_model(model, directory: Path) -> Path:
+    model.export(str(directory), format="tf_saved_model", verbose=False)
+    return directory
+
+
+def convert_tflite(saved_model: Path, kind: str, representative: np.ndarray | None = None
+                   ) -> bytes:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    if kind == "int8":
+        if representative is None or not len(representative):
+            raise ValueError("int8 TFLite needs representative images; received none")
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: (
+            [representative[i:i + 1].astype(np.float32)] for i in range(len(representative)))
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    elif kind != "float32":
+        raise ValueError(f"TFLite kind must be 'float32' or 'int8', received {kind!r}")
+    return converter.convert()
+
+
+class TfliteModel:
+    """A TFLite file as a callable on a float32 batch (the input is resized per batch)."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import tensorflow as tf
+
+        with warnings.catch_warnings():  # tf.lite.Interpreter's deprecation notice
+            warnings.simplefilter("ignore")
+            self.interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=threads)
+        self.input = self.interpreter.get_input_details()[0]["index"]
+        self.output = self.interpreter.get_output_details()[0]["index"]
+        self.shape = None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.shape != x.shape:
+            self.interpreter.resize_tensor_input(self.input, x.shape)
+            self.interpreter.allocate_tensors()
+            self.shape = x.shape
+        self.interpreter.set_tensor(self.input, x)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output).copy()
+
+
+class SavedModelFunction:
+    """A SavedModel directory's `serve` signature as a callable on a float32 batch."""
+
+    def __init__(self, directory: Path):
+        import tensorflow as tf
+
+        self.module = tf.saved_model.load(str(directory))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.module.serve(np.asarray(x, np.float32)))
+
+
+@dataclass(frozen=True)
+class Export:
+    format: str  # keras, saved_model, tflite_float32, tflite_int8
+    path: Path
+
+    def load(self):
+        """The export as a callable on a float32 batch, loaded from disk."""
+        if self.format == "keras":
+            import keras
+
+            model = keras.saving.load_model(self.path, compile=False)
+            return lambda x: np.asarray(model(np.asarray(x, np.float32), training=False))
+        if self.format == "saved_model":
+            return SavedModelFunction(self.path)
+        return TfliteModel(self.path)
+
+
+def write_exports(student, keras_path: Path, run_dir: Path, saved_model: bool,
+                  tflite: tuple[str, ...], representative: np.ndarray) -> list[Export]:
+    """Every export the job asks for (student.keras exists already). A TFLite file needs
+    the SavedModel, so asking for TFLite writes the SavedModel too."""
+    run_dir = Path(run_dir)
+    exports = [Export("keras", Path(keras_path))]
+    if not (saved_model or tflite):
+        return exports
+    directory = export_saved_model(student, run_dir / SAVED_MODEL_DIR)
+    exports.append(Export("saved_model", directory))
+    for kind in tflite:
+        path = run_dir / TFLITE_FILES[kind]
+        sample = representative[:REPRESENTATIVE_SAMPLES] if kind == "int8" else None
+        atomic.write_bytes(path, convert_tflite(directory, kind, sample))
+        exports.append(Export(f"tflite_{kind}", path))
+    return exports
+
+
+def check_exports(student, exports: list[Export], x: np.ndarray) -> dict:
+    """{format: {path, bytes, max_abs_diff, class_agreement}} against the Keras student."""
+    x = np.asarray(x[:CHECK_SAMPLES], np.float32)
+    reference = np.asarray(student(x, training=False))
+    checked = {}
+    for export in exports:
+        outputs = np.asarray(export.load()(x))
+        checked[export.format] = {
+            "path": str(export.path),
+            "bytes": path_bytes(export.path),
+            "max_abs_diff": float(np.max(np.abs(outputs - reference))),
+            "class_agreement": float(np.mean(np.argmax(outputs, -1) == np.argmax(reference, -1))),
+        }
+    return checked

@@ -1,0 +1,349 @@
+"""report.json (the contract other tools read, documented in docs/report.md) and report.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pbkd_mpi import atomic
+from pbkd_mpi.errors import UserError
+
+
+def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
+    json_path = Path(run_dir) / "report.json"
+    atomic.write_text(json_path, json.dumps(report, indent=2) + "\n")
+    return json_path, render_report(run_dir, report)
+
+
+def render_report(run_dir: Path, report: dict) -> Path:
+    """report.md and its pictures, from the report dict alone (`report RUN_DIR` redraws)."""
+    from pbkd_mpi.output.figures import draw_all
+
+    md_path = Path(run_dir) / "report.md"
+    atomic.write_text(md_path, render_markdown(report, draw_all(report, run_dir)))
+    return md_path
+
+
+def load_report(run_dir) -> dict:
+    path = Path(run_dir) / "report.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{str(run_dir)!r} has no report.json: is it a finished run "
+                        f"directory?") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{str(path)!r} is not valid JSON: {exc}.") from None
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Figures of run B relative to run A (e.g. A with 1 worker, B with 4)."""
+    def ratio(x, y):
+        return x / y if x is not None and y else None
+
+    energy_a, energy_b = a.get("energy", {}), b.get("energy", {})
+    joules_a = _total_joules(energy_a)
+    joules_b = _total_joules(energy_b)
+    return {
+        "runs": [a["run_dir"], b["run_dir"]],
+        "workers": [a["workers"], b["workers"]],
+        "distill_speedup": ratio(a["distill"]["makespan_s"], b["distill"]["makespan_s"]),
+        "wall_speedup": ratio(a["wall_s"], b["wall_s"]),
+        "energy_ratio": ratio(joules_b, joules_a),
+        "accuracy_difference": b["student"]["accuracy_finetuned"]
+        - a["student"]["accuracy_finetuned"],
+        "teacher_accuracy_difference": b["teacher"]["accuracy"] - a["teacher"]["accuracy"],
+        "student_params_ratio": ratio(b["student"]["params"], a["student"]["params"]),
+        "phases": {name: [a["phases"].get(name), b["phases"].get(name)]
+                   for name in dict.fromkeys([*a["phases"], *b["phases"]])},
+    }
+
+
+def _total_joules(energy: dict) -> float | None:
+    values = [energy.get(key) for key in ("gpu_j", "cpu_j")]
+    values = [v for v in values if isinstance(v, (int, float))]
+    return sum(values) if values else None
+
+
+def render_comparison(c: dict) -> str:
+    def fmt(value, spec=".2f", suffix=""):
+        return "not measured" if value is None else f"{value:{spec}}{suffix}"
+
+    lines = [
+        f"A: {c['runs'][0]} ({c['workers'][0]} worker(s))",
+        f"B: {c['runs'][1]} ({c['workers'][1]} worker(s))",
+        f"distillation speedup B vs A: {fmt(c['distill_speedup'], '.2f', 'x')}",
+        f"whole-run speedup B vs A:    {fmt(c['wall_speedup'], '.2f', 'x')}",
+        f"energy B / A:                {fmt(c['energy_ratio'])}",
+        f"student accuracy B - A:      {100 * c['accuracy_difference']:+.2f} points",
+        f"student params B / A:        {fmt(c['student_params_ratio'])}",
+        "phase seconds (A, B):",
+    ]
+    lines += [f"  {name:<10} {fmt(x, '.1f'):>10} {fmt(y, '.1f'):>10}"
+              for name, (x, y) in c["phases"].items()]
+    return "\n".join(lines)
+
+
+def block_rows(blocks, results: dict, records, reused: dict) -> list[dict]:
+    """One report row per block: trained in this run (`results`, `records`) or reused
+    from an earlier run (`reused`: {name: (result, info)})."""
+    by_name = {record.task_id: record for record in records}
+    rows = []
+    for block in blocks:
+        if block.name in results:
+            result, record = results[block.name], by_name[block.name]
+            timing = {"rank": record.rank, "seconds": record.end_s - record.start_s,
+                      "start_s": record.start_s, "end_s": record.end_s, "reused": False}
+        else:
+            result, info = reused[block.name]
+            timing = {"rank": info["rank"], "seconds": info["seconds"], "start_s": None,
+                      "end_s": None, "reused": True}
+        rows.append({
+            "name": block.name,
+            "layers": list(block.layers),
+            **timing,
+            **{key: result[key] for key in (
+                "train_mse", "val_mse", "initial_val_mse", "target_variance", "epochs",
+                "best_epoch", "student_params", "student_flops", "history",
+                "resumed_from_epoch")},
+            "teacher_params": block.teacher_params,
+            "teacher_flops": block.teacher_flops,
+            "param_ratio": result["student_params"] / block.teacher_params,
+            "flop_ratio": result["student_flops"] / block.teacher_flops,
+            "input_shape": list(block.input_shape),
+            "output_shape": list(block.output_shape),
+            "final_activation": block.final_activation,
+        })
+    return rows
+
+
+def schedule_figures(plan, records, workers: int, makespan_s: float, profile: dict,
+                     predicted_s: float) -> tuple[dict, dict]:
+    """(`schedule`, the scheduling keys of `distill`) for report.json, from the plan the
+    run followed and its task records (protocol.TaskRecord)."""
+    tasks = sorted(records, key=lambda r: (r.start_s, r.task_id))
+    # Worker-seconds: a task split over k workers kept k of them busy for its time.
+    busy = sum(len(r.ranks or (r.rank,)) * r.seconds for r in tasks)
+    longest = max((r.seconds for r in tasks), default=0.0)
+    bound = max(busy / workers, longest)
+    schedule = {
+        "policy": plan.policy,
+        "split": {name: k for name, k in plan.ways.items() if k > 1},
+        "profile_method": profile.get("method"),
+        "predicted_makespan_s": predicted_s,
+        "estimated_lower_bound_s": plan.lower_bound_s,
+        "tasks": [{"name": r.task_id, "ranks": list(r.ranks or (r.rank,)),
+                   "start_s": r.start_s, "end_s": r.end_s, "estimated_s": r.estimated_s,
+                   "measured_s": r.seconds,
+                   **({"replicas_identical": r.replicas_identical} if len(r.ranks) > 1 else {})}
+                  for r in tasks],
+    }
+    distill = {
+        "sum_task_s": busy,
+        "lower_bound_s": bound,
+        "efficiency": busy / (workers * makespan_s) if makespan_s > 0 else None,
+    }
+    return schedule, distill
+
+
+def replaced_totals(rows) -> dict:
+    totals = {key: sum(row[key] for row in rows) for key in
+              ("teacher_params", "student_params", "teacher_flops", "student_flops")}
+    # No replaced block at all (every task failed): there is no ratio to give.
+    totals["param_ratio"] = (totals["student_params"] / totals["teacher_params"]
+                             if totals["teacher_params"] else None)
+    totals["flop_ratio"] = (totals["student_flops"] / totals["teacher_flops"]
+                            if totals["teacher_flops"] else None)
+    return totals
+
+
+def _ratio(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _count(value) -> str:
+    if value >= 1e9:
+        return f"{value / 1e9:.2f} G"
+    if value >= 1e6:
+        return f"{value / 1e6:.2f} M"
+    if value >= 1e3:
+        return f"{value / 1e3:.1f} k"
+    return str(value)
+
+
+def _deployment_rows(deployment: dict | None) -> list[str]:
+    if not deployment:
+        return []
+    t, s = deployment["teacher"], deployment["student"]
+    rows = []
+    if t["file_bytes"] and s["file_bytes"]:
+        rows.append(f"| saved model file | {t['file_bytes'] / 1e6:.2f} MB | "
+                    f"{s['file_bytes'] / 1e6:.2f} MB | {s['file_bytes'] / t['file_bytes']:.2f} |")
+    for batch in ("batch_1", "batch_32"):
+        a, b = t["latency_ms"][batch], s["latency_ms"][batch]
+        rows.append(f"| latency, {batch.replace('_', ' ')} (CPU, median) | {a:.2f} ms | "
+                    f"{b:.2f} ms | {b / a:.2f} |")
+    return rows
+
+
+def _energy_line(energy: dict | None) -> str:
+    if not energy:
+        return "Energy: not measured (no meter ran)."
+    def joules(value):
+        return "not measured" if value is None else f"{value:,.0f} J"
+    return (f"Energy ({energy['method']}): GPU {joules(energy['gpu_j'])} "
+            f"({energy['gpu_method']}), CPU package {joules(energy['cpu_j'])} "
+            f"({energy['cpu_method']}); CPU time of all ranks {energy['cpu_s']:.1f} s. "
+            f"Per rank and per phase in report.json (`energy`).")
+
+
+def render_markdown(report: dict, figures: dict | None = None) -> str:
+    teacher, student, replaced = report["teacher"], report["student"], report["replaced"]
+    lines = [
+        f"# Distillation report: {teacher['source']}",
+        "",
+        f"Status **{report['status']}**, {report['workers']} worker rank(s), "
+        f"run directory `{report['run_dir']}`, total wall time {report['wall_s']:.1f} s.",
+        "",
+        "## Summary",
+        "",
+        "| | teacher | student | student / teacher |",
+        "|---|---|---|---|",
+        f"| parameters | {_count(teacher['params'])} | {_count(student['params'])} | "
+        f"{student['params'] / teacher['params']:.2f} |",
+        f"| FLOPs per image | {_count(teacher['flops'])} | {_count(student['flops'])} | "
+        f"{student['flops'] / teacher['flops']:.2f} |",
+        f"| parameters in replaced blocks | {_count(replaced['teacher_params'])} | "
+        f"{_count(replaced['student_params'])} | {_ratio(replaced['param_ratio'])} |",
+        f"| FLOPs in replaced blocks | {_count(replaced['teacher_flops'])} | "
+        f"{_count(replaced['student_flops'])} | {_ratio(replaced['flop_ratio'])} |",
+        f"| test accuracy | {_pct(teacher['accuracy'])} | {_pct(student['accuracy_finetuned'])} "
+        f"(merged, before fine-tuning: {_pct(student['accuracy_merged'])}) | |",
+        *_deployment_rows(report.get("deployment")),
+        "",
+        "Accuracies are measured on the held-out test split; every selection (block early "
+        "stopping, fine-tuning epochs) used the validation split.",
+        "",
+        "## Phases",
+        "",
+        "| phase | seconds |",
+        "|---|---|",
+        *(f"| {name} | {seconds:.1f} |" for name, seconds in report["phases"].items()),
+        "",
+        f"Distillation makespan {report['distill']['makespan_s']:.1f} s for "
+        f"{report['distill']['sum_task_s']:.1f} s of block tasks "
+        f"(sum / makespan = "
+        f"{report['distill']['sum_task_s'] / max(report['distill']['makespan_s'], 1e-9):.2f}; "
+        f"tasks that share a machine run slower, so the speedup over one worker is what "
+        f"`report A B` measures) on {report['workers']} worker(s)"
+        + (f"; lower bound {report['distill']['lower_bound_s']:.1f} s, efficiency "
+           f"{_pct(report['distill']['efficiency'])} with the `{report['schedule']['policy']}` "
+           f"schedule (profile: {report['schedule']['profile_method']})"
+           if report.get("schedule") else "")
+        + f"; the coordinator used "
+        f"{_pct(report['distill']['coordinator_cpu_fraction'])} of a core while it waited. "
+        f"{report['distill']['reused_blocks']} block(s) were reused from an earlier run in "
+        f"this run directory and are not counted.",
+        "",
+        _energy_line(report.get("energy")),
+        "",
+        "## Blocks",
+        "",
+        "Relative MSE is the validation MSE divided by the variance of the teacher block's "
+        "output: 1.0 would be no better than predicting its mean. `start` is the relative "
+        "MSE of the student initialised from the teacher's factorised kernel, before training.",
+        "",
+        "| block | layers | in -> out | rank | seconds | epochs | train MSE | val MSE "
+        "| relative MSE (start) | params T -> S | FLOPs T -> S |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for block in report["blocks"]:
+        variance = block["target_variance"] or 1.0
+        lines.append(
+            f"| {block['name']} | {', '.join(block['layers'])} | "
+            f"{'x'.join(map(str, block['input_shape']))} -> "
+            f"{'x'.join(map(str, block['output_shape']))} | {block['rank']} | "
+            f"{block['seconds']:.1f}{' (reused)' if block['reused'] else ''} | "
+            f"{block['epochs']} | {block['train_mse']:.4g} | "
+            f"{block['val_mse']:.4g} | {block['val_mse'] / variance:.3f} "
+            f"({block['initial_val_mse'] / variance:.3f}) | "
+            f"{_count(block['teacher_params'])} -> {_count(block['student_params'])} | "
+            f"{_count(block['teacher_flops'])} -> {_count(block['student_flops'])} |"
+        )
+    lines += _acceptance_lines(report)
+    if report["failed_blocks"]:
+        lines += ["", "## Failed blocks (kept the teacher's layers)", "",
+                  "| block | attempts | last error (rank) |", "|---|---|---|"]
+        lines += [f"| {f['name']} | {f['attempts']} | {f['errors'][-1]['error']} "
+                  f"({f['errors'][-1]['rank']}) |" for f in report["failed_blocks"]]
+    if figures:
+        lines += ["", "## Pictures", ""]
+        lines += [f"![{caption}]({name})\n\n*{caption}*\n" for name, caption in figures.items()]
+    finetune = report["finetune"]
+    lines += [
+        "",
+        "## Fine-tuning",
+        "",
+        f"{finetune['epochs']} epoch(s) run; validation accuracy {_pct(finetune['val_accuracy_before'])} "
+        f"before and {_pct(finetune['val_accuracy'])} after (best epoch {finetune['best_epoch']}; "
+        f"0 means the merged student was kept).",
+        *_finetune_detail(finetune),
+        "",
+        f"Student model: `{student['path']}`.",
+        *_export_lines((report.get("deployment") or {}).get("exports")),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _acceptance_lines(report: dict) -> list[str]:
+    """Each block's solo validation score and acceptance decision (accept.py)."""
+    accept = report.get("accept")
+    if not accept:
+        return []
+    lines = ["", "## Acceptance", "",
+             f"Each student block swapped alone into the teacher, scored on the validation "
+             f"split (teacher: {_pct(accept['teacher_val_accuracy'])}); a block costing more "
+             f"than {100 * accept['max_drop']:.1f} points is retrained once wider, then kept "
+             f"only if it passes.", "",
+             "| block | alone (val) | drop | wider alone (val) | decision | depth multiplier |",
+             "|---|---|---|---|---|---|"]
+    for block in report["blocks"]:
+        v = block.get("accept")
+        if v is None:
+            continue
+        wider = "" if v["wider_solo_val_accuracy"] is None else _pct(v["wider_solo_val_accuracy"])
+        lines.append(f"| {block['name']} | {_pct(v['solo_val_accuracy'])} | "
+                     f"{100 * v['drop']:.1f} pts | {wider} | {v['decision']} | "
+                     f"{v['depth_multiplier']} |")
+    return lines
+
+
+def _finetune_detail(finetune: dict) -> list[str]:
+    lines = []
+    if "ranks" in finetune:
+        lines += ["", f"Data-parallel on {finetune['ranks']} rank(s), loss `{finetune['loss']}`; "
+                  f"weights identical on every rank at the end: "
+                  f"{'yes' if finetune.get('identical_weights', True) else 'NO'}."]
+    for r in finetune.get("recoveries", []):
+        lines += ["", f"Divergence guard at epoch {r['epoch']} ({r['reason']}): weights of "
+                  f"epoch {r['restored_epoch']} restored, learning rate x"
+                  f"{r['learning_rate_scale']:.3g}."]
+    return lines
+
+
+def _export_lines(exports: dict | None) -> list[str]:
+    if not exports:
+        return []
+    lines = ["", "| export | size | largest output difference | class agreement "
+             "| latency batch 1 / 32 (ms) |", "|---|---|---|---|---|"]
+    for name, e in exports.items():
+        latency = e.get("latency_ms")
+        timing = (f"{latency['batch_1']:.2f} / {latency['batch_32']:.2f}" if latency
+                  else "as the student above")
+        lines.append(f"| {name} (`{e['path']}`) | {_count(e['bytes'])} B | "
+                     f"{e['max_abs_diff']:.2g} | {_pct(e['class_agreement'])} | {timing} |")
+    return lines

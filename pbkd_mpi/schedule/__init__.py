@@ -1,0 +1,1 @@
+"""Which worker trains what when: profiles, plans, the scheduler, the simulator."""
