@@ -72,10 +72,10 @@ def main() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from pbkd_mpi.cache.layout import CacheOptions, fingerprint_for, read_pair
+    from pbkd_mpi.cache.layout import CacheOptions, fingerprint_for
+    from pbkd_mpi.cache.reader import read_pair
     from pbkd_mpi.cache.build import build_cache
-    from pbkd_mpi.cache.reader import (PREFETCH_BATCHES, CachedPairs, CacheStore,
-                                       without_autotune)
+    from pbkd_mpi.cache.reader import PREFETCH_BATCHES, CachedPairs, CacheStore, without_autotune
     from pbkd_mpi.config import DataConfig
     from pbkd_mpi.data.dataset import load_dataset
     from pbkd_mpi.model.graph import boundaries, find_blocks

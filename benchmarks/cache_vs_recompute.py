@@ -65,7 +65,7 @@ def compare(teacher, data_config, dataset, tmp: Path) -> dict:
     from pbkd_mpi.config import DistillConfig
     from pbkd_mpi.model.graph import boundaries, find_blocks, flatten_model
     from pbkd_mpi.model.students import initial_weights
-    from pbkd_mpi.model.teacher import weights_fingerprint
+    from pbkd_mpi.keys import model_fingerprint
     from pbkd_mpi.distill.train_block import BlockTask, train_block
 
     teacher_file = tmp / f"{teacher.name}.keras"
@@ -73,7 +73,7 @@ def compare(teacher, data_config, dataset, tmp: Path) -> dict:
     flat = flatten_model(teacher)
     blocks = find_blocks(flat)
     names = boundaries(blocks)
-    teacher_fp = weights_fingerprint(flat)
+    teacher_fp = model_fingerprint(flat)
     options = CacheOptions()
     fingerprint = fingerprint_for(teacher_fp, dataset, names, options, "unit", 0)
     path = tmp / f"{teacher.name}-activations.h5"

@@ -7,7 +7,7 @@ thread per worker; fine-tuning skipped). Simulated: each model's student-block t
 steps timed on this CPU with random activations of the blocks' shapes (1 process, 1
 thread; CIFAR-10-sized data: 45,000 training and 5,000 validation samples, the epochs and
 batch of jobs/vgg16.toml and jobs/resnet50.toml), the cache read rate and the allreduce
-taken from a reference profile.json a measured run wrote (`profile.timed_shape_profile`),
+taken from a reference profile.json a measured run wrote (`timed_shape_profile` below),
 then each policy simulated (`simulate.py`, the coordinator's own Scheduler). Ratios are to
 the lower bound with splitting allowed (`schedule.lower_bound`: least work, the longest
 task's shortest time and the per-worker packing limits). Sensitivity: the work-stealing+
@@ -34,12 +34,21 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speedup import DEFAULT_JOB, REPO, run  # noqa: E402
 
+from pbkd_mpi.model.selection import select_blocks
+from pbkd_mpi.model.students import build_student_model
+from pbkd_mpi.schedule.estimates import PROFILE_VERSION
+from pbkd_mpi.schedule.profiling import (TIMED_STEPS, WARMUP_STEPS, block_entry, pair_bytes,
+                                         time_student)
+
+
 sys.path.insert(0, str(REPO))  # this process imports pbkd_mpi too (the profiles)
+
 
 POLICIES = ("round-robin", "static-lpt", "work-stealing")
 MODELS = {  # model: (keras.applications name, job file with its distill settings)
@@ -52,6 +61,50 @@ REFERENCE = PROFILES / "reference-profile.json"
 TARGET = 1.05  # the goal: work-stealing with splitting within this of the lower bound
 
 
+def timed_shape_profile(teacher, granularity: str, depth_multiplier: int, batch_size: int,
+                        epochs: int, samples: dict, reference: dict,
+                        steps: int = TIMED_STEPS) -> dict:
+    """A profile of `teacher`'s block tasks without its data or weights: each student
+    block's training steps timed on this rank with random activations of the block's
+    shapes (step time depends on shapes, not values), at `batch_size` and half of it; the
+    cache read rate and the allreduce come from `reference`, a profile measured by a real
+    run on this machine. For simulating models too large to distill here."""
+    import keras
+    import numpy as np
+
+    rates = [b["read_bytes_per_s"] for b in reference["blocks"].values()
+             if "read_bytes_per_s" in b]
+    if not rates or not reference.get("allreduce"):
+        raise SystemExit("the reference profile needs measured read rates and an allreduce "
+                         "(a profile.json of a run with 2 or more workers and splitting on)")
+    read_rate = float(np.median(rates))
+    rng = np.random.default_rng(0)
+    rows = (WARMUP_STEPS + steps) * batch_size
+    blocks = {}
+    for block in select_blocks(teacher, granularity, depth_multiplier):
+        x = rng.standard_normal((rows, *block.input_shape), np.float32)
+        y = rng.standard_normal((rows, *block.output_shape), np.float32)
+        keras.utils.set_random_seed(0)
+        build_started = time.perf_counter()
+        model = build_student_model(block, depth_multiplier)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+        batches = [(x[i:i + batch_size], y[i:i + batch_size])
+                   for i in range(0, rows, batch_size)]
+        timed = time_student(model, batches, steps, build_started)
+        blocks[block.name] = block_entry(
+            timed, batch_size, epochs, samples, pair_bytes(block, samples["item_bytes"]),
+            read_rate, "timed steps on random activations of the block's shapes")
+    return {
+        "version": PROFILE_VERSION,
+        "method": (f"timed student-block steps of {teacher.name} on this CPU (1 process, random "
+                   f"activations of each block's shapes); cache read rate and allreduce from a "
+                   f"measured run's profile; {samples['train']} training samples"),
+        "workers": None,
+        "allreduce": reference["allreduce"],
+        "blocks": blocks,
+    }
+
+
 def model_profile(model: str, reference: dict) -> dict:
     import keras
 
@@ -59,7 +112,6 @@ def model_profile(model: str, reference: dict) -> dict:
     from pbkd_mpi.mpi.devices import configure_tensorflow_choice, import_tensorflow
     from pbkd_mpi.model.graph import flatten_model
     from pbkd_mpi.model.selection import granularity_of
-    from pbkd_mpi.schedule.profile import timed_shape_profile
 
     import_tensorflow()
     configure_tensorflow_choice(1, 0)  # as one worker with 1 thread
@@ -92,8 +144,8 @@ def measured_runs(args, run_dir: Path) -> tuple[dict, dict]:
 
 def sensitivity(profile: dict, workers, scales) -> dict:
     """{scale: {workers: work-stealing+split's ratio to the bound}} on the scaled profile."""
-    from pbkd_mpi.schedule.profile import scaled_profile, task_estimates
-    from pbkd_mpi.schedule.simulate import simulate_estimates
+    from pbkd_mpi.schedule.estimates import scaled_profile, task_estimates
+    from pbkd_mpi.schedule.projection import simulate_estimates
 
     out = {}
     for scale in scales:
@@ -128,7 +180,7 @@ def main() -> None:
         measured, reports = measured_runs(args, run_dir)
 
     from pbkd_mpi import atomic
-    from pbkd_mpi.schedule.simulate import render_table, simulate_profile
+    from pbkd_mpi.schedule.projection import render_table, simulate_profile
 
     reference = None
     if not args.reuse_profiles:

@@ -1,10 +1,9 @@
+"""`python -m pbkd_mpi`: under an MPI launcher, a supervisor process runs the real rank as
+its child (mpi/supervisor.py); cli.py imports neither MPI nor TensorFlow before that."""
+
 import sys
 
-from pbkd_mpi.mpi.supervisor import should_supervise, supervise
+from pbkd_mpi.cli import entry
 
-if should_supervise():  # under an MPI launcher: this process watches the real rank
-    sys.exit(supervise(sys.argv[1:]))
 
-from pbkd_mpi.cli import main  # noqa: E402 - the supervisor must not import MPI or TensorFlow
-
-sys.exit(main())
+sys.exit(entry())

@@ -12,14 +12,16 @@ import os
 import shutil
 from pathlib import Path
 
+from pbkd_mpi import atomic
 from pbkd_mpi.config import Job, load_job
 from pbkd_mpi.errors import UserError
+
 
 JOB_FILE = "job.toml"
 # What a run's results depend on; fine-tuning, retries and threads may change between tries.
 IDENTITY_SECTIONS = ("teacher", "data", "blocks", "student", "distill", "cache")
 # Keys of those sections that may change all the same: their results have keys of their
-# own (a chained task's key covers its epochs and inputs, chain.py), and the parallel
+# own (a chained task's key covers its epochs and inputs, distill/chain.py), and the parallel
 # phase's blocks do not depend on them.
 MAY_CHANGE = {("distill", "chained_epochs"), ("distill", "head_weight")}
 # What --fresh removes: the tool's own files only, never anything else in the directory.
@@ -89,8 +91,6 @@ def clear(run_dir: Path) -> None:
 
 
 def write_job_toml(job: Job, path: Path) -> None:
-    from pbkd_mpi import atomic
-
     lines = []
     for section, values in job.to_dict().items():
         lines.append(f"[{section}]")

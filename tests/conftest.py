@@ -11,6 +11,7 @@ import pytest
 
 from pbkd_mpi.mpi.devices import import_tensorflow
 
+
 import_tensorflow()  # once, quietly, before any test touches Keras
 
 REPO = Path(__file__).resolve().parents[1]

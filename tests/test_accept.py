@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pbkd_mpi.distill.accept import ACCEPTED, KEPT_TEACHER, accept_blocks
 from pbkd_mpi.config import AcceptConfig
+from pbkd_mpi.distill.accept import ACCEPTED, KEPT_TEACHER, accept_blocks
 
 
 @pytest.fixture(scope="module")
 def setting(tiny_dataset, tiny_teacher):
     import keras
 
-    from pbkd_mpi.finetune.train import fit_classifier
+    from pbkd_mpi.model.teacher import fit_classifier
     from pbkd_mpi.model.graph import flatten_model
     from pbkd_mpi.model.selection import select_blocks
     from pbkd_mpi.model.students import initial_weights
@@ -79,7 +79,7 @@ def test_the_teacher_is_scored_with_its_bn_statistics_re_estimated_as_a_solo_swa
     import keras
 
     from pbkd_mpi.distill.accept import teacher_accuracy
-    from pbkd_mpi.finetune.train import accuracy
+    from pbkd_mpi.model.evaluate import accuracy
 
     teacher, _, _ = setting
     x, y, x_train = tiny_dataset.x_val, tiny_dataset.y_val, tiny_dataset.x_train

@@ -15,6 +15,7 @@ from pbkd_mpi.model.graph import GRANULARITIES, find_blocks, flatten_model
 from pbkd_mpi.model.selection import block_table, select_blocks
 from pbkd_mpi.model.students import build_student_model, layer_weights, student_cost
 
+
 APPLICATIONS = ("VGG16", "VGG19", "ResNet50", "ResNet50V2", "MobileNetV2", "DenseNet121")
 NAMES = (*APPLICATIONS, "demo", "nested")
 SIZE = 32  # the smallest input every one of them accepts

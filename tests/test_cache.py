@@ -3,16 +3,18 @@ import keras
 import numpy as np
 import pytest
 
-from pbkd_mpi.cache.layout import build_cache, cache_fingerprint, is_complete, read_pair
+from pbkd_mpi.cache.build import build_cache
+from pbkd_mpi.cache.layout import cache_fingerprint, is_complete
+from pbkd_mpi.cache.reader import read_pair
 from pbkd_mpi.errors import UserError
+from pbkd_mpi.keys import model_fingerprint
 from pbkd_mpi.model.graph import MODEL_INPUT, boundaries, find_blocks
-from pbkd_mpi.model.teacher import weights_fingerprint
 
 
 @pytest.fixture()
 def built_cache(tiny_teacher, tiny_dataset, tmp_path):
     names = boundaries(find_blocks(tiny_teacher))
-    fingerprint = cache_fingerprint(weights_fingerprint(tiny_teacher), tiny_dataset.fingerprint(),
+    fingerprint = cache_fingerprint(model_fingerprint(tiny_teacher), tiny_dataset.fingerprint(),
                                     names, "float16")
     path = tmp_path / "cache.h5"
     info = build_cache(tiny_teacher, tiny_dataset, names, path, fingerprint, "float16",
@@ -65,12 +67,12 @@ def test_fingerprint_changes_with_weights_data_boundaries_and_dtype(tiny_teacher
     for key, value in [("teacher_fingerprint", "t2"), ("data_fingerprint", "d2"),
                        ("names", ["a", "b"]), ("dtype", "float32")]:
         assert cache_fingerprint(**{**base, key: value}) != reference
-    before = weights_fingerprint(tiny_teacher)
+    before = model_fingerprint(tiny_teacher)
     layer = tiny_teacher.get_layer("conv1")
     original = layer.get_weights()
     layer.set_weights([w + 1e-3 for w in original])
     try:
-        assert weights_fingerprint(tiny_teacher) != before
+        assert model_fingerprint(tiny_teacher) != before
     finally:
         layer.set_weights(original)
 

@@ -9,21 +9,23 @@ import keras
 import numpy as np
 import pytest
 
-from pbkd_mpi.data.augment import AugmentSpec, Views
-from pbkd_mpi.cache.layout import (CacheOptions, cache_fingerprint, check_disk, estimate_bytes,
-                            fingerprint_for, incomplete_reason, is_complete, part_counts,
-                            plan_shards, read_pair, shard_dir)
 from pbkd_mpi.cache.build import build_shards, stitch
+from pbkd_mpi.cache.layout import (CacheOptions, cache_fingerprint, check_disk, estimate_bytes,
+                                   fingerprint_for, incomplete_reason, is_complete, part_counts,
+                                   plan_shards, shard_dir)
+from pbkd_mpi.cache.reader import read_pair
+from pbkd_mpi.data.augment import AugmentSpec, Views
 from pbkd_mpi.errors import UserError
+from pbkd_mpi.keys import model_fingerprint
 from pbkd_mpi.model.graph import MODEL_INPUT, boundaries, find_blocks
-from pbkd_mpi.model.teacher import weights_fingerprint
+
 
 SHARD = 64  # the tiny set's 270 training samples make 5 shards, the last one partial
 
 
 def _build(teacher, dataset, path, options, ranks=1, seed=0):
     names = boundaries(find_blocks(teacher))
-    fp = fingerprint_for(weights_fingerprint(teacher), dataset, names, options, "unit", seed)
+    fp = fingerprint_for(model_fingerprint(teacher), dataset, names, options, "unit", seed)
     done = [build_shards(teacher, dataset, names, path, fp, options, rank, ranks, seed)
             for rank in range(ranks)]
     stitch(teacher, dataset, names, path, fp, options)

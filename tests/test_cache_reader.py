@@ -4,11 +4,12 @@ import keras
 import numpy as np
 import pytest
 
-from pbkd_mpi.data.augment import AugmentSpec, Views
-from pbkd_mpi.cache.layout import CacheOptions, fingerprint_for, read_pair
 from pbkd_mpi.cache.build import build_shards, stitch
-from pbkd_mpi.cache.reader import CachedPairs, CacheStore, RecomputedPairs, window_plan
+from pbkd_mpi.cache.layout import CacheOptions, fingerprint_for
+from pbkd_mpi.cache.reader import CachedPairs, CacheStore, RecomputedPairs, read_pair, window_plan
+from pbkd_mpi.data.augment import AugmentSpec, Views
 from pbkd_mpi.model.graph import MODEL_INPUT
+
 
 NAMES = [MODEL_INPUT, "relu1", "pool1", "relu3"]
 VIEWS = AugmentSpec(views=2)
@@ -164,14 +165,14 @@ def test_a_block_trains_in_recompute_mode(tiny_teacher, tiny_dataset, tmp_path):
     from pbkd_mpi.config import DataConfig, DistillConfig
     from pbkd_mpi.model.graph import find_blocks
     from pbkd_mpi.model.students import initial_weights
-    from pbkd_mpi.model.teacher import weights_fingerprint
+    from pbkd_mpi.keys import model_fingerprint
     from pbkd_mpi.distill.train_block import BlockTask, train_block
 
     teacher_file = tmp_path / "teacher.keras"
     tiny_teacher.save(teacher_file)
     block = find_blocks(tiny_teacher)[2]
     source = DataSource(mode="recompute", teacher_file=str(teacher_file),
-                        teacher_fingerprint=weights_fingerprint(tiny_teacher),
+                        teacher_fingerprint=model_fingerprint(tiny_teacher),
                         data=DataConfig(image_size=(16, 16), demo_train=300, demo_test=100),
                         data_fingerprint=tiny_dataset.fingerprint(), views=1,
                         augment=AugmentSpec(views=1))

@@ -8,16 +8,18 @@ import keras
 import numpy as np
 import pytest
 
-from pbkd_mpi.model.assemble import assemble_student
-from pbkd_mpi.cache.layout import build_cache, cache_fingerprint
+from pbkd_mpi.cache.build import build_cache
+from pbkd_mpi.cache.layout import cache_fingerprint
 from pbkd_mpi.cache.reader import CacheStore
-from pbkd_mpi.distill.chain import chain_blocks, weights_digest
 from pbkd_mpi.config import CacheConfig, DistillConfig, Job, validate_job
-from pbkd_mpi.errors import UserError
-from pbkd_mpi.model.graph import boundaries, find_blocks
-from pbkd_mpi.distill.results import task_key
-from pbkd_mpi.model.students import initial_weights
+from pbkd_mpi.distill.chain import chain_blocks
 from pbkd_mpi.distill.train_block import BlockTask, train_block
+from pbkd_mpi.errors import UserError
+from pbkd_mpi.keys import task_key, student_blocks_key
+from pbkd_mpi.model.assemble import assemble_student
+from pbkd_mpi.model.graph import boundaries, find_blocks
+from pbkd_mpi.model.students import initial_weights
+
 
 CHAINED_EPOCHS = 4
 
@@ -45,7 +47,7 @@ def output_error(teacher, blocks, weights, dataset):
     last = blocks[-1].output_boundary
     tensors = {}
     student = assemble_student(teacher, blocks, weights, 1, tensors)
-    from pbkd_mpi.finetune.train import recalibrate_batchnorm
+    from pbkd_mpi.model.evaluate import recalibrate_batchnorm
 
     recalibrate_batchnorm(student, dataset.x_train)
     ours = keras.Model(student.inputs, tensors[last]).predict(dataset.x_val, verbose=0)
@@ -136,7 +138,7 @@ def test_task_keys_follow_the_chained_setting(setup):
     # A parallel task does not depend on chained_epochs: runs differing only there share it.
     assert task_key(task) == task_key(dataclasses.replace(
         task, config=dataclasses.replace(task.config, chained_epochs=3)))
-    digest = weights_digest(trained, {name: 1 for name in trained})
+    digest = student_blocks_key(trained, {name: 1 for name in trained})
     chained = dataclasses.replace(task, input_path="x.h5", input_digest=digest)
     assert task_key(chained) != task_key(task)
     # Other chained epochs, or inputs from other weights: another result.
@@ -154,8 +156,8 @@ def test_task_keys_follow_the_chained_setting(setup):
     assert task_key(task) == task_key(dataclasses.replace(
         task, config=dataclasses.replace(task.config, head_weight=0.0)))
     other = {**trained, "conv1": {k: [a + 1 for a in v] for k, v in trained["conv1"].items()}}
-    assert weights_digest(other, {n: 1 for n in other}) != digest
-    assert weights_digest(trained, {**{n: 1 for n in trained}, "conv1": 2}) != digest
+    assert student_blocks_key(other, {n: 1 for n in other}) != digest
+    assert student_blocks_key(trained, {**{n: 1 for n in trained}, "conv1": 2}) != digest
 
 
 def test_a_cache_store_reads_inputs_from_another_file(setup, tmp_path):

@@ -6,6 +6,7 @@ from pbkd_mpi.config import Job, load_job
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.run_dir import write_job_toml
 
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from pbkd_mpi.output.console import Console, DistillProgress, live_terminal, progress_bar
 
+
 from .conftest import REPO
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")

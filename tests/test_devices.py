@@ -2,9 +2,10 @@
 
 import pytest
 
-from pbkd_mpi.mpi.devices import (GpuChoice, check_world_size, choose_gpu, device_ids,
-                              local_rank_from_env, worker_threads)
 from pbkd_mpi.errors import UserError
+from pbkd_mpi.mpi.devices import (GpuChoice, check_world_size, choose_gpu, device_ids,
+                                  local_rank_from_env, worker_threads)
+
 
 FOUR = ["GPU:0", "GPU:1", "GPU:2", "GPU:3"]
 

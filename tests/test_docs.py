@@ -3,6 +3,7 @@ from pathlib import Path
 
 from pbkd_mpi.config import render_job_docs
 
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -5,8 +5,8 @@ from collections import namedtuple
 import pytest
 
 from pbkd_mpi.output import energy
-from pbkd_mpi.output.energy import (GPU_COUNTER, GPU_NONE, GPU_SAMPLES, NOT_MEASURED, CPU_RAPL,
-                             NvmlGpu, PhaseMeter, PowerIntegrator, RaplPackages, aggregate)
+from pbkd_mpi.output.energy import (CPU_RAPL, GPU_COUNTER, GPU_NONE, GPU_SAMPLES, NOT_MEASURED,
+                                    NvmlGpu, PhaseMeter, PowerIntegrator, RaplPackages, aggregate)
 
 
 # --- fakes -----------------------------------------------------------------------------

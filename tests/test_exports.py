@@ -12,7 +12,7 @@ def test_every_export_loads_back_and_agrees_with_the_keras_student(tiny_teacher,
                                                                    tmp_path):
     import keras
 
-    from pbkd_mpi.finetune.train import fit_classifier
+    from pbkd_mpi.model.teacher import fit_classifier
 
     # Trained a little, so predicted classes are decided (an untrained model's outputs are
     # near-uniform and int8 rounding flips them).

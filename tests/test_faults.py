@@ -1,7 +1,7 @@
 import pytest
 
-from pbkd_mpi.mpi import faults
 from pbkd_mpi.errors import UserError
+from pbkd_mpi.mpi import faults
 
 
 def test_fault_forms_parse():

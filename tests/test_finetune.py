@@ -19,7 +19,7 @@ def trained(tiny_dataset, tiny_teacher):
     """The tiny teacher after a little training, and its logits."""
     import keras
 
-    from pbkd_mpi.finetune.train import fit_classifier
+    from pbkd_mpi.model.teacher import fit_classifier
 
     teacher = keras.models.clone_model(tiny_teacher)
     teacher.set_weights(tiny_teacher.get_weights())
@@ -99,7 +99,8 @@ def test_cosine_schedule_values():
 
 def test_a_finished_fine_tuning_is_kept_under_a_key_of_what_it_depends_on(
         trained, tiny_dataset, tmp_path):
-    from pbkd_mpi.finetune.stage import finetune_key, load_finetuned, save_finetuned
+    from pbkd_mpi.keys import finetune_key
+    from pbkd_mpi.finetune.stage import load_finetuned, save_finetuned
 
     teacher, _ = trained
     student = _student(teacher)

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 from keras import layers
 
-from pbkd_mpi.model.cost import layer_flops, model_flops
 from pbkd_mpi.errors import UserError
+from pbkd_mpi.model.cost import layer_flops, model_flops
 from pbkd_mpi.model.graph import (MODEL_INPUT, _layer_graph, boundaries, cut_points, find_blocks,
-                            flatten_model)
+                                  flatten_model)
 
 
 def test_demo_teacher_blocks_are_conv_bn_relu_groups(tiny_teacher):

@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from pbkd_mpi.model.graph import find_blocks
 from pbkd_mpi.distill.head_loss import cut_head
+from pbkd_mpi.model.graph import find_blocks
 from pbkd_mpi.model.logits import logits_model
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from pbkd_mpi.model.selection import block_table
 
+
 from .conftest import REPO, TINY_JOB
 
 

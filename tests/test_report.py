@@ -10,6 +10,7 @@ from PIL import Image
 
 from pbkd_mpi.output.report import compare, render_report
 
+
 from .conftest import REPO
 
 

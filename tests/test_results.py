@@ -3,9 +3,10 @@ import dataclasses
 import numpy as np
 
 from pbkd_mpi.config import DistillConfig
-from pbkd_mpi.model.graph import find_blocks
-from pbkd_mpi.distill.results import load_result, result_path, save_result, task_key
+from pbkd_mpi.distill.results import load_result, result_path, save_result
 from pbkd_mpi.distill.train_block import BlockTask
+from pbkd_mpi.keys import task_key
+from pbkd_mpi.model.graph import find_blocks
 
 
 def _task(block, **changes):

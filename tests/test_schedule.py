@@ -5,9 +5,11 @@ import json
 
 import pytest
 
-from pbkd_mpi.schedule.profile import split_seconds, task_estimates
-from pbkd_mpi.schedule.planner import Scheduler, TaskEstimate, lower_bound, make_plan
-from pbkd_mpi.schedule.simulate import simulate_estimates, simulate_plan
+from pbkd_mpi.schedule.estimates import split_seconds, task_estimates
+from pbkd_mpi.schedule.planner import lower_bound, make_plan
+from pbkd_mpi.schedule.projection import simulate_estimates
+from pbkd_mpi.schedule.scheduler import Scheduler, TaskEstimate
+from pbkd_mpi.schedule.simulate import simulate_plan
 
 
 def tasks_of(*seconds, linear_split=0):
@@ -328,7 +330,7 @@ def test_split_plans_reach_the_bound_on_a_many_worker_set():
 
 
 def test_scaled_profile_scales_compute_and_keeps_reads():
-    from pbkd_mpi.schedule.profile import scaled_profile
+    from pbkd_mpi.schedule.estimates import scaled_profile
 
     entry = {"seconds_per_step": 0.02, "fixed_step_s": 0.004, "per_sample_step_s": 0.00025,
              "batch_size": 64, "steps_per_epoch": 100, "epochs": 5, "setup_s": 1.0,
@@ -346,7 +348,7 @@ def test_scaled_profile_scales_compute_and_keeps_reads():
 def test_split_plans_stay_within_1_05_of_the_bound_on_the_saved_model_profiles(model, workers):
     # The hardest cells of benchmarks/policies.py (main's plans: 1.066, 1.068, 1.091 of
     # the bound then); the saved profiles are that benchmark's.
-    from pbkd_mpi.schedule.profile import load_profile
+    from pbkd_mpi.schedule.estimates import load_profile
 
     from .conftest import REPO
 

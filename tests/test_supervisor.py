@@ -5,6 +5,7 @@ import sys
 
 from pbkd_mpi.mpi.supervisor import death_message, launcher_rank, should_supervise, supervise
 
+
 CHILD_NOTES_THEN_DIES = """
 import os, signal
 from pbkd_mpi.mpi.supervisor import note

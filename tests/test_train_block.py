@@ -2,12 +2,13 @@ import keras
 import numpy as np
 import pytest
 
-from pbkd_mpi.cache.layout import build_cache, cache_fingerprint
+from pbkd_mpi.cache.build import build_cache
+from pbkd_mpi.cache.layout import cache_fingerprint
 from pbkd_mpi.config import DistillConfig
-from pbkd_mpi.model.graph import boundaries, find_blocks
-from pbkd_mpi.model.students import initial_weights
 from pbkd_mpi.distill.checkpoint import load_state
 from pbkd_mpi.distill.train_block import BlockTask, train_block
+from pbkd_mpi.model.graph import boundaries, find_blocks
+from pbkd_mpi.model.students import initial_weights
 
 
 @pytest.fixture(scope="module")

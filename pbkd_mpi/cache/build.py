@@ -4,7 +4,7 @@
 the teacher only up to the boundaries the tasks need and writes each shard as its own HDF5
 file. `stitch` then makes the one file that block training opens, with a virtual dataset per
 part and boundary over the shards. No MPI in here: the phase that runs this on every rank
-(cache_phase.py), the benchmarks and the tests pass `rank` and `size` themselves.
+(stage.py), the benchmarks and the tests pass `rank` and `size` themselves.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pbkd_mpi.mpi import faults
 from pbkd_mpi.atomic import atomic_path, stale_temporaries
-from pbkd_mpi.data.augment import Views
 from pbkd_mpi.cache.layout import (CacheOptions, FORMAT_VERSION, Shard, assigned, boundary_shapes,
-                    check_shard, chunk_rows, incomplete_reason, part_counts, part_source,
-                    plan_shards, shard_bytes, shard_dir)
+                                   check_shard, chunk_rows, incomplete_reason, part_counts,
+                                   part_source, plan_shards, shard_bytes, shard_dir)
+from pbkd_mpi.data.augment import Views
 from pbkd_mpi.model.graph import MODEL_INPUT
+from pbkd_mpi.mpi import faults
+
 
 BUILD_BATCH = 256  # teacher forward batch while building
 

@@ -15,12 +15,11 @@ so a crash leaves no file that looks complete; each carries the fingerprint; dat
 Fletcher-32 checksummed per chunk, so a corrupted chunk fails its read instead of feeding a
 block wrong numbers. A virtual dataset would silently read a missing shard as fill values,
 so the stitched file lists its shards and `is_complete` checks that each is there and ours.
-Building is in cache_build.py, reading in cache_reader.py.
+Building is in build.py, reading in reader.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -31,7 +30,9 @@ import numpy as np
 
 from pbkd_mpi.data.augment import AugmentSpec
 from pbkd_mpi.errors import UserError
+from pbkd_mpi.keys import json_key
 from pbkd_mpi.model.graph import MODEL_INPUT
+
 
 SPLITS = ("train", "val")
 CHUNK_BYTES = 1 << 20  # about 1 MiB per chunk: whole batches per read, few chunks per batch
@@ -72,7 +73,7 @@ def cache_fingerprint(teacher_fingerprint: str, data_fingerprint: str, names, dt
                       seed: int = 0, mode: str = "cache") -> str:
     """Keys the cache: the same value means the same numbers in the same files."""
     augment = augment or AugmentSpec()
-    text = json.dumps(
+    return json_key(
         {
             "teacher": teacher_fingerprint,
             "data": data_fingerprint,
@@ -85,10 +86,7 @@ def cache_fingerprint(teacher_fingerprint: str, data_fingerprint: str, names, dt
             "shard_samples": shard_samples,
             "mode": mode,
             "format": FORMAT_VERSION,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+        })
 
 
 def fingerprint_for(teacher_fingerprint, dataset, names, options: CacheOptions,
@@ -241,21 +239,6 @@ def require_complete(path: Path, fingerprint: str) -> None:
             f"The activation cache {str(path)!r} is missing, incomplete or belongs to another "
             f"run (fingerprint {fingerprint} expected): {reason}."
         )
-
-
-def read_pair(path: Path, fingerprint: str, split: str, input_name: str, output_name: str):
-    """A block's (input, target) arrays of one part, loaded into memory whole."""
-    require_complete(path, fingerprint)
-    with h5py.File(path, "r") as f:
-        return f[split][input_name][()], f[split][output_name][()]
-
-
-def build_cache(*args, **kwargs) -> dict:
-    """The whole cache from one process (cache_build.build_cache; here for callers that
-    know only this module)."""
-    from pbkd_mpi.cache.build import build_cache as build
-
-    return build(*args, **kwargs)
 
 
 # --- size -----------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ Training cycles through the training set's views: epoch e reads view e mod (1 + 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -28,11 +29,15 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
-from pbkd_mpi.data.augment import AugmentSpec, Views
 from pbkd_mpi.cache.layout import part_names, require_complete
 from pbkd_mpi.config import DataConfig
+from pbkd_mpi.data.augment import AugmentSpec, Views
+from pbkd_mpi.data.dataset import load_dataset
 from pbkd_mpi.errors import UserError
-from pbkd_mpi.model.graph import MODEL_INPUT
+from pbkd_mpi.keys import model_fingerprint
+from pbkd_mpi.model.graph import MODEL_INPUT, flatten_model
+from pbkd_mpi.model.teacher import load_model_file
+
 
 PREFETCH_BATCHES = 4
 READ_BYTES = 1 << 20  # a read unit: about one chunk of the input and one of the target
@@ -249,7 +254,7 @@ class CacheStore:
 
     `input_path`: read the inputs from this HDF5 file instead (a group per part, a dataset
     named `input_name`, attribute `fingerprint` equal to `input_fingerprint`): the chained
-    pass's student activations (chain.py); the targets still come from the cache."""
+    pass's student activations (distill/chain.py); the targets still come from the cache."""
 
     def __init__(self, path, fingerprint: str, parts, input_name: str, output_name: str,
                  memory_budget_bytes: int = 2 << 30, input_path: str = "",
@@ -508,12 +513,8 @@ def load_teacher_and_data(teacher_file: str, teacher_fingerprint: str, data: Dat
     """The teacher (flattened, as rank 0 cut it) and the data on a worker, loaded once per
     process and checked against the hashes rank 0 computed, so the pairs are those rank 0
     would have computed."""
-    from pbkd_mpi.data.dataset import load_dataset
-    from pbkd_mpi.model.graph import flatten_model
-    from pbkd_mpi.model.teacher import load_model_file, weights_fingerprint
-
     teacher = flatten_model(load_model_file(teacher_file))
-    received = weights_fingerprint(teacher)
+    received = model_fingerprint(teacher)
     if received != teacher_fingerprint:
         raise UserError(f"The teacher file {teacher_file!r} has weights fingerprint "
                         f"{received}, expected {teacher_fingerprint} (rank 0's teacher).")
@@ -525,7 +526,7 @@ def load_teacher_and_data(teacher_file: str, teacher_fingerprint: str, data: Dat
 
 
 def open_block_data(task, source: DataSource, poison: bool = False) -> BlockData:
-    """The task's batches. `task`: a train_block.BlockTask."""
+    """The task's batches. `task`: a distill/train_block.BlockTask."""
     block, config = task.block, task.config
     names = (block.input_boundary, block.output_boundary)
     train_parts = ["train", *part_names(source.views)[2:]]
@@ -552,3 +553,10 @@ def open_block_data(task, source: DataSource, poison: bool = False) -> BlockData
     return BlockData(train=make(train_parts, True, config.batch_size, poison),
                      val=make(["val"], False, EVAL_BATCH, False),
                      train_eval=make(["train"], False, EVAL_BATCH, poison))
+
+
+def read_pair(path: Path, fingerprint: str, split: str, input_name: str, output_name: str):
+    """A block's (input, target) arrays of one part, loaded into memory whole."""
+    require_complete(path, fingerprint)
+    with h5py.File(path, "r") as f:
+        return f[split][input_name][()], f[split][output_name][()]

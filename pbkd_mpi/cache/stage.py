@@ -3,8 +3,8 @@
 Rank 0 estimates the cache per boundary, prints it, checks the disk, and (cache mode, no
 complete cache with this fingerprint) runs the collective phase "cache": every rank, rank
 0 included, loads the teacher file and the data, checks both against rank 0's hashes and
-writes its round-robin share of the shards (cache_build.build_shards); rank 0 then stitches
-them. The result is what block tasks need to read their pairs (a cache_reader.DataSource).
+writes its round-robin share of the shards (build.build_shards); rank 0 then stitches
+them. The result is what block tasks need to read their pairs (a reader.DataSource).
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pbkd_mpi.mpi import phases
-from pbkd_mpi.cache.layout import (CacheOptions, check_disk, estimate_bytes, fingerprint_for,
-                    incomplete_reason, cache_path, part_counts, plan_shards, shard_bytes,
-                    size_lines)
 from pbkd_mpi.cache.build import build_shards, cache_bytes, stitch
+from pbkd_mpi.cache.layout import (CacheOptions, cache_path, check_disk, estimate_bytes,
+                                   fingerprint_for, incomplete_reason, part_counts, plan_shards,
+                                   shard_bytes, size_lines)
 from pbkd_mpi.cache.reader import DataSource, load_teacher_and_data
 from pbkd_mpi.errors import UserError
-
-PHASE = "cache"
+from pbkd_mpi.model.graph import boundaries
+from pbkd_mpi.model.logits import logit_boundary
+from pbkd_mpi.mpi import phases
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,18 @@ class CacheStage:
     info: dict
 
 
+def cache_boundaries(teacher, blocks) -> list[str]:
+    """The tensors to cache: each block's input and output, and the teacher's logit
+    boundary (distillation and fine-tuning read its soft targets from the cache)."""
+    return list(dict.fromkeys([*boundaries(blocks), logit_boundary(teacher)]))
+
+
 def _share(teacher, dataset, request: BuildRequest, rank: int, size: int, check, log=None):
     return build_shards(teacher, dataset, list(request.names), Path(request.path),
                         request.fingerprint, request.options, rank, size, request.seed,
                         check=check, log=log)
 
 
-@phases.worker_phase(PHASE)
 def build_share(context, request: BuildRequest, comm, check) -> dict:
     """A worker's part of the cache phase: its shards, from the teacher file and data."""
     teacher, dataset = load_teacher_and_data(
@@ -109,7 +114,7 @@ def prepare_cache(job, teacher, teacher_fingerprint: str, teacher_file: str, dat
         shares = {0: _share(teacher, dataset, request, 0, 1, None, log.detail)}
     else:
         shares = coordinator.run_collective(
-            PHASE, request,
+            phases.CACHE, request,
             lambda check: _share(teacher, dataset, request, 0, coordinator.comm.Get_size(),
                                  check, log.detail))
     stitched = stitch(teacher, dataset, names, path, fingerprint, options)

@@ -7,14 +7,16 @@ brings its own, and the test split is kept apart for the final figures only.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pbkd_mpi.config import DataConfig
+from pbkd_mpi.data.demo import make_shapes
 from pbkd_mpi.errors import UserError
+from pbkd_mpi.keys import arrays_fingerprint
+
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 _TEST_FIELDS = frozenset({"x_test", "y_test"})
@@ -61,12 +63,8 @@ class Dataset:
 
     def fingerprint(self) -> str:
         """Hash of every array: a cache or a teacher made from other data never matches."""
-        digest = hashlib.sha256()
-        for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
-            array = np.ascontiguousarray(self.uncounted(name))
-            digest.update(f"{name}{array.shape}{array.dtype}".encode())
-            digest.update(array.data)
-        return digest.hexdigest()[:16]
+        return arrays_fingerprint((name, self.uncounted(name)) for name in
+                                  ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"))
 
     def summary(self) -> dict:
         return {
@@ -105,8 +103,6 @@ def load_dataset(config: DataConfig, seed: int) -> Dataset:
 
 
 def _load_demo(config: DataConfig, seed: int) -> dict:
-    from pbkd_mpi.data.demo import make_shapes
-
     size = tuple(config.image_size)
     options = {"noise": config.demo_noise, "classes": config.demo_classes}
     x_train, y_train = make_shapes(config.demo_train, size, seed=2 * seed, **options)

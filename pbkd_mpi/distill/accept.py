@@ -10,6 +10,11 @@ data is used, so the test split stays untouched for the final figures.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+from pbkd_mpi.model.assemble import assemble_student
+from pbkd_mpi.model.evaluate import recalibrated_accuracy
+
 
 ACCEPTED, ACCEPTED_WIDER, KEPT_TEACHER = "accepted", "accepted_wider", "kept_teacher"
 
@@ -28,6 +33,13 @@ class Verdict:
         return asdict(self)
 
 
+class Acceptance(NamedTuple):
+    verdicts: dict  # block name -> Verdict
+    kept: dict  # block name -> the student weights kept (blocks replaced)
+    multipliers: dict  # block name -> depth multiplier of the student kept
+    teacher_val: float  # the teacher's validation accuracy, scored as the solo swaps
+
+
 CALIBRATION_SAMPLES = 2000  # training images re-estimating BN statistics of a solo swap
 
 
@@ -35,9 +47,6 @@ def solo_accuracy(teacher, block, weights: dict, depth_multiplier: int, x, y,
                   x_calibrate=None) -> float:
     """Validation accuracy of the teacher with only `block` replaced by its student, its
     BN statistics re-estimated on training images first as the assembled student's are."""
-    from pbkd_mpi.model.assemble import assemble_student
-    from pbkd_mpi.finetune.train import recalibrated_accuracy
-
     model = assemble_student(teacher, [block], {block.name: weights}, depth_multiplier)
     return recalibrated_accuracy(model, x, y, x_calibrate, samples=CALIBRATION_SAMPLES)
 
@@ -48,7 +57,6 @@ def teacher_accuracy(teacher, x, y, x_calibrate=None) -> float:
     replaced), so that a drop is the block's alone, not the re-estimation's."""
     import keras
 
-    from pbkd_mpi.finetune.train import recalibrated_accuracy
 
     model = teacher
     if x_calibrate is not None:  # a copy: the teacher itself keeps its statistics
@@ -90,13 +98,12 @@ def wider_verdict(first: Verdict, teacher, block, weights: dict | None, depth_mu
 
 
 def accept_blocks(teacher, blocks, trained: dict, depth_multiplier: int, config, x_val, y_val,
-                  retrain, log=print, x_calibrate=None):
+                  retrain, log=print, x_calibrate=None) -> Acceptance:
     """Score every trained block alone, retrain the failing ones wider once, decide.
 
     `trained`: {block name: first student weights}; `retrain(names, multiplier)` trains
     those blocks' wider students (on the workers) and returns {name: weights} for those
-    that finished. Returns (verdicts, {name: weights kept}, {name: depth multiplier kept},
-    teacher's validation accuracy)."""
+    that finished."""
     teacher_val = teacher_accuracy(teacher, x_val, y_val, x_calibrate)
     verdicts = first_verdicts(teacher, blocks, trained, depth_multiplier, x_val, y_val,
                               config.max_drop, teacher_val, x_calibrate)
@@ -116,4 +123,16 @@ def accept_blocks(teacher, blocks, trained: dict, depth_multiplier: int, config,
     kept = {name: (wide_weights[name] if v.decision == ACCEPTED_WIDER else trained[name])
             for name, v in verdicts.items() if v.decision != KEPT_TEACHER}
     multipliers = {name: verdicts[name].depth_multiplier for name in kept}
-    return verdicts, kept, multipliers, teacher_val
+    return Acceptance(verdicts, kept, multipliers, teacher_val)
+
+
+def accept_stage(teacher, blocks, tasks, job, dataset, log) -> Acceptance:
+    """Rank 0's acceptance stage: `accept_blocks` on the first students of `tasks`
+    (distill/tasks.BlockTasks), which also trains the wider ones."""
+    acceptance = accept_blocks(teacher, blocks, tasks.first_weights(),
+                               job.student.depth_multiplier, job.accept, dataset.x_val,
+                               dataset.y_val, tasks.retrain_wider, log, dataset.x_train)
+    for verdict in acceptance.verdicts.values():
+        log.detail(f"block {verdict.name}: alone {verdict.solo_val_accuracy:.4f} val accuracy "
+                   f"(teacher {acceptance.teacher_val:.4f}) -> {verdict.decision}")
+    return acceptance

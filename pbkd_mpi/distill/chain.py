@@ -21,7 +21,7 @@ workers wait. Training every block at once on the inputs of the unchained studen
 parallel, but each block would then learn inputs that the blocks before it change again.
 Blocks with no replaced block before them see the teacher's own input and are skipped.
 
-Each chained task's key (results.task_key) includes a digest of every block weight the
+Each chained task's key (keys.task_key) includes a digest of every block weight the
 pass started that block from, so a resumed run reuses exactly the chained results whose
 inputs it would compute again. The input files are deleted once their block is done.
 """
@@ -29,30 +29,22 @@ inputs it would compute again. The input files are deleted once their block is d
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from pbkd_mpi.atomic import atomic_path
 from pbkd_mpi.cache.layout import chunk_rows
+from pbkd_mpi.distill.head_loss import cut_head
+from pbkd_mpi.distill.results import load_result, result_path
+from pbkd_mpi.keys import student_blocks_key
+from pbkd_mpi.model.assemble import assemble_student
+from pbkd_mpi.model.evaluate import recalibrate_batchnorm, recalibrated_accuracy
+from pbkd_mpi.model.graph import MODEL_INPUT
+
 
 PREDICT_BATCH = 256
-
-
-def weights_digest(block_weights: dict[str, dict], multipliers: dict[str, int]) -> str:
-    """Hash of the replaced blocks' weights and multipliers: what a chained input depends on
-    besides the teacher and the data (the cache fingerprint covers those)."""
-    digest = hashlib.sha256()
-    for name in sorted(block_weights):
-        digest.update(f"{name}:{multipliers.get(name, 1)}".encode())
-        for layer in sorted(block_weights[name]):
-            digest.update(layer.encode())
-            for array in block_weights[name][layer]:
-                digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def student_inputs(teacher, blocks, block_weights, multipliers, block, x_calibrate):
@@ -61,9 +53,6 @@ def student_inputs(teacher, blocks, block_weights, multipliers, block, x_calibra
     is then the teacher's own)."""
     import keras
 
-    from pbkd_mpi.model.assemble import assemble_student
-    from pbkd_mpi.finetune.train import recalibrate_batchnorm
-    from pbkd_mpi.model.graph import MODEL_INPUT
 
     if block.input_boundary == MODEL_INPUT:
         return None
@@ -107,82 +96,115 @@ def chain_blocks(teacher, blocks, block_weights: dict[str, dict], multipliers: d
     `run_task(task) -> (result or None when it failed, records)` runs one task on a
     worker and saves its result (a saved one is reused without running it). Returns (the block
     weights after the pass, the report's `chained`)."""
-    from pbkd_mpi.model.assemble import assemble_student
-    from pbkd_mpi.finetune.train import recalibrated_accuracy
-    from pbkd_mpi.distill.head_loss import cut_head
-    from pbkd_mpi.distill.results import load_result, result_path
-
-    epochs = job.distill.chained_epochs
     current = dict(block_weights)
     rows = []
-    folder = Path(run_dir) / "chain"
     replaced = [b for b in blocks if b.name in block_weights]
     for block in replaced:
         started = time.perf_counter()
-        digest = weights_digest(current, multipliers)
-        base = tasks[block.name]
-        # Only the last replaced block: after it, the student is the teacher's own layers.
-        head = cut_head(teacher, block.output_boundary, job.distill.head_weight,
-                        job.finetune.temperature) if block is replaced[-1] else None
-        if block is replaced[-1] and head is None and job.distill.head_weight > 0:
-            log(f"chained {block.name}: MSE alone (the teacher's layers after it read more "
-                f"than its output, or cannot be rebuilt on a worker)")
-        task = dataclasses.replace(
-            base, config=dataclasses.replace(base.config, epochs=epochs),
-            depth_multiplier=multipliers[block.name], initial_weights=current[block.name],
-            source=dataclasses.replace(base.source, views=0),
-            input_path=str(folder / f"{block.name}-{digest}.h5"), input_digest=digest,
-            head_loss=head)
+        head = _head(teacher, block, block is replaced[-1], job, log)
+        task = _chained_task(tasks[block.name], block, current, multipliers, head,
+                             Path(run_dir) / "chain", job.distill.chained_epochs)
         row = {"name": block.name, "input_bytes": 0, "reused": False,
                "head_weight": head.weight if head is not None else 0.0}
-        saved = load_result(result_path(run_dir, task))
-        if saved is None:
-            prefix = student_inputs(teacher, blocks, current, multipliers, block,
-                                    dataset.x_train)
-            if prefix is None:
-                rows.append(row | {"skipped": "no replaced block before it",
-                                   "seconds": time.perf_counter() - started})
-                continue
-            row["input_bytes"] = write_inputs(
-                Path(task.input_path), prefix, {"train": dataset.x_train, "val": dataset.x_val},
-                block.input_boundary, job.cache.dtype, digest)
-            row["input_seconds"] = time.perf_counter() - started
-            try:
-                result, _ = run_task(task)
-            finally:
-                Path(task.input_path).unlink(missing_ok=True)
-        else:
-            result, row["reused"] = saved[0], True
-        if result is None:  # the task failed on every attempt: the block keeps its weights
-            rows.append(row | {"failed": True, "seconds": time.perf_counter() - started})
-            continue
-        loss_before = result.get("initial_val_loss", result["initial_val_mse"])
-        loss_after = result.get("val_loss", result["val_mse"])
-        if head is None:  # judged on the loss it trained on, its MSE
-            improved = loss_after < loss_before
-        else:
-            # Trained for the classifier: judged by the assembled student's validation
-            # accuracy, BN statistics re-estimated as assembly does. Its own loss is taken
-            # with the block's BN statistics alone, which assembly replaces (on the deep
-            # job it rose while the student's accuracy rose too: docs/usage.md).
-            accuracy_before, accuracy_after = (
-                recalibrated_accuracy(assemble_student(teacher, blocks, weights, multipliers),
-                                      dataset.x_val, dataset.y_val, dataset.x_train)
-                for weights in (current, {**current, block.name: result["weights"]}))
-            improved = accuracy_after > accuracy_before
-            row |= {"val_accuracy_before": accuracy_before, "val_accuracy": accuracy_after}
-        if improved:
-            current[block.name] = result["weights"]
-        rows.append(row | {
-            "val_mse_before": result["initial_val_mse"], "val_mse": result["val_mse"],
-            "val_loss_before": loss_before, "val_loss": loss_after,
-            "epochs": result["epochs"], "kept": improved,
-            "seconds": time.perf_counter() - started})
-        log(f"chained {block.name}: val MSE on the student's input "
-            f"{result['initial_val_mse']:.4g} -> {result['val_mse']:.4g}"
-            + (f", with the teacher's head {loss_before:.4g} -> {loss_after:.4g}, the "
-               f"student's val accuracy {row['val_accuracy_before']:.4f} -> "
-               f"{row['val_accuracy']:.4f}" if head is not None else "")
-            + ("" if improved else " (no better: earlier weights kept)"))
-    return current, {"epochs": epochs, "blocks": rows,
+        result = _train(task, teacher, blocks, current, multipliers, dataset, job, run_dir,
+                        run_task, row)
+        if result is not None:
+            row |= _judge(result, head, block, teacher, blocks, current, multipliers, dataset)
+            if row["kept"]:
+                current[block.name] = result["weights"]
+            _log_chained(log, block, result, row, head)
+        rows.append(row | {"seconds": time.perf_counter() - started})
+    return current, {"epochs": job.distill.chained_epochs, "blocks": rows,
                      "input_bytes_max": max((r["input_bytes"] for r in rows), default=0)}
+
+
+def _head(teacher, block, last: bool, job, log):
+    """The teacher's head as a loss for the last replaced block (after it, the student is
+    the teacher's own layers), or None."""
+    if not last:
+        return None
+    head = cut_head(teacher, block.output_boundary, job.distill.head_weight,
+                    job.finetune.temperature)
+    if head is None and job.distill.head_weight > 0:
+        log(f"chained {block.name}: MSE alone (the teacher's layers after it read more "
+            f"than its output, or cannot be rebuilt on a worker)")
+    return head
+
+
+def _chained_task(base, block, current, multipliers, head, folder: Path, epochs: int):
+    """The parallel phase's task of `block`, trained on the student's own input to it."""
+    digest = student_blocks_key(current, multipliers)
+    return dataclasses.replace(
+        base, config=dataclasses.replace(base.config, epochs=epochs),
+        depth_multiplier=multipliers[block.name], initial_weights=current[block.name],
+        source=dataclasses.replace(base.source, views=0),
+        input_path=str(folder / f"{block.name}-{digest}.h5"), input_digest=digest,
+        head_loss=head)
+
+
+def _train(task, teacher, blocks, current, multipliers, dataset, job, run_dir, run_task,
+           row: dict) -> dict | None:
+    """The chained task's result: an earlier run's, or trained now on inputs written for it
+    (deleted after). None, with the reason in `row`, when there is none."""
+    saved = load_result(result_path(run_dir, task))
+    if saved is not None:
+        row["reused"] = True
+        return saved[0]
+    started = time.perf_counter()
+    block = task.block
+    prefix = student_inputs(teacher, blocks, current, multipliers, block, dataset.x_train)
+    if prefix is None:
+        row["skipped"] = "no replaced block before it"
+        return None
+    row["input_bytes"] = write_inputs(
+        Path(task.input_path), prefix, {"train": dataset.x_train, "val": dataset.x_val},
+        block.input_boundary, job.cache.dtype, task.input_digest)
+    row["input_seconds"] = time.perf_counter() - started
+    try:
+        result, _ = run_task(task)
+    finally:
+        Path(task.input_path).unlink(missing_ok=True)
+    if result is None:  # the task failed on every attempt: the block keeps its weights
+        row["failed"] = True
+    return result
+
+
+def _judge(result, head, block, teacher, blocks, current, multipliers, dataset) -> dict:
+    """Whether the chained weights are kept, with the figures that decided it."""
+    loss_before = result.get("initial_val_loss", result["initial_val_mse"])
+    loss_after = result.get("val_loss", result["val_mse"])
+    figures = {"val_mse_before": result["initial_val_mse"], "val_mse": result["val_mse"],
+               "val_loss_before": loss_before, "val_loss": loss_after,
+               "epochs": result["epochs"]}
+    if head is None:  # judged on the loss it trained on, its MSE
+        return figures | {"kept": loss_after < loss_before}
+    # Trained for the classifier: judged by the assembled student's validation accuracy,
+    # BN statistics re-estimated as assembly does. Its own loss is taken with the block's
+    # BN statistics alone, which assembly replaces (on the deep job it rose while the
+    # student's accuracy rose too: docs/usage.md).
+    accuracy_before, accuracy_after = (
+        recalibrated_accuracy(assemble_student(teacher, blocks, weights, multipliers),
+                              dataset.x_val, dataset.y_val, dataset.x_train)
+        for weights in (current, {**current, block.name: result["weights"]}))
+    return {"val_accuracy_before": accuracy_before, "val_accuracy": accuracy_after,
+            **figures, "kept": accuracy_after > accuracy_before}
+
+
+def _log_chained(log, block, result, row: dict, head) -> None:
+    log(f"chained {block.name}: val MSE on the student's input "
+        f"{result['initial_val_mse']:.4g} -> {result['val_mse']:.4g}"
+        + (f", with the teacher's head {row['val_loss_before']:.4g} -> {row['val_loss']:.4g}, "
+           f"the student's val accuracy {row['val_accuracy_before']:.4f} -> "
+           f"{row['val_accuracy']:.4f}" if head is not None else "")
+        + ("" if row["kept"] else " (no better: earlier weights kept)"))
+
+
+def skipped_pass(job, source, log) -> dict | None:
+    """The report's `chained` when the job asks for a chained pass that cannot run (no
+    cache to read its targets from, in recompute mode); None otherwise."""
+    if not (job.distill.chained_epochs and source.mode == "recompute"):
+        return None
+    reason = "cache.mode resolved to recompute: no cache to read targets from"
+    log(f"chained pass skipped: {reason}")
+    return {"epochs": job.distill.chained_epochs, "blocks": [], "input_bytes_max": 0,
+            "skipped": reason}

@@ -9,8 +9,6 @@ are written under a temporary name and renamed, so a killed run leaves only whol
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import zipfile
 from pathlib import Path
@@ -18,34 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from pbkd_mpi.atomic import atomic_path
+from pbkd_mpi.keys import task_key
+
 
 _WEIGHT_PREFIX = "weights/"
-
-
-def task_key(task) -> str:
-    """A parallel-phase task's key leaves `chained_epochs` and `head_weight` out (its result
-    does not depend on them, so runs that differ only there share it); a chained task
-    (chain.py) adds what its input depends on, `input_digest`, and its head loss if it has
-    one; its epochs are its config's `epochs`."""
-    distill = dataclasses.asdict(task.config)
-    for chained_only in ("chained_epochs", "head_weight"):
-        distill.pop(chained_only, None)
-    chained = {"input_digest": task.input_digest} if task.input_digest else {}
-    if task.head_loss is not None:
-        chained["head_loss"] = task.head_loss.key()
-    text = json.dumps(
-        {
-            "cache": task.cache_fingerprint,
-            "block": task.block.to_dict(),
-            "distill": distill,
-            "depth_multiplier": task.depth_multiplier,
-            "seed": task.seed,
-            **chained,
-        },
-        sort_keys=True,
-        default=list,
-    )
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def result_path(run_dir: Path, task) -> Path:

@@ -1,10 +1,10 @@
 """A block task trained by k workers together: data-parallel MSE training of one student.
 
 Every worker of the split task runs `train_share` with the sub-communicator of the k
-ranks (protocol.Worker makes it). The student starts the same on every rank (same seed,
+ranks (mpi/protocol.Worker makes it). The student starts the same on every rank (same seed,
 same teacher-factorised start, same BN calibration batch), each step's global batch of
 `distill.batch_size` is cut into k disjoint pieces and the gradients are averaged with a
-polled allreduce (data_parallel.py), so the weights stay identical and the block learns
+polled allreduce (mpi/data_parallel.py), so the weights stay identical and the block learns
 what it would alone, up to BN's per-piece batch statistics and round-off. Early stopping
 uses the validation MSE summed over the ranks' shards (the same number everywhere, so
 every rank stops at the same epoch). A split task is not checkpointed per epoch.
@@ -16,6 +16,11 @@ import time
 
 import numpy as np
 
+from pbkd_mpi.cache.reader import open_block_data
+from pbkd_mpi.distill.train_block import CALIBRATION_SAMPLES, calibrate_norm
+from pbkd_mpi.model.cost import layers_cost
+from pbkd_mpi.model.students import build_student_model, layer_weights
+from pbkd_mpi.mpi import data_parallel
 from pbkd_mpi.output.logs import LOGGER
 
 
@@ -31,11 +36,6 @@ def train_share(share, check=None) -> dict:
     import keras
     import tensorflow as tf
 
-    from pbkd_mpi.mpi import data_parallel
-    from pbkd_mpi.cache.reader import open_block_data
-    from pbkd_mpi.model.cost import layers_cost
-    from pbkd_mpi.model.students import build_student_model, layer_weights
-    from pbkd_mpi.distill.train_block import CALIBRATION_SAMPLES, calibrate_norm
 
     task, comm = share.task, share.comm
     block, config = task.block, task.config

@@ -11,16 +11,16 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from pbkd_mpi.distill.results import progress_path
+from pbkd_mpi.distill.split_block import train_share
+from pbkd_mpi.distill.train_block import train_block
 from pbkd_mpi.mpi import faults, preemption, supervisor
+from pbkd_mpi.mpi.protocol import AbortRequested, Share
 from pbkd_mpi.output.logs import LOGGER, epoch_logger, tensorboard_logger
 
 
 def task_runner(run_dir: str, meter, stop_check):
     """`run(task) -> result` for this rank."""
-    from pbkd_mpi.mpi.protocol import AbortRequested, Share
-    from pbkd_mpi.distill.results import progress_path
-    from pbkd_mpi.distill.train_block import train_block
-
     tb_dir = Path(run_dir) / "tb"
     if meter is None:  # rank 0 run without an energy meter (tests of the pipeline)
         def count(_name):
@@ -35,7 +35,6 @@ def task_runner(run_dir: str, meter, stop_check):
         supervisor.note(f"training block {name}", run_dir=run_dir)
         faults.task_started()
         if isinstance(task, Share):  # one of k ranks training a split block together
-            from pbkd_mpi.distill.split_block import train_share
 
             with count(name):
                 return train_share(task, check=stop_check)

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pbkd_mpi.mpi import faults
 from pbkd_mpi.cache.reader import DataSource, open_block_data
-from pbkd_mpi.distill.checkpoint import epoch_checkpoint, load_state, restore
 from pbkd_mpi.config import DistillConfig
+from pbkd_mpi.distill.checkpoint import epoch_checkpoint, load_state, restore
+from pbkd_mpi.distill.head_loss import HeadLoss
 from pbkd_mpi.model.cost import layers_cost
 from pbkd_mpi.model.graph import Block
-from pbkd_mpi.distill.head_loss import HeadLoss
 from pbkd_mpi.model.students import build_student_model, layer_weights
+from pbkd_mpi.mpi import faults
 
 
 @dataclass(frozen=True)

@@ -13,18 +13,19 @@ again reuses it instead of fine-tuning again.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from pbkd_mpi.mpi import phases
+from pbkd_mpi.atomic import atomic_path
+from pbkd_mpi.cache.layout import require_complete
+from pbkd_mpi.cache.reader import load_teacher_and_data
 from pbkd_mpi.finetune.train import FinetuneData, finetune
-
-PHASE = "finetune"
+from pbkd_mpi.keys import finetune_key, weights_digest
+from pbkd_mpi.model.logits import logit_boundary, logits_from_boundary
+from pbkd_mpi.model.teacher import save_model_atomically
+from pbkd_mpi.mpi import phases
+from pbkd_mpi.output.console import progress_callbacks
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,6 @@ def teacher_logits(teacher, dataset, cache_path: str = "", fingerprint: str = ""
     import h5py
     import keras
 
-    from pbkd_mpi.cache.layout import require_complete
-    from pbkd_mpi.model.logits import logit_boundary, logits_from_boundary
 
     name = logit_boundary(teacher)
     if cache_path:
@@ -68,11 +67,9 @@ def run_finetune(student, teacher, dataset, job, request: FinetuneRequest, comm,
                     job.run.seed, check=check, callbacks=callbacks)
 
 
-@phases.worker_phase(PHASE)
 def finetune_share(context, request: FinetuneRequest, comm, check) -> dict:
     import keras
 
-    from pbkd_mpi.cache.reader import load_teacher_and_data
 
     teacher, dataset = load_teacher_and_data(
         context.teacher_file, request.teacher_fingerprint, context.job.data,
@@ -83,26 +80,6 @@ def finetune_share(context, request: FinetuneRequest, comm, check) -> dict:
     return {"weights_digest": weights_digest(student), "epochs": summary["epochs"]}
 
 
-def weights_digest(model) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for array in model.get_weights():
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def finetune_key(student, config, data_fingerprint: str, teacher_fingerprint: str,
-                 seed: int, ranks: int) -> str:
-    """What a fine-tuned student depends on: the assembled student's weights, the
-    fine-tuning settings, the data, the teacher (its logits), the seed, and the number of
-    ranks (each rank's share of every batch, and so the order of the sums)."""
-    text = json.dumps({"student": weights_digest(student), "finetune": dataclasses.asdict(config),
-                       "data": data_fingerprint, "teacher": teacher_fingerprint,
-                       "seed": seed, "ranks": ranks}, sort_keys=True, default=list)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def _finetune_paths(run_dir, key: str) -> tuple[Path, Path]:
     folder = Path(run_dir) / "finetune"
     return folder / f"student-{key}.keras", folder / f"summary-{key}.json"
@@ -111,9 +88,6 @@ def _finetune_paths(run_dir, key: str) -> tuple[Path, Path]:
 def save_finetuned(run_dir, key: str, student, summary: dict) -> None:
     """The fine-tuned student, then its summary; each written atomically, and the summary
     last, so that its presence means both are complete."""
-    from pbkd_mpi.atomic import atomic_path
-    from pbkd_mpi.model.teacher import save_model_atomically
-
     model_path, summary_path = _finetune_paths(run_dir, key)
     model_path.parent.mkdir(parents=True, exist_ok=True)
     save_model_atomically(student, model_path)
@@ -133,3 +107,39 @@ def load_finetuned(run_dir, key: str, student) -> dict | None:
     except (OSError, ValueError):
         return None
     return summary
+
+
+def finetune_stage(student, teacher, dataset, job, request: FinetuneRequest, run_dir,
+                   coordinator, log) -> dict:
+    """Rank 0: fine-tune `student` on every rank (or take an earlier run's fine-tuning of
+    the same student and settings from RUN/finetune/). Returns the report's `finetune`."""
+    key = finetune_key(student, job.finetune, dataset.fingerprint(),
+                       request.teacher_fingerprint, job.run.seed, coordinator.comm.Get_size())
+    tuned = load_finetuned(run_dir, key, student)
+    if tuned is not None:
+        tuned["reused"] = True
+        log(f"fine-tuning: reusing the fine-tuned student of an earlier run "
+            f"(RUN/finetune/student-{key}.keras)")
+    else:
+        # Data-parallel on every rank, teacher logits from the cache.
+        callbacks = progress_callbacks(log, "fine-tuning", job.finetune.epochs,
+                                       Path(run_dir) / "tb" / "finetune")
+        shares = coordinator.run_collective(
+            phases.FINETUNE, request,
+            lambda check: run_finetune(student, teacher, dataset, job, request,
+                                       coordinator.comm, check, callbacks))
+        tuned = shares[0] | {"reused": False}
+        tuned["identical_weights"] = all(share["weights_digest"] == weights_digest(student)
+                                         for rank, share in shares.items() if rank != 0)
+        save_finetuned(run_dir, key, student, tuned)
+    _log_finetuned(tuned, log)
+    return tuned
+
+
+def _log_finetuned(tuned: dict, log) -> None:
+    log(f"fine-tuning on {tuned['ranks']} ranks: {tuned['epochs']} epochs, val accuracy "
+        f"{tuned['val_accuracy_before']:.3f} -> {tuned['val_accuracy']:.3f}"
+        + ("" if tuned["identical_weights"] else "; WARNING: ranks ended with different weights"))
+    for recovery in tuned["recoveries"]:
+        log(f"fine-tuning diverged at epoch {recovery['epoch']} ({recovery['reason']}): best "
+            f"weights restored, learning rate x{recovery['learning_rate_scale']:.3g}")

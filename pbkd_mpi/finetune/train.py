@@ -1,9 +1,9 @@
 """End-to-end fine-tuning of the assembled student, data-parallel on every rank, selected on
 validation only.
 
-Every rank holds the student and a disjoint piece of each batch (data_parallel.py); the
+Every rank holds the student and a disjoint piece of each batch (mpi/data_parallel.py); the
 loss is cross-entropy on labels or Hinton distillation on the teacher's soft targets, whose
-logits come from the activation cache (logits.py). After each epoch the ranks score the
+logits come from the activation cache (model/logits.py). After each epoch the ranks score the
 validation split together (each its shard, sums allreduced), so every rank takes the same
 decisions:
 
@@ -28,7 +28,9 @@ import numpy as np
 
 from pbkd_mpi.config import FinetuneConfig
 from pbkd_mpi.data.dataset import Dataset
+from pbkd_mpi.model.logits import logits_model
 from pbkd_mpi.mpi.data_parallel import DataParallelTrainer, sparse_accuracy_sums
+
 
 GUARD_LR_FACTOR = 0.3
 
@@ -48,78 +50,6 @@ class FinetuneData:
     def of(cls, dataset: Dataset, teacher_logits: tuple | None = None) -> "FinetuneData":
         train, val = teacher_logits if teacher_logits is not None else (None, None)
         return cls(dataset.x_train, dataset.y_train, dataset.x_val, dataset.y_val, train, val)
-
-
-def accuracy(model, x, y, batch_size: int = 256) -> float:
-    predictions = model.predict(x, batch_size=batch_size, verbose=0)
-    return float(np.mean(np.argmax(predictions, axis=-1) == y))
-
-
-def recalibrated_accuracy(model, x, y, x_calibrate=None, **recalibration) -> float:
-    """`model`'s accuracy on (x, y), its BN statistics first re-estimated on the training
-    images `x_calibrate` when given (`recalibrate_batchnorm`), as an assembled student's
-    are, so that scores of stitched models compare with each other. Changes `model`."""
-    if x_calibrate is not None:
-        recalibrate_batchnorm(model, x_calibrate, **recalibration)
-    return accuracy(model, x, y)
-
-
-def fit_classifier(model, dataset: Dataset, *, epochs: int, batch_size: int,
-                   learning_rate: float, patience: int, probabilities: bool, seed: int,
-                   callbacks=()):
-    """Train with labels in one process (Adam, cross-entropy), keeping the weights of the
-    epoch with the best validation accuracy (the built-in teacher's training). Returns
-    (Keras history, best epoch counted from 1)."""
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities),
-        metrics=["accuracy"],
-    )
-    best = keras.callbacks.EarlyStopping(
-        monitor="val_accuracy", mode="max", patience=patience, restore_best_weights=True
-    )
-    history = model.fit(
-        dataset.x_train,
-        dataset.y_train,
-        batch_size=batch_size,
-        epochs=epochs,
-        validation_data=(dataset.x_val, dataset.y_val),
-        callbacks=[best, *callbacks],
-        shuffle=True,
-        verbose=0,
-    )
-    return history, int(best.best_epoch) + 1
-
-
-def recalibrate_batchnorm(model, x, batch_size: int = 200, samples: int = 4000) -> int:
-    """Re-estimate every BatchNormalization layer's moving mean and variance from the
-    model's own activations on `samples` training images; no weight is trained.
-
-    Each student block's BN statistics were learned on the teacher's activations; stitched
-    together, every block sees its predecessors' slightly different outputs, and the error
-    compounds through stale statistics (on the demo: validation accuracy 0.37 stitched,
-    0.58 after this pass). The statistics become the plain average over the batches
-    (momentum n / (n + 1) for batch n). Returns how many BN layers were updated."""
-    import keras
-
-    layers = [layer for layer in model.layers
-              if isinstance(layer, keras.layers.BatchNormalization)]
-    if not layers:
-        return 0
-    saved = [layer.momentum for layer in layers]
-    x = x[:samples]
-    try:
-        for n, start in enumerate(range(0, len(x), batch_size)):
-            for layer in layers:
-                layer.momentum = n / (n + 1)
-            model(x[start:start + batch_size], training=True)
-    finally:
-        for layer, momentum in zip(layers, saved):
-            layer.momentum = momentum
-    return len(layers)
 
 
 def make_loss(config: FinetuneConfig):
@@ -160,7 +90,6 @@ def finetune(student, data: FinetuneData, config: FinetuneConfig, comm, seed: in
     Returns the summary (identical on every rank but for times)."""
     import keras
 
-    from pbkd_mpi.model.logits import logits_model
 
     if config.loss == "distill" and data.teacher_train is None and config.epochs > 0:
         raise ValueError("finetune.loss = 'distill' needs the teacher's logits; received none")

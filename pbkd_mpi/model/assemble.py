@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import keras
 
-from pbkd_mpi.model.graph import MODEL_INPUT, Block, copy_layer, flatten_model, replay
+from pbkd_mpi.model.evaluate import recalibrate_batchnorm
+from pbkd_mpi.model.graph import Block, MODEL_INPUT, copy_layer, flatten_model, replay
 from pbkd_mpi.model.students import apply_student, layer_weights
+from pbkd_mpi.model.teacher import save_model_atomically
+
 
 __all__ = ["assemble_student", "copy_block", "copy_layer", "rewrite"]
 
@@ -83,7 +86,7 @@ def assemble_student(teacher, blocks: list[Block], block_weights: dict[str, dict
                      tensors: dict | None = None) -> keras.Model:
     """The student: blocks with trained weights in `block_weights` are replaced by their
     students; blocks without stay the teacher's. `depth_multiplier`: one for every block,
-    or {block name: multiplier} (a block retrained wider by acceptance, accept.py)."""
+    or {block name: multiplier} (a block retrained wider by acceptance, distill/accept.py)."""
     weights = layer_weights(flatten_model(teacher))
     for per_layer in block_weights.values():
         weights.update(per_layer)
@@ -97,3 +100,12 @@ def assemble_student(teacher, blocks: list[Block], block_weights: dict[str, dict
     return rewrite(teacher, replaced,
                    lambda block, tensor: apply_student(block, tensor, multiplier(block)),
                    weights, tensors)
+
+
+def stitch_student(teacher, blocks, weights: dict, multipliers: dict, x_calibrate, path):
+    """The assembled student, its BN statistics re-estimated on training images (no weight
+    is trained), saved to `path` for the workers and the final evaluation."""
+    student = assemble_student(teacher, blocks, weights, multipliers)
+    recalibrate_batchnorm(student, x_calibrate)
+    save_model_atomically(student, path)
+    return student

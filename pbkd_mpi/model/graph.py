@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass
 
 import keras
 
-from pbkd_mpi.model.cost import layers_cost
 from pbkd_mpi.errors import UserError
+from pbkd_mpi.model.cost import layers_cost
+
 
 MODEL_INPUT = "__input__"  # boundary name of the model's input tensor
 GRANULARITIES = ("layer", "block", "stage")
@@ -521,12 +522,6 @@ def _explicit_block(graph: _Graph, pair) -> Block:
             f"{_spatial(graph, last)}, which no integer stride reproduces."
         )
     return block
-
-
-def chain_layers(model) -> list:
-    """The model's layers (not its input) in execution order, nested models flattened."""
-    graph = _layer_graph(model)
-    return [graph.layers[n] for n in graph.order]
 
 
 def boundaries(blocks) -> list[str]:

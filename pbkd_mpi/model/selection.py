@@ -1,10 +1,7 @@
-"""`python -m pbkd_mpi plan`: the block table of a teacher, without training anything."""
+"""Which blocks of the teacher become tasks, and the block table `plan` prints."""
 
 from __future__ import annotations
 
-import json
-
-from pbkd_mpi.config import load_job
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.model.graph import find_blocks
 from pbkd_mpi.model.students import family_for, student_cost, with_family, worthwhile
@@ -44,12 +41,25 @@ def select_blocks(teacher, granularity="layer", depth_multiplier: int = 1,
     return blocks
 
 
+def job_blocks(teacher, job, granularity=None) -> list:
+    """`select_blocks` as the job's [blocks] and [student] say (`granularity` overrides)."""
+    student = job.student
+    return select_blocks(teacher, granularity or granularity_of(job.blocks),
+                         student.depth_multiplier, student.family, student.width_multiplier,
+                         student.family_overrides)
+
+
 def block_table(teacher, depth_multiplier: int = 1, granularity="layer",
                 family: str = "separable", width_multiplier: float = 1.0,
                 family_overrides=()) -> dict:
+    """Per block: its layers, shapes and the teacher's and student's parameters and FLOPs."""
+    return block_table_of(select_blocks(teacher, granularity, depth_multiplier, family,
+                                        width_multiplier, family_overrides), depth_multiplier)
+
+
+def block_table_of(blocks, depth_multiplier: int) -> dict:
     rows = []
-    for block in select_blocks(teacher, granularity, depth_multiplier, family,
-                               width_multiplier, family_overrides):
+    for block in blocks:
         student_params, student_flops = student_cost(block, depth_multiplier)
         rows.append({
             "name": block.name,
@@ -69,52 +79,3 @@ def block_table(teacher, depth_multiplier: int = 1, granularity="layer",
     totals = {key: sum(row[key] for row in rows) for key in
               ("teacher_params", "student_params", "teacher_flops", "student_flops")}
     return {"blocks": rows, "totals": totals}
-
-
-def _load_plan_teacher(args, job):
-    from pbkd_mpi.model.teacher import BUILTIN_TEACHERS, build_builtin, load_model_file
-
-    if args.teacher:
-        return load_model_file(args.teacher)
-    if job.teacher.source in BUILTIN_TEACHERS:
-        # The architecture alone decides the blocks: no need to train it to plan.
-        size = tuple(job.data.image_size)
-        classes = job.data.demo_classes if job.data.source == "demo" else 10
-        return build_builtin(job.teacher.source, (*size, 3), classes, job.teacher.widths)
-    return load_model_file(job.teacher.source)
-
-
-def plan_command(args) -> int:
-    job = load_job(args.job, args.set)
-    # --granularity (when the command line offers it) wins over the job's [blocks].
-    granularity = getattr(args, "granularity", None) or granularity_of(job.blocks)
-    table = block_table(_load_plan_teacher(args, job), job.student.depth_multiplier, granularity,
-                        job.student.family, job.student.width_multiplier,
-                        job.student.family_overrides)
-    if args.json:
-        print(json.dumps(table, indent=2))
-        return 0
-    header = ("block", "layers", "in", "out", "end", "T params", "S params", "T FLOPs", "S FLOPs")
-    rows = [
-        (r["name"], _layers_text(r["layers"]), "x".join(map(str, r["input_shape"])),
-         "x".join(map(str, r["output_shape"])), r["final_activation"],
-         str(r["teacher_params"]), str(r["student_params"]), str(r["teacher_flops"]),
-         str(r["student_flops"]))
-        for r in table["blocks"]
-    ]
-    t = table["totals"]
-    rows.append(("total", "", "", "", "", str(t["teacher_params"]), str(t["student_params"]),
-                 str(t["teacher_flops"]), str(t["student_flops"])))
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    print(f"student/teacher in blocks: params {t['student_params'] / t['teacher_params']:.3f}, "
-          f"FLOPs {t['student_flops'] / t['teacher_flops']:.3f}")
-    return 0
-
-
-def _layers_text(names) -> str:
-    """All names of a short block; the first and last (and how many) of a long one."""
-    if len(names) <= 3:
-        return ",".join(names)
-    return f"{names[0]}..{names[-1]} ({len(names)})"

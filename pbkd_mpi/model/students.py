@@ -26,6 +26,7 @@ import numpy as np
 from pbkd_mpi.model.cost import layers_cost
 from pbkd_mpi.model.graph import Block
 
+
 # Keras' default 0.99 needs hundreds of steps before the moving statistics that inference
 # uses catch up; a block task may run only a few hundred steps in all.
 BN_MOMENTUM = 0.9

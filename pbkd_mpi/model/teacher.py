@@ -6,18 +6,15 @@ hash of everything that shaped it, so a second run with the same job loads it in
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import numpy as np
 
 from pbkd_mpi.atomic import atomic_path
 from pbkd_mpi.config import TeacherConfig
 from pbkd_mpi.data.dataset import Dataset
 from pbkd_mpi.errors import UserError
-from pbkd_mpi.finetune.train import fit_classifier
+from pbkd_mpi.keys import json_key
+
 
 if TYPE_CHECKING:  # keras is imported where used: start-up stays fast without TensorFlow
     import keras
@@ -66,24 +63,6 @@ def build_builtin(name: str, input_shape, num_classes: int, widths) -> "keras.Mo
         raise UserError(f"teacher.source {name!r} is not a built-in teacher; expected one of "
                         f"{', '.join(BUILTIN_TEACHERS)}")
     return builders[name](input_shape, num_classes, widths)
-
-
-def weights_fingerprint(model) -> str:
-    digest = hashlib.sha256(json.dumps(model.get_config(), sort_keys=True, default=str).encode())
-    for array in model.get_weights():
-        digest.update(np.ascontiguousarray(array).data)
-    return digest.hexdigest()[:16]
-
-
-def outputs_probabilities(model) -> bool:
-    """True when the teacher ends in a softmax, so losses take probabilities, not logits."""
-    import keras
-
-    last = model.layers[-1]
-    activation = getattr(last, "activation", None)
-    if isinstance(last, keras.layers.Softmax):
-        return True
-    return activation is not None and getattr(activation, "__name__", "") == "softmax"
 
 
 def load_teacher(config: TeacherConfig, dataset: Dataset, run_dir: Path, seed: int,
@@ -173,22 +152,18 @@ def _builtin_teacher(config: TeacherConfig, dataset: Dataset, run_dir: Path, see
                      callbacks=()):
     import keras
 
-    key = hashlib.sha256(
-        json.dumps(
-            {
-                "arch": config.source,
-                "version": BUILTIN_VERSION,
-                "widths": list(config.widths),
-                "epochs": config.train_epochs,
-                "batch": config.train_batch_size,
-                "lr": config.learning_rate,
-                "data": dataset.fingerprint(),
-                "seed": seed,
-                "keras": keras.__version__,
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:12]
+    # 12 digits: the length of the names of teachers already trained.
+    key = json_key({
+            "arch": config.source,
+            "version": BUILTIN_VERSION,
+            "widths": list(config.widths),
+            "epochs": config.train_epochs,
+            "batch": config.train_batch_size,
+            "lr": config.learning_rate,
+            "data": dataset.fingerprint(),
+            "seed": seed,
+            "keras": keras.__version__,
+    }, digits=12)
     path = run_dir / f"teacher-{key}.keras"
     info = {"source": config.source, "file": str(path), "trained_here": False}
     if path.exists():
@@ -213,3 +188,33 @@ def save_model_atomically(model, path: Path) -> None:
     """Write next to the target and rename, so a crash never leaves a half-written model."""
     with atomic_path(path) as tmp:
         model.save(tmp)
+
+
+def fit_classifier(model, dataset: Dataset, *, epochs: int, batch_size: int,
+                   learning_rate: float, patience: int, probabilities: bool, seed: int,
+                   callbacks=()):
+    """Train with labels in one process (Adam, cross-entropy), keeping the weights of the
+    epoch with the best validation accuracy (the built-in teacher's training). Returns
+    (Keras history, best epoch counted from 1)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities),
+        metrics=["accuracy"],
+    )
+    best = keras.callbacks.EarlyStopping(
+        monitor="val_accuracy", mode="max", patience=patience, restore_best_weights=True
+    )
+    history = model.fit(
+        dataset.x_train,
+        dataset.y_train,
+        batch_size=batch_size,
+        epochs=epochs,
+        validation_data=(dataset.x_val, dataset.y_val),
+        callbacks=[best, *callbacks],
+        shuffle=True,
+        verbose=0,
+    )
+    return history, int(best.best_epoch) + 1

@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 from mpi4py import MPI
 
-from pbkd_mpi.mpi.protocol import Backoff
+from pbkd_mpi.mpi.polling import Backoff
+
 
 Check = Callable[[], None] | None
 

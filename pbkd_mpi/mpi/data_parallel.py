@@ -34,8 +34,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pbkd_mpi.mpi.collectives import (STEP_POLL_CAP_S, Check, allreduce_mean, allreduce_sum,
-                          broadcast_arrays)
+from pbkd_mpi.mpi.collectives import (Check, STEP_POLL_CAP_S, allreduce_mean, allreduce_sum,
+                                      broadcast_arrays)
 
 
 @dataclass(frozen=True)

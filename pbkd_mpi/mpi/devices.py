@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 
 from pbkd_mpi.errors import UserError
 
+
 # Node-local rank, most specific first. A launcher's own variable comes before Slurm's:
 # under `mpirun` inside an allocation the ranks inherit SLURM_LOCALID of the step that
 # started the launcher's daemons, which says nothing about the ranks themselves.

@@ -1,41 +1,32 @@
 """Collective phases: work every rank does together, outside the task hand-out.
 
-Rank 0 starts a phase with `Coordinator.run_collective(name, payload, local)`; each worker
-runs the handler registered here under that name as `handler(context, payload, comm,
-check)`, where `context` is the pipeline's WorkerContext, `comm` the world communicator
-(collectives on it go through pbkd_mpi.collectives) and `check` a callable to pass to
-those collectives so a worker leaves a collective when rank 0 aborts. The value a handler
-returns travels back to rank 0.
-
-Handlers live next to the code they drive; the modules that define them are listed in
-PHASE_MODULES so a worker imports them before the first phase arrives.
+Rank 0 starts a phase with `Coordinator.run_collective(NAME, payload, local)`; each worker
+runs its handler for NAME (the table is in commands/worker.py) as
+`handler(context, payload, comm, check)`, where `context` is the `WorkerContext` below,
+`comm` the world communicator (collectives on it go through mpi/collectives.py) and
+`check` a callable to pass to those collectives so a worker leaves a collective when rank
+0 aborts. The value a handler returns travels back to rank 0.
 """
 
 from __future__ import annotations
 
-import importlib
+from dataclasses import dataclass
 
-PHASE_MODULES: tuple[str, ...] = ("pbkd_mpi.schedule.profile", "pbkd_mpi.cache.stage",
-                                  "pbkd_mpi.finetune.stage")
-
-_HANDLERS: dict[str, object] = {}
+from pbkd_mpi.config import Job
 
 
-def worker_phase(name: str):
-    """Register the decorated function as the workers' side of phase `name`."""
-
-    def register(function):
-        if name in _HANDLERS and _HANDLERS[name] is not function:
-            raise RuntimeError(f"phase {name!r} is registered twice")
-        _HANDLERS[name] = function
-        return function
-
-    return register
+DEVICES = "devices"  # which GPU each rank chose (rank 0 looks for one no worker uses)
+CACHE = "cache"  # every rank builds its shards of the activation cache (cache/stage.py)
+PROFILE = "profile"  # workers time their share of the block tasks (schedule/profiling.py)
+FINETUNE = "finetune"  # data-parallel fine-tuning on every rank (finetune/stage.py)
+STATS = "stats"  # the last phase of a run: each rank's energy and memory figures
 
 
-def handlers(context, comm, check) -> dict:
-    """Every registered phase, bound to this worker's context: {name: fn(payload)}."""
-    for module in PHASE_MODULES:
-        importlib.import_module(module)
-    return {name: (lambda payload, fn=fn: fn(context, payload, comm, check))
-            for name, fn in _HANDLERS.items()}
+@dataclass(frozen=True)
+class WorkerContext:
+    """What rank 0 tells the workers before the first phase: the job and where things are."""
+
+    job: Job
+    run_dir: str
+    teacher_file: str  # the teacher as a .keras file the workers load (then flatten_model)
+    data_fingerprint: str  # the data rank 0 loaded: a worker that loads other data stops

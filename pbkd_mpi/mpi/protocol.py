@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 
 from mpi4py import MPI
 
-from pbkd_mpi.mpi import preemption
 from pbkd_mpi.errors import EXIT_FAILURE, PbkdError, RemoteError
+from pbkd_mpi.mpi import preemption
+from pbkd_mpi.mpi.polling import Backoff, wait_request
+from pbkd_mpi.schedule.planner import make_plan
+from pbkd_mpi.schedule.scheduler import Scheduler, TaskEstimate
 
-POLL_FIRST_S = 1e-4
-POLL_CAP_S = 0.005  # a 5 ms sleep between probes costs well under 1% of a core
+
 ABORT_GRACE_S = 10.0  # how long rank 0 waits for workers to acknowledge an abort
 SIGNAL_CHECK_S = 0.5  # how often rank 0's task loop looks for a termination signal
 
@@ -55,25 +57,6 @@ class AbortRequested(Exception):
     def __init__(self, exit_code: int):
         self.exit_code = exit_code
         super().__init__(f"abort requested by rank 0 (exit code {exit_code})")
-
-
-class Backoff:
-    def __init__(self, first: float = POLL_FIRST_S, cap: float = POLL_CAP_S):
-        self.first, self.cap, self.delay = first, cap, first
-
-    def sleep(self) -> None:
-        time.sleep(self.delay)
-        self.delay = min(self.delay * 2, self.cap)
-
-
-def wait_request(request) -> object:
-    """Complete a non-blocking request without spinning; returns its message if any."""
-    backoff = Backoff()
-    while True:
-        done, message = request.test()
-        if done:
-            return message
-        backoff.sleep()
 
 
 def send(comm, payload, dest: int, tag: Tag) -> None:
@@ -114,7 +97,7 @@ class TaskOutcome:
     results: dict = field(default_factory=dict)  # task id -> result
     records: list = field(default_factory=list)  # TaskRecord of each task that succeeded
     failures: dict = field(default_factory=dict)  # task id -> [{rank, error, traceback}]
-    plan: object = None  # the schedule.Plan the tasks followed
+    plan: object = None  # the schedule/scheduler.Plan the tasks followed
 
 
 @dataclass(frozen=True)
@@ -136,8 +119,6 @@ class Share:
 
 def default_plan(tasks: dict, cost: dict, workers):
     """Work-stealing without splitting on `cost` (its units do not matter, only its order)."""
-    from pbkd_mpi.schedule.planner import TaskEstimate, make_plan
-
     return make_plan([TaskEstimate(name, (float(cost[name]),)) for name in tasks],
                      tuple(workers), "work-stealing")
 
@@ -199,7 +180,7 @@ class Coordinator:
     def run_tasks(self, tasks: dict, cost: dict, on_result=None, on_failure=None,
                   max_attempts: int = 1, on_dispatch=None,
                   silence_limit_s: float | None = None, plan=None) -> "TaskOutcome":
-        """Run every task on the workers as `plan` (a schedule.Plan over these worker
+        """Run every task on the workers as `plan` (a schedule/scheduler.Plan over these worker
         ranks) says; without one, work-stealing on `cost` without splitting. A task that
         raises on a worker is tried again on another worker, up to `max_attempts` tries in
         all; one that still fails is given up (`on_failure(task_id, errors)`) and the others
@@ -208,8 +189,6 @@ class Coordinator:
         that fails ends the run, because its partners are waiting in its allreduce. A
         signal (see preemption) stops the hand-out and raises Preempted once the workers
         are told."""
-        from pbkd_mpi.schedule.planner import Scheduler
-
         self.broadcast(None, Tag.SERVE)
         self.epoch = time.monotonic()  # task start and end times count from here
         plan = plan if plan is not None else default_plan(tasks, cost, self.task_workers)

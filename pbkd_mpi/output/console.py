@@ -16,7 +16,8 @@ import os
 import sys
 import time
 
-from pbkd_mpi.output.logs import LOGGER
+from pbkd_mpi.output.logs import LOGGER, epoch_logger, tensorboard_logger
+
 
 _LAUNCHERS = ("mpiexec", "mpirun", "mpiexec.hydra", "orterun", "prterun", "srun")
 _CLEAR_LINE = "\r\x1b[K"
@@ -139,3 +140,10 @@ class DistillProgress:
         self.console.status(
             f"distill {progress_bar(done, total)} {len(self.finished)}/{len(self.cost)} "
             f"blocks | {workers or 'idle'} | {eta}")
+
+
+def progress_callbacks(console: Console, what: str, epochs: int, tb_dir) -> list:
+    """Rank 0's Keras callbacks for a training it runs: the live line, one log line per
+    epoch, TensorBoard scalars under `tb_dir`."""
+    return [epoch_status(console, what, epochs), epoch_logger(what, console.detail),
+            tensorboard_logger(tb_dir)]

@@ -13,6 +13,9 @@ import time
 
 import numpy as np
 
+from pbkd_mpi.output.exports import check_exports, tflite_kinds, write_exports
+
+
 BATCHES = (1, 32)
 WARMUP_CALLS = 3
 
@@ -51,8 +54,6 @@ def callable_latency_ms(function, input_shape, batch: int, repeats: int = 20) ->
 def export_figures(student, exports, input_shape, check_images, repeats: int = 20) -> dict:
     """Each export of the student (exports.py), loaded back from disk: its size, its
     agreement with the Keras student, and its latency at batch 1 and 32."""
-    from pbkd_mpi.output.exports import check_exports
-
     figures = check_exports(student, exports, check_images)
     for export in exports:
         if export.format == "keras":
@@ -75,3 +76,23 @@ def deployment_figures(teacher, student, input_shape, teacher_file, student_file
             "file_bytes": os.path.getsize(path) if path and os.path.exists(path) else None,
         }
     return figures
+
+
+def deploy_student(teacher, student, dataset, teacher_file, student_path, run_dir,
+                   export_config, log) -> dict:
+    """Latency and size of teacher and student, and the student's exports (SavedModel,
+    TFLite) written and checked against it: the report's `deployment`."""
+    deployment = deployment_figures(teacher, student, dataset.image_shape, teacher_file,
+                                    student_path)
+    exports = write_exports(student, student_path, run_dir, export_config.saved_model,
+                            tflite_kinds(export_config.tflite), dataset.x_val)
+    deployment["exports"] = export_figures(student, exports, dataset.image_shape,
+                                           dataset.x_val)
+    for name, figures in deployment["exports"].items():
+        log.detail(f"export {name}: {figures['bytes']} bytes, largest output difference "
+                   f"{figures['max_abs_diff']:.2g}, class agreement "
+                   f"{figures['class_agreement']:.3f}")
+    log(f"latency batch 1 (CPU, median): teacher "
+        f"{deployment['teacher']['latency_ms']['batch_1']:.2f} ms, student "
+        f"{deployment['student']['latency_ms']['batch_1']:.2f} ms")
+    return deployment

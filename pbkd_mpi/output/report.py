@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pbkd_mpi import atomic
 from pbkd_mpi.errors import UserError
+from pbkd_mpi.output.figures import draw_all
 
 
 def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
@@ -17,8 +18,6 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
 
 def render_report(run_dir: Path, report: dict) -> Path:
     """report.md and its pictures, from the report dict alone (`report RUN_DIR` redraws)."""
-    from pbkd_mpi.output.figures import draw_all
-
     md_path = Path(run_dir) / "report.md"
     atomic.write_text(md_path, render_markdown(report, draw_all(report, run_dir)))
     return md_path
@@ -81,79 +80,6 @@ def render_comparison(c: dict) -> str:
     lines += [f"  {name:<10} {fmt(x, '.1f'):>10} {fmt(y, '.1f'):>10}"
               for name, (x, y) in c["phases"].items()]
     return "\n".join(lines)
-
-
-def block_rows(blocks, results: dict, records, reused: dict) -> list[dict]:
-    """One report row per block: trained in this run (`results`, `records`) or reused
-    from an earlier run (`reused`: {name: (result, info)})."""
-    by_name = {record.task_id: record for record in records}
-    rows = []
-    for block in blocks:
-        if block.name in results:
-            result, record = results[block.name], by_name[block.name]
-            timing = {"rank": record.rank, "seconds": record.end_s - record.start_s,
-                      "start_s": record.start_s, "end_s": record.end_s, "reused": False}
-        else:
-            result, info = reused[block.name]
-            timing = {"rank": info["rank"], "seconds": info["seconds"], "start_s": None,
-                      "end_s": None, "reused": True}
-        rows.append({
-            "name": block.name,
-            "layers": list(block.layers),
-            **timing,
-            **{key: result[key] for key in (
-                "train_mse", "val_mse", "initial_val_mse", "target_variance", "epochs",
-                "best_epoch", "student_params", "student_flops", "history",
-                "resumed_from_epoch")},
-            "teacher_params": block.teacher_params,
-            "teacher_flops": block.teacher_flops,
-            "param_ratio": result["student_params"] / block.teacher_params,
-            "flop_ratio": result["student_flops"] / block.teacher_flops,
-            "input_shape": list(block.input_shape),
-            "output_shape": list(block.output_shape),
-            "final_activation": block.final_activation,
-        })
-    return rows
-
-
-def schedule_figures(plan, records, workers: int, makespan_s: float, profile: dict,
-                     predicted_s: float) -> tuple[dict, dict]:
-    """(`schedule`, the scheduling keys of `distill`) for report.json, from the plan the
-    run followed and its task records (protocol.TaskRecord)."""
-    tasks = sorted(records, key=lambda r: (r.start_s, r.task_id))
-    # Worker-seconds: a task split over k workers kept k of them busy for its time.
-    busy = sum(len(r.ranks or (r.rank,)) * r.seconds for r in tasks)
-    longest = max((r.seconds for r in tasks), default=0.0)
-    bound = max(busy / workers, longest)
-    schedule = {
-        "policy": plan.policy,
-        "split": {name: k for name, k in plan.ways.items() if k > 1},
-        "profile_method": profile.get("method"),
-        "predicted_makespan_s": predicted_s,
-        "estimated_lower_bound_s": plan.lower_bound_s,
-        "tasks": [{"name": r.task_id, "ranks": list(r.ranks or (r.rank,)),
-                   "start_s": r.start_s, "end_s": r.end_s, "estimated_s": r.estimated_s,
-                   "measured_s": r.seconds,
-                   **({"replicas_identical": r.replicas_identical} if len(r.ranks) > 1 else {})}
-                  for r in tasks],
-    }
-    distill = {
-        "sum_task_s": busy,
-        "lower_bound_s": bound,
-        "efficiency": busy / (workers * makespan_s) if makespan_s > 0 else None,
-    }
-    return schedule, distill
-
-
-def replaced_totals(rows) -> dict:
-    totals = {key: sum(row[key] for row in rows) for key in
-              ("teacher_params", "student_params", "teacher_flops", "student_flops")}
-    # No replaced block at all (every task failed): there is no ratio to give.
-    totals["param_ratio"] = (totals["student_params"] / totals["teacher_params"]
-                             if totals["teacher_params"] else None)
-    totals["flop_ratio"] = (totals["student_flops"] / totals["teacher_flops"]
-                            if totals["teacher_flops"] else None)
-    return totals
 
 
 def _ratio(value) -> str:
@@ -300,7 +226,7 @@ def render_markdown(report: dict, figures: dict | None = None) -> str:
 
 
 def _acceptance_lines(report: dict) -> list[str]:
-    """Each block's solo validation score and acceptance decision (accept.py)."""
+    """Each block's solo validation score and acceptance decision (distill/accept.py)."""
     accept = report.get("accept")
     if not accept:
         return []

@@ -44,12 +44,14 @@ def main() -> int:
     configure_tensorflow(args.threads, rank, inter_threads=1)
     import keras
 
-    from pbkd_mpi.cache.layout import CacheOptions, fingerprint_for, read_pair
+    from pbkd_mpi.cache.layout import CacheOptions, fingerprint_for
+    from pbkd_mpi.cache.reader import read_pair
     from pbkd_mpi.cache.build import build_shards, stitch
     from pbkd_mpi.config import DataConfig
     from pbkd_mpi.data.dataset import load_dataset
     from pbkd_mpi.model.graph import boundaries, find_blocks
-    from pbkd_mpi.model.teacher import build_vgg_demo, weights_fingerprint
+    from pbkd_mpi.model.teacher import build_vgg_demo
+    from pbkd_mpi.keys import model_fingerprint
 
     dataset = load_dataset(DataConfig(image_size=(args.image, args.image),
                                       demo_train=args.train, demo_test=100), seed=0)
@@ -59,7 +61,7 @@ def main() -> int:
     names = boundaries(find_blocks(teacher))
     options = CacheOptions(dtype=args.dtype, compression=args.compression,
                            shard_samples=args.shard)
-    teacher_fp = weights_fingerprint(teacher)
+    teacher_fp = model_fingerprint(teacher)
     fingerprint = fingerprint_for(teacher_fp, dataset, names, options, "unit", seed=0)
     path = Path(args.out) / "activations.h5"
     fingerprints = collectives.gather_objects(comm, (teacher_fp, dataset.fingerprint()))

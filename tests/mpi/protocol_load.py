@@ -20,7 +20,9 @@ from mpi4py import MPI
 
 from pbkd_mpi.mpi.collectives import allreduce_sum
 from pbkd_mpi.mpi.protocol import Coordinator, Worker
-from pbkd_mpi.schedule.planner import TaskEstimate, make_plan
+from pbkd_mpi.schedule.planner import make_plan
+from pbkd_mpi.schedule.scheduler import TaskEstimate
+
 
 MAX_ATTEMPTS = 3
 

@@ -15,7 +15,8 @@ import time
 from mpi4py import MPI
 
 from pbkd_mpi.mpi.protocol import Coordinator, Worker
-from pbkd_mpi.schedule.planner import TaskEstimate, make_plan
+from pbkd_mpi.schedule.planner import make_plan
+from pbkd_mpi.schedule.scheduler import TaskEstimate
 
 
 def main():

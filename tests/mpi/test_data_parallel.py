@@ -15,6 +15,7 @@ import pytest
 
 from pbkd_mpi.mpi.data_parallel import batch_pieces
 
+
 pytestmark = pytest.mark.skipif(shutil.which("mpiexec") is None, reason="no mpiexec on PATH")
 
 DRIVER = Path(__file__).with_name("data_parallel_driver.py")

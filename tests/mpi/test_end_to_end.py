@@ -15,6 +15,7 @@ import pytest
 
 from pbkd_mpi.distill.checkpoint import load_state
 
+
 from ..conftest import REPO, TINY_JOB, run_mpi
 
 
@@ -42,12 +43,14 @@ def _check_report(run_dir, ranks, all_workers_busy=True):
         assert b["val_mse"] < b["target_variance"]
     assert report["replaced"]["param_ratio"] <= 0.40
     # The student is the teacher less what its replaced blocks saved, to the parameter and
-    # the FLOP (acceptance may keep a block the teacher's: on 200 validation samples that
-    # decision is noise, so it is not fixed here).
+    # the FLOP (acceptance may keep a block the teacher's or retrain it wider: on 200
+    # validation samples that decision is noise, so it is not fixed here; a wider student
+    # is still smaller than its teacher block).
     replaced = [b for b in blocks if b["replaced"]]
     assert replaced
     for key in ("params", "flops"):
-        assert all(b[f"student_{key}"] < 0.5 * b[f"teacher_{key}"] for b in replaced)
+        assert all(b[f"student_{key}"] < (0.5 if b["accept"]["decision"] == "accepted" else 1)
+                   * b[f"teacher_{key}"] for b in replaced)
         saved = sum(b[f"teacher_{key}"] - b[f"student_{key}"] for b in replaced)
         assert report["teacher"][key] - report["student"][key] == saved
     # The tiny job has 4 classes (chance 0.25); measured: teacher 0.67, merged student 0.40,
@@ -109,7 +112,9 @@ def _check_logs(run_dir, report):
     import tensorflow as tf
 
     name = report["blocks"][0]["name"]
-    (events,) = (run_dir / "tb" / "blocks" / name).glob("events.out.tfevents.*")
+    # The student kept is the one trained last (a wider retrain writes a second file).
+    events = max((run_dir / "tb" / "blocks" / name).glob("events.out.tfevents.*"),
+                 key=lambda path: path.stat().st_mtime)
     scalars = {(e.step, v.tag): float(tf.make_ndarray(v.tensor))
                for e in tf.compat.v1.train.summary_iterator(str(events)) for v in e.summary.value}
     assert scalars[(1, "val_loss")] == pytest.approx(report["blocks"][0]["history"]["val_loss"][0])

@@ -1,0 +1,59 @@
+"""`python -m pbkd_mpi plan`: the block table of a teacher, without training anything."""
+
+from __future__ import annotations
+
+import json
+
+from pbkd_mpi.config import load_job
+from pbkd_mpi.model.selection import block_table_of, job_blocks
+from pbkd_mpi.model.teacher import BUILTIN_TEACHERS, build_builtin, load_model_file
+
+
+HEADER = ("block", "layers", "in", "out", "end", "T params", "S params", "T FLOPs", "S FLOPs")
+
+
+def plan_command(args) -> int:
+    job = load_job(args.job, args.set)
+    # --granularity (when the command line offers it) wins over the job's [blocks].
+    blocks = job_blocks(_teacher(args, job), job, getattr(args, "granularity", None))
+    table = block_table_of(blocks, job.student.depth_multiplier)
+    print(json.dumps(table, indent=2) if args.json else render_table(table))
+    return 0
+
+
+def _teacher(args, job):
+    if args.teacher:
+        return load_model_file(args.teacher)
+    if job.teacher.source in BUILTIN_TEACHERS:
+        # The architecture alone decides the blocks: no need to train it to plan.
+        size = tuple(job.data.image_size)
+        classes = job.data.demo_classes if job.data.source == "demo" else 10
+        return build_builtin(job.teacher.source, (*size, 3), classes, job.teacher.widths)
+    return load_model_file(job.teacher.source)
+
+
+def render_table(table: dict) -> str:
+    rows = [
+        (r["name"], _layers_text(r["layers"]), "x".join(map(str, r["input_shape"])),
+         "x".join(map(str, r["output_shape"])), r["final_activation"],
+         str(r["teacher_params"]), str(r["student_params"]), str(r["teacher_flops"]),
+         str(r["student_flops"]))
+        for r in table["blocks"]
+    ]
+    t = table["totals"]
+    rows.append(("total", "", "", "", "", str(t["teacher_params"]), str(t["student_params"]),
+                 str(t["teacher_flops"]), str(t["student_flops"])))
+    widths = [max(len(row[i]) for row in [HEADER, *rows]) for i in range(len(HEADER))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in [HEADER, *rows]]
+    lines.append(f"student/teacher in blocks: params "
+                 f"{t['student_params'] / t['teacher_params']:.3f}, FLOPs "
+                 f"{t['student_flops'] / t['teacher_flops']:.3f}")
+    return "\n".join(lines)
+
+
+def _layers_text(names) -> str:
+    """All names of a short block; the first and last (and how many) of a long one."""
+    if len(names) <= 3:
+        return ",".join(names)
+    return f"{names[0]}..{names[-1]} ({len(names)})"
