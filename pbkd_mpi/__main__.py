@@ -5,5 +5,4 @@ import sys
 
 from pbkd_mpi.cli import entry
 
-
 sys.exit(entry())

@@ -16,7 +16,6 @@ from pbkd_mpi import atomic
 from pbkd_mpi.config import Job, load_job
 from pbkd_mpi.errors import UserError
 
-
 JOB_FILE = "job.toml"
 # What a run's results depend on; fine-tuning, retries and threads may change between tries.
 IDENTITY_SECTIONS = ("teacher", "data", "blocks", "student", "distill", "cache")

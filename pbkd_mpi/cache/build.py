@@ -26,7 +26,6 @@ from pbkd_mpi.data.augment import Views
 from pbkd_mpi.model.graph import MODEL_INPUT
 from pbkd_mpi.mpi import faults
 
-
 BUILD_BATCH = 256  # teacher forward batch while building
 
 

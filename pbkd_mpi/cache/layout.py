@@ -33,7 +33,6 @@ from pbkd_mpi.errors import UserError
 from pbkd_mpi.keys import json_key
 from pbkd_mpi.model.graph import MODEL_INPUT
 
-
 SPLITS = ("train", "val")
 CHUNK_BYTES = 1 << 20  # about 1 MiB per chunk: whole batches per read, few chunks per batch
 SHARD_SAMPLES = 512

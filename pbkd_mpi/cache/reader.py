@@ -38,7 +38,6 @@ from pbkd_mpi.keys import model_fingerprint
 from pbkd_mpi.model.graph import MODEL_INPUT, flatten_model
 from pbkd_mpi.model.teacher import load_model_file
 
-
 PREFETCH_BATCHES = 4
 READ_BYTES = 1 << 20  # a read unit: about one chunk of the input and one of the target
 WINDOW_UNITS = 16  # units shuffled together: 16 random places of the split per window

@@ -49,19 +49,19 @@ def cache_boundaries(teacher, blocks) -> list[str]:
     return list(dict.fromkeys([*boundaries(blocks), logit_boundary(teacher)]))
 
 
-def _share(teacher, dataset, request: BuildRequest, rank: int, size: int, check, log=None):
+def _build_rank_shards(teacher, dataset, request: BuildRequest, rank: int, size: int, check, log=None):
     return build_shards(teacher, dataset, list(request.names), Path(request.path),
                         request.fingerprint, request.options, rank, size, request.seed,
                         check=check, log=log)
 
 
-def build_share(context, request: BuildRequest, comm, check) -> dict:
+def build_shards_on_worker(context, request: BuildRequest, comm, check) -> dict:
     """A worker's part of the cache phase: its shards, from the teacher file and data."""
     teacher, dataset = load_teacher_and_data(
         context.teacher_file, request.teacher_fingerprint, context.job.data,
         context.data_fingerprint, context.job.run.seed)
     try:
-        return _share(teacher, dataset, request, comm.Get_rank(), comm.Get_size(), check)
+        return _build_rank_shards(teacher, dataset, request, comm.Get_rank(), comm.Get_size(), check)
     finally:
         load_teacher_and_data.cache_clear()  # cache mode: nothing reads them again here
 
@@ -111,17 +111,17 @@ def prepare_cache(job, teacher, teacher_fingerprint: str, teacher_file: str, dat
     request = BuildRequest(tuple(names), str(path), fingerprint, options, teacher_fingerprint,
                            job.run.seed)
     if coordinator is None:
-        shares = {0: _share(teacher, dataset, request, 0, 1, None, log.detail)}
+        built = {0: _build_rank_shards(teacher, dataset, request, 0, 1, None, log.detail)}
     else:
-        shares = coordinator.run_collective(
+        built = coordinator.run_collective(
             phases.CACHE, request,
-            lambda check: _share(teacher, dataset, request, 0, coordinator.comm.Get_size(),
+            lambda check: _build_rank_shards(teacher, dataset, request, 0, coordinator.comm.Get_size(),
                                  check, log.detail))
     stitched = stitch(teacher, dataset, names, path, fingerprint, options)
     total = len(plan_shards(part_counts(dataset, config.views), config.shard_samples))
     info.update(path=str(path), reused=False, bytes=stitched["bytes"],
                 shards={"total": total,
-                        "built": sum(s["built"] for s in shares.values()),
-                        "reused": sum(s["reused"] for s in shares.values())},
-                build_seconds_by_rank={rank: s["seconds"] for rank, s in sorted(shares.items())})
+                        "built": sum(s["built"] for s in built.values()),
+                        "reused": sum(s["reused"] for s in built.values())},
+                build_seconds_by_rank={rank: s["seconds"] for rank, s in sorted(built.items())})
     return CacheStage(str(path), fingerprint, source, info)

@@ -8,7 +8,6 @@ from pbkd_mpi.config import load_job
 from pbkd_mpi.model.selection import block_table_of, job_blocks
 from pbkd_mpi.model.teacher import BUILTIN_TEACHERS, build_builtin, load_model_file
 
-
 HEADER = ("block", "layers", "in", "out", "end", "T params", "S params", "T FLOPs", "S FLOPs")
 
 

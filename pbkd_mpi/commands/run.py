@@ -21,7 +21,6 @@ from pbkd_mpi.output.console import Console
 from pbkd_mpi.output.energy import PhaseMeter
 from pbkd_mpi.pipeline import coordinate
 
-
 LAUNCH_HINT = (
     "Launch with at least 2 MPI ranks: rank 0 coordinates and ranks 1..N-1 train blocks, "
     "for example `mpirun -np 3 python -m pbkd_mpi run JOB.toml`."

@@ -10,21 +10,21 @@ from __future__ import annotations
 import socket
 import traceback
 
-from pbkd_mpi.cache.stage import build_share
+from pbkd_mpi.cache.stage import build_shards_on_worker
 from pbkd_mpi.distill.task_runner import task_runner
 from pbkd_mpi.errors import EXIT_FAILURE, EXIT_OK
-from pbkd_mpi.finetune.stage import finetune_share
+from pbkd_mpi.finetune.stage import finetune_on_worker
 from pbkd_mpi.mpi import faults, phases, supervisor
 from pbkd_mpi.mpi.devices import configure_tensorflow_choice, node_cores, worker_threads
 from pbkd_mpi.mpi.protocol import AbortRequested, Worker
 from pbkd_mpi.output.energy import PhaseMeter
 from pbkd_mpi.output.logs import LOGGER, open_rank_log
-from pbkd_mpi.schedule.profiling import profile_share
+from pbkd_mpi.schedule.profiling import profile_on_worker
 
 
 # The collective phases a worker takes part in: handler(context, payload, comm, check).
-PHASE_HANDLERS = {phases.CACHE: build_share, phases.PROFILE: profile_share,
-                  phases.FINETUNE: finetune_share}
+PHASE_HANDLERS = {phases.CACHE: build_shards_on_worker, phases.PROFILE: profile_on_worker,
+                  phases.FINETUNE: finetune_on_worker}
 
 
 def run_worker(comm, layout) -> int:

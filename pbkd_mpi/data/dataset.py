@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from pbkd_mpi.config import DataConfig
 from pbkd_mpi.data.demo import make_shapes
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.keys import arrays_fingerprint
-
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 _TEST_FIELDS = frozenset({"x_test", "y_test"})
@@ -127,8 +128,6 @@ def _load_npz(path: Path) -> dict:
 
 
 def _load_hdf5(path: Path) -> dict:
-    import h5py
-
     try:
         with h5py.File(path, "r") as f:
             arrays = {name: f[name][()] for name in f.keys() if isinstance(f[name], h5py.Dataset)}
@@ -189,8 +188,6 @@ def _class_names(folder: Path) -> list[str]:
 
 
 def _read_images(folder: Path, class_names, image_size, skip_bad: bool, skipped: list):
-    from PIL import Image, UnidentifiedImageError
-
     images, labels = [], []
     height, width = image_size
     for label, name in enumerate(class_names):

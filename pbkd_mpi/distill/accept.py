@@ -15,7 +15,6 @@ from typing import NamedTuple
 from pbkd_mpi.model.assemble import assemble_student
 from pbkd_mpi.model.evaluate import recalibrated_accuracy
 
-
 ACCEPTED, ACCEPTED_WIDER, KEPT_TEACHER = "accepted", "accepted_wider", "kept_teacher"
 
 

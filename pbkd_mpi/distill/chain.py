@@ -43,7 +43,6 @@ from pbkd_mpi.model.assemble import assemble_student
 from pbkd_mpi.model.evaluate import recalibrate_batchnorm, recalibrated_accuracy
 from pbkd_mpi.model.graph import MODEL_INPUT
 
-
 PREDICT_BATCH = 256
 
 

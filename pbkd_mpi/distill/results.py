@@ -18,7 +18,6 @@ import numpy as np
 from pbkd_mpi.atomic import atomic_path
 from pbkd_mpi.keys import task_key
 
-
 _WEIGHT_PREFIX = "weights/"
 
 

@@ -1,6 +1,6 @@
 """A block task trained by k workers together: data-parallel MSE training of one student.
 
-Every worker of the split task runs `train_share` with the sub-communicator of the k
+Every worker of the split task runs `train_split_part` with the sub-communicator of the k
 ranks (mpi/protocol.Worker makes it). The student starts the same on every rank (same seed,
 same teacher-factorised start, same BN calibration batch), each step's global batch of
 `distill.batch_size` is cut into k disjoint pieces and the gradients are averaged with a
@@ -30,14 +30,14 @@ def _pairs(source) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def train_share(share, check=None) -> dict:
-    """This rank's part of a split block task (`share.task`, a BlockTask, with
-    `share.comm`). Returns train_block's result dict, identical on every rank."""
+def train_split_part(part, check=None) -> dict:
+    """This rank's part of a split block task (`part.task`, a BlockTask, with
+    `part.comm`). Returns train_block's result dict, identical on every rank."""
     import keras
     import tensorflow as tf
 
 
-    task, comm = share.task, share.comm
+    task, comm = part.task, part.comm
     block, config = task.block, task.config
     data = open_block_data(task, task.source)
     x_train, y_train = _pairs(data.train_eval)

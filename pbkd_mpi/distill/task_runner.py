@@ -1,6 +1,6 @@
 """Run one block task where it landed: a worker rank, or rank 0's own training thread.
 
-A task is a `train_block.BlockTask` (one block, one rank) or a `protocol.Share` (one of the
+A task is a `train_block.BlockTask` (one block, one rank) or a `mpi/protocol.SplitPart` (one of the
 k ranks training a split block together). Both log to the rank's log, count their time and
 energy as a task on the rank's meter, checkpoint every epoch in the run directory, and stop
 between batches when `stop_check()` raises (a signal, or rank 0 asking to abort).
@@ -12,10 +12,10 @@ import contextlib
 from pathlib import Path
 
 from pbkd_mpi.distill.results import progress_path
-from pbkd_mpi.distill.split_block import train_share
+from pbkd_mpi.distill.split_block import train_split_part
 from pbkd_mpi.distill.train_block import train_block
 from pbkd_mpi.mpi import faults, preemption, supervisor
-from pbkd_mpi.mpi.protocol import AbortRequested, Share
+from pbkd_mpi.mpi.protocol import AbortRequested, SplitPart
 from pbkd_mpi.output.logs import LOGGER, epoch_logger, tensorboard_logger
 
 
@@ -30,14 +30,14 @@ def task_runner(run_dir: str, meter, stop_check):
     callback = preemption.keras_callback("training a block", also=stop_check)
 
     def run(task):
-        name = task.task.block.name if isinstance(task, Share) else task.block.name
+        name = task.task.block.name if isinstance(task, SplitPart) else task.block.name
         LOGGER.info("task %s: started", name)
         supervisor.note(f"training block {name}", run_dir=run_dir)
         faults.task_started()
-        if isinstance(task, Share):  # one of k ranks training a split block together
+        if isinstance(task, SplitPart):  # one of k ranks training a split block together
 
             with count(name):
-                return train_share(task, check=stop_check)
+                return train_split_part(task, check=stop_check)
         try:
             with count(name):
                 result = train_block(

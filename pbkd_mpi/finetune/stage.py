@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
+
 from pbkd_mpi.atomic import atomic_path
 from pbkd_mpi.cache.layout import require_complete
 from pbkd_mpi.cache.reader import load_teacher_and_data
@@ -39,7 +41,6 @@ class FinetuneRequest:
 def teacher_logits(teacher, dataset, cache_path: str = "", fingerprint: str = ""):
     """(train, val) teacher logits, from the cache's copy of `logit_boundary(teacher)`; with
     no cache, from one pass of the teacher over the two splits (never per step)."""
-    import h5py
     import keras
 
 
@@ -60,14 +61,14 @@ def teacher_logits(teacher, dataset, cache_path: str = "", fingerprint: str = ""
 
 def run_finetune(student, teacher, dataset, job, request: FinetuneRequest, comm, check,
                  callbacks=()) -> dict:
-    """One rank's share of the phase (rank 0 passes its own student and callbacks)."""
+    """One rank's answer of the phase (rank 0 passes its own student and callbacks)."""
     logits = teacher_logits(teacher, dataset, request.cache_path, request.cache_fingerprint) \
         if job.finetune.loss == "distill" and job.finetune.epochs > 0 else None
     return finetune(student, FinetuneData.of(dataset, logits), job.finetune, comm,
                     job.run.seed, check=check, callbacks=callbacks)
 
 
-def finetune_share(context, request: FinetuneRequest, comm, check) -> dict:
+def finetune_on_worker(context, request: FinetuneRequest, comm, check) -> dict:
     import keras
 
 
@@ -124,13 +125,13 @@ def finetune_stage(student, teacher, dataset, job, request: FinetuneRequest, run
         # Data-parallel on every rank, teacher logits from the cache.
         callbacks = progress_callbacks(log, "fine-tuning", job.finetune.epochs,
                                        Path(run_dir) / "tb" / "finetune")
-        shares = coordinator.run_collective(
+        answers = coordinator.run_collective(
             phases.FINETUNE, request,
             lambda check: run_finetune(student, teacher, dataset, job, request,
                                        coordinator.comm, check, callbacks))
-        tuned = shares[0] | {"reused": False}
-        tuned["identical_weights"] = all(share["weights_digest"] == weights_digest(student)
-                                         for rank, share in shares.items() if rank != 0)
+        tuned = answers[0] | {"reused": False}
+        tuned["identical_weights"] = all(answer["weights_digest"] == weights_digest(student)
+                                         for rank, answer in answers.items() if rank != 0)
         save_finetuned(run_dir, key, student, tuned)
     _log_finetuned(tuned, log)
     return tuned

@@ -31,7 +31,6 @@ from pbkd_mpi.data.dataset import Dataset
 from pbkd_mpi.model.logits import logits_model
 from pbkd_mpi.mpi.data_parallel import DataParallelTrainer, sparse_accuracy_sums
 
-
 GUARD_LR_FACTOR = 0.3
 
 

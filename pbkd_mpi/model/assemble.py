@@ -14,7 +14,6 @@ from pbkd_mpi.model.graph import Block, MODEL_INPUT, copy_layer, flatten_model, 
 from pbkd_mpi.model.students import apply_student, layer_weights
 from pbkd_mpi.model.teacher import save_model_atomically
 
-
 __all__ = ["assemble_student", "copy_block", "copy_layer", "rewrite"]
 
 

@@ -25,7 +25,6 @@ import keras
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.model.cost import layers_cost
 
-
 MODEL_INPUT = "__input__"  # boundary name of the model's input tensor
 GRANULARITIES = ("layer", "block", "stage")
 

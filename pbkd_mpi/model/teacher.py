@@ -6,8 +6,11 @@ hash of everything that shaped it, so a second run with the same job loads it in
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import h5py
 
 from pbkd_mpi.atomic import atomic_path
 from pbkd_mpi.config import TeacherConfig
@@ -108,9 +111,6 @@ def load_model_file(source: str):
 def _check_container(path: Path, source: str) -> None:
     """A .keras file is a zip archive and a .h5 file HDF5: say so plainly, instead of the
     "file not found" Keras reports for a file that exists but is something else."""
-    import zipfile
-
-    import h5py
 
     if path.suffix == ".keras":
         expected, ok = "a zip archive (what model.save('name.keras') writes)", \

@@ -16,7 +16,6 @@ from mpi4py import MPI
 
 from pbkd_mpi.mpi.polling import Backoff
 
-
 Check = Callable[[], None] | None
 
 

@@ -21,7 +21,6 @@ import threading
 
 from pbkd_mpi.errors import UserError
 
-
 KINDS = ("raise", "nan", "signal", "kill", "hang", "killwrite")
 _TIMED = {"signal", "kill", "hang"}  # KIND:WHO:SECONDS
 SIGNAL_NAMES = ("USR1", "TERM")

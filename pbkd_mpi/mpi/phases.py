@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from pbkd_mpi.config import Job
 
-
 DEVICES = "devices"  # which GPU each rank chose (rank 0 looks for one no worker uses)
 CACHE = "cache"  # every rank builds its shards of the activation cache (cache/stage.py)
 PROFILE = "profile"  # workers time their share of the block tasks (schedule/profiling.py)

@@ -28,7 +28,6 @@ import time
 from pbkd_mpi.errors import PbkdError
 from pbkd_mpi.mpi.supervisor import launcher_rank
 
-
 EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 STOP_GRACE_S = 40.0  # an orderly stop takes seconds; rank 0 gives workers 10 s to answer

@@ -18,6 +18,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
+import numpy as np
 from mpi4py import MPI
 
 from pbkd_mpi.errors import EXIT_FAILURE, PbkdError, RemoteError
@@ -25,7 +26,6 @@ from pbkd_mpi.mpi import preemption
 from pbkd_mpi.mpi.polling import Backoff, wait_request
 from pbkd_mpi.schedule.planner import make_plan
 from pbkd_mpi.schedule.scheduler import Scheduler, TaskEstimate
-
 
 ABORT_GRACE_S = 10.0  # how long rank 0 waits for workers to acknowledge an abort
 SIGNAL_CHECK_S = 0.5  # how often rank 0's task loop looks for a termination signal
@@ -101,7 +101,7 @@ class TaskOutcome:
 
 
 @dataclass(frozen=True)
-class Share:
+class SplitPart:
     """A worker's part of a split task: train `task` data-parallel with `ranks`. The worker
     fills in `comm`, the sub-communicator of those ranks (never pickled: made on arrival)."""
 
@@ -143,11 +143,21 @@ class Coordinator:
         """The ranks that take tasks: the workers, and rank 0 when it trains too."""
         return ((0,) if self.local is not None else ()) + tuple(self.workers)
 
-    def _send(self, payload, rank: int, tag: Tag) -> None:
+    def send_task(self, message, ranks) -> None:
+        """TASK to each of `ranks` (rank 0: its own training thread), all sent before any
+        is waited on, so that the workers of a split task start together."""
+        if 0 in ranks:
+            self.local.send(message, Tag.TASK)
+        requests = [self.comm.isend(message, dest=rank, tag=int(Tag.TASK))
+                    for rank in ranks if rank != 0]
+        for request in requests:
+            wait_request(request)
+
+    def send_stop(self, rank: int) -> None:
         if rank == 0:
-            self.local.send(payload, tag)
+            self.local.send(None, Tag.STOP)
         else:
-            send(self.comm, payload, rank, tag)
+            send(self.comm, None, rank, Tag.STOP)
 
     def _receive(self, deadline: float):
         """The next message from a worker rank or from rank 0's own thread, as
@@ -180,89 +190,46 @@ class Coordinator:
     def run_tasks(self, tasks: dict, cost: dict, on_result=None, on_failure=None,
                   max_attempts: int = 1, on_dispatch=None,
                   silence_limit_s: float | None = None, plan=None) -> "TaskOutcome":
-        """Run every task on the workers as `plan` (a schedule/scheduler.Plan over these worker
-        ranks) says; without one, work-stealing on `cost` without splitting. A task that
-        raises on a worker is tried again on another worker, up to `max_attempts` tries in
-        all; one that still fails is given up (`on_failure(task_id, errors)`) and the others
-        go on. A split task goes to its workers together as a `Share` each; every one of
-        them answers and the first's result is kept (their weights are identical); one
-        that fails ends the run, because its partners are waiting in its allreduce. A
-        signal (see preemption) stops the hand-out and raises Preempted once the workers
-        are told."""
+        """Run every task on the workers as `plan` (a schedule/scheduler.Plan over these
+        worker ranks) says; without one, work-stealing on `cost` without splitting. A task
+        that raises on a worker is tried again on another worker, up to `max_attempts`
+        tries in all; one that still fails is given up (`on_failure(task_id, errors)`) and
+        the others go on. A split task goes to its workers together as a `SplitPart` each;
+        every one of them answers and the first's result is kept (their weights are
+        identical); one that fails ends the run, because its partners are waiting in its
+        allreduce. A signal (see preemption) stops the hand-out and raises Preempted once
+        the workers are told."""
         self.broadcast(None, Tag.SERVE)
+        if self.local is not None:
+            self.local.serve()
         self.epoch = time.monotonic()  # task start and end times count from here
         plan = plan if plan is not None else default_plan(tasks, cost, self.task_workers)
-        queue = Scheduler(plan, max_attempts)
-        idle: set[int] = set()
-        running: dict[int, TaskRecord] = {}
-        stopped: set[int] = set()
-        outcome = TaskOutcome(plan=plan)
-        silence_limit_s = silence_limit_s if silence_limit_s is not None else self.silence_limit_s
-        heard = self.heard
+        hand_out = _HandOut(self, tasks, plan, max_attempts, on_result, on_failure, on_dispatch)
+        limit_s = silence_limit_s if silence_limit_s is not None else self.silence_limit_s
         for rank in self.task_workers:
-            heard[rank] = time.monotonic()
+            self.heard[rank] = time.monotonic()
         try:
-            while len(stopped) < len(self.task_workers):
+            while len(hand_out.stopped) < len(self.task_workers):
                 message = self._receive(deadline=time.monotonic() + SIGNAL_CHECK_S)
-                preemption.check(f"{len(running)} block task(s) were running")
-                self._check_alive(heard, running, stopped, silence_limit_s)
-                if message is None:
-                    continue
-                tag, rank, payload = message
-                heard[rank] = time.monotonic()
-                if tag is Tag.HEARTBEAT:
-                    continue
-                if tag is Tag.PREEMPTED:
-                    raise preemption.Preempted(f"rank {rank}: {payload}")
-                if tag is Tag.ERROR and (rank not in running or len(running[rank].ranks) > 1):
-                    raise RemoteError(rank, *payload)
-                if tag in (Tag.RESULT, Tag.ERROR):
-                    record = running.pop(rank)
-                    record.waiting.discard(rank)
-                    if tag is Tag.RESULT and len(record.ranks) > 1:
-                        self._compare_replica(record, outcome.results, payload[1])
-                    if record.waiting:  # a split task: its other workers have yet to answer
-                        idle.add(rank)
-                        self._dispatch(queue, idle, running, stopped, tasks, on_dispatch)
-                        continue
-                    record.end_s = self.now()
-                    if tag is Tag.RESULT:
-                        task_id = record.task_id
-                        outcome.results.setdefault(task_id, payload[1])
-                        result = outcome.results[task_id]
-                        outcome.records.append(record)
-                        queue.done(task_id, record.ranks, record.seconds)
-                        if on_result is not None:
-                            on_result(task_id, result, record)
-                    else:
-                        what, text = payload
-                        errors = queue.failed(record.task_id, rank, text)
-                        if errors is not None:
-                            outcome.failures[record.task_id] = errors
-                            if on_failure is not None:
-                                on_failure(record.task_id, errors)
-                elif tag is not Tag.READY:
-                    raise RuntimeError(f"unexpected message {tag.name} from rank {rank}")
-                idle.add(rank)
-                self._dispatch(queue, idle, running, stopped, tasks, on_dispatch)
-            return outcome
+                preemption.check(f"{len(hand_out.running)} block task(s) were running")
+                self._check_alive(self.heard, hand_out.running, hand_out.stopped, limit_s)
+                if message is not None and (message := self._note(message)) is not None:
+                    hand_out.take(*message)
+            return hand_out.outcome
         finally:
             if self.local is not None:
                 self.local.cancel()  # a no-op after STOP; else it stops its task
 
-    @staticmethod
-    def _compare_replica(record, results, result) -> None:
-        """Keep a split task's first result; note whether each later one has the same
-        weights (data-parallel training keeps them identical, bit for bit)."""
-        import numpy as np
-
-        first = results.setdefault(record.task_id, result)
-        if first is result:
-            return
-        same = first["weights"].keys() == result["weights"].keys() and all(
-            len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
-            for a, b in ((first["weights"][k], result["weights"][k]) for k in first["weights"]))
-        record.replicas_identical = same and record.replicas_identical is not False
+    def _note(self, message):
+        """What every message says: its rank is alive. HEARTBEAT says nothing more (None is
+        returned); PREEMPTED stops the run; any other message is the caller's to take."""
+        tag, rank, payload = message
+        self.heard[rank] = time.monotonic()
+        if tag is Tag.HEARTBEAT:
+            return None
+        if tag is Tag.PREEMPTED:
+            raise preemption.Preempted(f"rank {rank}: {payload}")
+        return message
 
     def _check_alive(self, heard, running, stopped, limit_s, phase: str = "") -> None:
         if limit_s is None:
@@ -277,34 +244,6 @@ class Coordinator:
                     f"nothing from it for {now - heard[rank]:.0f} s (tasks.silence_limit_s = "
                     f"{limit_s:g}). Finished blocks are saved in the run directory; run the "
                     f"same command again to resume.")
-
-    def _dispatch(self, queue, idle, running, stopped, tasks, on_dispatch) -> None:
-        available = [r for r in self.task_workers if r not in stopped]
-        for task_id, ranks in queue.assign(idle, available):
-            record = TaskRecord(task_id, ranks[0], self.now(), ranks=tuple(ranks),
-                                estimated_s=queue.estimates[task_id], waiting=set(ranks))
-            for rank in ranks:
-                idle.discard(rank)
-                running[rank] = record
-            message = (task_id, tasks[task_id] if len(ranks) == 1 else
-                       Share(tasks[task_id], tuple(ranks)))
-            if 0 in ranks:
-                self.local.send(message, Tag.TASK)
-            requests = [self.comm.isend(message, dest=rank, tag=int(Tag.TASK))
-                        for rank in ranks if rank != 0]
-            for request in requests:  # the workers of a split task start together
-                wait_request(request)
-            if on_dispatch is not None:
-                for rank in ranks:
-                    on_dispatch(task_id, rank)
-        if queue.empty() and not running:
-            for rank in sorted(idle):
-                idle.discard(rank)
-                stopped.add(rank)
-                self._send(None, rank, Tag.STOP)
-        # else: idle workers wait: for a running task that may fail and need another
-        # worker, for a split task's workers to be free together, or (fixed policies) for
-        # nothing, until every task has ended
 
     def run_collective(self, name: str, payload=None, local=None) -> dict:
         """Run phase `name` on every rank: each worker runs its registered handler (see
@@ -333,14 +272,11 @@ class Coordinator:
         return values
 
     def _take_phase_message(self, name, message, values) -> None:
-        tag, rank, payload = message
-        self.heard[rank] = time.monotonic()
-        if tag is Tag.HEARTBEAT:
+        if (message := self._note(message)) is None:
             return
+        tag, rank, payload = message
         if tag is Tag.ERROR:
             raise RemoteError(rank, *payload)
-        if tag is Tag.PREEMPTED:
-            raise preemption.Preempted(f"rank {rank}: {payload}")
         if tag is not Tag.RESULT or payload[0] != name:
             raise RuntimeError(f"expected the result of phase {name!r} from rank {rank}, "
                                f"received {tag.name}")
@@ -365,18 +301,115 @@ class Coordinator:
         return True
 
 
+class _HandOut:
+    """One `run_tasks` call on rank 0: the Scheduler, which worker runs what, the outcome.
+    `take` handles the task loop's messages: READY, and a task's RESULT or ERROR."""
+
+    def __init__(self, coordinator, tasks, plan, max_attempts, on_result, on_failure,
+                 on_dispatch):
+        self.coordinator, self.tasks = coordinator, tasks
+        self.queue = Scheduler(plan, max_attempts)
+        self.idle: set[int] = set()
+        self.running: dict[int, TaskRecord] = {}
+        self.stopped: set[int] = set()
+        self.outcome = TaskOutcome(plan=plan)
+        self.on_result, self.on_failure, self.on_dispatch = on_result, on_failure, on_dispatch
+
+    def take(self, tag: Tag, rank: int, payload) -> None:
+        if tag is Tag.ERROR and (rank not in self.running or len(self.running[rank].ranks) > 1):
+            raise RemoteError(rank, *payload)
+        if tag in (Tag.RESULT, Tag.ERROR):
+            record = self.running.pop(rank)
+            record.waiting.discard(rank)
+            if tag is Tag.RESULT and len(record.ranks) > 1:
+                _compare_replica(record, self.outcome.results, payload[1])
+            if not record.waiting:  # else a split task's other workers have yet to answer
+                record.end_s = self.coordinator.now()
+                if tag is Tag.RESULT:
+                    self._succeeded(record, payload[1])
+                else:
+                    self._failed(record, rank, payload[1])
+        elif tag is not Tag.READY:
+            raise RuntimeError(f"unexpected message {tag.name} from rank {rank}")
+        self.idle.add(rank)
+        self.dispatch()
+
+    def _succeeded(self, record, result) -> None:
+        task_id = record.task_id
+        result = self.outcome.results.setdefault(task_id, result)
+        self.outcome.records.append(record)
+        self.queue.done(task_id, record.ranks, record.seconds)
+        if self.on_result is not None:
+            self.on_result(task_id, result, record)
+
+    def _failed(self, record, rank, text) -> None:
+        errors = self.queue.failed(record.task_id, rank, text)
+        if errors is not None:
+            self.outcome.failures[record.task_id] = errors
+            if self.on_failure is not None:
+                self.on_failure(record.task_id, errors)
+
+    def dispatch(self) -> None:
+        """Hand the idle workers what the Scheduler says; STOP them when nothing is left."""
+        coordinator = self.coordinator
+        available = [r for r in coordinator.task_workers if r not in self.stopped]
+        for task_id, ranks in self.queue.assign(self.idle, available):
+            record = TaskRecord(task_id, ranks[0], coordinator.now(), ranks=tuple(ranks),
+                                estimated_s=self.queue.estimates[task_id], waiting=set(ranks))
+            for rank in ranks:
+                self.idle.discard(rank)
+                self.running[rank] = record
+            task = self.tasks[task_id]
+            coordinator.send_task((task_id, task if len(ranks) == 1 else
+                                   SplitPart(task, tuple(ranks))), ranks)
+            if self.on_dispatch is not None:
+                for rank in ranks:
+                    self.on_dispatch(task_id, rank)
+        if self.queue.empty() and not self.running:
+            for rank in sorted(self.idle):
+                self.idle.discard(rank)
+                self.stopped.add(rank)
+                coordinator.send_stop(rank)
+        # else: idle workers wait: for a running task that may fail and need another
+        # worker, for a split task's workers to be free together, or (fixed policies) for
+        # nothing, until every task has ended
+
+
+def _compare_replica(record, results, result) -> None:
+    """Keep a split task's first result; note whether each later one has the same
+    weights (data-parallel training keeps them identical, bit for bit)."""
+    first = results.setdefault(record.task_id, result)
+    if first is result:
+        return
+    same = first["weights"].keys() == result["weights"].keys() and all(
+        len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+        for a, b in ((first["weights"][k], result["weights"][k]) for k in first["weights"]))
+    record.replicas_identical = same and record.replicas_identical is not False
+
+
 class LocalWorker:
     """Rank 0's own worker: a thread that trains tasks on the GPU no worker rank uses
     while the main thread goes on coordinating. It speaks the task protocol through two
-    queues instead of MPI: READY first, then RESULT or ERROR for each TASK, until STOP.
-    `make_runner(stop_check)` builds its `run(task)`; `stop_check` raises between batches
-    once rank 0 gives up on the hand-out (an abort or a signal), so the thread leaves."""
+    queues instead of MPI: from each `serve` (rank 0's SERVE), READY first, then RESULT or
+    ERROR for each TASK, until STOP; a run hands out tasks several times (the parallel
+    phase, acceptance's wider students, the chained pass), so each `serve` starts a
+    thread. `make_runner(stop_check)` builds its `run(task)`; `stop_check` raises between
+    batches once rank 0 gives up on the hand-out (an abort or a signal), so the thread
+    leaves."""
 
     def __init__(self, make_runner):
         self.inbox: queue.Queue = queue.Queue()
         self.outbox: queue.Queue = queue.Queue()
         self._cancelled = threading.Event()
         self.run_task = make_runner(self.stop_check)
+        self._thread: threading.Thread | None = None
+
+    def serve(self) -> None:
+        """Start pulling tasks, as a worker rank does on SERVE."""
+        if self._thread is not None:
+            self._thread.join()  # STOPped, or cancelled: it leaves at its next batch
+        self.inbox, self.outbox = queue.Queue(), queue.Queue()
+        self._cancelled.clear()
         self.outbox.put((Tag.READY, 0, None))
         self._thread = threading.Thread(target=self._serve, name="pbkd-rank0-worker",
                                         daemon=True)
@@ -520,11 +553,11 @@ class Worker:
         return _FAILED
 
     def _run_task(self, handle, task):
-        if not isinstance(task, Share):
+        if not isinstance(task, SplitPart):
             return handle(task)
         sub = self._join(task.ranks)
         try:
-            return handle(Share(task.task, task.ranks, sub))
+            return handle(SplitPart(task.task, task.ranks, sub))
         finally:
             sub.Free()
 

@@ -18,7 +18,6 @@ import time
 
 from pbkd_mpi.output.logs import LOGGER, epoch_logger, tensorboard_logger
 
-
 _LAUNCHERS = ("mpiexec", "mpirun", "mpiexec.hydra", "orterun", "prterun", "srun")
 _CLEAR_LINE = "\r\x1b[K"
 

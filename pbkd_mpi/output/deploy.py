@@ -15,7 +15,6 @@ import numpy as np
 
 from pbkd_mpi.output.exports import check_exports, tflite_kinds, write_exports
 
-
 BATCHES = (1, 32)
 WARMUP_CALLS = 3
 

@@ -43,6 +43,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 NOT_MEASURED = "not measured"
 GPU_COUNTER = "nvml energy counter"
 GPU_SAMPLES = "nvml power samples, integrated"
@@ -287,8 +289,6 @@ class ProcessUsage:
 
     def __init__(self, process=None):
         if process is None:
-            import psutil
-
             process = psutil.Process()
         self._process = process
 

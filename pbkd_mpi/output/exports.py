@@ -19,7 +19,6 @@ import numpy as np
 
 from pbkd_mpi import atomic
 
-
 SAVED_MODEL_DIR = "student_savedmodel"
 TFLITE_FILES = {"float32": "student_float32.tflite", "int8": "student_int8.tflite"}
 REPRESENTATIVE_SAMPLES = 200  # int8 calibration images (validation split)

@@ -127,8 +127,36 @@ def _energy_line(energy: dict | None) -> str:
 
 
 def render_markdown(report: dict, figures: dict | None = None) -> str:
+    lines = [*_summary_lines(report), *_phase_lines(report), *_block_lines(report)]
+    lines += _acceptance_lines(report)
+    if report["failed_blocks"]:
+        lines += ["", "## Failed blocks (kept the teacher's layers)", "",
+                  "| block | attempts | last error (rank) |", "|---|---|---|"]
+        lines += [f"| {f['name']} | {f['attempts']} | {f['errors'][-1]['error']} "
+                  f"({f['errors'][-1]['rank']}) |" for f in report["failed_blocks"]]
+    if figures:
+        lines += ["", "## Pictures", ""]
+        lines += [f"![{caption}]({name})\n\n*{caption}*\n" for name, caption in figures.items()]
+    finetune = report["finetune"]
+    lines += [
+        "",
+        "## Fine-tuning",
+        "",
+        f"{finetune['epochs']} epoch(s) run; validation accuracy {_pct(finetune['val_accuracy_before'])} "
+        f"before and {_pct(finetune['val_accuracy'])} after (best epoch {finetune['best_epoch']}; "
+        f"0 means the merged student was kept).",
+        *_finetune_detail(finetune),
+        "",
+        f"Student model: `{report['student']['path']}`.",
+        *_export_lines((report.get("deployment") or {}).get("exports")),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _summary_lines(report: dict) -> list[str]:
     teacher, student, replaced = report["teacher"], report["student"], report["replaced"]
-    lines = [
+    return [
         f"# Distillation report: {teacher['source']}",
         "",
         f"Status **{report['status']}**, {report['workers']} worker rank(s), "
@@ -153,6 +181,11 @@ def render_markdown(report: dict, figures: dict | None = None) -> str:
         "Accuracies are measured on the held-out test split; every selection (block early "
         "stopping, fine-tuning epochs) used the validation split.",
         "",
+    ]
+
+
+def _phase_lines(report: dict) -> list[str]:
+    return [
         "## Phases",
         "",
         "| phase | seconds |",
@@ -176,6 +209,11 @@ def render_markdown(report: dict, figures: dict | None = None) -> str:
         "",
         _energy_line(report.get("energy")),
         "",
+    ]
+
+
+def _block_lines(report: dict) -> list[str]:
+    lines = [
         "## Blocks",
         "",
         "Relative MSE is the validation MSE divided by the variance of the teacher block's "
@@ -199,30 +237,7 @@ def render_markdown(report: dict, figures: dict | None = None) -> str:
             f"{_count(block['teacher_params'])} -> {_count(block['student_params'])} | "
             f"{_count(block['teacher_flops'])} -> {_count(block['student_flops'])} |"
         )
-    lines += _acceptance_lines(report)
-    if report["failed_blocks"]:
-        lines += ["", "## Failed blocks (kept the teacher's layers)", "",
-                  "| block | attempts | last error (rank) |", "|---|---|---|"]
-        lines += [f"| {f['name']} | {f['attempts']} | {f['errors'][-1]['error']} "
-                  f"({f['errors'][-1]['rank']}) |" for f in report["failed_blocks"]]
-    if figures:
-        lines += ["", "## Pictures", ""]
-        lines += [f"![{caption}]({name})\n\n*{caption}*\n" for name, caption in figures.items()]
-    finetune = report["finetune"]
-    lines += [
-        "",
-        "## Fine-tuning",
-        "",
-        f"{finetune['epochs']} epoch(s) run; validation accuracy {_pct(finetune['val_accuracy_before'])} "
-        f"before and {_pct(finetune['val_accuracy'])} after (best epoch {finetune['best_epoch']}; "
-        f"0 means the merged student was kept).",
-        *_finetune_detail(finetune),
-        "",
-        f"Student model: `{student['path']}`.",
-        *_export_lines((report.get("deployment") or {}).get("exports")),
-        "",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def _acceptance_lines(report: dict) -> list[str]:

@@ -6,7 +6,6 @@ from pbkd_mpi.distill.accept import ACCEPTED_WIDER, KEPT_TEACHER
 from pbkd_mpi.model.cost import model_flops
 from pbkd_mpi.output.energy import aggregate
 
-
 DECISIONS = ("accepted", "accepted_wider", "kept_teacher")
 
 

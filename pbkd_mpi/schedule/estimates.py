@@ -31,7 +31,6 @@ from pbkd_mpi import atomic
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.schedule.scheduler import TaskEstimate
 
-
 PROFILE_VERSION = 1
 
 

@@ -31,7 +31,6 @@ from pbkd_mpi.schedule.packing import pack
 from pbkd_mpi.schedule.scheduler import Plan, TaskEstimate
 from pbkd_mpi.schedule.simulate import simulate_plan
 
-
 POLICIES = ("round-robin", "static-lpt", "work-stealing")
 LOCAL_SEARCH_ROUNDS = 64  # enough to move several tasks several workers; each round is cheap
 LOCAL_SEARCH_STARTS = 4

@@ -26,7 +26,6 @@ from pbkd_mpi.schedule.estimates import PROFILE_VERSION, split_seconds
 from pbkd_mpi.schedule.planner import make_plan
 from pbkd_mpi.schedule.scheduler import TaskEstimate
 
-
 WARMUP_STEPS = 2  # the first step traces the graph; the second still allocates
 TIMED_STEPS = 4
 ALLREDUCE_REPEATS = 5
@@ -203,7 +202,7 @@ def measure_allreduce(comm, check=None) -> dict:
                       f"other rank counts are modelled (binary tree latency, ring bandwidth)"}
 
 
-def profile_share(context, payload, comm, check) -> dict:
+def profile_on_worker(context, payload, comm, check) -> dict:
     """A worker's side of the profiling phase: time its share of the blocks, then take
     part in the allreduce measurement with every rank."""
     entries = {}
