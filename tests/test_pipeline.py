@@ -11,7 +11,8 @@ import json
 import pytest
 from mpi4py import MPI
 
-from pbkd_mpi.config import load_job
+from pbkd_mpi.config import DataConfig, load_job
+from pbkd_mpi.data.dataset import load_dataset
 from pbkd_mpi.distill.chain import skipped_pass
 from pbkd_mpi.model.evaluate import test_accuracies as final_accuracies
 from pbkd_mpi.mpi.protocol import Coordinator
@@ -74,13 +75,12 @@ def test_a_second_run_reuses_every_finished_stage(one_process_run):
         assert second["student"][key] == first["student"][key]
 
 
-def test_the_final_evaluation_refuses_a_test_split_read_before(tiny_dataset, tiny_teacher):
-    tiny_dataset.test_split()  # an earlier stage peeking at the test split
-    try:
-        with pytest.raises(RuntimeError, match="test split was read 1 time"):
-            final_accuracies(tiny_teacher, "unused.keras", tiny_teacher, tiny_dataset)
-    finally:
-        tiny_dataset._test_reads.clear()  # the session's data set, shared with other tests
+def test_the_final_evaluation_refuses_a_test_split_read_before(tiny_teacher):
+    dataset = load_dataset(DataConfig(image_size=(16, 16), demo_train=300, demo_test=100),
+                           seed=0)
+    dataset.test_split()  # an earlier stage peeking at the test split
+    with pytest.raises(RuntimeError, match="test split was read 1 time"):
+        final_accuracies(tiny_teacher, "unused.keras", tiny_teacher, dataset)
 
 
 def test_a_chained_pass_without_a_cache_is_skipped_and_says_why():
