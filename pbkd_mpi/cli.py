@@ -90,7 +90,9 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     if args.command == "run":
-        return _run(comm, args)
+        code = _run(comm, args)
+        preemption.finalize_within()
+        return code
     if rank != 0:
         return EXIT_OK
     from pbkd_mpi.commands.exits import failures_reported

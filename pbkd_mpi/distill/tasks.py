@@ -97,8 +97,10 @@ class BlockTasks:
                                               estimates, workers))
         self.plan, self.predicted_s = plan, simulate_plan(plan).makespan_s
         split = {name: k for name, k in plan.ways.items() if k > 1}
-        self.log(f"schedule: {job.schedule.policy}, predicted makespan {self.predicted_s:.1f} s, "
-                 f"lower bound {plan.lower_bound_s:.1f} s"
+        # The FLOP fallback's estimates are relative units, not seconds.
+        unit = " s" if self.profile["method"].startswith("measured") else " FLOP units"
+        self.log(f"schedule: {job.schedule.policy}, predicted makespan {self.predicted_s:.4g}"
+                 f"{unit}, lower bound {plan.lower_bound_s:.4g}{unit}"
                  + (f"; split: {', '.join(f'{n} on {k} workers' for n, k in split.items())}"
                     if split else ""))
 

@@ -31,6 +31,7 @@ from pbkd_mpi.mpi.supervisor import launcher_rank
 EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 STOP_GRACE_S = 40.0  # an orderly stop takes seconds; rank 0 gives workers 10 s to answer
+FINALIZE_GRACE_S = 30.0  # every rank reaches MPI_Finalize within seconds of the others
 
 _requested = threading.Event()
 _received: list[str] = []
@@ -76,6 +77,31 @@ def _watchdog(read_fd: int, grace_s: float) -> None:
     sys.stderr.flush()
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     os._exit(EXIT_PREEMPTED)
+
+
+def finalize_within(grace_s: float = FINALIZE_GRACE_S) -> None:
+    """MPI_Finalize, ending this process (exit code 1, every thread's stack on stderr) if it
+    has not returned `grace_s` later.
+
+    MPICH's MPI_Finalize waits for every other rank to finalize too, and mpi4py calls it
+    holding the GIL (measured: a Python thread stops ticking for as long as a peer is
+    late), so while one rank is stuck, every rank that already left sits in it with no
+    Python thread able to run: the stop watchdog above cannot fire. Left to the
+    interpreter's exit it is worse: mpi4py finalizes from Py_AtExit, after faulthandler
+    is shut down. So the ranks finalize here, explicitly, under faulthandler's watchdog,
+    a C thread that needs no GIL. When it fires, the launcher sees this rank fail and
+    ends the stuck one: the job ends instead of hanging."""
+    from mpi4py import MPI
+
+    if MPI.Is_finalized() or not MPI.Is_initialized():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    faulthandler.dump_traceback_later(grace_s, exit=True)
+    try:
+        MPI.Finalize()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def requested() -> bool:

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import pytest
@@ -60,3 +61,28 @@ def test_every_task_ends_exactly_once(ranks, count, policy):
     assert summary["cpu_fraction"] < 0.5
     # The collective phase after the tasks: every rank, rank 0 included, summed the ranks.
     assert summary["phase_values"] == [sum(range(ranks))] * ranks
+
+
+FINALIZE_SCRIPT = """
+import sys, time
+from mpi4py import MPI
+from pbkd_mpi.mpi.preemption import finalize_within
+if MPI.COMM_WORLD.Get_rank() == 1:
+    time.sleep(600)  # a rank that never reaches MPI_Finalize
+print("rank 0 finalizing", flush=True)
+finalize_within(2.0)
+print("rank 0 finalized", flush=True)
+"""
+
+
+def test_a_rank_that_never_finalizes_does_not_hang_the_others():
+    """MPICH's MPI_Finalize waits for every rank with the GIL held; the bounded finalize
+    ends the waiting rank, and the launcher then ends the stuck one."""
+    started = time.monotonic()
+    result = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-c", FINALIZE_SCRIPT],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    assert time.monotonic() - started < 30
+    assert result.returncode != 0
+    assert "rank 0 finalizing" in result.stdout and "rank 0 finalized" not in result.stdout
+    assert "Timeout (0:00:02)" in result.stderr and "finalize_within" in result.stderr
