@@ -56,9 +56,12 @@ class DataConfig:
     )
     scale: str = _opt(
         "unit",
-        "Pixel preprocessing: `unit` divides by 255, `symmetric` maps to [-1, 1], `none` "
-        "keeps values as stored.",
-        choices=("unit", "symmetric", "none"),
+        "Pixel preprocessing, applied as images are read: `unit` divides by 255, "
+        "`symmetric` maps to [-1, 1], `none` keeps values as stored (the teacher "
+        "preprocesses inside its graph); `caffe`, `torch` and `tf` are keras.applications' "
+        "modes (imagenet_utils.preprocess_input: BGR minus ImageNet's means; /255 then "
+        "ImageNet's mean and std; [-1, 1]).",
+        choices=("unit", "symmetric", "none", "caffe", "torch", "tf"),
     )
     bad_images: str = _opt(
         "refuse",

@@ -6,6 +6,7 @@ from PIL import Image
 from pbkd_mpi.config import DataConfig
 from pbkd_mpi.data.dataset import load_dataset
 from pbkd_mpi.data.demo import CLASS_NAMES, make_shapes
+from pbkd_mpi.data.images import SCALES
 from pbkd_mpi.errors import UserError
 
 
@@ -33,10 +34,21 @@ def test_splits_are_disjoint_and_fixed_by_the_seed(tiny_dataset):
 
 
 def test_scales(tiny_dataset):
-    assert 0.0 <= tiny_dataset.x_train.min() and tiny_dataset.x_train.max() <= 1.0
+    x = np.asarray(tiny_dataset.x_train)
+    assert x.dtype == np.float32 and 0.0 <= x.min() and x.max() <= 1.0
     symmetric = load_dataset(DataConfig(image_size=(16, 16), demo_train=100, demo_test=100,
                                         scale="symmetric"), seed=0)
-    assert symmetric.x_train.min() < -0.5 and symmetric.x_train.max() <= 1.0
+    x = np.asarray(symmetric.x_train)
+    assert x.min() < -0.5 and x.max() <= 1.0
+
+
+@pytest.mark.parametrize("mode", ["caffe", "torch", "tf"])
+def test_keras_applications_scales_match_preprocess_input(mode):
+    from keras.applications import imagenet_utils
+
+    x = np.random.default_rng(0).integers(0, 256, (5, 7, 6, 3)).astype(np.uint8)
+    expected = imagenet_utils.preprocess_input(x.astype(np.float32), mode=mode)
+    np.testing.assert_allclose(SCALES[mode](x), np.asarray(expected), rtol=1e-6, atol=1e-5)
 
 
 def _arrays(size=(12, 12), n=40, classes=4):
@@ -152,3 +164,73 @@ def test_the_test_split_counts_its_reads(tiny_dataset):
     assert data.test_reads == 1
     x, y = data.test_split()
     assert data.test_reads == 2 and len(x) == len(y) == data.summary()["test"]
+
+
+def _jpeg_folder(root, n=30, classes=3, size=(20, 26)):
+    rng = np.random.default_rng(5)
+    for i in range(n):
+        folder = root / f"class_{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.jpg", quality=90)
+
+
+def test_image_folder_pixels_equal_keras_image_dataset_from_directory(tmp_path):
+    """Decoded and resized (bilinear) as Keras does, so a teacher trained on
+    image_dataset_from_directory sees the same pixels here; nothing is decoded at load."""
+    import keras
+
+    for split in ("train", "test"):
+        _jpeg_folder(tmp_path / split)
+    data = load_dataset(DataConfig(source=str(tmp_path), image_size=(12, 17), scale="none",
+                                   val_fraction=0.2), seed=0)
+    assert not data.x_train.in_memory and data.image_shape == (12, 17, 3)
+    reference = keras.utils.image_dataset_from_directory(
+        tmp_path / "test", image_size=(12, 17), shuffle=False, batch_size=None)
+    expected = np.stack([np.asarray(image) for image, _ in reference])
+    labels = np.array([int(label) for _, label in reference])
+    x_test, y_test = data.test_split()
+    np.testing.assert_array_equal(np.asarray(x_test), expected)
+    np.testing.assert_array_equal(y_test, labels)
+    rows = np.array([7, 2, 19])  # any rows, in any order
+    np.testing.assert_array_equal(x_test[rows], expected[rows])
+    unit = load_dataset(DataConfig(source=str(tmp_path), image_size=(12, 17), scale="unit",
+                                   val_fraction=0.2), seed=0)
+    np.testing.assert_allclose(np.asarray(unit.test_split()[0]), expected / 255.0, rtol=1e-6)
+
+
+def test_a_damaged_image_is_named_when_it_is_read(tmp_path):
+    _jpeg_folder(tmp_path, n=12, classes=2)
+    victim = sorted((tmp_path / "class_0").iterdir())[1]
+    content = victim.read_bytes()
+    victim.write_bytes(content[:len(content) * 2 // 3])  # a valid header, pixels cut off
+    data = load_dataset(DataConfig(source=str(tmp_path), image_size=(8, 8), val_fraction=0.2),
+                        seed=0)
+    everything = [data.x_train, data.x_val, data.uncounted("x_test")]
+    with pytest.raises(UserError, match=rf"Cannot read the image .*{victim.name}"):
+        for x in everything:
+            np.asarray(x)
+
+
+def test_hdf5_images_are_read_by_rows_not_loaded(tmp_path):
+    x, y = _arrays(n=60)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        for name, value in dict(x_train=x, y_train=y, x_test=x[:8], y_test=y[:8]).items():
+            f.create_dataset(name, data=value, chunks=True if name.startswith("x") else None)
+    data = load_dataset(DataConfig(source=str(tmp_path / "d.h5"), image_size=(12, 12),
+                                   val_fraction=0.25), seed=0)
+    assert not data.x_train.in_memory
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:8], y_test=y[:8])
+    reference = load_dataset(DataConfig(source=str(tmp_path / "d.npz"), image_size=(12, 12),
+                                        val_fraction=0.25), seed=0)
+    assert reference.x_train.in_memory
+    for split in ("x_train", "x_val"):
+        lazy, loaded = getattr(data, split), np.asarray(getattr(reference, split))
+        np.testing.assert_array_equal(np.asarray(lazy), loaded)
+        rows = np.array([5, 0, 3, 4])  # unsorted, with a contiguous run
+        np.testing.assert_array_equal(lazy[rows], loaded[rows])
+        np.testing.assert_array_equal(np.asarray(lazy[2:6]), loaded[2:6])
+    assert data.fingerprint() != reference.fingerprint()
+    assert data.fingerprint() == load_dataset(DataConfig(
+        source=str(tmp_path / "d.h5"), image_size=(12, 12), val_fraction=0.25), seed=0
+    ).fingerprint()

@@ -435,3 +435,27 @@ def test_aggregate_of_no_records_is_not_measured():
     result = aggregate([])
     assert result["method"] == NOT_MEASURED and result["per_phase"] == {}
     assert (result["gpu_j"], result["cpu_j"], result["cpu_s"]) == (None, None, 0)
+
+
+def test_each_phase_measures_its_own_peak_memory():
+    """A phase after a big allocation is freed reports its own peak, not the process's
+    high-water mark; an enclosing measurement still sees the inner peak."""
+    import sys
+
+    import numpy as np
+
+    from pbkd_mpi.output.memory import PeakMemory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("resetting the high-water mark needs /proc/self/clear_refs")
+    memory = PeakMemory()
+    outer = memory.start()
+    big = memory.start()
+    block = np.ones(400 * 2**20 // 8)  # 400 MB, touched
+    del block
+    big_peak = memory.stop(big)
+    small = memory.start()
+    small_peak = memory.stop(small)
+    outer_peak = memory.stop(outer)
+    assert big_peak - small_peak > 350 * 2**20
+    assert outer_peak >= big_peak and memory.peak() >= big_peak

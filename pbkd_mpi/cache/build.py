@@ -66,7 +66,7 @@ def write_shard(path: Path, shard: Shard, images, extractor, layer_names, names,
                 for name in names
             }
             for start in range(0, shard.samples, batch_size):
-                batch = images[start:start + batch_size]
+                batch = np.asarray(images[start:start + batch_size], np.float32)
                 outputs = extractor.predict_on_batch(batch) if extractor is not None else []
                 if len(layer_names) == 1:
                     outputs = [outputs]

@@ -1,8 +1,11 @@
 """Data sets: the demo generator, image folders, .npz and HDF5 files; splits; preprocessing.
 
-Everything is loaded into memory as float32 arrays in NHWC order with integer labels. The
-validation split is carved from the training data with the job's seed unless the data set
-brings its own, and the test split is kept apart for the final figures only.
+Images are `data/images.Images` (NHWC float32, read on demand), labels integer arrays in
+memory. Image folders are an index of files, decoded batch by batch as they are read; HDF5
+files are read by slices; the demo and .npz archives are held in memory (NumPy cannot map
+a member of a zip archive: convert a large one to HDF5). The validation split is carved
+from the training data with the job's seed unless the data set brings its own (a list of
+rows, no copy), and the test split is kept apart for the final figures only.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from PIL import Image, UnidentifiedImageError
 
 from pbkd_mpi.config import DataConfig
 from pbkd_mpi.data.demo import make_shapes
+from pbkd_mpi.data.images import SCALES, ArraySource, FileSource, Images
 from pbkd_mpi.errors import UserError
-from pbkd_mpi.keys import arrays_fingerprint
+from pbkd_mpi.keys import arrays_fingerprint, json_key
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 _TEST_FIELDS = frozenset({"x_test", "y_test"})
@@ -25,11 +29,11 @@ _TEST_FIELDS = frozenset({"x_test", "y_test"})
 
 @dataclass(frozen=True)
 class Dataset:
-    x_train: np.ndarray
+    x_train: Images
     y_train: np.ndarray
-    x_val: np.ndarray
+    x_val: Images
     y_val: np.ndarray
-    x_test: np.ndarray
+    x_test: Images
     y_test: np.ndarray
     num_classes: int
     source: str
@@ -48,7 +52,7 @@ class Dataset:
         """How many times x_test or y_test was read (test_split() counts once)."""
         return len(object.__getattribute__(self, "_test_reads"))
 
-    def test_split(self) -> tuple[np.ndarray, np.ndarray]:
+    def test_split(self) -> tuple[Images, np.ndarray]:
         """(x_test, y_test) for the final evaluation: one counted read."""
         self._test_reads.append("test_split")
         return self.uncounted("x_test"), self.uncounted("y_test")
@@ -63,9 +67,18 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
     def fingerprint(self) -> str:
-        """Hash of every array: a cache or a teacher made from other data never matches."""
-        return arrays_fingerprint((name, self.uncounted(name)) for name in
-                                  ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"))
+        """Hash of the data: a cache or a teacher made from other data never matches. In
+        memory, every array's values; read from files, what names the pixels (paths,
+        sizes, modification times, rows, image size and scale) without reading them."""
+        splits = ("train", "val", "test")
+        images = [self.uncounted(f"x_{split}") for split in splits]
+        if all(x.in_memory for x in images):
+            return arrays_fingerprint((name, np.asarray(self.uncounted(name))) for name in
+                                      ("x_train", "y_train", "x_val", "y_val", "x_test",
+                                       "y_test"))
+        labels = arrays_fingerprint((f"y_{split}", self.uncounted(f"y_{split}"))
+                                    for split in splits)
+        return json_key({"labels": labels, "images": [_describe(x) for x in images]})
 
     def summary(self) -> dict:
         return {
@@ -128,11 +141,13 @@ def _load_npz(path: Path) -> dict:
 
 
 def _load_hdf5(path: Path) -> dict:
+    """Labels into memory; images stay in the file, read by slices (the file stays open)."""
     try:
-        with h5py.File(path, "r") as f:
-            arrays = {name: f[name][()] for name in f.keys() if isinstance(f[name], h5py.Dataset)}
+        f = h5py.File(path, "r")
     except OSError as exc:
         raise UserError(f"Cannot read {str(path)!r} as an HDF5 file: {exc}.") from None
+    arrays = {name: f[name] if name.startswith("x_") else f[name][()]
+              for name in f.keys() if isinstance(f[name], h5py.Dataset)}
     return _named_arrays(arrays, str(path))
 
 
@@ -188,8 +203,9 @@ def _class_names(folder: Path) -> list[str]:
 
 
 def _read_images(folder: Path, class_names, image_size, skip_bad: bool, skipped: list):
-    images, labels = [], []
-    height, width = image_size
+    """The folder's image files (sorted, as Keras lists them) and their labels, checked by
+    their headers only: the pixels are decoded when they are read (data/images.py)."""
+    paths, labels = [], []
     for label, name in enumerate(class_names):
         class_dir = folder / name
         if not class_dir.is_dir():
@@ -198,9 +214,8 @@ def _read_images(folder: Path, class_names, image_size, skip_bad: bool, skipped:
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             try:
-                with Image.open(file) as image:
-                    image = image.convert("RGB").resize((width, height), Image.BILINEAR)
-                    images.append(np.asarray(image, dtype=np.uint8))
+                with Image.open(file) as image:  # reads the header, not the pixels
+                    image.size
             except (OSError, UnidentifiedImageError) as exc:
                 if skip_bad:
                     skipped.append(str(file))
@@ -209,12 +224,13 @@ def _read_images(folder: Path, class_names, image_size, skip_bad: bool, skipped:
                     f"Cannot read the image {str(file)!r}: {exc}. Set data.bad_images = "
                     f"\"skip\" to leave unreadable images out (they are counted in the report)."
                 ) from None
+            paths.append(str(file))
             labels.append(label)
-    if not images:
+    if not paths:
         raise UserError(
             f"The image folder {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})."
         )
-    return np.stack(images), np.asarray(labels, np.int64)
+    return FileSource(paths, image_size), np.asarray(labels, np.int64)
 
 
 def _finish(raw: dict, config: DataConfig, seed: int) -> Dataset:
@@ -223,8 +239,8 @@ def _finish(raw: dict, config: DataConfig, seed: int) -> Dataset:
     for split in ("train", "val", "test"):
         if f"x_{split}" not in raw:
             continue
-        x, y = np.asarray(raw[f"x_{split}"]), np.asarray(raw[f"y_{split}"])
-        arrays[split] = _check_split(x, y, split, source)
+        arrays[split] = _check_split(raw[f"x_{split}"], np.asarray(raw[f"y_{split}"]), split,
+                                     source, config.scale)
     num_classes = raw.get("num_classes") or int(
         max(arrays[s][1].max() for s in arrays) + 1
     )
@@ -242,40 +258,43 @@ def _finish(raw: dict, config: DataConfig, seed: int) -> Dataset:
         arrays["train"], arrays["test"] = _carve(*arrays["train"], config.val_fraction, seed + 1)
     if "val" not in arrays:
         arrays["train"], arrays["val"] = _carve(*arrays["train"], config.val_fraction, seed)
-    x_train, y_train = arrays["train"]
-    x_val, y_val = arrays["val"]
-    x_test, y_test = arrays["test"]
-    scale = _SCALES[config.scale]
-    return Dataset(
-        scale(x_train), y_train, scale(x_val), y_val, scale(x_test), y_test, num_classes, source,
-        tuple(raw.get("skipped_images", ())),
-    )
+    return Dataset(*arrays["train"], *arrays["val"], *arrays["test"], num_classes, source,
+                   tuple(raw.get("skipped_images", ())))
 
 
-def _check_split(x, y, split, source):
-    if x.ndim == 3:
-        x = x[..., None]  # grey images without a channel axis
-    if x.ndim != 4:
-        raise UserError(
-            f"x_{split} of {source!r} must be images of shape (N, H, W, C), "
-            f"received shape {x.shape}."
-        )
+def _check_split(x, y, split, source, scale):
+    """(Images, labels) of one split. Pixels in memory are scaled once, here, and checked
+    for NaN; pixels read from files are scaled as they are read."""
+    if isinstance(x, FileSource):
+        images = Images(x, scale=scale)
+    else:
+        if x.ndim not in (3, 4):
+            raise UserError(
+                f"x_{split} of {source!r} must be images of shape (N, H, W, C), "
+                f"received shape {x.shape}."
+            )
+        if isinstance(x, np.ndarray):
+            x = SCALES[scale](x if x.ndim == 4 else x[..., None])
+            if not np.isfinite(x).all():
+                raise UserError(f"x_{split} of {source!r} holds NaN or Inf values.")
+            images = Images(ArraySource(x, source))
+        else:  # an HDF5 dataset
+            images = Images(ArraySource(x, source), scale=scale)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
-    if y.ndim != 1 or len(y) != len(x):
+    if y.ndim != 1 or len(y) != len(images):
         raise UserError(
-            f"y_{split} of {source!r} must be {len(x)} integer labels, received shape {y.shape}."
+            f"y_{split} of {source!r} must be {len(images)} integer labels, received shape "
+            f"{y.shape}."
         )
     if not np.issubdtype(y.dtype, np.integer):
         raise UserError(f"y_{split} of {source!r} must hold integers, received {y.dtype}.")
     if len(y) and y.min() < 0:
         raise UserError(f"y_{split} of {source!r} holds negative labels (min {y.min()}).")
-    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-        raise UserError(f"x_{split} of {source!r} holds NaN or Inf values.")
-    return x, y.astype(np.int64)
+    return images, y.astype(np.int64)
 
 
-def _carve(x, y, fraction, seed):
+def _carve(x: Images, y, fraction, seed):
     count = int(round(len(y) * fraction))
     if count < 1 or count >= len(y):
         raise UserError(
@@ -284,12 +303,23 @@ def _carve(x, y, fraction, seed):
         )
     order = np.random.default_rng(seed).permutation(len(y))
     train, val = np.sort(order[count:]), np.sort(order[:count])
-    return (x[train], y[train]), (x[val], y[val])
+    return (_rows(x, train), y[train]), (_rows(x, val), y[val])
 
 
-_SCALES = {
-    "unit": lambda x: (x.astype(np.float32) / 255.0),
-    "symmetric": lambda x: (x.astype(np.float32) / 127.5 - 1.0),
-    "none": lambda x: x.astype(np.float32),
-}
+def _rows(x: Images, index: np.ndarray) -> Images:
+    return Images(x.source, x.rows[index], x.scale)
 
+
+def _describe(x: Images) -> dict:
+    """What names the pixels of a split read from files (for the fingerprint)."""
+    source = x.source
+    if isinstance(source, FileSource):
+        files = [Path(p).stat() for p in source.paths]
+        named = {"paths": [str(p) for p in source.paths], "size": list(source.size),
+                 "bytes": [f.st_size for f in files], "mtime": [f.st_mtime_ns for f in files]}
+    else:
+        array = source.array
+        stat = Path(array.file.filename).stat()
+        named = {"file": array.file.filename, "dataset": array.name, "bytes": stat.st_size,
+                 "mtime": stat.st_mtime_ns, "shape": list(array.shape), "dtype": str(array.dtype)}
+    return {**named, "rows": json_key(x.rows.tolist()), "scale": x.scale}

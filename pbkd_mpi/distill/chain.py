@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 from pbkd_mpi.atomic import atomic_path
 from pbkd_mpi.cache.layout import chunk_rows
@@ -82,7 +83,7 @@ def write_inputs(path: Path, prefix, splits: dict, name: str, dtype: str,
                     name, (len(images), *shape), dtype=dtype,
                     chunks=(chunk_rows(len(images), shape, dtype), *shape))
                 for start in range(0, len(images), PREDICT_BATCH):
-                    batch = images[start:start + PREDICT_BATCH]
+                    batch = np.asarray(images[start:start + PREDICT_BATCH], np.float32)
                     data[start:start + len(batch)] = prefix.predict_on_batch(batch)
     return path.stat().st_size
 

@@ -24,6 +24,7 @@ from pbkd_mpi.cache.layout import require_complete
 from pbkd_mpi.cache.reader import load_teacher_and_data
 from pbkd_mpi.finetune.train import FinetuneData, finetune
 from pbkd_mpi.keys import finetune_key, weights_digest
+from pbkd_mpi.model.evaluate import predict_batches
 from pbkd_mpi.model.logits import logit_boundary, logits_from_boundary
 from pbkd_mpi.model.teacher import save_model_atomically
 from pbkd_mpi.mpi import phases
@@ -54,8 +55,7 @@ def teacher_logits(teacher, dataset, cache_path: str = "", fingerprint: str = ""
             cached = f["train"][name][()], f["val"][name][()]
     else:
         cut = keras.Model(teacher.inputs, teacher.get_layer(name).output)
-        cached = (cut.predict(dataset.x_train, batch_size=256, verbose=0),
-                  cut.predict(dataset.x_val, batch_size=256, verbose=0))
+        cached = (predict_batches(cut, dataset.x_train), predict_batches(cut, dataset.x_val))
     return tuple(logits_from_boundary(teacher, c) for c in cached)
 
 

@@ -7,11 +7,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from pbkd_mpi.data.images import image_batches, read_images
 from pbkd_mpi.model.teacher import load_model_file
 
 
+def predict_batches(model, x, batch_size: int = 256) -> np.ndarray:
+    """`model`'s outputs on every image of `x`, read and computed a batch at a time."""
+    outputs = [np.asarray(model.predict_on_batch(batch))
+               for batch in image_batches(x, batch_size)]
+    return np.concatenate(outputs) if outputs else np.zeros((0,))
+
+
 def accuracy(model, x, y, batch_size: int = 256) -> float:
-    predictions = model.predict(x, batch_size=batch_size, verbose=0)
+    predictions = predict_batches(model, x, batch_size)
     return float(np.mean(np.argmax(predictions, axis=-1) == y))
 
 
@@ -45,7 +53,8 @@ def recalibrate_batchnorm(model, x, batch_size: int = 200, samples: int = 4000) 
         for n, start in enumerate(range(0, len(x), batch_size)):
             for layer in layers:
                 layer.momentum = n / (n + 1)
-            model(x[start:start + batch_size], training=True)
+            model(read_images(x, np.arange(start, min(start + batch_size, len(x)))),
+                  training=True)
     finally:
         for layer, momentum in zip(layers, saved):
             layer.momentum = momentum

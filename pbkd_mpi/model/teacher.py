@@ -15,6 +15,7 @@ import h5py
 from pbkd_mpi.atomic import atomic_path
 from pbkd_mpi.config import TeacherConfig
 from pbkd_mpi.data.dataset import Dataset
+from pbkd_mpi.data.images import keras_batches
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.keys import json_key
 
@@ -207,12 +208,13 @@ def fit_classifier(model, dataset: Dataset, *, epochs: int, batch_size: int,
     best = keras.callbacks.EarlyStopping(
         monitor="val_accuracy", mode="max", patience=patience, restore_best_weights=True
     )
+    x, y = keras_batches(dataset.x_train, dataset.y_train, batch_size, shuffle=True, seed=seed)
     history = model.fit(
-        dataset.x_train,
-        dataset.y_train,
-        batch_size=batch_size,
+        x,
+        y,
+        batch_size=batch_size if y is not None else None,
         epochs=epochs,
-        validation_data=(dataset.x_val, dataset.y_val),
+        validation_data=keras_batches(dataset.x_val, dataset.y_val, batch_size, shuffle=False),
         callbacks=[best, *callbacks],
         shuffle=True,
         verbose=0,

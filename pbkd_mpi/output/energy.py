@@ -24,7 +24,8 @@ What is measured:
   only, so sub-zones are not counted twice), unwrapped at `max_energy_range_uj` and polled
   in the background so a long phase cannot miss a wrap. It is a whole-node figure: one rank
   per node reads it, and `aggregate` counts each node once.
-- CPU seconds (user + system) of the rank's process and its peak resident memory.
+- CPU seconds (user + system) of the rank's process, and its peak resident memory per phase
+  and task (output/memory.py: each measures its own peak, not the process's mark so far).
 
 Where a counter does not exist or cannot be read (no GPU, NVML missing, no powercap tree,
 energy_uj readable only by root), the joules are None and the method says "not measured"
@@ -44,6 +45,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from pbkd_mpi.output.memory import PeakMemory
 
 NOT_MEASURED = "not measured"
 GPU_COUNTER = "nvml energy counter"
@@ -285,7 +288,7 @@ class RaplPackages:
 
 
 class ProcessUsage:
-    """CPU seconds (user + system, all threads) and peak resident memory of this process."""
+    """CPU seconds (user + system, all threads) of this process."""
 
     def __init__(self, process=None):
         if process is None:
@@ -295,22 +298,6 @@ class ProcessUsage:
     def cpu_seconds(self) -> float:
         times = self._process.cpu_times()
         return float(times.user + times.system)
-
-    def peak_rss_mb(self) -> float:
-        """The process's high-water mark of resident memory since it started. psutil gives
-        it only on Windows, so on Unix it comes from getrusage (KiB on Linux, bytes on
-        macOS); without either, the current RSS, which is a lower bound."""
-        info = self._process.memory_info()
-        peak = getattr(info, "peak_wset", None)
-        if peak is None:
-            try:
-                import resource
-
-                maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                peak = maxrss if sys.platform == "darwin" else maxrss * 1024
-            except ImportError:
-                peak = info.rss
-        return max(peak, info.rss) / 2**20
 
 
 # ---------------------------------------------------------------------------------------
@@ -336,6 +323,7 @@ class PhaseMeter:
         self.gpu_device = None if gpu is None else str(gpu)
         self._clock = clock
         self._usage = ProcessUsage(process)
+        self._memory = PeakMemory()
         self._gpu = (None if gpu is None else
                      NvmlGpu(gpu, nvml, sample_interval_s, clock=clock, poll=poll))
         self._rapl = RaplPackages(powercap_root, poll=poll) if read_rapl else None
@@ -352,13 +340,13 @@ class PhaseMeter:
 
     @contextlib.contextmanager
     def _measure(self, into: dict, name: str):
-        start = self._read()
+        start, memory = self._read(), self._memory.start()
         try:
             yield
         finally:
             end = self._read()
             figures = {key: _difference(end[key], start[key]) for key in start}
-            figures["peak_rss_mb"] = self._usage.peak_rss_mb()
+            figures["peak_rss_mb"] = self._memory.stop(memory) / 2**20
             _accumulate(into, name, figures)
 
     def phase(self, name: str):
@@ -384,7 +372,7 @@ class PhaseMeter:
             "gpu_method": self.gpu_method(),
             "cpu_method": self.cpu_method(),
             "rapl_reader": self._rapl is not None,
-            "peak_rss_mb": self._usage.peak_rss_mb(),
+            "peak_rss_mb": self._memory.peak() / 2**20,
             "phases": {name: dict(figures) for name, figures in self._phases.items()},
             "tasks": {name: dict(figures) for name, figures in self._tasks.items()},
         }

@@ -126,7 +126,8 @@ def write_exports(student, keras_path: Path, run_dir: Path, saved_model: bool,
     exports.append(Export("saved_model", directory))
     for kind in tflite:
         path = run_dir / TFLITE_FILES[kind]
-        sample = representative[:REPRESENTATIVE_SAMPLES] if kind == "int8" else None
+        sample = np.asarray(representative[:REPRESENTATIVE_SAMPLES], np.float32) \
+            if kind == "int8" else None
         atomic.write_bytes(path, convert_tflite(directory, kind, sample))
         exports.append(Export(f"tflite_{kind}", path))
     return exports

@@ -1,0 +1,80 @@
+"""Peak resident memory per phase, and the warning when a rank nears its memory budget.
+
+A process's high-water mark (getrusage's ru_maxrss, /proc's VmHWM) only ever grows, so
+read at the end of a phase it is the peak of everything before too: a fine-tuning phase
+would carry the distillation phase's peak. On Linux, writing "5" to /proc/self/clear_refs
+resets the mark to the current RSS; `PeakMemory` does that when a measurement starts, and
+folds the mark into every measurement still open first, so nested ones (a task inside a
+phase) stay right. Elsewhere the process's mark is what there is (an upper bound).
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+
+import psutil
+
+_CLEAR_REFS = "/proc/self/clear_refs"
+_STATUS = "/proc/self/status"
+
+
+def _high_water_bytes() -> int:
+    """The process's peak RSS since the last reset (VmHWM), or since it started."""
+    try:
+        with open(_STATUS) as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
+
+
+def _reset_high_water() -> bool:
+    try:
+        with open(_CLEAR_REFS, "w") as clear:
+            clear.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Peak RSS of overlapping measurements: `start()` gives a token, `stop(token)` the
+    peak in bytes since."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open: dict[int, int] = {}
+        self._tokens = itertools.count()
+        self.process_peak = _high_water_bytes()
+
+    def _fold(self) -> None:
+        mark = _high_water_bytes()
+        self.process_peak = max(self.process_peak, mark)
+        for token in self._open:
+            self._open[token] = max(self._open[token], mark)
+
+    def start(self) -> int:
+        with self._lock:
+            self._fold()
+            _reset_high_water()
+            token = next(self._tokens)
+            self._open[token] = psutil.Process().memory_info().rss
+            return token
+
+    def stop(self, token: int) -> int:
+        with self._lock:
+            self._fold()
+            return self._open.pop(token)
+
+    def peak(self) -> int:
+        """The process's peak RSS since it started."""
+        with self._lock:
+            self._fold()
+            return self.process_peak
