@@ -41,6 +41,8 @@ class Dataset:
     # Every read of x_test / y_test, in order: the test split is for the final figures only,
     # and the pipeline refuses to evaluate if anything read it before (honest selection).
     _test_reads: list = field(default_factory=list, init=False, repr=False, compare=False)
+    # The data never changes, so its hash is computed once: for files it stats every one.
+    _fingerprint: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __getattribute__(self, name):
         if name in _TEST_FIELDS:
@@ -70,6 +72,11 @@ class Dataset:
         """Hash of the data: a cache or a teacher made from other data never matches. In
         memory, every array's values; read from files, what names the pixels (paths,
         sizes, modification times, rows, image size and scale) without reading them."""
+        if not self._fingerprint:
+            self._fingerprint.append(self._compute_fingerprint())
+        return self._fingerprint[0]
+
+    def _compute_fingerprint(self) -> str:
         splits = ("train", "val", "test")
         images = [self.uncounted(f"x_{split}") for split in splits]
         if all(x.in_memory for x in images):
@@ -277,9 +284,9 @@ def _check_split(x, y, split, source, scale):
             x = SCALES[scale](x if x.ndim == 4 else x[..., None])
             if not np.isfinite(x).all():
                 raise UserError(f"x_{split} of {source!r} holds NaN or Inf values.")
-            images = Images(ArraySource(x, source))
+            images = Images(ArraySource(x))
         else:  # an HDF5 dataset
-            images = Images(ArraySource(x, source), scale=scale)
+            images = Images(ArraySource(x), scale=scale)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1 or len(y) != len(images):

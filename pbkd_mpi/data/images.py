@@ -56,8 +56,8 @@ class ArraySource:
     """Raw pixels in an array: a NumPy array, or an h5py dataset read a slice or a sorted
     row list at a time (what HDF5 reads fast)."""
 
-    def __init__(self, array, origin: str = ""):
-        self.array, self.origin = array, origin
+    def __init__(self, array):
+        self.array = array
         self.image_shape = tuple(array.shape[1:]) if array.ndim == 4 else (*array.shape[1:], 1)
 
     def __len__(self) -> int:
@@ -147,19 +147,8 @@ class Images:
         return (len(self.rows), *self.source.image_shape)
 
     @property
-    def ndim(self) -> int:
-        return 4
-
-    dtype = np.dtype(np.float32)
-
-    @property
     def in_memory(self) -> bool:
         return self.source.in_memory
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the whole split as float32 (what reading it all would take)."""
-        return int(np.prod(self.shape)) * 4
 
     def __getitem__(self, key):
         if isinstance(key, slice):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pbkd_mpi.data.images import image_batches, read_images
+from pbkd_mpi.data.images import image_batches
 from pbkd_mpi.model.teacher import load_model_file
 
 
@@ -48,13 +48,11 @@ def recalibrate_batchnorm(model, x, batch_size: int = 200, samples: int = 4000) 
     if not layers:
         return 0
     saved = [layer.momentum for layer in layers]
-    x = x[:samples]
     try:
-        for n, start in enumerate(range(0, len(x), batch_size)):
+        for n, batch in enumerate(image_batches(x, batch_size, samples)):
             for layer in layers:
                 layer.momentum = n / (n + 1)
-            model(read_images(x, np.arange(start, min(start + batch_size, len(x)))),
-                  training=True)
+            model(batch, training=True)
     finally:
         for layer, momentum in zip(layers, saved):
             layer.momentum = momentum
