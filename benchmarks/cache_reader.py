@@ -12,8 +12,8 @@ are trained: `conv2`, the largest boundary (32x32x16 in and out, 64 KB a sample)
             (docs/cache.md) slow it on one core and so flatter the ratios against it
   streamed  cache_reader with a memory budget of 0: shuffled chunk windows read from the
             file during training, the path of caches larger than RAM
-  in_ram    cache_reader with the default budget: the block's arrays loaded (as float32),
-            shuffled whole
+  in_ram    cache_reader with the default budget: the block's arrays loaded as stored
+            (float16), shuffled whole
 
 Each way has its own model (same start), traced and warmed up by one epoch first. Then
 ROUNDS rounds: in each, each way trains EPOCHS epochs, the four interleaved, so a slow

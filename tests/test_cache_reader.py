@@ -69,19 +69,18 @@ def cache16(tiny_teacher, tiny_dataset, tmp_path_factory):
     return path, fp
 
 
-@pytest.mark.parametrize("way", ["streamed", "in-memory float16", "in-memory widened"])
+@pytest.mark.parametrize("way", ["streamed", "in-memory"])
 def test_the_dataset_gives_next_epochs_samples_in_full_float32_batches(cache16, way):
     path, fp = cache16
     twins = []
     for _ in range(2):  # one read through dataset(), one through next_epoch
         store = CacheStore(path, fp, ["train"], "pool1", "relu3", memory_budget_bytes=0)
-        budget = {"streamed": 0, "in-memory float16": store.bytes,
-                  "in-memory widened": 2 * store.bytes}[way]
+        budget = {"streamed": 0, "in-memory": store.bytes}[way]
         store = CacheStore(path, fp, ["train"], "pool1", "relu3", memory_budget_bytes=budget)
         store.unit_rows = 16  # several windows of several units, the last one short
         twins.append(CachedPairs(store, ["train"], batch_size=32, seed=5, window_units=3))
     source, twin = twins
-    assert source.store.memory_dtype == ("float32" if way == "in-memory widened" else "float16")
+    assert source.store.in_memory == (way == "in-memory")
     images, targets = read_pair(path, fp, "train", "pool1", "relu3")
     where = _index_of_rows(images.astype(np.float32))
     data = source.dataset()

@@ -1,13 +1,14 @@
 """(input, target) batches for one block task: from the activation cache, or recomputed.
 
-From the cache (`CachedPairs`): a block's arrays are loaded into RAM when they fit the
-memory budget (`cache.memory_budget_mb`), as float32 when twice their bytes fit too, and
-shuffled whole; otherwise they are streamed: the samples are cut into read units of about
-a chunk, the units are visited in a random order, a window of units is read (each a
-contiguous slice, the fast way to read HDF5) and shuffled within the window. Either way
-every sample comes exactly once per epoch. For Keras (`dataset`), Python only reads
-(streamed) or draws the order (in RAM); TensorFlow gathers the batches and converts them
-to float32, in C without the GIL. tf.data's prefetch thread reads the next window while
+From the cache (`CachedPairs`): a block's arrays are loaded into RAM, as stored, when they
+fit the memory budget (`cache.memory_budget_mb`), and shuffled whole; otherwise they are
+streamed: the samples are cut into read units of about a chunk, the units are visited in a
+random order, a window of units is read (each a contiguous slice, the fast way to read
+HDF5) and shuffled within the window. Either way every sample comes exactly once per epoch,
+a window at a time. For Keras (`dataset`), Python reads or gathers a window; TensorFlow
+shuffles it, converts it to float32 and cuts it into batches, in C without the GIL. Nothing
+is widened ahead: held float32 copies (and tf.data capturing them) took 2.4 times the
+float16 bytes of a block in RAM (demo conv1: 1.5 GB for 0.3 GB of pairs). tf.data's prefetch thread reads the next window while
 the block trains; `next_epoch` run by hand reads in a background thread of its own.
 tf.data's autotuning is off in every dataset made here (`without_autotune`).
 
@@ -279,14 +280,12 @@ class CacheStore:
                         f"match the targets' samples and dtype ({fy[part][output_name].shape} "
                         f"{fy[part][output_name].dtype}).")
         self.bytes = sample_bytes * sum(self.samples.values())
+        # In RAM as stored (float16 by default): TensorFlow widens each window to float32
+        # while it gathers it, so the budget buys twice the samples it would widened.
         self.in_memory = self.bytes <= memory_budget_bytes
-        # Widened to float32 once at load when twice the bytes still fit; otherwise every
-        # batch is converted again, every epoch.
-        self.memory_dtype = ("float32" if self.in_memory and self.dtype == "float16"
-                             and 2 * self.bytes <= memory_budget_bytes else self.dtype)
         # A read unit of about READ_BYTES per array: whole chunks, few calls into HDF5.
         self.unit_rows = max(1, READ_BYTES // max(1, sample_bytes // 2))
-        self._tensors: dict[str, tuple] = {}
+        self._arrays: dict[str, tuple] = {}
         self._files: dict[str, h5py.File] = {}
         self._lock = threading.Lock()
 
@@ -294,20 +293,13 @@ class CacheStore:
     def path(self) -> str:
         return self.paths[1]
 
-    def tensors(self, part: str) -> tuple:
-        """The part's two arrays as TensorFlow tensors (`memory_dtype`), loaded once."""
-        import tensorflow as tf
-
-        with self._lock:
-            if part not in self._tensors:
-                self._tensors[part] = tuple(
-                    tf.cast(_read_whole(path, part, name), self.memory_dtype)
-                    for path, name in zip(self.paths, self.names))
-            return self._tensors[part]
-
     def arrays(self, part: str) -> tuple:
-        """The part's two arrays as NumPy copies (`memory_dtype`)."""
-        return tuple(t.numpy() for t in self.tensors(part))
+        """The part's two arrays in RAM as NumPy arrays (the file's dtype), loaded once."""
+        with self._lock:
+            if part not in self._arrays:
+                self._arrays[part] = tuple(_read_whole(path, part, name)
+                                           for path, name in zip(self.paths, self.names))
+            return self._arrays[part]
 
     def datasets(self, part: str) -> tuple:
         with self._lock:
@@ -359,36 +351,18 @@ class CachedPairs(PairSource):
 
     def dataset(self):
         """A tf.data.Dataset of float32 batches, one epoch per iteration (for Keras), in
-        next_epoch's order. In RAM: each batch gathered from the part's tensors, as Keras
-        feeds arrays. Streamed: Python reads each window (in tf.data's prefetch thread,
-        while the block trains); TensorFlow shuffles, converts and cuts it into batches,
-        one call per window: those copies run in C without the GIL."""
+        next_epoch's order. Python reads or gathers each window (in tf.data's prefetch
+        thread, while the block trains); TensorFlow shuffles, converts and cuts it into
+        batches, one call per window: those copies run in C without the GIL."""
         import tensorflow as tf
 
-        data = self._memory_dataset() if self.store.in_memory else self._streamed_dataset()
+        data = self._window_dataset()
         if self.poison:  # PBKD_FAULT nan: a NaN in every batch
             data = data.map(lambda x, y: (tf.tensor_scatter_nd_update(
                 x, [[0]], tf.fill([1, *self.shapes()[0]], float("nan"))), y))
         return self._for_keras(data)
 
-    def _memory_dataset(self):
-        import tensorflow as tf
-
-        held = tf.data.Dataset.from_tensors(
-            tuple(self.store.tensors(part) for part in self.parts)).repeat()
-        rows = tf.data.Dataset.from_generator(
-            lambda: self._advancing(self._batch_rows),
-            output_signature=(tf.TensorSpec((), tf.int32), tf.TensorSpec((None,), tf.int64)))
-
-        def gather(picked, arrays):
-            part, index = picked
-            chosen = arrays[0] if len(arrays) == 1 else tf.switch_case(
-                part, [lambda pair=pair: pair for pair in arrays])
-            return tuple(tf.cast(tf.gather(a, index), tf.float32) for a in chosen)
-
-        return tf.data.Dataset.zip(rows, held).map(gather)
-
-    def _streamed_dataset(self):
+    def _window_dataset(self):
         import tensorflow as tf
 
         x_shape, y_shape = self.shapes()
@@ -403,42 +377,32 @@ class CachedPairs(PairSource):
             tf.cast(tf.gather(x, order), tf.float32),
             tf.cast(tf.gather(y, order), tf.float32))).rebatch(self.batch_size)
 
-    def _batch_rows(self, part, rng):
-        """(part index, rows) per batch of an in-RAM epoch, rows in _pieces' order."""
-        samples = self.store.samples[part]
-        order = rng.permutation(samples) if self.shuffle else np.arange(samples)
-        for start in range(0, samples, self.batch_size):
-            yield self.parts.index(part), order[start:start + self.batch_size]
-
     def _shuffled_windows(self, part, rng):
-        """A streamed epoch's windows with their orders. Each in buffers of its own: tf.data
-        keeps the arrays without copying them (tested)."""
+        """An epoch's windows with their orders. tf.data keeps the arrays without copying
+        them (tested), so a window is never a buffer that is filled again."""
         for x, y, order in self._windows(part, rng):
             yield x, y, np.arange(len(x)) if order is None else order
 
     def _pieces(self, part, rng):
-        shuffle = rng is not None and self.shuffle
-        if self.store.in_memory:
-            import tensorflow as tf
-
-            # Only the rows of each piece leave the held tensors: a NumPy copy of the whole
-            # part per call would double the memory the budget allowed.
-            x, y = self.store.tensors(part)
-            order = rng.permutation(len(x)) if shuffle else np.arange(len(x))
-            step = max(self.batch_size, self.store.unit_rows * self.window_units)
-            for start in range(0, len(x), step):
-                rows = order[start:start + step]
-                yield tf.gather(x, rows).numpy(), tf.gather(y, rows).numpy()
-            return
         for x, y, order in self._windows(part, rng):
             yield (x, y) if order is None else (x[order], y[order])
 
     def _windows(self, part, rng):
-        """A streamed epoch as (inputs, targets, order) per window: whole units read into
-        one buffer each (no concatenation), `order` the window's shuffle or None."""
-        x_data, y_data = self.store.datasets(part)
+        """An epoch as (inputs, targets, order) per window, each window in buffers of its
+        own, `order` its shuffle or None. In RAM: windows of rows drawn from a shuffle of
+        the whole part (NumPy gathers them). Streamed: whole units read from the file."""
         samples, unit = self.store.samples[part], self.store.unit_rows
         shuffle = rng is not None and self.shuffle
+        if self.store.in_memory:
+            x_data, y_data = self.store.arrays(part)
+            order = rng.permutation(samples) if shuffle else None
+            step = unit * self.window_units
+            for start in range(0, samples, step):
+                rows = (slice(start, start + step) if order is None
+                        else order[start:start + step])
+                yield x_data[rows], y_data[rows], None  # a slice: a view of the held array
+            return
+        x_data, y_data = self.store.datasets(part)
         plan = (window_plan(samples, unit, self.window_units, rng) if shuffle else
                 [[slice(s, min(s + unit, samples))] for s in range(0, samples, unit)])
         for window in plan:
