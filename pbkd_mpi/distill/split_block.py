@@ -39,9 +39,9 @@ def train_split_part(part, check=None) -> dict:
 
     task, comm = part.task, part.comm
     block, config = task.block, task.config
-    data = open_block_data(task, task.source)
-    x_train, y_train = _pairs(data.train_eval)
-    x_val, y_val = _pairs(data.val)
+    with open_block_data(task, task.source) as data:
+        x_train, y_train = _pairs(data.train_eval)
+        x_val, y_val = _pairs(data.val)
 
     keras.utils.set_random_seed(task.block_seed)
     model = build_student_model(block, task.depth_multiplier)

@@ -93,13 +93,17 @@ def calibrate_norm(model, x) -> None:
 def train_block(task: BlockTask, callbacks=(), checkpoint_path: Path | None = None) -> dict:
     """Train the task's student block. With `checkpoint_path`, the task's state is saved
     there after every epoch, and a task that finds a checkpoint resumes from it."""
+    block = task.block
+    with open_block_data(task, task.source, poison=faults.active("nan", block.name)) as data:
+        if faults.active("raise", block.name):
+            raise faults.InjectedFault(f"fault injected into block {block.name!r} (PBKD_FAULT)")
+        return _fit(task, data, callbacks, checkpoint_path)
+
+
+def _fit(task: BlockTask, data, callbacks, checkpoint_path: Path | None) -> dict:
     import keras
 
     block = task.block
-    data = open_block_data(task, task.source, poison=faults.active("nan", block.name))
-    if faults.active("raise", block.name):
-        raise faults.InjectedFault(f"fault injected into block {block.name!r} (PBKD_FAULT)")
-
     keras.utils.set_random_seed(task.block_seed)
     model = build_student_model(block, task.depth_multiplier)
     for layer_name, arrays in task.initial_weights.items():

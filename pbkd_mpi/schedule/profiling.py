@@ -101,16 +101,16 @@ def measure_block(task, samples: dict, steps: int = TIMED_STEPS) -> dict:
     # Streamed (no memory budget): read what the timed steps need, not the whole split.
     source = (dataclasses.replace(task.source, memory_budget_bytes=0)
               if task.source.mode == "cache" else task.source)
-    data = open_block_data(task, source)
-    batches = list(itertools.islice(data.train.epoch_batches(0), WARMUP_STEPS + steps))
-    read_s = time.perf_counter() - started
-    per_sample_bytes = pair_bytes(block, samples["item_bytes"])
-    read_rate = per_sample_bytes * sum(len(x) for x, _ in batches) / max(read_s, 1e-12)
-    store = getattr(data.train, "store", None)
-    if store is not None and per_sample_bytes * (samples["train"] + samples["val"]) \
-            <= task.source.memory_budget_bytes:
-        # The task will load its split whole, one sequential read: time one of those.
-        read_rate = _sequential_read_rate(store, len(batches) * batch)
+    with open_block_data(task, source) as data:
+        batches = list(itertools.islice(data.train.epoch_batches(0), WARMUP_STEPS + steps))
+        read_s = time.perf_counter() - started
+        per_sample_bytes = pair_bytes(block, samples["item_bytes"])
+        read_rate = per_sample_bytes * sum(len(x) for x, _ in batches) / max(read_s, 1e-12)
+        store = getattr(data.train, "store", None)
+        if store is not None and per_sample_bytes * (samples["train"] + samples["val"]) \
+                <= task.source.memory_budget_bytes:
+            # The task will load its split whole, one sequential read: time one of those.
+            read_rate = _sequential_read_rate(store, len(batches) * batch)
 
     keras.utils.set_random_seed(task.block_seed)
     build_started = time.perf_counter()
@@ -119,6 +119,7 @@ def measure_block(task, samples: dict, steps: int = TIMED_STEPS) -> dict:
         model.get_layer(layer_name).set_weights(arrays)
     model.compile(optimizer=keras.optimizers.Adam(task.config.learning_rate), loss="mse")
     timed = time_student(model, batches, steps, build_started)
+    batches.clear()  # tf.data never frees the generator that holds them
     return block_entry(timed, batch, task.config.epochs, samples, per_sample_bytes, read_rate,
                        method="measured", profile_s=time.perf_counter() - started)
 
