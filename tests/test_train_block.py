@@ -67,3 +67,29 @@ def test_a_stopped_task_resumes_from_its_last_epoch(make_task, tmp_path):
     # Same data, same seed: within training noise of the uninterrupted task.
     assert resumed["val_mse"] == pytest.approx(whole["val_mse"], rel=0.25)
     assert resumed["initial_val_mse"] == whole["initial_val_mse"]
+
+
+def test_a_finished_task_leaves_no_pairs_resident(make_task):
+    """tf.data keeps every from_generator dataset's generator alive for the process, and a
+    worker runs many tasks: each must drop its arrays when it ends, even when it fails."""
+    import gc
+
+    from pbkd_mpi.cache.reader import CacheStore
+
+    def held_bytes():
+        gc.collect()
+        return sum(array.nbytes for obj in gc.get_objects() if isinstance(obj, CacheStore)
+                   for pair in obj._arrays.values() for array in pair)
+
+    task = make_task(2, epochs=1)
+    assert task.source.memory_budget_bytes > 0  # loaded into RAM, not streamed
+    train_block(task)
+    assert held_bytes() == 0
+
+    class Fails(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError):
+        train_block(task, callbacks=[Fails()])
+    assert held_bytes() == 0
