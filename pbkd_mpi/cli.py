@@ -115,7 +115,7 @@ def _run(comm, args) -> int:
     if comm.Get_rank() == 0:
         from pbkd_mpi.commands.run import run_coordinator
 
-        return run_coordinator(comm, args, layout[0])
+        return run_coordinator(comm, args, *layout[:2])
     from pbkd_mpi.commands.worker import run_worker
 
     return run_worker(comm, layout)

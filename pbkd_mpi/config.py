@@ -343,8 +343,8 @@ class CacheConfig:
     memory_budget_mb: int = _opt(
         2048,
         "Per worker: a block's cached arrays (all its parts) are loaded into RAM when they "
-        "fit in this many MB (as float32 when twice their size fits too), else streamed "
-        "from the file in shuffled chunks.",
+        "fit in this many MB (held as stored, float16 by default), else streamed from the "
+        "file in shuffled chunks.",
         min=0,
     )
 
@@ -357,6 +357,13 @@ class RunConfig:
         0,
         "TensorFlow intra-op threads per worker rank; 0 divides the node's cores among "
         "the worker ranks.",
+        min=0,
+    )
+    memory_budget_mb: int = _opt(
+        0,
+        "Memory per rank in MB; 0 shares the node's memory (the least of the machine's, the "
+        "cgroup's limit and Slurm's --mem) among the ranks on it. A job whose estimate "
+        "exceeds it is refused before it reads its data, with the options.",
         min=0,
     )
 

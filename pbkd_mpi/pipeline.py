@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
+from pbkd_mpi import memory_budget
 from pbkd_mpi.cache.stage import cache_boundaries, prepare_cache
 from pbkd_mpi.config import Job
 from pbkd_mpi.data.dataset import load_dataset
@@ -34,7 +35,7 @@ from pbkd_mpi.run_dir import prepare_run_dir
 
 
 def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
-               device: tuple = ("localhost", None)) -> dict:
+               device: tuple = ("localhost", None), ranks_on_node: int = 1) -> dict:
     """Rank 0: every stage of the run. Returns the report written to the run directory.
     `log(message)` reports progress; `log.detail(message)` finer events (output/console)."""
     started = time.perf_counter()
@@ -44,6 +45,8 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
     with timer("load"):
         dataset = load_dataset(job.data, job.run.seed)
     log(f"data: {dataset.summary()}")
+    # Refused in seconds, not after the teacher trains; the block pairs are checked below.
+    _check_memory(job, dataset, None, ranks_on_node, log)
     with timer("teacher"):
         teacher, teacher_info = load_teacher(
             job.teacher, dataset, run_dir, job.run.seed,
@@ -58,6 +61,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
         teacher = flatten_model(teacher)
         blocks = job_blocks(teacher, job)
     log(f"blocks: {len(blocks)} ({', '.join(b.name for b in blocks)})")
+    memory = _check_memory(job, dataset, blocks, ranks_on_node, log)
     coordinator.silence_limit_s = job.tasks.silence_limit_s
     coordinator.broadcast(WorkerContext(job, str(run_dir), teacher_file, dataset.fingerprint()))
     with timer("cache"):
@@ -103,12 +107,22 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
         student=student, student_path=student_path, assembled_path=assembled_path,
         accuracies=accuracies, acceptance=acceptance, max_drop=job.accept.max_drop,
         tasks=tasks, blocks=blocks, phases=timer.seconds, deployment=deployment,
-        cache_info=cache.info, tuned=tuned, chained=chained,
+        cache_info=cache.info, tuned=tuned, chained=chained, memory=memory.as_dict(),
         energy_snapshots=[meter.snapshot(), *worker_stats] if meter is not None else None,
         wall_s=time.perf_counter() - started)
     write_report(run_dir, report)
     log.clear_status()
     return report
+
+
+def _check_memory(job: Job, dataset, blocks, ranks_on_node: int, log):
+    """Refuse the job when one rank's estimate exceeds its budget (memory_budget.py)."""
+    memory = memory_budget.estimate(job, dataset, blocks, ranks_on_node)
+    memory_budget.require_fits(memory, ranks_on_node)
+    if blocks is not None:
+        log(f"memory per rank: about {memory.need_bytes / 2**20:,.0f} MB of a "
+            f"{memory.budget_bytes / 2**20:,.0f} MB budget ({memory.source})")
+    return memory
 
 
 def _starting(name: str, log, run_dir) -> None:

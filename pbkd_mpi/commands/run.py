@@ -27,7 +27,7 @@ LAUNCH_HINT = (
 )
 
 
-def run_coordinator(comm, args, local_rank: int) -> int:
+def run_coordinator(comm, args, local_rank: int, ranks_on_node: int) -> int:
     coordinator = Coordinator(comm)
     try:
         if comm.Get_size() < 2:
@@ -44,7 +44,8 @@ def run_coordinator(comm, args, local_rank: int) -> int:
         say(f"pbkd_mpi: {comm.Get_size() - 1} worker rank(s), run directory {job.run.dir}")
         try:
             report = coordinate(job, coordinator, say, meter, fresh=args.fresh,
-                                device=(socket.gethostname(), choice.device_id))
+                                device=(socket.gethostname(), choice.device_id),
+                                ranks_on_node=ranks_on_node)
         finally:
             meter.close()
     except BaseException as exc:  # noqa: BLE001 - every failure must end every rank

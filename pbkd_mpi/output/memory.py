@@ -1,4 +1,4 @@
-"""Peak resident memory per phase, and the warning when a rank nears its memory budget.
+"""Peak resident memory per phase.
 
 A process's high-water mark (getrusage's ru_maxrss, /proc's VmHWM) only ever grows, so
 read at the end of a phase it is the peak of everything before too: a fine-tuning phase

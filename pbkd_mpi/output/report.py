@@ -209,7 +209,19 @@ def _phase_lines(report: dict) -> list[str]:
         "",
         _energy_line(report.get("energy")),
         "",
+        _memory_line(report.get("memory_budget"), report.get("energy")),
+        "",
     ]
+
+
+def _memory_line(budget: dict | None, energy: dict | None) -> str:
+    peaks = [rank["peak_rss_mb"] for rank in (energy or {}).get("per_rank", [])]
+    measured = (f"peak resident memory per rank {', '.join(f'{p:,.0f}' for p in peaks)} MB"
+                if peaks else "peak resident memory not measured")
+    if not budget:
+        return f"Memory: {measured}."
+    return (f"Memory: {measured}; estimated {budget['estimate_mb']:,} MB, budget "
+            f"{budget['budget_mb']:,} MB per rank ({budget['source']}).")
 
 
 def _block_lines(report: dict) -> list[str]:

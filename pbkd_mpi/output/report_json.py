@@ -85,7 +85,8 @@ def replaced_totals(rows) -> dict:
 def build_report(*, run_dir, workers: int, dataset, teacher, teacher_info: dict,
                  teacher_fingerprint: str, student, student_path, assembled_path,
                  accuracies: dict, acceptance, max_drop: float, tasks, blocks, phases: dict, deployment: dict,
-                 cache_info: dict, energy_snapshots, tuned: dict, chained, wall_s: float
+                 cache_info: dict, energy_snapshots, tuned: dict, chained, wall_s: float,
+                 memory: dict | None = None
                  ) -> dict:
     """The report of a finished run. `acceptance`: distill/accept.Acceptance; `tasks`: the
     run's distill/tasks.BlockTasks; `accuracies`: model/evaluate.test_accuracies."""
@@ -133,6 +134,7 @@ def build_report(*, run_dir, workers: int, dataset, teacher, teacher_info: dict,
         },
         "deployment": deployment,
         "cache": cache_info,
+        "memory_budget": memory,
         "energy": aggregate(energy_snapshots) if energy_snapshots else None,
         "finetune": tuned,
         "chained": chained,

@@ -225,6 +225,16 @@ def test_data_that_does_not_fit_the_teacher_ends_every_rank(tmp_path, tiny_teach
                           "The teacher expects inputs of shape (16, 16, 3)")
 
 
+def test_a_job_over_its_memory_budget_is_refused_before_the_teacher_trains(tmp_path):
+    started = time.monotonic()
+    result = run_mpi(2, ["run", TINY_JOB, "--run-dir", tmp_path / "run",
+                         "--set", "run.memory_budget_mb=200"], timeout=90)
+    _assert_clean_failure(result, time.monotonic() - started,
+                          "but its memory budget is 200 MB (run.memory_budget_mb)")
+    assert "run fewer ranks on each node (now 2)" in result.stderr
+    assert not list((tmp_path / "run").glob("teacher*.keras"))
+
+
 def test_one_rank_is_refused_with_the_launch_explained(tmp_path):
     result = run_mpi(1, ["run", TINY_JOB, "--run-dir", tmp_path / "run"], timeout=60)
     assert result.returncode == 2

@@ -1,0 +1,71 @@
+"""Each rank's memory budget and the early refusal of a job that cannot fit."""
+
+import dataclasses
+
+import pytest
+
+from pbkd_mpi import memory_budget
+from pbkd_mpi.config import load_job
+from pbkd_mpi.errors import UserError
+from pbkd_mpi.model.graph import find_blocks
+
+
+def test_node_memory_is_the_least_of_machine_cgroup_and_slurm(tmp_path):
+    import psutil
+
+    total = psutil.virtual_memory().total
+    assert memory_budget.node_memory_bytes({}, cgroup_files=())[0] == total
+    unlimited, limited = tmp_path / "v2", tmp_path / "v1"
+    unlimited.write_text("max\n")
+    limited.write_text(f"{4 << 30}\n")
+    found = memory_budget.node_memory_bytes({}, cgroup_files=(unlimited, limited))
+    assert found == (min(total, 4 << 30), f"the cgroup limit ({limited})") or total < 4 << 30
+    slurm = memory_budget.node_memory_bytes({"SLURM_MEM_PER_NODE": "1000"},
+                                            cgroup_files=(unlimited, limited))
+    assert slurm == (1000 << 20, "Slurm's --mem")
+
+
+def test_the_budget_shares_the_node_among_its_ranks_unless_set():
+    node, _ = memory_budget.node_memory_bytes({"SLURM_MEM_PER_NODE": "8000"})
+    assert memory_budget.rank_budget(0, 4, {"SLURM_MEM_PER_NODE": "8000"})[0] == node // 4
+    assert memory_budget.rank_budget(1500, 4, {}) == (1500 << 20, "run.memory_budget_mb")
+
+
+def test_the_estimate_counts_held_images_logits_and_one_blocks_pairs(tiny_teacher,
+                                                                     tiny_dataset):
+    job = load_job(None)
+    blocks = find_blocks(tiny_teacher)
+    early = memory_budget.estimate(job, tiny_dataset, None, 2, {})
+    full = memory_budget.estimate(job, tiny_dataset, blocks, 2, {})
+    # Train and validation are rows of one array, carved from it: counted once.
+    arrays = {id(a): a.nbytes for a in (tiny_dataset.uncounted(n).source.array
+                                        for n in ("x_train", "x_val", "x_test"))}
+    assert tiny_dataset.x_train.source is tiny_dataset.x_val.source
+    assert early.needs["images"] == sum(arrays.values()) > 0
+    assert early.needs["teacher_logits"] == samples_of(tiny_dataset) * 10 * 4
+    assert "block_pairs" not in early.needs
+    samples = samples_of(tiny_dataset)
+    largest = max(2 * samples * (int(b.input_shape[0] * b.input_shape[1] * b.input_shape[2])
+                                 + int(b.output_shape[0] * b.output_shape[1]
+                                       * b.output_shape[2])) for b in blocks)
+    assert full.needs["block_pairs"] == largest
+    capped = dataclasses.replace(job, cache=dataclasses.replace(job.cache, memory_budget_mb=0))
+    assert memory_budget.estimate(capped, tiny_dataset, blocks, 2, {}).needs["block_pairs"] == 0
+
+
+def samples_of(dataset) -> int:
+    return len(dataset.y_train) + len(dataset.y_val)
+
+
+def test_a_job_over_its_budget_is_refused_with_the_options(tiny_teacher, tiny_dataset):
+    job = load_job(None, ["run.memory_budget_mb=100"])
+    plan = memory_budget.estimate(job, tiny_dataset, find_blocks(tiny_teacher), 3, {})
+    with pytest.raises(UserError) as refused:
+        memory_budget.require_fits(plan, 3)
+    message = str(refused.value)
+    assert "budget is 100 MB (run.memory_budget_mb)" in message
+    assert "runtime 620 MB" in message and "run fewer ranks on each node (now 3)" in message
+    assert "lower cache.memory_budget_mb" in message
+    fits = memory_budget.estimate(load_job(None, ["run.memory_budget_mb=4000"]), tiny_dataset,
+                                  find_blocks(tiny_teacher), 3, {})
+    memory_budget.require_fits(fits, 3)
