@@ -23,6 +23,7 @@ passes is watched by the per-phase peak RSS in the report.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -133,3 +134,16 @@ def require_fits(plan: MemoryBudget, ranks_on_node: int) -> None:
         f"Each rank needs about {plan.need_bytes / 2**20:,.0f} MB ({parts}) but its memory "
         f"budget is {plan.budget_bytes / 2**20:,.0f} MB ({plan.source}). Options: "
         + "; ".join(options) + ".")
+
+
+def watch(job, ranks_on_node: int, rank: int):
+    """A MemoryWatch of this rank against its budget; its warnings go to stderr (one line,
+    the launcher's console) and to the rank's log."""
+    from pbkd_mpi.output.logs import LOGGER
+    from pbkd_mpi.output.memory import MemoryWatch
+
+    def warn(message: str) -> None:
+        LOGGER.warning(message)
+        print(f"warning: rank {rank}: {message}", file=sys.stderr, flush=True)
+
+    return MemoryWatch(rank_budget(job.run.memory_budget_mb, ranks_on_node)[0], warn)

@@ -69,3 +69,31 @@ def test_a_job_over_its_budget_is_refused_with_the_options(tiny_teacher, tiny_da
     fits = memory_budget.estimate(load_job(None, ["run.memory_budget_mb=4000"]), tiny_dataset,
                                   find_blocks(tiny_teacher), 3, {})
     memory_budget.require_fits(fits, 3)
+
+
+def test_the_watch_warns_once_per_phase_while_the_phase_runs():
+    import threading
+
+    from pbkd_mpi.output.memory import MemoryWatch
+
+    rss = {"bytes": 500 << 20}
+    warnings, warned = [], threading.Event()
+
+    def warn(message):
+        warnings.append(message)
+        warned.set()
+
+    watch = MemoryWatch(1000 << 20, warn, interval_s=0.01, rss=lambda: rss["bytes"])
+    try:
+        watch.phase = "distill"
+        assert not watch.check()  # 50%: quiet
+        rss["bytes"] = 950 << 20
+        assert warned.wait(5), "the watch's thread never looked"
+        assert warnings == ["resident memory 950 MB in the distill phase is 95% of this "
+                            "rank's budget (1,000 MB); past it the node may swap"]
+        watch.close()  # the rest checks by hand, with no thread beside it
+        assert not watch.check()  # once per phase
+        watch.phase = "finetune"
+        assert watch.check() and "finetune phase" in warnings[-1]
+    finally:
+        watch.close()

@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 
+from pbkd_mpi import memory_budget
 from pbkd_mpi.commands.exits import report_failure
 from pbkd_mpi.config import load_job
 from pbkd_mpi.errors import EXIT_OK, UserError
@@ -40,6 +41,7 @@ def run_coordinator(comm, args, local_rank: int, ranks_on_node: int) -> int:
         _, choice = configure_tensorflow_choice(job.run.threads or node_cores(), local_rank)
         meter = PhaseMeter(rank=0, node=socket.gethostname(), gpu=choice.device_id,
                            read_rapl=local_rank == 0)
+        meter.memory_watch = memory_budget.watch(job, ranks_on_node, 0)
         say = Console(0 if args.quiet else 2 if args.verbose else 1)
         say(f"pbkd_mpi: {comm.Get_size() - 1} worker rank(s), run directory {job.run.dir}")
         try:

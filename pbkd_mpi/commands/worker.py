@@ -15,6 +15,7 @@ from pbkd_mpi.distill.task_runner import task_runner
 from pbkd_mpi.errors import EXIT_FAILURE, EXIT_OK
 from pbkd_mpi.finetune.stage import finetune_on_worker
 from pbkd_mpi.mpi import faults, phases, supervisor
+from pbkd_mpi import memory_budget
 from pbkd_mpi.mpi.devices import configure_tensorflow_choice, node_cores, worker_threads
 from pbkd_mpi.mpi.protocol import AbortRequested, Worker
 from pbkd_mpi.output.energy import PhaseMeter
@@ -45,6 +46,7 @@ def run_worker(comm, layout) -> int:
                     choice.reason)
         meter = PhaseMeter(rank=comm.Get_rank(), node=socket.gethostname(),
                            gpu=choice.device_id, read_rapl=local_rank == 0)
+        meter.memory_watch = memory_budget.watch(context.job, local_size, comm.Get_rank())
         _follow(worker, context, comm, meter, (socket.gethostname(), choice.device_id))
         LOGGER.info("worker finished")
     except AbortRequested as request:

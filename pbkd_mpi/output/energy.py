@@ -329,6 +329,7 @@ class PhaseMeter:
         self._rapl = RaplPackages(powercap_root, poll=poll) if read_rapl else None
         self._phases: dict[str, dict] = {}
         self._tasks: dict[str, dict] = {}
+        self.memory_watch = None  # an output/memory.MemoryWatch, told each phase's name
 
     def _read(self) -> dict:
         return {
@@ -351,6 +352,8 @@ class PhaseMeter:
 
     def phase(self, name: str):
         """Context manager measuring a phase; a repeated name adds to the same entry."""
+        if self.memory_watch is not None:
+            self.memory_watch.phase = name
         return self._measure(self._phases, name)
 
     def task(self, name: str):
@@ -378,7 +381,7 @@ class PhaseMeter:
         }
 
     def close(self):
-        for source in (self._gpu, self._rapl):
+        for source in (self._gpu, self._rapl, self.memory_watch):
             if source is not None:
                 source.close()
 

@@ -78,3 +78,43 @@ class PeakMemory:
         with self._lock:
             self._fold()
             return self.process_peak
+
+
+WATCH_SHARE = 0.9
+WATCH_INTERVAL_S = 2.0
+
+
+class MemoryWatch:
+    """Warns, once per phase, when this process's resident memory passes `share` of its
+    budget: a daemon thread reads the RSS every `interval_s` (a sleep, not a spin), so the
+    warning comes while the phase runs, naming it, before the kernel starts to swap."""
+
+    def __init__(self, budget_bytes: int, warn, share: float = WATCH_SHARE,
+                 interval_s: float = WATCH_INTERVAL_S, rss=None):
+        self.budget_bytes, self.share, self.warn = budget_bytes, share, warn
+        self.phase = "start-up"
+        self._rss = rss or (lambda: psutil.Process().memory_info().rss)
+        self._warned: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True,
+                                        name="pbkd-memory-watch")
+        self._thread.start()
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self.check()
+
+    def check(self) -> bool:
+        """Warn if over the share in a phase not warned about yet; True when it warned."""
+        rss, phase = self._rss(), self.phase
+        if rss <= self.share * self.budget_bytes or phase in self._warned:
+            return False
+        self._warned.add(phase)
+        self.warn(f"resident memory {rss / 2**20:,.0f} MB in the {phase} phase is "
+                  f"{rss / self.budget_bytes:.0%} of this rank's budget "
+                  f"({self.budget_bytes / 2**20:,.0f} MB); past it the node may swap")
+        return True
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()

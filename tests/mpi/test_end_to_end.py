@@ -280,12 +280,20 @@ def test_a_failing_block_is_retried_elsewhere_then_kept_as_the_teachers(tiny_run
 
 def test_a_block_with_nan_loss_fails_every_attempt_and_the_run_completes(tiny_run, tmp_path):
     run_dir = _warm_run_dir(tiny_run, tmp_path, blocks=("conv1", "conv3", "conv4"))
+    # A budget the estimate (about 660 MB) fits and the ranks' real RSS passes: the
+    # memory watch warns, naming rank and phase, and the run goes on.
     result = run_mpi(2, ["run", TINY_JOB, "--run-dir", run_dir,
-                         "--set", "tasks.max_attempts=1", "--set", "finetune.epochs=0", *QUICK],
+                         "--set", "tasks.max_attempts=1", "--set", "finetune.epochs=0",
+                         "--set", "run.memory_budget_mb=750", *QUICK],
                      timeout=180,
                      env={"PBKD_FAULT": "nan:conv2"})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"warning: rank 1: resident memory [\d,]+ MB in the \w+ phase is \d+% "
+                     r"of this rank's budget \(750 MB\)", result.stderr), result.stderr[-3000:]
     report = json.loads((run_dir / "report.json").read_text())
+    assert report["memory_budget"]["budget_mb"] == 750
+    assert report["memory_budget"]["estimate_mb"] <= 750
+    assert "budget 750 MB per rank (run.memory_budget_mb)" in (run_dir / "report.md").read_text()
     assert report["status"] == "degraded" and report["distill"]["reused_blocks"] == 3
     (failure,) = report["failed_blocks"]
     assert failure["name"] == "conv2" and failure["attempts"] == 1
