@@ -32,6 +32,8 @@ import numpy as np
 import psutil
 
 from pbkd_mpi.errors import UserError
+from pbkd_mpi.output.logs import LOGGER
+from pbkd_mpi.output.memory import MemoryWatch
 
 RUNTIME_BYTES = 620 << 20
 _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max",  # cgroup v2
@@ -139,9 +141,6 @@ def require_fits(plan: MemoryBudget, ranks_on_node: int) -> None:
 def watch(job, ranks_on_node: int, rank: int):
     """A MemoryWatch of this rank against its budget; its warnings go to stderr (one line,
     the launcher's console) and to the rank's log."""
-    from pbkd_mpi.output.logs import LOGGER
-    from pbkd_mpi.output.memory import MemoryWatch
-
     def warn(message: str) -> None:
         LOGGER.warning(message)
         print(f"warning: rank {rank}: {message}", file=sys.stderr, flush=True)
