@@ -16,7 +16,7 @@ What a rank holds at once (every rank loads the same things, so one estimate cov
 - one block task's pairs, when they fit `cache.memory_budget_mb` (else they are streamed).
 It is an estimate from below: models, optimizer state, tf.data's buffers and TensorFlow's
 own arenas come on top (on the demo under `mpiexec -n 3`, estimate 1.24 GB, measured peaks
-1.6 GB on rank 0 and 1.8-2.0 GB on the workers). A job refused by it cannot fit; a job it
+1.66 GB on rank 0 and 2.11 and 2.20 GB on the workers). A job refused by it cannot fit; a job it
 passes is watched by the per-phase peak RSS in the report.
 """
 
