@@ -10,12 +10,12 @@ from __future__ import annotations
 import socket
 import traceback
 
+from pbkd_mpi import memory_budget
 from pbkd_mpi.cache.stage import build_shards_on_worker
 from pbkd_mpi.distill.task_runner import task_runner
 from pbkd_mpi.errors import EXIT_FAILURE, EXIT_OK
 from pbkd_mpi.finetune.stage import finetune_on_worker
 from pbkd_mpi.mpi import faults, phases, supervisor
-from pbkd_mpi import memory_budget
 from pbkd_mpi.mpi.devices import configure_tensorflow_choice, node_cores, worker_threads
 from pbkd_mpi.mpi.protocol import AbortRequested, Worker
 from pbkd_mpi.output.energy import PhaseMeter
