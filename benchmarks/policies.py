@@ -43,7 +43,8 @@ from speedup import DEFAULT_JOB, REPO, run  # noqa: E402
 from pbkd_mpi.model.selection import select_blocks
 from pbkd_mpi.model.students import build_student_model
 from pbkd_mpi.schedule.estimates import PROFILE_VERSION
-from pbkd_mpi.schedule.profiling import (TIMED_STEPS, WARMUP_STEPS, block_entry, pair_bytes,
+from pbkd_mpi.cache.layout import pair_bytes
+from pbkd_mpi.schedule.profiling import (TIMED_STEPS, WARMUP_STEPS, block_entry,
                                          time_student)
 
 

@@ -15,9 +15,10 @@ What a rank holds at once (every rank loads the same things, so one estimate cov
 - the teacher's logits for distillation fine-tuning (float32, train and validation);
 - one block task's pairs, when they fit `cache.memory_budget_mb` (else they are streamed).
 It is an estimate from below: models, optimizer state, tf.data's buffers and TensorFlow's
-own arenas come on top (on the demo under `mpiexec -n 3`, estimate 1.24 GB, measured peaks
-1.66 GB on rank 0 and 2.11 and 2.20 GB on the workers). A job refused by it cannot fit; a job it
-passes is watched by the per-phase peak RSS in the report.
+own arenas come on top (on the demo under `mpiexec -n 3`, estimate 1.24 GB, measured
+peaks 1.66 GB on rank 0 and 2.11 and 2.20 GB on the workers). A job refused by it cannot
+fit; a job it passes is watched while it runs (output/memory.MemoryWatch) and its peaks
+are in the report.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Mapping
 import numpy as np
 import psutil
 
+from pbkd_mpi.cache.layout import pair_bytes, part_counts
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.output.logs import LOGGER
 from pbkd_mpi.output.memory import MemoryWatch
@@ -100,17 +102,16 @@ def estimate(job, dataset, blocks, ranks_on_node: int,
     """What one rank holds at once, and its budget (see the module's doc). `blocks` None:
     before the teacher is loaded, everything but the block pairs (a first, early check)."""
     budget, source = rank_budget(job.run.memory_budget_mb, ranks_on_node, environ)
-    item = 2 if job.cache.dtype == "float16" else 4
-    samples = len(dataset.y_train) * (1 + job.cache.views) + len(dataset.y_val)
-    largest_pairs = max((samples * item * (int(np.prod(b.input_shape))
-                                           + int(np.prod(b.output_shape))) for b in blocks),
-                        default=0) if blocks else 0
     needs = {"runtime": RUNTIME_BYTES, "images": in_memory_image_bytes(dataset)}
     if job.finetune.loss == "distill" and job.finetune.epochs:
         needs["teacher_logits"] = (len(dataset.y_train) + len(dataset.y_val)) \
             * dataset.num_classes * 4
     if job.cache.mode != "recompute" and blocks is not None:
-        needs["block_pairs"] = min(largest_pairs, job.cache.memory_budget_mb << 20)
+        # A task loads every part it reads (the plain training set, its views, validation).
+        samples = sum(part_counts(dataset, job.cache.views).values())
+        item_bytes = np.dtype(job.cache.dtype).itemsize
+        largest = max((pair_bytes(block, item_bytes) for block in blocks), default=0)
+        needs["block_pairs"] = min(samples * largest, job.cache.memory_budget_mb << 20)
     return MemoryBudget(budget, source, needs)
 
 

@@ -114,6 +114,11 @@ def part_counts(dataset, views: int) -> dict[str, int]:
     return {part: len(getattr(dataset, f"y_{part_source(part)[0]}")) for part in part_names(views)}
 
 
+def pair_bytes(block, item_bytes: int) -> int:
+    """Bytes of one cached (input, target) pair of `block`."""
+    return (int(np.prod(block.input_shape)) + int(np.prod(block.output_shape))) * item_bytes
+
+
 @dataclass(frozen=True)
 class Shard:
     part: str

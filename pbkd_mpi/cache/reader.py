@@ -8,8 +8,9 @@ HDF5) and shuffled within the window. Either way every sample comes exactly once
 a window at a time. For Keras (`dataset`), Python reads or gathers a window; TensorFlow
 shuffles it, converts it to float32 and cuts it into batches, in C without the GIL. Nothing
 is widened ahead: held float32 copies (and tf.data capturing them) took 2.4 times the
-float16 bytes of a block in RAM (demo conv1: 1.5 GB for 0.3 GB of pairs). tf.data's prefetch thread reads the next window while
-the block trains; `next_epoch` run by hand reads in a background thread of its own.
+float16 bytes of a block in RAM (demo conv1: 1.5 GB for 0.3 GB of pairs). tf.data's
+prefetch thread reads the next window while the block trains; `next_epoch` run by hand
+reads in a background thread of its own.
 tf.data's autotuning is off in every dataset made here (`without_autotune`).
 
 Recomputed (`RecomputedPairs`, `cache.mode = "recompute"`): each batch of images goes

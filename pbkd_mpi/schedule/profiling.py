@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from pbkd_mpi.cache.layout import pair_bytes
 from pbkd_mpi.cache.reader import open_block_data
 from pbkd_mpi.model.students import build_student_model
 from pbkd_mpi.mpi import phases
@@ -122,11 +123,6 @@ def measure_block(task, samples: dict, steps: int = TIMED_STEPS) -> dict:
     batches.clear()  # tf.data never frees the generator that holds them
     return block_entry(timed, batch, task.config.epochs, samples, per_sample_bytes, read_rate,
                        method="measured", profile_s=time.perf_counter() - started)
-
-
-def pair_bytes(block, item_bytes: int) -> int:
-    """Bytes of one cached (input, target) pair of `block`."""
-    return (int(np.prod(block.input_shape)) + int(np.prod(block.output_shape))) * item_bytes
 
 
 def time_student(model, batches, steps: int, build_started: float) -> dict:
