@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pbkd_mpi import memory_budget
 from pbkd_mpi.cache.stage import cache_boundaries, prepare_cache
 from pbkd_mpi.config import Job
-from pbkd_mpi.data.dataset import load_dataset
+from pbkd_mpi.data.dataset import load_dataset, portable_index
 from pbkd_mpi.distill.accept import accept_stage
 from pbkd_mpi.distill.chain import chain_blocks, skipped_pass
 from pbkd_mpi.distill.tasks import BlockTasks
@@ -63,7 +63,8 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
     log(f"blocks: {len(blocks)} ({', '.join(b.name for b in blocks)})")
     memory = _check_memory(job, dataset, blocks, ranks_on_node, log)
     coordinator.silence_limit_s = job.tasks.silence_limit_s
-    coordinator.broadcast(WorkerContext(job, str(run_dir), teacher_file, dataset.fingerprint()))
+    coordinator.broadcast(WorkerContext(job, str(run_dir), teacher_file, dataset.fingerprint(),
+                                      portable_index(dataset)))
     with timer("cache"):
         teacher_fp = model_fingerprint(teacher)
         cache = prepare_cache(job, teacher, teacher_fp, teacher_file, dataset,

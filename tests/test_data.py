@@ -1,10 +1,12 @@
+import pickle
+
 import h5py
 import numpy as np
 import pytest
 from PIL import Image
 
 from pbkd_mpi.config import DataConfig
-from pbkd_mpi.data.dataset import load_dataset
+from pbkd_mpi.data.dataset import load_checked, load_dataset, portable_index, receive_index
 from pbkd_mpi.data.demo import CLASS_NAMES, make_shapes
 from pbkd_mpi.data.images import SCALES
 from pbkd_mpi.errors import UserError
@@ -234,3 +236,42 @@ def test_hdf5_images_are_read_by_rows_not_loaded(tmp_path):
     assert data.fingerprint() == load_dataset(DataConfig(
         source=str(tmp_path / "d.h5"), image_size=(12, 12), val_fraction=0.25), seed=0
     ).fingerprint()
+
+
+def test_rank_0s_file_index_travels_and_workers_open_it_without_listing(tmp_path):
+    """The index of an image folder or HDF5 file pickles without a pixel; a worker that
+    received it reads rank 0's splits even after the folder changed (it lists nothing
+    again), and one without it loads the data and refuses a different fingerprint."""
+    _jpeg_folder(tmp_path / "folder", n=24)
+    x, y = _arrays(n=40)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        for name, value in dict(x_train=x, y_train=y, x_test=x[:8], y_test=y[:8]).items():
+            f.create_dataset(name, data=value)
+    configs = [DataConfig(source=str(tmp_path / "folder"), image_size=(20, 26),
+                          val_fraction=0.25),
+               DataConfig(source=str(tmp_path / "d.h5"), image_size=(12, 12),
+                          val_fraction=0.25)]
+    for config in configs:
+        data = load_dataset(config, seed=3)
+        message = pickle.dumps(portable_index(data))
+        assert len(message) < 20_000  # an index, not the pixels
+        received = pickle.loads(message)
+        assert received.fingerprint() == data.fingerprint()
+        for split in ("x_train", "x_val"):
+            np.testing.assert_array_equal(np.asarray(getattr(received, split)),
+                                          np.asarray(getattr(data, split)))
+        np.testing.assert_array_equal(received.y_val, data.y_val)
+    folder = load_dataset(configs[0], seed=3)
+    message = pickle.dumps(portable_index(folder))
+    Image.fromarray(np.zeros((20, 26, 3), np.uint8)).save(tmp_path / "folder" / "class_0" /
+                                                          "late.jpg")  # the folder changes
+    with pytest.raises(UserError, match=r"expected .* \(rank 0's\)"):
+        load_checked(configs[0], 3, folder.fingerprint())
+    receive_index(pickle.loads(message))
+    opened = load_checked(configs[0], 3, folder.fingerprint())
+    assert len(opened.y_train) + len(opened.y_val) == 24 - len(opened.uncounted("y_test"))
+    np.testing.assert_array_equal(opened.y_train, folder.y_train)
+
+
+def test_data_held_in_memory_is_not_sent(tiny_dataset):
+    assert portable_index(tiny_dataset) is None

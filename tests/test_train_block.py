@@ -9,6 +9,7 @@ from pbkd_mpi.distill.checkpoint import load_state
 from pbkd_mpi.distill.train_block import BlockTask, train_block
 from pbkd_mpi.model.graph import boundaries, find_blocks
 from pbkd_mpi.model.students import initial_weights
+from pbkd_mpi.schedule.profiling import measure_block
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def make_task(tiny_teacher, tiny_dataset, tmp_path_factory):
 
     def make(index, **config):
         block = blocks[index]
-        return BlockTask(block, str(path), fingerprint, DistillConfig(batch_size=32, **config),
+        return BlockTask(block, str(path), fingerprint, DistillConfig(**{"batch_size": 32, **config}),
                          seed=0, estimated_cost=1.0,
                          initial_weights=initial_weights(block, tiny_teacher))
 
@@ -100,3 +101,23 @@ def test_a_finished_task_leaves_no_pairs_resident(make_task):
     with pytest.raises(RuntimeError):
         train_block(task, callbacks=[Fails()])
     assert held_bytes() == 0
+
+
+def test_profiling_a_split_of_fewer_batches_than_the_timed_steps(make_task, tiny_dataset):
+    """240 training samples in batches of 128 are 2 batches, fewer than the 6 steps timed:
+    they are taken again, so that every step is timed (a 224 px job on 64 images ran out
+    of data here, took the median of no half steps and ended the run with NaN)."""
+    import warnings
+
+    task = make_task(1, batch_size=128)
+    samples = {"train": len(tiny_dataset.y_train), "val": len(tiny_dataset.y_val),
+               "item_bytes": 4}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        entry = measure_block(task, samples)
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "ran out of data" in m or "empty slice" in m], messages
+    timed = [value for key, value in entry.items()
+             if isinstance(value, float) and key.endswith("_s")]
+    assert timed and all(np.isfinite(value) and value >= 0 for value in timed)
+    assert entry["seconds_per_step"] > 0

@@ -34,7 +34,7 @@ import numpy as np
 from pbkd_mpi.cache.layout import part_names, require_complete
 from pbkd_mpi.config import DataConfig
 from pbkd_mpi.data.augment import AugmentSpec, Views
-from pbkd_mpi.data.dataset import load_dataset
+from pbkd_mpi.data.dataset import load_checked
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.keys import model_fingerprint
 from pbkd_mpi.model.graph import MODEL_INPUT, flatten_model
@@ -497,18 +497,15 @@ class BlockData:
 def load_teacher_and_data(teacher_file: str, teacher_fingerprint: str, data: DataConfig,
                       data_fingerprint: str, seed: int):
     """The teacher (flattened, as rank 0 cut it) and the data on a worker, loaded once per
-    process and checked against the hashes rank 0 computed, so the pairs are those rank 0
-    would have computed."""
+    process and checked against the hashes rank 0 computed (the data: opened from the
+    index rank 0 sent, data/dataset.load_checked), so the pairs are those rank 0 would
+    have computed."""
     teacher = flatten_model(load_model_file(teacher_file))
     received = model_fingerprint(teacher)
     if received != teacher_fingerprint:
         raise UserError(f"The teacher file {teacher_file!r} has weights fingerprint "
                         f"{received}, expected {teacher_fingerprint} (rank 0's teacher).")
-    dataset = load_dataset(data, seed)
-    if dataset.fingerprint() != data_fingerprint:
-        raise UserError(f"The data set loaded on this rank has fingerprint "
-                        f"{dataset.fingerprint()}, expected {data_fingerprint} (rank 0's).")
-    return teacher, dataset
+    return teacher, load_checked(data, seed, data_fingerprint)
 
 
 def open_block_data(task, source: DataSource, poison: bool = False) -> BlockData:

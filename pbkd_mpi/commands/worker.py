@@ -12,6 +12,7 @@ import traceback
 
 from pbkd_mpi import memory_budget
 from pbkd_mpi.cache.stage import build_shards_on_worker
+from pbkd_mpi.data.dataset import receive_index
 from pbkd_mpi.distill.task_runner import task_runner
 from pbkd_mpi.errors import EXIT_FAILURE, EXIT_OK
 from pbkd_mpi.finetune.stage import finetune_on_worker
@@ -38,6 +39,7 @@ def run_worker(comm, layout) -> int:
         if context is None:
             return EXIT_OK
         supervisor.note("waiting for rank 0", run_dir=context.run_dir)
+        receive_index(context.data_index)
         threads = worker_threads(context.job.run.threads, node_cores(), local_size,
                                  root_on_node)
         open_rank_log(context.run_dir, comm.Get_rank())

@@ -25,6 +25,10 @@ from pbkd_mpi.keys import arrays_fingerprint, json_key
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 _TEST_FIELDS = frozenset({"x_test", "y_test"})
+_SPLITS = ("train", "val", "test")
+# Data sets rank 0 indexed and sent to the workers (WorkerContext.data_index), by
+# fingerprint: a worker opens these instead of listing and checking every file again.
+_RECEIVED: dict[str, "Dataset"] = {}
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ class Dataset:
         return self._fingerprint[0]
 
     def _compute_fingerprint(self) -> str:
-        splits = ("train", "val", "test")
+        splits = _SPLITS
         images = [self.uncounted(f"x_{split}") for split in splits]
         if all(x.in_memory for x in images):
             return arrays_fingerprint((name, np.asarray(self.uncounted(name))) for name in
@@ -121,6 +125,36 @@ def load_dataset(config: DataConfig, seed: int) -> Dataset:
                 f"an .npz file or an .h5/.hdf5 file."
             )
     return _finish(raw, config, seed)
+
+
+def portable_index(dataset: Dataset) -> Dataset | None:
+    """The data set as rank 0 sends it to the workers: for images read from files, its
+    index (paths or HDF5 dataset, labels, the rows of every split, the fingerprint) without
+    a pixel; None when the images are held in memory (each rank loads those itself, as a
+    copy pickled on rank 0 would double them there)."""
+    if any(dataset.uncounted(f"x_{split}").in_memory for split in _SPLITS):
+        return None
+    dataset.fingerprint()  # computed once here (it stats every file), then travels along
+    return dataset
+
+
+def receive_index(dataset: Dataset | None) -> None:
+    """A worker keeps the index rank 0 sent (`portable_index`), for `load_checked`."""
+    if dataset is not None:
+        _RECEIVED[dataset.fingerprint()] = dataset
+
+
+def load_checked(config: DataConfig, seed: int, fingerprint: str) -> Dataset:
+    """On a worker: rank 0's data set, opened from the index rank 0 sent, or else loaded
+    here and checked against rank 0's fingerprint, so that every rank reads the same
+    pixels in the same splits."""
+    if fingerprint in _RECEIVED:
+        return _RECEIVED[fingerprint]
+    dataset = load_dataset(config, seed)
+    if dataset.fingerprint() != fingerprint:
+        raise UserError(f"The data set loaded on this rank has fingerprint "
+                        f"{dataset.fingerprint()}, expected {fingerprint} (rank 0's).")
+    return dataset
 
 
 def _load_demo(config: DataConfig, seed: int) -> dict:

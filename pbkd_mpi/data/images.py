@@ -17,6 +17,7 @@ including keras.applications' `caffe`, `torch` and `tf` (imagenet_utils.preproce
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 
 from pbkd_mpi.errors import UserError
@@ -67,6 +68,20 @@ class ArraySource:
     def in_memory(self) -> bool:
         return isinstance(self.array, np.ndarray)
 
+    def __getstate__(self):
+        """An HDF5 dataset travels as its file and name (reopened where it lands)."""
+        if self.in_memory:
+            return self.__dict__
+        return {"file": self.array.file.filename, "name": self.array.name,
+                "image_shape": self.image_shape}
+
+    def __setstate__(self, state):
+        if "array" in state:
+            self.__dict__.update(state)
+            return
+        self.array = h5py.File(state["file"], "r")[state["name"]]
+        self.image_shape = state["image_shape"]
+
     def read(self, rows: np.ndarray) -> np.ndarray:
         if self.in_memory:
             out = self.array[rows]
@@ -93,6 +108,9 @@ class FileSource:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_decode": None}  # a tf.function does not travel
 
     def _decoder(self):
         if self._decode is None:

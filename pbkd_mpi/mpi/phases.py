@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pbkd_mpi.config import Job
+from pbkd_mpi.data.dataset import Dataset
 
 DEVICES = "devices"  # which GPU each rank chose (rank 0 looks for one no worker uses)
 CACHE = "cache"  # every rank builds its shards of the activation cache (cache/stage.py)
@@ -29,3 +30,6 @@ class WorkerContext:
     run_dir: str
     teacher_file: str  # the teacher as a .keras file the workers load (then flatten_model)
     data_fingerprint: str  # the data rank 0 loaded: a worker that loads other data stops
+    # Rank 0's index of data read from files (data/dataset.portable_index): the workers
+    # open it instead of listing and checking 10^5-10^6 files each; None: data in memory.
+    data_index: Dataset | None = None

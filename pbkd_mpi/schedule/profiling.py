@@ -103,7 +103,11 @@ def measure_block(task, samples: dict, steps: int = TIMED_STEPS) -> dict:
     source = (dataclasses.replace(task.source, memory_budget_bytes=0)
               if task.source.mode == "cache" else task.source)
     with open_block_data(task, source) as data:
-        batches = list(itertools.islice(data.train.epoch_batches(0), WARMUP_STEPS + steps))
+        needed = WARMUP_STEPS + steps
+        batches = list(itertools.islice(data.train.epoch_batches(0), needed))
+        # A training split of fewer batches than the steps timed (a small data set, large
+        # batches): its batches again, as the next epochs would give them.
+        batches = [batches[i % len(batches)] for i in range(needed)]
         read_s = time.perf_counter() - started
         per_sample_bytes = pair_bytes(block, samples["item_bytes"])
         read_rate = per_sample_bytes * sum(len(x) for x, _ in batches) / max(read_s, 1e-12)
