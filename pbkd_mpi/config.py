@@ -341,10 +341,11 @@ class CacheConfig:
         0.1, "Views only: random contrast and brightness change, as a fraction of each "
         "image's own spread (0: none).", min=0.0, max=1.0)
     memory_budget_mb: int = _opt(
-        2048,
+        256,
         "Per worker: a block's cached arrays (all its parts) are loaded into RAM when they "
         "fit in this many MB (held as stored, float16 by default), else streamed from the "
-        "file in shuffled chunks.",
+        "file in shuffled chunks. Small, so that memory does not grow with the data set; "
+        "raise it where a streamed epoch is slower than training (see docs/cache.md).",
         min=0,
     )
 

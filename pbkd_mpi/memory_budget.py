@@ -13,7 +13,11 @@ What a rank holds at once (every rank loads the same things, so one estimate cov
 - the data set's images where its loader keeps them in RAM (.npz and the demo; image
   folders and HDF5 files are streamed and count nothing);
 - the teacher's logits for distillation fine-tuning (float32, train and validation);
-- one block task's pairs, when they fit `cache.memory_budget_mb` (else they are streamed).
+- one block task's pairs, when they fit `cache.memory_budget_mb` (else they are streamed);
+- the activations of one fine-tuning batch: backpropagation keeps every layer's output
+  (float32) of the batch, `finetune.batch_size` times the teacher's outputs per sample.
+  At 224 px this is the largest part (a ResNet50 cut after conv2_block2: 54 MB a sample,
+  3.5 GB a batch of 64; measured peak 4.2 GB on that rank).
 It is an estimate from below: models, optimizer state, tf.data's buffers and TensorFlow's
 own arenas come on top (on the demo under `mpiexec -n 3`, estimate 1.24 GB, measured
 peaks 1.66 GB on rank 0 and 2.11 and 2.20 GB on the workers). A job refused by it cannot
@@ -34,6 +38,7 @@ import psutil
 
 from pbkd_mpi.cache.layout import pair_bytes, part_counts
 from pbkd_mpi.errors import UserError
+from pbkd_mpi.model.cost import activation_bytes
 from pbkd_mpi.output.logs import LOGGER
 from pbkd_mpi.output.memory import MemoryWatch
 
@@ -98,9 +103,10 @@ def in_memory_image_bytes(dataset) -> int:
 
 
 def estimate(job, dataset, blocks, ranks_on_node: int,
-             environ: Mapping[str, str] = os.environ) -> MemoryBudget:
-    """What one rank holds at once, and its budget (see the module's doc). `blocks` None:
-    before the teacher is loaded, everything but the block pairs (a first, early check)."""
+             environ: Mapping[str, str] = os.environ, teacher=None) -> MemoryBudget:
+    """What one rank holds at once, and its budget (see the module's doc). `blocks` and
+    `teacher` None: before the teacher is loaded, everything but the block pairs and the
+    batch's activations (a first, early check)."""
     budget, source = rank_budget(job.run.memory_budget_mb, ranks_on_node, environ)
     needs = {"runtime": RUNTIME_BYTES, "images": in_memory_image_bytes(dataset)}
     if job.finetune.loss == "distill" and job.finetune.epochs:
@@ -112,6 +118,8 @@ def estimate(job, dataset, blocks, ranks_on_node: int,
         item_bytes = np.dtype(job.cache.dtype).itemsize
         largest = max((pair_bytes(block, item_bytes) for block in blocks), default=0)
         needs["block_pairs"] = min(samples * largest, job.cache.memory_budget_mb << 20)
+    if teacher is not None and job.finetune.epochs:
+        needs["activations"] = job.finetune.batch_size * activation_bytes(teacher)
     return MemoryBudget(budget, source, needs)
 
 
@@ -130,6 +138,9 @@ def require_fits(plan: MemoryBudget, ranks_on_node: int) -> None:
     if plan.needs.get("block_pairs"):
         options.append("lower cache.memory_budget_mb: block pairs past it are streamed "
                        "from the cache file")
+    if plan.needs.get("activations"):
+        options.append("lower finetune.batch_size: one batch's activations are "
+                       f"{_megabytes(plan.needs['activations'])}")
     if plan.needs.get("images"):
         options.append("give the data as an image folder or an HDF5 file, which are "
                        "streamed, instead of images held in RAM (.npz, the demo)")

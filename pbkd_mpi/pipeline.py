@@ -46,7 +46,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
         dataset = load_dataset(job.data, job.run.seed)
     log(f"data: {dataset.summary()}")
     # Refused in seconds, not after the teacher trains; the block pairs are checked below.
-    _check_memory(job, dataset, None, ranks_on_node, log)
+    _check_memory(job, dataset, None, None, ranks_on_node, log)
     with timer("teacher"):
         teacher, teacher_info = load_teacher(
             job.teacher, dataset, run_dir, job.run.seed,
@@ -61,7 +61,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
         teacher = flatten_model(teacher)
         blocks = job_blocks(teacher, job)
     log(f"blocks: {len(blocks)} ({', '.join(b.name for b in blocks)})")
-    memory = _check_memory(job, dataset, blocks, ranks_on_node, log)
+    memory = _check_memory(job, dataset, teacher, blocks, ranks_on_node, log)
     coordinator.silence_limit_s = job.tasks.silence_limit_s
     coordinator.broadcast(WorkerContext(job, str(run_dir), teacher_file, dataset.fingerprint(),
                                       portable_index(dataset)))
@@ -116,9 +116,9 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
     return report
 
 
-def _check_memory(job: Job, dataset, blocks, ranks_on_node: int, log):
+def _check_memory(job: Job, dataset, teacher, blocks, ranks_on_node: int, log):
     """Refuse the job when one rank's estimate exceeds its budget (memory_budget.py)."""
-    memory = memory_budget.estimate(job, dataset, blocks, ranks_on_node)
+    memory = memory_budget.estimate(job, dataset, blocks, ranks_on_node, teacher=teacher)
     memory_budget.require_fits(memory, ranks_on_node)
     if blocks is not None:
         log(f"memory per rank: about {memory.need_bytes / 2**20:,.0f} MB of a "

@@ -2,11 +2,13 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from pbkd_mpi import memory_budget
 from pbkd_mpi.config import load_job
 from pbkd_mpi.errors import UserError
+from pbkd_mpi.model.cost import activation_bytes
 from pbkd_mpi.model.graph import find_blocks
 
 
@@ -49,8 +51,29 @@ def test_the_estimate_counts_held_images_logits_and_one_blocks_pairs(tiny_teache
                                  + int(b.output_shape[0] * b.output_shape[1]
                                        * b.output_shape[2])) for b in blocks)
     assert full.needs["block_pairs"] == largest
+    assert "activations" not in full.needs  # no teacher given: nothing to count them from
     capped = dataclasses.replace(job, cache=dataclasses.replace(job.cache, memory_budget_mb=0))
     assert memory_budget.estimate(capped, tiny_dataset, blocks, 2, {}).needs["block_pairs"] == 0
+
+
+def test_the_estimate_counts_one_fine_tuning_batchs_activations(tiny_teacher, tiny_dataset):
+    """Every layer's float32 output per sample, times the batch: at 224 px the largest
+    part (a ResNet50 cut after conv2_block2 keeps 54 MB a sample)."""
+    per_sample = 4 * sum(int(np.prod(layer.output.shape[1:])) for layer in tiny_teacher.layers)
+    assert activation_bytes(tiny_teacher) == per_sample
+    blocks = find_blocks(tiny_teacher)
+    job = load_job(None, ["finetune.batch_size=48"])
+    plan = memory_budget.estimate(job, tiny_dataset, blocks, 2, {}, teacher=tiny_teacher)
+    assert plan.needs["activations"] == 48 * per_sample
+    frozen = load_job(None, ["finetune.epochs=0"])
+    assert "activations" not in memory_budget.estimate(frozen, tiny_dataset, blocks, 2, {},
+                                                       teacher=tiny_teacher).needs
+    # 16x16 inputs keep 77 kB a sample; a batch of 20,000 samples (1.5 GB) does not fit 2 GB.
+    huge = load_job(None, ["finetune.batch_size=20000", "run.memory_budget_mb=2000"])
+    plan = memory_budget.estimate(huge, tiny_dataset, blocks, 2, {}, teacher=tiny_teacher)
+    with pytest.raises(UserError, match=r"lower finetune.batch_size: one batch's activations "
+                                        r"are [\d,]+ MB"):
+        memory_budget.require_fits(plan, 2)
 
 
 def samples_of(dataset) -> int:
@@ -97,3 +120,19 @@ def test_the_watch_warns_once_per_phase_while_the_phase_runs():
         assert watch.check() and "finetune phase" in warnings[-1]
     finally:
         watch.close()
+
+
+def test_forward_batches_shrink_where_one_sample_holds_much(tiny_teacher):
+    """A forward pass holds every layer's output of its batch: 256 samples of 16 px take
+    20 MB, 256 of 224 px through two 64-channel convs would take 6.4 GB."""
+    import keras
+
+    from pbkd_mpi.model.evaluate import FORWARD_BYTES, forward_batch
+
+    assert forward_batch(tiny_teacher) == 256
+    inputs = keras.Input((224, 224, 3))
+    x = keras.layers.Conv2D(64, 3, padding="same")(inputs)
+    wide = keras.Model(inputs, keras.layers.Conv2D(64, 3, padding="same")(x))
+    per_sample = 4 * 224 * 224 * (3 + 64 + 64)
+    assert activation_bytes(wide) == per_sample
+    assert forward_batch(wide) == FORWARD_BYTES // per_sample == 10

@@ -23,10 +23,10 @@ from pbkd_mpi.cache.layout import (CacheOptions, FORMAT_VERSION, Shard, assigned
                                    check_shard, chunk_rows, incomplete_reason, part_counts,
                                    part_source, plan_shards, shard_bytes, shard_dir)
 from pbkd_mpi.data.augment import Views
+from pbkd_mpi.model.evaluate import forward_batch
 from pbkd_mpi.model.graph import MODEL_INPUT
 from pbkd_mpi.mpi import faults
 
-BUILD_BATCH = 256  # teacher forward batch while building
 
 
 def _extractor(teacher, names):
@@ -49,7 +49,7 @@ def _part_images(dataset, views: Views | None, shard: Shard) -> np.ndarray:
 
 
 def write_shard(path: Path, shard: Shard, images, extractor, layer_names, names, shapes,
-                fingerprint: str, options: CacheOptions, batch_size: int = BUILD_BATCH,
+                fingerprint: str, options: CacheOptions, batch_size: int,
                 kill_midway: bool = False) -> int:
     """One shard file: written to a temporary name, synced, renamed. Returns its bytes."""
     with atomic_path(path) as tmp:
@@ -83,12 +83,13 @@ def write_shard(path: Path, shard: Shard, images, extractor, layer_names, names,
 
 def build_shards(teacher, dataset, names, path: Path, fingerprint: str,
                  options: CacheOptions, rank: int = 0, size: int = 1, seed: int = 0,
-                 check=None, log=None, batch_size: int = BUILD_BATCH) -> dict:
+                 check=None, log=None, batch_size: int | None = None) -> dict:
     """Write this rank's shards of the cache whose stitched file is `path`; keep every one
     that is already complete (read through, so a corrupt one is rebuilt). `check()` runs
     between shards (the phase passes its abort check); `log(message)` hears of rebuilds.
     Returns what this rank did."""
     started = time.perf_counter()
+    batch_size = batch_size or forward_batch(teacher)
     folder = shard_dir(path)
     folder.mkdir(parents=True, exist_ok=True)
     shapes = boundary_shapes(teacher, names)
@@ -158,7 +159,7 @@ def stitch(teacher, dataset, names, path: Path, fingerprint: str, options: Cache
 
 
 def build_cache(teacher, dataset, names, path: Path, fingerprint: str, dtype: str = "float16",
-                batch_size: int = BUILD_BATCH, *, options: CacheOptions | None = None,
+                batch_size: int | None = None, *, options: CacheOptions | None = None,
                 seed: int = 0, log=None) -> dict:
     """The whole cache from one process: every shard, then the stitch. A complete cache
     with this fingerprint is reused as it is. Returns a summary for the report."""

@@ -39,10 +39,13 @@ def run_worker(comm, layout) -> int:
         if context is None:
             return EXIT_OK
         supervisor.note("waiting for rank 0", run_dir=context.run_dir)
-        receive_index(context.data_index)
         threads = worker_threads(context.job.run.threads, node_cores(), local_size,
                                  root_on_node)
         open_rank_log(context.run_dir, comm.Get_rank())
+        if context.data_index is not None:
+            receive_index(context.data_index)
+            LOGGER.info("data: opened rank 0's index (%d training images)",
+                        len(context.data_index.y_train))
         device, choice = configure_tensorflow_choice(threads, local_rank)
         LOGGER.info("worker ready: %d intra-op thread(s), device %s (%s)", threads, device,
                     choice.reason)

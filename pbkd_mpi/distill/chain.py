@@ -41,10 +41,10 @@ from pbkd_mpi.distill.head_loss import cut_head
 from pbkd_mpi.distill.results import load_result, result_path
 from pbkd_mpi.keys import student_blocks_key
 from pbkd_mpi.model.assemble import assemble_student
-from pbkd_mpi.model.evaluate import recalibrate_batchnorm, recalibrated_accuracy
+from pbkd_mpi.model.evaluate import (forward_batch, recalibrate_batchnorm,
+                                     recalibrated_accuracy)
 from pbkd_mpi.model.graph import MODEL_INPUT
 
-PREDICT_BATCH = 256
 
 
 def student_inputs(teacher, blocks, block_weights, multipliers, block, x_calibrate):
@@ -82,8 +82,9 @@ def write_inputs(path: Path, prefix, splits: dict, name: str, dtype: str,
                 data = f.create_group(split).create_dataset(
                     name, (len(images), *shape), dtype=dtype,
                     chunks=(chunk_rows(len(images), shape, dtype), *shape))
-                for start in range(0, len(images), PREDICT_BATCH):
-                    batch = np.asarray(images[start:start + PREDICT_BATCH], np.float32)
+                step = forward_batch(prefix)
+                for start in range(0, len(images), step):
+                    batch = np.asarray(images[start:start + step], np.float32)
                     data[start:start + len(batch)] = prefix.predict_on_batch(batch)
     return path.stat().st_size
 

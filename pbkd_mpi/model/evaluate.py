@@ -8,17 +8,29 @@ from __future__ import annotations
 import numpy as np
 
 from pbkd_mpi.data.images import image_batches
+from pbkd_mpi.model.cost import activation_bytes
 from pbkd_mpi.model.teacher import load_model_file
 
 
-def predict_batches(model, x, batch_size: int = 256) -> np.ndarray:
+# Activations one forward batch may hold: a fixed batch of 256 held 0.1 GB at 32 px and
+# 14 GB for a ResNet50 stem at 224 px (an eager call keeps every layer's output).
+FORWARD_BYTES = 256 << 20
+
+
+def forward_batch(model, largest: int = 256) -> int:
+    """Samples per forward pass of `model`: `largest`, or fewer where one sample's
+    activations (model/cost.activation_bytes) would take the batch past FORWARD_BYTES."""
+    return int(max(1, min(largest, FORWARD_BYTES // max(1, activation_bytes(model)))))
+
+
+def predict_batches(model, x, batch_size: int | None = None) -> np.ndarray:
     """`model`'s outputs on every image of `x`, read and computed a batch at a time."""
     outputs = [np.asarray(model.predict_on_batch(batch))
-               for batch in image_batches(x, batch_size)]
+               for batch in image_batches(x, batch_size or forward_batch(model))]
     return np.concatenate(outputs) if outputs else np.zeros((0,))
 
 
-def accuracy(model, x, y, batch_size: int = 256) -> float:
+def accuracy(model, x, y, batch_size: int | None = None) -> float:
     predictions = predict_batches(model, x, batch_size)
     return float(np.mean(np.argmax(predictions, axis=-1) == y))
 
@@ -49,7 +61,8 @@ def recalibrate_batchnorm(model, x, batch_size: int = 200, samples: int = 4000) 
         return 0
     saved = [layer.momentum for layer in layers]
     try:
-        for n, batch in enumerate(image_batches(x, batch_size, samples)):
+        for n, batch in enumerate(image_batches(x, min(batch_size, forward_batch(model)),
+                                                samples)):
             for layer in layers:
                 layer.momentum = n / (n + 1)
             model(batch, training=True)
