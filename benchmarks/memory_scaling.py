@@ -62,8 +62,12 @@ def run_pipeline(data: Path, run_dir: Path, size: int, epochs: int) -> dict:
         raise SystemExit(f"the run on {data} failed ({done.returncode}):\n"
                          f"{done.stderr[-3000:]}")
     report = json.loads((run_dir / "report.json").read_text())
-    peaks = [rank["peak_rss_mb"] for rank in report["energy"]["per_rank"]]
+    per_rank = report["energy"]["per_rank"]
+    peaks = [rank["peak_rss_mb"] for rank in per_rank]
     return {"wall_s": round(wall, 1), "peak_rss_mb_per_rank": [round(p) for p in peaks],
+            "peak_rss_mb_by_phase": [{name: round(phase["peak_rss_mb"])
+                                      for name, phase in rank["phases"].items()}
+                                     for rank in per_rank],
             "phases_s": {k: round(v, 1) for k, v in report["phases"].items()},
             "accuracy_finetuned": report["student"]["accuracy_finetuned"],
             "memory_budget": report["memory_budget"]}
