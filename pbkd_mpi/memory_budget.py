@@ -12,7 +12,8 @@ What a rank holds at once (every rank loads the same things, so one estimate cov
   import on Linux x86-64 (TF 2.20, Keras 3);
 - the data set's images where its loader keeps them in RAM (.npz and the demo; image
   folders and HDF5 files are streamed and count nothing);
-- the teacher's logits for distillation fine-tuning (float32, train and validation);
+- the teacher's logits for distillation fine-tuning in recompute mode (float32, train
+  and validation; from the cache they are read a batch at a time);
 - one block task's pairs, when they fit `cache.memory_budget_mb` (else they are streamed);
 - the activations of one fine-tuning batch: backpropagation keeps every layer's output
   (float32) of the batch, `finetune.batch_size` times the teacher's outputs per sample.
@@ -109,7 +110,8 @@ def estimate(job, dataset, blocks, ranks_on_node: int,
     batch's activations (a first, early check)."""
     budget, source = rank_budget(job.run.memory_budget_mb, ranks_on_node, environ)
     needs = {"runtime": RUNTIME_BYTES, "images": in_memory_image_bytes(dataset)}
-    if job.finetune.loss == "distill" and job.finetune.epochs:
+    if job.finetune.loss == "distill" and job.finetune.epochs and job.cache.mode == "recompute":
+        # From the cache they are read a batch at a time; recomputed, they are held.
         needs["teacher_logits"] = (len(dataset.y_train) + len(dataset.y_val)) \
             * dataset.num_classes * 4
     if job.cache.mode != "recompute" and blocks is not None:

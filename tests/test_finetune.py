@@ -31,6 +31,30 @@ def trained(tiny_dataset, tiny_teacher):
     return teacher, logits
 
 
+def test_teacher_logits_are_read_from_the_cache_by_rows(trained, tiny_dataset, tmp_path):
+    """Fine-tuning reads the logits a batch of rows at a time (any order), never whole,
+    and they equal the logits computed from the whole boundary array."""
+    import h5py
+    import keras
+
+    from pbkd_mpi.finetune.stage import CachedLogits, teacher_logits
+
+    teacher, (train_logits, val_logits) = trained
+    name = logit_boundary(teacher)
+    cut = keras.Model(teacher.inputs, teacher.get_layer(name).output)
+    path, fingerprint = tmp_path / "cache.h5", "f" * 16
+    with h5py.File(path, "w") as f:  # a complete stitched cache without shards
+        f.attrs.update(fingerprint=fingerprint, complete=True, shards="[]")
+        for split, x in (("train", tiny_dataset.x_train), ("val", tiny_dataset.x_val)):
+            f.create_group(split).create_dataset(name, data=cut.predict(x, verbose=0))
+    with teacher_logits(teacher, tiny_dataset, str(path), fingerprint) as (train, val):
+        assert isinstance(train, CachedLogits) and len(val) == len(val_logits)
+        rows = np.array([17, 3, 250, 4, 0])
+        np.testing.assert_allclose(train[rows], train_logits[rows], atol=1e-5)
+        np.testing.assert_allclose(val[np.arange(len(val))], val_logits, atol=1e-5)
+        assert train[np.array([], np.int64)].shape == (0, train_logits.shape[1])
+
+
 def _student(teacher):
     import keras
 

@@ -44,7 +44,10 @@ def test_the_estimate_counts_held_images_logits_and_one_blocks_pairs(tiny_teache
                                         for n in ("x_train", "x_val", "x_test"))}
     assert tiny_dataset.x_train.source is tiny_dataset.x_val.source
     assert early.needs["images"] == sum(arrays.values()) > 0
-    assert early.needs["teacher_logits"] == samples_of(tiny_dataset) * 10 * 4
+    assert "teacher_logits" not in early.needs  # read from the cache a batch at a time
+    recompute = load_job(None, ["cache.mode=recompute", "distill.chained_epochs=0"])
+    assert memory_budget.estimate(recompute, tiny_dataset, None, 2, {}).needs[
+        "teacher_logits"] == samples_of(tiny_dataset) * 10 * 4
     assert "block_pairs" not in early.needs
     samples = samples_of(tiny_dataset)
     largest = max(2 * samples * (int(b.input_shape[0] * b.input_shape[1] * b.input_shape[2])

@@ -14,10 +14,12 @@ again reuses it instead of fine-tuning again.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 from pbkd_mpi.atomic import atomic_path
 from pbkd_mpi.cache.layout import require_complete
@@ -25,7 +27,8 @@ from pbkd_mpi.cache.reader import load_teacher_and_data
 from pbkd_mpi.finetune.train import FinetuneData, finetune
 from pbkd_mpi.keys import finetune_key, weights_digest
 from pbkd_mpi.model.evaluate import predict_batches
-from pbkd_mpi.model.logits import logit_boundary, logits_from_boundary
+from pbkd_mpi.model.logits import (apply_affine, final_affine, logit_boundary,
+                                   logits_from_boundary)
 from pbkd_mpi.model.teacher import save_model_atomically
 from pbkd_mpi.mpi import phases
 from pbkd_mpi.output.console import progress_callbacks
@@ -39,33 +42,58 @@ class FinetuneRequest:
     teacher_fingerprint: str
 
 
+class CachedLogits:
+    """The teacher's logits of one split, read from the activation cache a batch of rows at
+    a time: held whole, the boundary values of a 224 px ResNet50 (2,048 features before
+    its classifier) would be 8 GB as float32 per rank at 10^6 images."""
+
+    def __init__(self, boundary, affine):
+        self.boundary, self.affine = boundary, affine  # an h5py dataset, final_affine's
+
+    def __len__(self) -> int:
+        return len(self.boundary)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.asarray(rows)
+        order = np.argsort(rows, kind="stable")  # HDF5 reads rows in increasing order
+        values = np.empty((len(rows), *self.boundary.shape[1:]), self.boundary.dtype)
+        if len(rows):
+            values[order] = self.boundary[rows[order]]
+        return apply_affine(self.affine, values)
+
+
+@contextmanager
 def teacher_logits(teacher, dataset, cache_path: str = "", fingerprint: str = ""):
-    """(train, val) teacher logits, from the cache's copy of `logit_boundary(teacher)`; with
-    no cache, from one pass of the teacher over the two splits (never per step)."""
+    """(train, val) teacher logits: read from the cache's copy of `logit_boundary(teacher)`
+    a batch at a time (`CachedLogits`, the file open while the context lasts); with no
+    cache, from one pass of the teacher over the two splits (never per step), held."""
     import keras
 
-
     name = logit_boundary(teacher)
-    if cache_path:
-        require_complete(cache_path, fingerprint)
-        with h5py.File(cache_path, "r") as f:
-            if name not in f["train"]:
-                raise ValueError(f"the activation cache {cache_path!r} lacks the teacher's "
-                                 f"logit boundary {name!r}; it holds {sorted(f['train'])}")
-            cached = f["train"][name][()], f["val"][name][()]
-    else:
+    if not cache_path:
         cut = keras.Model(teacher.inputs, teacher.get_layer(name).output)
-        cached = (predict_batches(cut, dataset.x_train), predict_batches(cut, dataset.x_val))
-    return tuple(logits_from_boundary(teacher, c) for c in cached)
+        yield tuple(logits_from_boundary(teacher, predict_batches(cut, x))
+                    for x in (dataset.x_train, dataset.x_val))
+        return
+    require_complete(cache_path, fingerprint)
+    with h5py.File(cache_path, "r") as f:
+        if name not in f["train"]:
+            raise ValueError(f"the activation cache {cache_path!r} lacks the teacher's "
+                             f"logit boundary {name!r}; it holds {sorted(f['train'])}")
+        affine = final_affine(teacher)
+        yield tuple(CachedLogits(f[split][name], affine) for split in ("train", "val"))
 
 
 def run_finetune(student, teacher, dataset, job, request: FinetuneRequest, comm, check,
                  callbacks=()) -> dict:
     """One rank's answer of the phase (rank 0 passes its own student and callbacks)."""
-    logits = teacher_logits(teacher, dataset, request.cache_path, request.cache_fingerprint) \
-        if job.finetune.loss == "distill" and job.finetune.epochs > 0 else None
-    return finetune(student, FinetuneData.of(dataset, logits), job.finetune, comm,
-                    job.run.seed, check=check, callbacks=callbacks)
+    if job.finetune.loss != "distill" or job.finetune.epochs == 0:
+        return finetune(student, FinetuneData.of(dataset), job.finetune, comm, job.run.seed,
+                        check=check, callbacks=callbacks)
+    with teacher_logits(teacher, dataset, request.cache_path,
+                        request.cache_fingerprint) as logits:
+        return finetune(student, FinetuneData.of(dataset, logits), job.finetune, comm,
+                        job.run.seed, check=check, callbacks=callbacks)
 
 
 def finetune_on_worker(context, request: FinetuneRequest, comm, check) -> dict:

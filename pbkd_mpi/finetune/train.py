@@ -42,6 +42,7 @@ class FinetuneData:
     y_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
+    # The teacher's logits: arrays, or read by rows (finetune/stage.CachedLogits).
     teacher_train: np.ndarray | None = None
     teacher_val: np.ndarray | None = None
 

@@ -62,8 +62,12 @@ def final_affine(model):
 
 def logits_from_boundary(model, cached: np.ndarray) -> np.ndarray:
     """The teacher's logits (float32) from the cached output of `logit_boundary(model)`."""
+    return apply_affine(final_affine(model), cached)
+
+
+def apply_affine(affine, cached: np.ndarray) -> np.ndarray:
+    """`final_affine`'s (kernel, bias) applied to cached boundary values, as float32."""
     cached = np.asarray(cached, dtype=np.float32)
-    affine = final_affine(model)
     if affine is None:
         return cached
     kernel, bias = affine
