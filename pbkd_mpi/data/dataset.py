@@ -81,14 +81,13 @@ class Dataset:
         return self._fingerprint[0]
 
     def _compute_fingerprint(self) -> str:
-        splits = _SPLITS
-        images = [self.uncounted(f"x_{split}") for split in splits]
+        images = [self.uncounted(f"x_{split}") for split in _SPLITS]
         if all(x.in_memory for x in images):
             return arrays_fingerprint((name, np.asarray(self.uncounted(name))) for name in
                                       ("x_train", "y_train", "x_val", "y_val", "x_test",
                                        "y_test"))
         labels = arrays_fingerprint((f"y_{split}", self.uncounted(f"y_{split}"))
-                                    for split in splits)
+                                    for split in _SPLITS)
         return json_key({"labels": labels, "images": [_describe(x) for x in images]})
 
     def summary(self) -> dict:

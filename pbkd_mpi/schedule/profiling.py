@@ -112,8 +112,7 @@ def measure_block(task, samples: dict, steps: int = TIMED_STEPS) -> dict:
         per_sample_bytes = pair_bytes(block, samples["item_bytes"])
         read_rate = per_sample_bytes * sum(len(x) for x, _ in batches) / max(read_s, 1e-12)
         store = getattr(data.train, "store", None)
-        if store is not None and per_sample_bytes * (samples["train"] + samples["val"]) \
-                <= task.source.memory_budget_bytes:
+        if store is not None and store.bytes <= task.source.memory_budget_bytes:
             # The task will load its split whole, one sequential read: time one of those.
             read_rate = _sequential_read_rate(store, len(batches) * batch)
 
