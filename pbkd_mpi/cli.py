@@ -1,8 +1,9 @@
 """Command line: parse the arguments, pick the command, end with its exit code.
 
 Commands (pbkd_mpi/commands/): `run` (the default; the demo job without a file) on every
-rank, and `plan`, `simulate`, `report` on rank 0. Every rank parses the same arguments;
-rank 0 alone writes to the terminal. Any failure ends every rank with one message and one
+rank, and `plan`, `simulate`, `report` on rank 0. Every rank parses the same arguments
+before MPI starts, and only `run` starts it, so the others (and --help, --version) work
+on a login node without a process manager; rank 0 alone writes to the terminal. Any failure ends every rank with one message and one
 exit code: 2 for bad input, 75 for a stop signal, 1 for anything else.
 
 The command modules are imported here, inside `main`, and only the one that runs: the
@@ -14,24 +15,39 @@ import), while `report`, `simulate` and `--help` never need it.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 
 from pbkd_mpi.errors import EXIT_OK, UserError
 from pbkd_mpi.mpi import preemption
 from pbkd_mpi.mpi.devices import check_world_size, import_tensorflow, local_layout
-from pbkd_mpi.mpi.supervisor import should_supervise, supervise
+from pbkd_mpi.mpi.supervisor import launcher_rank, should_supervise, supervise
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # every rank parses: raise instead of printing N usages
         raise UserError(f"{message}\n\n{self.format_usage().strip()}")
 
+    def _print_message(self, message, file=None):
+        # --help and --version: every rank parses, the launcher's rank 0 alone prints.
+        if launcher_rank() in (None, 0):
+            super()._print_message(message, file)
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("pbkd_mpi")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on PYTHONPATH
+        return "unknown (not installed)"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m pbkd_mpi", description=(
+    parser = _Parser(prog=_program_name(), description=(
         "Compress a Keras CNN by parallel blockwise knowledge distillation on MPI. "
         "Without arguments, runs the built-in demo job."))
+    parser.add_argument("--version", action="version",
+                        version=f"pbkd_mpi {package_version()}")
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
     run = commands.add_parser("run", help="distill a teacher as a job file says (MPI)")
     run.add_argument("job", nargs="?", help="TOML job file (default: the built-in demo job)")
@@ -74,25 +90,24 @@ def entry() -> int:
     return supervise(sys.argv[1:]) if should_supervise() else main()
 
 
-def main(argv=None) -> int:
-    from mpi4py import MPI  # starts MPI: after the supervisor decided not to run instead
+def _program_name() -> str:
+    """How the user started us, for usage lines: the installed command or the module."""
+    return "pbkd-mpi" if os.path.basename(sys.argv[0]) == "pbkd-mpi" else "python -m pbkd_mpi"
 
-    comm = MPI.COMM_WORLD
-    rank = comm.Get_rank()
-    preemption.install()
+
+def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv) or ["run"]  # bare: the demo
+    # Parsed before MPI starts: `plan`, `report`, `simulate`, --help and --version need
+    # no process manager (a login node has none), and only `run` starts MPI.
+    rank = launcher_rank() or 0
     try:  # the same on every rank: rank 0 alone says so, every rank leaves
         args = build_parser().parse_args(argv)
-        if args.command == "run":
-            check_world_size(comm.Get_size(), os.environ)
     except UserError as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     if args.command == "run":
-        code = _run(comm, args)
-        preemption.finalize_within()
-        return code
+        return _run_command(args)
     if rank != 0:
         return EXIT_OK
     from pbkd_mpi.commands.exits import failures_reported
@@ -105,6 +120,22 @@ def main(argv=None) -> int:
     else:
         from pbkd_mpi.commands.simulate import simulate_command as command
     return failures_reported(command)(args)
+
+
+def _run_command(args) -> int:
+    from mpi4py import MPI  # starts MPI: after the supervisor decided not to run instead
+
+    comm = MPI.COMM_WORLD
+    preemption.install()
+    try:
+        check_world_size(comm.Get_size(), os.environ)
+    except UserError as exc:
+        if comm.Get_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    code = _run(comm, args)
+    preemption.finalize_within()
+    return code
 
 
 def _run(comm, args) -> int:
