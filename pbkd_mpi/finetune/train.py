@@ -28,6 +28,7 @@ import numpy as np
 
 from pbkd_mpi.config import FinetuneConfig
 from pbkd_mpi.data.dataset import Dataset
+from pbkd_mpi.model.evaluate import forward_batch
 from pbkd_mpi.model.logits import logits_model
 from pbkd_mpi.mpi.data_parallel import DataParallelTrainer, sparse_accuracy_sums
 
@@ -101,8 +102,12 @@ def finetune(student, data: FinetuneData, config: FinetuneConfig, comm, seed: in
                                   keras.optimizers.Adam(config.learning_rate), comm,
                                   batch_size=config.batch_size, seed=seed, check=check)
 
+    # Batches of 256 held 1 GB at 64 px (an eager call keeps every layer's output).
+    evaluation_batch = forward_batch(model)
+
     def val_accuracy() -> float:
-        correct, count = trainer.evaluate_sums(sparse_accuracy_sums, [data.x_val, data.y_val])
+        correct, count = trainer.evaluate_sums(sparse_accuracy_sums, [data.x_val, data.y_val],
+                                               evaluation_batch)
         return correct / max(count, 1.0)
 
     start = val_accuracy()
