@@ -121,3 +121,15 @@ def test_profiling_a_split_of_fewer_batches_than_the_timed_steps(make_task, tiny
              if isinstance(value, float) and key.endswith("_s")]
     assert timed and all(np.isfinite(value) and value >= 0 for value in timed)
     assert entry["seconds_per_step"] > 0
+
+
+def test_channel_moments_accumulated_by_batches_equal_the_whole():
+    from pbkd_mpi.distill.train_block import _channel_moments
+
+    inputs = keras.Input((4, 4, 3))
+    feature = keras.Model(inputs, keras.layers.Conv2D(5, 3, padding="same")(inputs))
+    x = np.random.default_rng(0).normal(2.0, 3.0, (150, 4, 4, 3)).astype(np.float32)
+    whole = feature.predict(x, verbose=0)
+    mean, variance = _channel_moments(feature, x, batch_size=64)
+    np.testing.assert_allclose(mean, whole.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(variance, whole.var(axis=(0, 1, 2)), rtol=1e-4)

@@ -77,9 +77,7 @@ def calibrate_norm(model, x) -> None:
 
     norm = next(layer for layer in model.layers
                 if isinstance(layer, keras.layers.BatchNormalization))
-    values = keras.Model(model.inputs, norm.input).predict(x, batch_size=256, verbose=0)
-    axes = tuple(range(values.ndim - 1))
-    mean, variance = values.mean(axis=axes), values.var(axis=axes)
+    mean, variance = _channel_moments(keras.Model(model.inputs, norm.input), x)
     gamma, beta, old_mean, old_variance = norm.get_weights()
     old_scale = gamma / np.sqrt(old_variance + norm.epsilon)
     norm.set_weights([
@@ -88,6 +86,22 @@ def calibrate_norm(model, x) -> None:
         mean,
         variance,
     ])
+
+
+def _channel_moments(feature, x, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and variance of `feature`'s output over `x`, accumulated a batch at
+    a time (in float64): the whole output of 512 samples was 134 MB at 64 px, 0.8 GB at
+    224 px, on top of the batch's own activations."""
+    count, total, squares = 0, 0.0, 0.0
+    for start in range(0, len(x), batch_size):
+        values = np.asarray(feature.predict_on_batch(x[start:start + batch_size]), np.float64)
+        axes = tuple(range(values.ndim - 1))
+        count += values.size // values.shape[-1]
+        total = total + values.sum(axis=axes)
+        squares = squares + np.square(values).sum(axis=axes)
+    mean = total / count
+    variance = np.maximum(squares / count - np.square(mean), 0.0)
+    return mean.astype(np.float32), variance.astype(np.float32)
 
 
 def train_block(task: BlockTask, callbacks=(), checkpoint_path: Path | None = None) -> dict:
