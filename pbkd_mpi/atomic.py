@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 
@@ -40,6 +41,28 @@ def atomic_path(path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_directory(path):
+    """Yield a temporary directory to fill; when the block ends without an error it takes
+    the place of `path` (an earlier one is renamed aside first and then removed: a
+    directory cannot be renamed over a full one). A reader sees the old directory, the
+    new one or none, never a part of one. On an error the temporary one is removed."""
+    path = Path(path)
+    tmp, old = temporary_name(path), path.with_name(f".{path.name}.old{os.getpid()}")
+    try:
+        yield tmp
+        for file in (f for f in tmp.rglob("*") if f.is_file()):
+            _fsync(file)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync(path.parent, directory=True)
+    finally:
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
 
 
 def write_text(path, text: str) -> None:

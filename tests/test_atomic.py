@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from pbkd_mpi.atomic import atomic_path, stale_temporaries, temporary_name, write_text
+from pbkd_mpi.atomic import (atomic_directory, atomic_path, stale_temporaries, temporary_name,
+                             write_text)
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -35,3 +36,23 @@ def test_temporaries_of_killed_writers_are_found_and_others_are_not(tmp_path):
     (tmp_path / ".train-00004.tmp999.h5").write_bytes(b"another shard's")
     assert list(stale_temporaries(target)) == [killed]
     assert temporary_name(target).name == f".train-00003.tmp{os.getpid()}.h5"
+
+
+def test_a_directory_is_replaced_whole_or_kept(tmp_path):
+    target = tmp_path / "saved_model"
+    with atomic_directory(target) as tmp:
+        (tmp / "variables").mkdir(parents=True)
+        (tmp / "saved_model.pb").write_text("first")
+    assert (target / "saved_model.pb").read_text() == "first"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as tmp:
+            tmp.mkdir()
+            (tmp / "saved_model.pb").write_text("half")
+            raise RuntimeError("killed mid-export")
+    assert (target / "saved_model.pb").read_text() == "first"  # the old one, whole
+    with atomic_directory(target) as tmp:
+        tmp.mkdir()
+        (tmp / "saved_model.pb").write_text("second")
+    assert (target / "saved_model.pb").read_text() == "second"
+    assert not (target / "variables").exists()  # nothing of the old one mixed in
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved_model"]

@@ -40,7 +40,10 @@ def path_bytes(path: Path) -> int:
 
 
 def export_saved_model(model, directory: Path) -> Path:
-    model.export(str(directory), format="tf_saved_model", verbose=False)
+    """The SavedModel directory, whole or not at all (a kill mid-export leaves the last
+    complete one, or none)."""
+    with atomic.atomic_directory(directory) as tmp:
+        model.export(str(tmp), format="tf_saved_model", verbose=False)
     return directory
 
 
