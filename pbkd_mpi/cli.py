@@ -1,7 +1,7 @@
 """Command line: parse the arguments, pick the command, end with its exit code.
 
 Commands (pbkd_mpi/commands/): `run` (the default; the demo job without a file) on every
-rank, and `plan`, `simulate`, `report` on rank 0. Every rank parses the same arguments
+rank, and `plan`, `simulate`, `report`, `check` on rank 0. Every rank parses the same arguments
 before MPI starts, and only `run` starts it, so the others (and --help, --version) work
 on a login node without a process manager; rank 0 alone writes to the terminal. Any failure ends every rank with one message and one
 exit code: 2 for bad input, 75 for a stop signal, 1 for anything else.
@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", metavar="RUN_DIR",
                         help="one run directory to redraw, or two (A B) to compare")
     report.add_argument("--json", action="store_true", help="comparison as JSON")
+    check = commands.add_parser(
+        "check", help="apply a quality gate to a finished run (exit 3 when a bar is missed)")
+    check.add_argument("run", metavar="RUN_DIR", help="a finished run's directory")
+    check.add_argument("--set", action="append", default=[], metavar="gate.KEY=VALUE",
+                       help="a gate bar, overriding the run's job; repeatable")
+    check.add_argument("--json", action="store_true", help="print JSON instead of lines")
     return parser
 
 
@@ -117,6 +123,8 @@ def main(argv=None) -> int:
         from pbkd_mpi.commands.plan import plan_command as command
     elif args.command == "report":
         from pbkd_mpi.commands.report import report_command as command
+    elif args.command == "check":
+        from pbkd_mpi.commands.check import check_command as command
     else:
         from pbkd_mpi.commands.simulate import simulate_command as command
     return failures_reported(command)(args)

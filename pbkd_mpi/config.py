@@ -370,6 +370,26 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    max_accuracy_drop: float = _opt(
+        1.0,
+        "Quality gate: the largest teacher minus fine-tuned student test accuracy allowed, "
+        "as a fraction (0.01: one point); 1 sets no bar. A student that misses any bar "
+        "keeps its report and files, and the job exits 3.",
+        min=0.0, max=1.0)
+    min_param_reduction: float = _opt(
+        0.0,
+        "Quality gate: the least share of the teacher's parameters the student must save "
+        "(0.5: half as many); 0 sets no bar.",
+        min=0.0, max=1.0)
+    max_latency_ratio: float = _opt(
+        0.0,
+        "Quality gate: the largest student/teacher latency ratio allowed at every batch "
+        "size measured (report `deployment`, Keras on the CPU); 0 sets no bar.",
+        min=0.0)
+
+
+@dataclass(frozen=True)
 class Job:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -383,6 +403,7 @@ class Job:
     export: ExportConfig = field(default_factory=ExportConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
     def to_dict(self) -> dict:
         return {

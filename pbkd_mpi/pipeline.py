@@ -110,7 +110,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
         tasks=tasks, blocks=blocks, phases=timer.seconds, deployment=deployment,
         cache_info=cache.info, tuned=tuned, chained=chained, memory=memory.as_dict(),
         energy_snapshots=[meter.snapshot(), *worker_stats] if meter is not None else None,
-        wall_s=time.perf_counter() - started)
+        gate=job.gate, wall_s=time.perf_counter() - started)
     write_report(run_dir, report)
     log.clear_status()
     return report

@@ -14,7 +14,8 @@ import sys
 from pbkd_mpi import memory_budget
 from pbkd_mpi.commands.exits import report_failure
 from pbkd_mpi.config import load_job
-from pbkd_mpi.errors import EXIT_OK, UserError
+from pbkd_mpi.errors import EXIT_GATE, EXIT_OK, UserError
+from pbkd_mpi.gate import failed_bars
 from pbkd_mpi.mpi import faults
 from pbkd_mpi.mpi.devices import configure_tensorflow_choice, node_cores
 from pbkd_mpi.mpi.protocol import Coordinator
@@ -59,6 +60,10 @@ def run_coordinator(comm, args, local_rank: int, ranks_on_node: int) -> int:
         return code
     coordinator.finish()
     _summarise(report, say)
+    if not report["gate"]["passed"]:
+        say.result(f"quality gate failed: {failed_bars(report['gate'])} (report.md, "
+                   f"`gate` in report.json); exit {EXIT_GATE}")
+        return EXIT_GATE
     return EXIT_OK
 
 

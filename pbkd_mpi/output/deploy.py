@@ -8,14 +8,17 @@ are for comparing teacher and student on the same machine in the same run, not a
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
 from pbkd_mpi.output.exports import check_exports, tflite_kinds, write_exports
 
 BATCHES = (1, 32)
+LATENCY_DEVICE = "/CPU:0"
 WARMUP_CALLS = 3
 
 
@@ -23,17 +26,38 @@ def latency_ms(model, input_shape, batch: int, repeats: int = 20) -> float:
     """Median milliseconds of one forward pass of `batch` samples."""
     import tensorflow as tf
 
-    x = tf.constant(np.random.default_rng(0).uniform(size=(batch, *input_shape)),
-                    dtype=tf.float32)
-    forward = tf.function(lambda inputs: model(inputs, training=False))
-    for _ in range(WARMUP_CALLS):
-        forward(x).numpy()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        forward(x).numpy()  # .numpy() waits for the result
-        times.append(time.perf_counter() - started)
+    with tf.device(LATENCY_DEVICE):  # where the label says, even when a GPU is visible
+        x = tf.constant(np.random.default_rng(0).uniform(size=(batch, *input_shape)),
+                        dtype=tf.float32)
+        forward = tf.function(lambda inputs: model(inputs, training=False))
+        for _ in range(WARMUP_CALLS):
+            forward(x).numpy()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            forward(x).numpy()  # .numpy() waits for the result
+            times.append(time.perf_counter() - started)
     return 1000.0 * statistics.median(times)
+
+
+def latency_runtime() -> str:
+    """What the Keras latencies ran on, for the report: runtime, device, threads."""
+    import keras
+    import tensorflow as tf
+
+    threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
+    return (f"Keras {keras.__version__} (TensorFlow {tf.__version__}) on {LATENCY_DEVICE} "
+            f"({_processor_name()}), {threads} intra-op thread(s)")
+
+
+def _processor_name() -> str:
+    try:  # Linux: the model name; platform.processor() is often empty there
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def callable_latency_ms(function, input_shape, batch: int, repeats: int = 20) -> float:
@@ -65,8 +89,9 @@ def export_figures(student, exports, input_shape, check_images, repeats: int = 2
 
 def deployment_figures(teacher, student, input_shape, teacher_file, student_file,
                        repeats: int = 20) -> dict:
-    """{"teacher"|"student": {"latency_ms": {"batch_1", "batch_32"}, "file_bytes"}}."""
-    figures = {}
+    """{"teacher"|"student": {"latency_ms": {"batch_1", "batch_32"}, "file_bytes"},
+    "latency_runtime": what they ran on}."""
+    figures = {"latency_runtime": latency_runtime()}
     for name, model, path in (("teacher", teacher, teacher_file),
                               ("student", student, student_file)):
         figures[name] = {

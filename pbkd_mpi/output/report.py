@@ -110,8 +110,10 @@ def _deployment_rows(deployment: dict | None) -> list[str]:
                     f"{s['file_bytes'] / 1e6:.2f} MB | {s['file_bytes'] / t['file_bytes']:.2f} |")
     for batch in ("batch_1", "batch_32"):
         a, b = t["latency_ms"][batch], s["latency_ms"][batch]
-        rows.append(f"| latency, {batch.replace('_', ' ')} (CPU, median) | {a:.2f} ms | "
+        rows.append(f"| latency, {batch.replace('_', ' ')} (Keras, CPU, median) | {a:.2f} ms | "
                     f"{b:.2f} ms | {b / a:.2f} |")
+    if deployment.get("latency_runtime"):
+        rows.append(f"| latency measured with | {deployment['latency_runtime']} | | |")
     return rows
 
 
@@ -127,7 +129,8 @@ def _energy_line(energy: dict | None) -> str:
 
 
 def render_markdown(report: dict, figures: dict | None = None) -> str:
-    lines = [*_summary_lines(report), *_phase_lines(report), *_block_lines(report)]
+    lines = [*_summary_lines(report), *_gate_lines(report.get("gate")),
+             *_phase_lines(report), *_block_lines(report)]
     lines += _acceptance_lines(report)
     if report["failed_blocks"]:
         lines += ["", "## Failed blocks (kept the teacher's layers)", "",
@@ -182,6 +185,17 @@ def _summary_lines(report: dict) -> list[str]:
         "stopping, fine-tuning epochs) used the validation split.",
         "",
     ]
+
+
+def _gate_lines(gate: dict | None) -> list[str]:
+    if not gate or not gate["bars"]:
+        return []
+    verdict = "passed" if gate["passed"] else "**failed** (the job exited 3)"
+    return ["## Quality gate", "", f"The job's `[gate]` {verdict}.", "",
+            "| bar | limit | measured | |", "|---|---|---|---|",
+            *[f"| {bar['name']} | {bar['limit']:.4g} | {bar['value']:.4g} | "
+              f"{'passed' if bar['passed'] else '**missed**'} |" for bar in gate["bars"]],
+            ""]
 
 
 def _phase_lines(report: dict) -> list[str]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from pbkd_mpi.config import GateConfig
 from pbkd_mpi.distill.accept import ACCEPTED_WIDER, KEPT_TEACHER
+from pbkd_mpi.gate import check_gate
 from pbkd_mpi.model.cost import model_flops
 from pbkd_mpi.output.energy import aggregate
 
@@ -86,17 +88,18 @@ def build_report(*, run_dir, workers: int, dataset, teacher, teacher_info: dict,
                  teacher_fingerprint: str, student, student_path, assembled_path,
                  accuracies: dict, acceptance, max_drop: float, tasks, blocks, phases: dict, deployment: dict,
                  cache_info: dict, energy_snapshots, tuned: dict, chained, wall_s: float,
-                 memory: dict | None = None
+                 memory: dict | None = None, gate: GateConfig | None = None
                  ) -> dict:
     """The report of a finished run. `acceptance`: distill/accept.Acceptance; `tasks`: the
-    run's distill/tasks.BlockTasks; `accuracies`: model/evaluate.test_accuracies."""
+    run's distill/tasks.BlockTasks; `accuracies`: model/evaluate.test_accuracies; `gate`:
+    the job's quality gate, judged on the report's own figures (gate.py)."""
     rows = _block_rows(tasks, blocks, acceptance.verdicts)
     failed = [{"name": name, "attempts": len(errors), "errors": errors}
               for name, errors in tasks.outcome.failures.items()]
     schedule, distill = schedule_figures(
         tasks.plan, tasks.outcome.records, len(tasks.coordinator.task_workers),
         phases["distill"], tasks.profile, tasks.predicted_s)
-    return {
+    report = {
         "status": "degraded" if failed else "ok",
         "run_dir": str(run_dir),
         "workers": workers,
@@ -140,6 +143,8 @@ def build_report(*, run_dir, workers: int, dataset, teacher, teacher_info: dict,
         "chained": chained,
         "wall_s": wall_s,
     }
+    report["gate"] = check_gate(gate or GateConfig(), report)
+    return report
 
 
 def _block_rows(tasks, blocks, verdicts) -> list[dict]:

@@ -278,6 +278,33 @@ def test_a_failing_block_is_retried_elsewhere_then_kept_as_the_teachers(tiny_run
     assert report["distill"]["reused_blocks"] == 3
 
 
+def test_a_student_that_misses_the_gate_exits_3_with_its_report(tiny_run, tmp_path):
+    run_dir = _warm_run_dir(tiny_run, tmp_path, blocks=("conv1", "conv2", "conv3", "conv4"))
+    result = run_mpi(2, ["run", TINY_JOB, "--run-dir", run_dir, "--set", "finetune.epochs=0",
+                         "--set", "gate.min_param_reduction=0.99",
+                         "--set", "gate.max_accuracy_drop=0.5", *QUICK], timeout=180)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    # The last line names the bar missed; the report and the student are written.
+    assert re.search(r"quality gate failed: min_param_reduction 0\.\d+ < 0\.99 ",
+                     result.stdout.strip().splitlines()[-1]), result.stdout[-2000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "ok" and not report["gate"]["passed"]
+    bars = {bar["name"]: bar for bar in report["gate"]["bars"]}
+    assert not bars["min_param_reduction"]["passed"] and bars["max_accuracy_drop"]["passed"]
+    assert "**failed** (the job exited 3)" in (run_dir / "report.md").read_text()
+    assert (run_dir / "student.keras").exists()
+    # The same run against a bar it meets, without training: exit 0.
+    checked = subprocess.run(
+        [sys.executable, "-m", "pbkd_mpi", "check", str(run_dir), "--json",
+         "--set", "gate.min_param_reduction=0.1"], capture_output=True, text=True,
+        timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    verdict = json.loads(checked.stdout)
+    assert verdict["passed"] and {b["name"] for b in verdict["bars"]} == {
+        "min_param_reduction", "max_accuracy_drop"}  # the run's own bar, and the new one
+
+
 def test_a_block_with_nan_loss_fails_every_attempt_and_the_run_completes(tiny_run, tmp_path):
     run_dir = _warm_run_dir(tiny_run, tmp_path, blocks=("conv1", "conv3", "conv4"))
     # A budget the estimate (about 660 MB) fits and the ranks' real RSS passes: the
