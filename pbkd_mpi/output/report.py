@@ -132,6 +132,7 @@ def render_markdown(report: dict, figures: dict | None = None) -> str:
     lines = [*_summary_lines(report), *_gate_lines(report.get("gate")),
              *_phase_lines(report), *_block_lines(report)]
     lines += _acceptance_lines(report)
+    lines += _chained_lines(report.get("chained"))
     if report["failed_blocks"]:
         lines += ["", "## Failed blocks (kept the teacher's layers)", "",
                   "| block | attempts | last error (rank) |", "|---|---|---|"]
@@ -286,6 +287,31 @@ def _acceptance_lines(report: dict) -> list[str]:
         lines.append(f"| {block['name']} | {_pct(v['solo_val_accuracy'])} | "
                      f"{100 * v['drop']:.1f} pts | {wider} | {v['decision']} | "
                      f"{v['depth_multiplier']} |")
+    return lines
+
+
+def _chained_lines(chained: dict | None) -> list[str]:
+    """The chained pass: each block retrained on the student's own inputs."""
+    if not chained or not chained.get("blocks"):
+        return []
+    lines = ["", "## Chained pass", "",
+             f"Each replaced block trained up to {chained['epochs']} more epoch(s) on the "
+             "outputs of the student blocks before it (the inputs it will see), in the "
+             "teacher's order; the last with the teacher's head in its loss. Validation "
+             "MSE on the student's inputs, before and after; new weights kept when the "
+             "validation loss fell (with the head: when the student's validation "
+             "accuracy rose).", "",
+             "| block | val MSE before | after | val accuracy (head) | epochs | kept | s |",
+             "|---|---|---|---|---|---|---|"]
+    for row in chained["blocks"]:
+        if row.get("skipped"):
+            lines.append(f"| {row['name']} | skipped: {row['skipped']} | | | | | |")
+            continue
+        accuracy = (f"{_pct(row['val_accuracy_before'])} -> {_pct(row['val_accuracy'])}"
+                    if row.get("head_weight") else "")
+        lines.append(f"| {row['name']} | {row['val_mse_before']:.4g} | {row['val_mse']:.4g} "
+                     f"| {accuracy} | {row['epochs']} | {'yes' if row['kept'] else 'no'} "
+                     f"| {row['seconds']:.1f} |")
     return lines
 
 
