@@ -134,8 +134,8 @@ def _run_command(args) -> int:
     from mpi4py import MPI  # starts MPI: after the supervisor decided not to run instead
 
     comm = MPI.COMM_WORLD
-    preemption.install()
     try:
+        preemption.install()
         check_world_size(comm.Get_size(), os.environ)
     except UserError as exc:
         if comm.Get_rank() == 0:

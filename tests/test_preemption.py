@@ -5,6 +5,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from pbkd_mpi.mpi import preemption
+
 from .conftest import REPO
 
 STUCK_AFTER_THE_SIGNAL = """
@@ -59,3 +63,13 @@ def test_an_orderly_stop_keeps_its_own_exit_code():
     code, out, err, elapsed = _signal_when_ready(STOPS_IN_ORDER, signal.SIGTERM)
     assert "stopped: SIGTERM received while waiting in a test" in out
     assert code == 3 and elapsed < 1.0 and "did not stop" not in err
+
+
+def test_the_stop_grace_is_below_slurms_killwait_unless_set():
+    from pbkd_mpi.errors import UserError
+
+    assert preemption.stop_grace_s({}) == 25.0 < 30.0  # Slurm's default KillWait
+    assert preemption.stop_grace_s({"PBKD_STOP_GRACE_S": "8"}) == 8.0
+    for bad in ("0", "soon", "-3"):
+        with pytest.raises(UserError, match="PBKD_STOP_GRACE_S expects seconds"):
+            preemption.stop_grace_s({"PBKD_STOP_GRACE_S": bad})

@@ -63,6 +63,8 @@ def fakes(tmp_path):
         tmp_path / "launcher",
         f'printf "%s\\n" "$@" > "{tmp_path}/launcher.args"\n'
         f'echo "$SRUN_CPUS_PER_TASK" > "{tmp_path}/launcher.cpus"\n'
+        # FAKE_TERM: Slurm's SIGTERM at the time limit reaches the batch shell too.
+        'if [ -n "$FAKE_TERM" ]; then kill -TERM "$PPID"; sleep 0.5; fi\n'
         'exit "${FAKE_RC:-0}"\n')
     _executable(bin_dir / "scontrol", f'echo "$@" >> "{tmp_path}/scontrol.args"\n')
 
@@ -117,6 +119,13 @@ def test_preemptible_requeues_on_exit_75(fakes):
     assert result.returncode == 75
     assert "run.dir=runs/slurm-4242" in args  # the same run directory after the requeue
     assert "preempted, state saved in runs/slurm-4242" in result.stdout
+
+
+def test_preemptible_requeues_after_slurms_sigterm_reached_the_shell(fakes):
+    result, _, requeues, _ = fakes(PREEMPTIBLE, rc=75, SLURM_JOB_ID="4242", FAKE_TERM="1")
+    assert requeues == ["requeue 4242"], result.stdout + result.stderr
+    assert "SIGTERM received; waiting for the ranks" in result.stdout
+    assert result.returncode == 75
 
 
 def test_preemptible_success_does_not_requeue(fakes):

@@ -25,12 +25,16 @@ import sys
 import threading
 import time
 
-from pbkd_mpi.errors import PbkdError
+from pbkd_mpi.errors import PbkdError, UserError
 from pbkd_mpi.mpi.supervisor import launcher_rank
 
 EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-STOP_GRACE_S = 40.0  # an orderly stop takes seconds; rank 0 gives workers 10 s to answer
+# An orderly stop takes seconds (rank 0 gives workers 10 s to answer); the watchdog must
+# act before Slurm's SIGKILL, KillWait (30 s by default) after SIGTERM, so that the stack
+# dump and exit 75 are seen. A cluster with a shorter KillWait sets PBKD_STOP_GRACE_S.
+STOP_GRACE_S = 25.0
+GRACE_VARIABLE = "PBKD_STOP_GRACE_S"
 FINALIZE_GRACE_S = 30.0  # every rank reaches MPI_Finalize within seconds of the others
 
 # The signals received, in order. The note is this list alone, with no lock: a Python
@@ -48,9 +52,24 @@ def _note(signum, _frame=None) -> None:
     _received.append(signal.Signals(signum).name)
 
 
-def install(grace_s: float = STOP_GRACE_S) -> None:
-    """Note SIGTERM and SIGUSR1 instead of dying, and end this process `grace_s` after
-    the first of them if it has not ended by itself. Call once, from the main thread."""
+def stop_grace_s(environ=os.environ) -> float:
+    """The watchdog's grace: PBKD_STOP_GRACE_S, else STOP_GRACE_S."""
+    text = environ.get(GRACE_VARIABLE, "")
+    try:
+        grace = float(text) if text else STOP_GRACE_S
+    except ValueError:
+        grace = -1.0
+    if not grace > 0:
+        raise UserError(f"{GRACE_VARIABLE} expects seconds greater than 0 (below Slurm's "
+                        f"KillWait), received {text!r}.")
+    return grace
+
+
+def install(grace_s: float | None = None) -> None:
+    """Note SIGTERM and SIGUSR1 instead of dying, and end this process `grace_s` (default
+    `stop_grace_s()`) after the first of them if it has not ended by itself. Call once,
+    from the main thread."""
+    grace_s = stop_grace_s() if grace_s is None else grace_s
     for signum in SIGNALS:
         signal.signal(signum, _note)
     read_fd, write_fd = os.pipe()
