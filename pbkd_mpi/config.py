@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import difflib
 import tomllib
 import typing
@@ -435,13 +436,42 @@ def load_job(path: str | Path | None, overrides: typing.Sequence[str] = (), run_
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise UserError(f"The job file {source!r} is not valid TOML: {exc}.") from None
+        _absolute_paths(raw, Path(path).resolve().parent)
+    given: dict = {}  # the command line's values: paths relative to the current directory
     for item in overrides:
-        _apply_override(raw, item)
+        _apply_override(given, item)
     if run_dir is not None:
-        raw.setdefault("run", {})["dir"] = str(run_dir)
+        given.setdefault("run", {})["dir"] = str(run_dir)
+    for section, values in given.items():
+        if section in raw and not isinstance(raw[section], dict):
+            raise UserError(f"[{section}] in {source} must be a table to take --set "
+                            f"{section}.{next(iter(values))}.")
+        raw.setdefault(section, {}).update(values)
+    _absolute_paths(raw, Path.cwd())
     job = job_from_dict(raw, source=source)
+    if "dir" not in raw.get("run", {}):  # the default run directory, under the current one
+        job = dataclasses.replace(job, run=dataclasses.replace(
+            job.run, dir=str(Path.cwd() / job.run.dir)))
     validate_job(job)
     return job
+
+
+# Keys naming files or folders, and the names that are not paths.
+PATH_KEYS = {("teacher", "source"): ("vgg_demo", "vgg_deep"), ("data", "source"): ("demo",),
+             ("run", "dir"): ()}
+
+
+def _absolute_paths(raw: dict, base: Path) -> None:
+    """Relative paths in `raw` made absolute against `base`: a job file's paths against
+    its folder (the job runs the same from anywhere), the command line's against the
+    current directory. The run's job.toml then holds absolute paths."""
+    for (section, key), names in PATH_KEYS.items():
+        value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str) and value and value not in names \
+                and not Path(value).expanduser().is_absolute():
+            raw[section][key] = os.path.normpath(base / value)
+        elif isinstance(value, str) and value.startswith("~"):
+            raw[section][key] = str(Path(value).expanduser())
 
 
 def _apply_override(raw: dict, item: str) -> None:

@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,35 @@ from pbkd_mpi.run_dir import write_job_toml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_demo_job_file_spells_out_the_built_in_defaults():
-    assert load_job(REPO / "jobs" / "demo.toml") == Job() == load_job(None)
+def test_demo_job_file_spells_out_the_built_in_defaults(monkeypatch):
+    monkeypatch.chdir(REPO)  # the built-in job's run directory is under the current one
+    defaults = Job()
+    expected = dataclasses.replace(defaults, run=dataclasses.replace(
+        defaults.run, dir=str(REPO / defaults.run.dir)))
+    assert load_job(REPO / "jobs" / "demo.toml") == expected == load_job(None)
+
+
+def test_paths_resolve_against_the_job_files_folder_and_the_command_lines_against_cwd(
+        tmp_path, monkeypatch):
+    """A job runs the same from anywhere; the run's job.toml holds absolute paths."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    job_file = project / "job.toml"
+    job_file.write_text('[teacher]\nsource = "models/cnn.keras"\n[data]\n'
+                        'source = "../data/images"\n[run]\ndir = "runs/a"\n')
+    monkeypatch.chdir(elsewhere)
+    job = load_job(job_file)
+    assert job.teacher.source == str(project / "models" / "cnn.keras")
+    assert job.data.source == str(tmp_path / "data" / "images")  # normalised, no ".."
+    assert job.run.dir == str(project / "runs" / "a")
+    given = load_job(job_file, ["data.source=mine.h5", "teacher.source=vgg_demo"],
+                     run_dir="out")
+    assert given.data.source == str(elsewhere / "mine.h5") and given.run.dir == str(
+        elsewhere / "out")
+    assert given.teacher.source == "vgg_demo"  # a built-in name, not a path
+    assert load_job(job_file, ["data.source=demo"]).data.source == "demo"
+    assert load_job(job_file, ["data.source=/abs/x.npz"]).data.source == "/abs/x.npz"
 
 
 def test_every_job_file_in_jobs_is_valid():
