@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", help="run directory (overrides run.dir)")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a job-file value; repeatable")
+    run.add_argument("--print-job", action="store_true",
+                     help="print the resolved job (every key, paths absolute) and exit "
+                          "without running; needs no mpirun")
     run.add_argument("--fresh", action="store_true",
                      help="clear the run directory's earlier results (teacher, cache, blocks, "
                           "report) and start over, even if they belong to another job")
@@ -112,13 +115,15 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
-    if args.command == "run":
+    if args.command == "run" and not args.print_job:
         return _run_command(args)
     if rank != 0:
         return EXIT_OK
     from pbkd_mpi.commands.exits import failures_reported
 
-    if args.command == "plan":
+    if args.command == "run":  # --print-job
+        from pbkd_mpi.commands.job import print_job as command
+    elif args.command == "plan":
         import_tensorflow()
         from pbkd_mpi.commands.plan import plan_command as command
     elif args.command == "report":

@@ -89,10 +89,15 @@ def clear(run_dir: Path) -> None:
         teacher.unlink()
 
 
-def write_job_toml(job: Job, path: Path) -> None:
+def job_toml(job: Job) -> str:
+    """The resolved job as TOML: every key, paths absolute (what RUN/job.toml holds)."""
     lines = []
     for section, values in job.to_dict().items():
         lines.append(f"[{section}]")
         lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
         lines.append("")
-    atomic.write_text(path, "\n".join(lines))
+    return "\n".join(lines)
+
+
+def write_job_toml(job: Job, path: Path) -> None:
+    atomic.write_text(path, job_toml(job))

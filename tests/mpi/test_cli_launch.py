@@ -41,3 +41,12 @@ def test_plan_report_and_simulate_start_no_mpi(tmp_path):
         refused = _without_mpi(command)  # a missing run: the user's error, said plainly
         assert refused.returncode == 2 and "no-run" in refused.stderr, refused.stderr
         assert "MPI loaded: False" in refused.stdout
+
+
+def test_print_job_shows_the_resolved_job_without_running(tmp_path):
+    printed = _without_mpi(["run", TINY_JOB, "--print-job", "--set", "distill.epochs=2",
+                            "--run-dir", tmp_path / "r"])
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    assert "MPI loaded: False" in printed.stdout and "[distill]\nepochs = 2\n" in printed.stdout
+    assert f'dir = "{tmp_path / "r"}"' in printed.stdout
+    assert not (tmp_path / "r").exists()  # nothing ran
