@@ -106,8 +106,9 @@ def _program_name() -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv) or ["run"]  # bare: the demo
-    # Parsed before MPI starts: `plan`, `report`, `simulate`, --help and --version need
-    # no process manager (a login node has none), and only `run` starts MPI.
+    # Parsed before MPI starts: `plan`, `report`, `simulate`, `check`, --help and --version
+    # need no process manager (a login node has none); only `run`, and the others when a
+    # launcher started them (to check the launch), start MPI.
     rank = launcher_rank() or 0
     try:  # the same on every rank: rank 0 alone says so, every rank leaves
         args = build_parser().parse_args(argv)
@@ -117,6 +118,10 @@ def main(argv=None) -> int:
         return exc.exit_code
     if args.command == "run" and not args.print_job:
         return _run_command(args)
+    if launcher_rank() is not None:  # under mpirun/srun: check the launch all the same
+        code = _check_launch()
+        if code != EXIT_OK:
+            return code
     if rank != 0:
         return EXIT_OK
     from pbkd_mpi.commands.exits import failures_reported
@@ -133,6 +138,20 @@ def main(argv=None) -> int:
     else:
         from pbkd_mpi.commands.simulate import simulate_command as command
     return failures_reported(command)(args)
+
+
+def _check_launch() -> int:
+    """Under a launcher, `plan` (PBKD_COMMAND=plan in the sbatch scripts) checks that the
+    ranks joined one MPI job, as `run` would, before it prints."""
+    from mpi4py import MPI
+
+    try:
+        check_world_size(MPI.COMM_WORLD.Get_size(), os.environ)
+    except UserError as exc:
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    return EXIT_OK
 
 
 def _run_command(args) -> int:
