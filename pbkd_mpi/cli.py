@@ -117,9 +117,14 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     if args.command == "run" and not args.print_job:
-        return _run_command(args)
+        comm, code = _joined_world(run=True)
+        if code != EXIT_OK:
+            return code
+        code = _run(comm, args)
+        preemption.finalize_within()
+        return code
     if launcher_rank() is not None:  # under mpirun/srun: check the launch all the same
-        code = _check_launch()
+        _, code = _joined_world(run=False)
         if code != EXIT_OK:
             return code
     if rank != 0:
@@ -140,34 +145,22 @@ def main(argv=None) -> int:
     return failures_reported(command)(args)
 
 
-def _check_launch() -> int:
-    """Under a launcher, `plan` (PBKD_COMMAND=plan in the sbatch scripts) checks that the
-    ranks joined one MPI job, as `run` would, before it prints."""
-    from mpi4py import MPI
-
-    try:
-        check_world_size(MPI.COMM_WORLD.Get_size(), os.environ)
-    except UserError as exc:
-        if MPI.COMM_WORLD.Get_rank() == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
-    return EXIT_OK
-
-
-def _run_command(args) -> int:
+def _joined_world(run: bool):
+    """Start MPI and check that the ranks joined one MPI job (`run` notes stop signals
+    first; `plan` under a launcher, as PBKD_COMMAND=plan in the sbatch scripts, checks the
+    launch too). Returns (the world communicator, EXIT_OK or the code rank 0 explained)."""
     from mpi4py import MPI  # starts MPI: after the supervisor decided not to run instead
 
     comm = MPI.COMM_WORLD
     try:
-        preemption.install()
+        if run:
+            preemption.install()
         check_world_size(comm.Get_size(), os.environ)
     except UserError as exc:
         if comm.Get_rank() == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
-    code = _run(comm, args)
-    preemption.finalize_within()
-    return code
+        return comm, exc.exit_code
+    return comm, EXIT_OK
 
 
 def _run(comm, args) -> int:
