@@ -48,6 +48,7 @@ def test_a_keras_applications_teacher_at_224_px_within_its_budget(tmp_path):
         "--set", "data.image_size=[224, 224]", "--set", "data.scale=caffe",
         "--set", "blocks.granularity=block",
         "--set", "distill.epochs=2", "--set", "distill.batch_size=16",
+        "--set", "distill.chained_epochs=1",  # the chained inputs at 224 px, briefly
         "--set", "finetune.epochs=1", "--set", "finetune.batch_size=16",
         "--set", "accept.max_drop=1.0",  # an untrained teacher: acceptance would be noise
         "--set", "export.tflite=none", "--set", "export.saved_model=false",
