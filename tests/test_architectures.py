@@ -175,3 +175,19 @@ def test_plan_table_for_a_residual_teacher(teachers):
         assert table["totals"][key] == sum(row[key] for row in table["blocks"])
     assert all(0 < row["params_ratio"] < 1 for row in table["blocks"])
     assert table["totals"]["student_flops"] < table["totals"]["teacher_flops"]
+
+
+def test_a_graph_with_bare_operations_plans_and_counts_them_as_weightless():
+    """ConvNeXt adds its residuals with `x + y`: a keras.ops Add in the graph's operations,
+    not a Layer, without count_params; planning ended in an AttributeError."""
+    from pbkd_mpi.model.cost import layer_params
+
+    keras.utils.set_random_seed(0)
+    model = flatten_model(keras.applications.ConvNeXtTiny(
+        weights=None, input_shape=(64, 64, 3), classes=10))
+    operations = [op for op in model.operations if not hasattr(op, "count_params")]
+    assert operations and all(layer_params(op) == 0 for op in operations)
+    table = block_table(model, MULTIPLIER, "block")
+    assert table["blocks"] and all(0 < row["params_ratio"] < 1 for row in table["blocks"])
+    assert table["totals"]["teacher_params"] == sum(row["teacher_params"]
+                                                    for row in table["blocks"])

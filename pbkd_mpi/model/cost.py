@@ -60,9 +60,16 @@ def model_flops(model) -> int:
     return sum(layer_flops(layer) for layer in model.layers)
 
 
+def layer_params(layer) -> int:
+    """Parameters of a layer; 0 for a bare operation in the graph (ConvNeXt's `x + y` is a
+    keras.ops Add, which has no weights and no count_params)."""
+    count = getattr(layer, "count_params", None)
+    return int(count()) if count is not None else 0
+
+
 def layers_cost(layers) -> tuple[int, int]:
     """(params, flops) of layers that are already called on tensors."""
     return (
-        sum(layer.count_params() for layer in layers),
+        sum(layer_params(layer) for layer in layers),
         sum(layer_flops(layer) for layer in layers),
     )
