@@ -31,13 +31,12 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
-from pbkd_mpi.cache.layout import pair_bytes, part_names, require_complete
+from pbkd_mpi.cache.layout import part_names, require_complete
 from pbkd_mpi.config import DataConfig
 from pbkd_mpi.data.augment import AugmentSpec, Views
 from pbkd_mpi.data.dataset import load_checked
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.keys import model_fingerprint
-from pbkd_mpi.model.evaluate import FORWARD_BYTES
 from pbkd_mpi.model.graph import MODEL_INPUT, flatten_model
 from pbkd_mpi.model.teacher import load_model_file
 
@@ -533,14 +532,12 @@ def open_block_data(task, source: DataSource, poison: bool = False) -> BlockData
         def make(parts, shuffle, batch, poison):
             return CachedPairs(store, parts, batch, seed=task.block_seed, shuffle=shuffle,
                                poison=poison)
-    # Evaluation batches are large where samples are small, and bounded where they are
-    # not: 256 pairs of a 224 px stem block (7.7 MB a pair in float32, twice that with
-    # the student's own activations) took a worker 1.2 GB past its budget.
-    evaluate = int(max(1, min(EVAL_BATCH, FORWARD_BYTES // (2 * pair_bytes(block, 4)))))
     # The NaN fault poisons training and the calibration sample, as a broken input would.
+    # Evaluation batches: EVAL_BATCH until the task knows its student (train_block sizes
+    # them by the student's activations).
     return BlockData(train=make(train_parts, True, config.batch_size, poison),
-                     val=make(["val"], False, evaluate, False),
-                     train_eval=make(["train"], False, evaluate, poison))
+                     val=make(["val"], False, EVAL_BATCH, False),
+                     train_eval=make(["train"], False, EVAL_BATCH, poison))
 
 
 def read_pair(path: Path, fingerprint: str, split: str, input_name: str, output_name: str):

@@ -18,6 +18,7 @@ from pbkd_mpi.config import DistillConfig
 from pbkd_mpi.distill.checkpoint import epoch_checkpoint, load_state, restore
 from pbkd_mpi.distill.head_loss import HeadLoss
 from pbkd_mpi.model.cost import layers_cost
+from pbkd_mpi.model.evaluate import forward_batch
 from pbkd_mpi.model.graph import Block
 from pbkd_mpi.model.students import build_student_model, layer_weights
 from pbkd_mpi.mpi import faults
@@ -123,6 +124,9 @@ def _fit(task: BlockTask, data, callbacks, checkpoint_path: Path | None) -> dict
     for layer_name, arrays in task.initial_weights.items():
         model.get_layer(layer_name).set_weights(arrays)
     calibrate_norm(model, data.calibration(CALIBRATION_SAMPLES))
+    # Evaluation batches hold the student's activations, like every forward pass: 256
+    # samples of a 64 px block whose student was widened 4x held about 0.5 GB.
+    data.val.batch_size = data.train_eval.batch_size = forward_batch(model)
     # The loss trained and early-stopped on; the MSE is reported either way.
     model.compile(optimizer=keras.optimizers.Adam(task.config.learning_rate),
                   loss="mse" if task.head_loss is None else task.head_loss.keras_loss(),
