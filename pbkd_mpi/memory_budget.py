@@ -20,8 +20,8 @@ What a rank holds at once (every rank loads the same things, so one estimate cov
   At 224 px this is the largest part (a ResNet50 cut after conv2_block2: 54 MB a sample,
   3.5 GB a batch of 64; measured peak 4.2 GB on that rank).
 It is an estimate from below: models, optimizer state, tf.data's buffers and TensorFlow's
-own arenas come on top (on the demo under `mpiexec -n 3`, estimate 1.24 GB, measured
-peaks 1.66 GB on rank 0 and 2.11 and 2.20 GB on the workers). A job refused by it cannot
+own arenas come on top (on the demo under `mpiexec -n 3`, estimate 1.04 GB, measured
+peaks 1.70 GB on rank 0 and 2.09 and 2.18 GB on the workers). A job refused by it cannot
 fit; a job it passes is watched while it runs (output/memory.MemoryWatch) and its peaks
 are in the report.
 """
