@@ -131,7 +131,9 @@ def _check_keys_documented(report):
 
 def _run_tiny(ranks, run_dir, teacher_trained_here=True):
     started = time.monotonic()
-    result = run_mpi(ranks, ["run", TINY_JOB, "--run-dir", run_dir], timeout=240)
+    # A bar the tiny student meets (it keeps at most 0.40 of the replaced parameters).
+    result = run_mpi(ranks, ["run", TINY_JOB, "--run-dir", run_dir,
+                             "--set", "gate.min_param_reduction=0.1"], timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert time.monotonic() - started < 120
     assert "report:" in result.stdout and str(run_dir) in result.stdout
@@ -140,6 +142,8 @@ def _run_tiny(ranks, run_dir, teacher_trained_here=True):
     assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", result.stdout + result.stderr)
     assert "cuda" not in (result.stdout + result.stderr).lower()
     report = _check_report(run_dir, ranks)
+    assert report["gate"]["passed"] and [bar["name"] for bar in report["gate"]["bars"]] == [
+        "min_param_reduction"]
     assert report["teacher"]["trained_here"] is teacher_trained_here
     _check_logs(run_dir, report)
     return report
