@@ -1,10 +1,12 @@
 """Command line: parse the arguments, pick the command, end with its exit code.
 
 Commands (pbkd_mpi/commands/): `run` (the default; the demo job without a file) on every
-rank, and `plan`, `simulate`, `report`, `check` on rank 0. Every rank parses the same arguments
-before MPI starts, and only `run` starts it, so the others (and --help, --version) work
-on a login node without a process manager; rank 0 alone writes to the terminal. Any failure ends every rank with one message and one
-exit code: 2 for bad input, 75 for a stop signal, 1 for anything else.
+rank, and `plan`, `simulate`, `report`, `check` on rank 0. Every rank parses the same
+arguments before MPI starts; `run` starts MPI, the others only under a launcher (to check
+the launch), so they and --help, --version work on a login node without a process
+manager. Rank 0 alone writes to the terminal. Any failure ends every rank with one
+message and one exit code: 2 for bad input, 3 for a student that missed the job's
+[gate], 75 for a stop signal, 1 for anything else.
 
 The command modules are imported here, inside `main`, and only the one that runs: the
 modules that use Keras import it when they load, and TensorFlow must first be imported
@@ -109,7 +111,8 @@ def main(argv=None) -> int:
     # Parsed before MPI starts: `plan`, `report`, `simulate`, `check`, --help and --version
     # need no process manager (a login node has none); only `run`, and the others when a
     # launcher started them (to check the launch), start MPI.
-    rank = launcher_rank() or 0
+    launched_as = launcher_rank()  # None without a launcher
+    rank = launched_as or 0
     try:  # the same on every rank: rank 0 alone says so, every rank leaves
         args = build_parser().parse_args(argv)
     except UserError as exc:
@@ -123,7 +126,7 @@ def main(argv=None) -> int:
         code = _run(comm, args)
         preemption.finalize_within()
         return code
-    if launcher_rank() is not None:  # under mpirun/srun: check the launch all the same
+    if launched_as is not None:  # under mpirun/srun: check the launch all the same
         _, code = _joined_world(run=False)
         if code != EXIT_OK:
             return code

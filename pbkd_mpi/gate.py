@@ -33,7 +33,8 @@ def check_gate(gate: GateConfig, report: dict) -> dict:
         for batch, teacher_ms in deployment["teacher"]["latency_ms"].items():
             ratio = deployment["student"]["latency_ms"][batch] / teacher_ms
             bars.append(_bar(f"max_latency_ratio ({batch}, Keras on the CPU)",
-                             gate.max_latency_ratio, ratio, ratio <= gate.max_latency_ratio + _TOLERANCE))
+                             gate.max_latency_ratio, ratio,
+                             ratio <= gate.max_latency_ratio + _TOLERANCE))
     return {"passed": all(bar["passed"] for bar in bars), "bars": bars}
 
 

@@ -75,6 +75,7 @@ def write_inputs(path: Path, prefix, splits: dict, name: str, dtype: str,
     cache's dtype; written atomically. Returns the file's bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     shape = tuple(prefix.outputs[0].shape[1:])
+    step = forward_batch(prefix)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["fingerprint"] = fingerprint
@@ -82,7 +83,6 @@ def write_inputs(path: Path, prefix, splits: dict, name: str, dtype: str,
                 data = f.create_group(split).create_dataset(
                     name, (len(images), *shape), dtype=dtype,
                     chunks=(chunk_rows(len(images), shape, dtype), *shape))
-                step = forward_batch(prefix)
                 for start in range(0, len(images), step):
                     batch = np.asarray(images[start:start + step], np.float32)
                     data[start:start + len(batch)] = prefix.predict_on_batch(batch)

@@ -89,10 +89,13 @@ def calibrate_norm(model, x) -> None:
     ])
 
 
-def _channel_moments(feature, x, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def _channel_moments(feature, x, batch_size: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and variance of `feature`'s output over `x`, accumulated a batch at
-    a time (in float64): the whole output of 512 samples was 134 MB at 64 px, 0.8 GB at
-    224 px, on top of the batch's own activations."""
+    a time (in float64; batches of at most 64, fewer where forward_batch says): the whole
+    output of 512 samples was 134 MB at 64 px, 0.8 GB at 224 px, on top of the batch's
+    own activations."""
+    batch_size = batch_size or forward_batch(feature, largest=64)
     count, total, squares = 0, 0.0, 0.0
     for start in range(0, len(x), batch_size):
         values = np.asarray(feature.predict_on_batch(x[start:start + batch_size]), np.float64)
