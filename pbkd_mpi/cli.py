@@ -1,8 +1,8 @@
 """Command line: parse the arguments, pick the command, end with its exit code.
 
 Commands (pbkd_mpi/commands/): `run` (the default; the demo job without a file) on every
-rank, and `plan`, `simulate`, `report`, `check` on rank 0. Every rank parses the same
-arguments before MPI starts; `run` starts MPI, the others only under a launcher (to check
+rank, and `plan`, `simulate`, `report`, `check`, `baselines` on rank 0. Every rank parses
+the same arguments before MPI starts; `run` starts MPI, the others only under a launcher (to check
 the launch), so they and --help, --version work on a login node without a process
 manager. Rank 0 alone writes to the terminal. Any failure ends every rank with one
 message and one exit code: 2 for bad input, 3 for a student that missed the job's
@@ -93,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--set", action="append", default=[], metavar="gate.KEY=VALUE",
                        help="a gate bar, overriding the run's job; repeatable")
     check.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    baselines = commands.add_parser(
+        "baselines", help="train whole-model KD and from-scratch students for a finished "
+                          "run's wall time, for comparison (one process)")
+    baselines.add_argument("run", metavar="RUN_DIR", help="a finished run's directory")
+    baselines.add_argument("--budget-factor", default="1", metavar="F[,F...]",
+                           help="budgets as multiples of the run's wall time after the "
+                                "teacher (default: 1)")
+    baselines.add_argument("--budget-s", type=float, metavar="SECONDS",
+                           help="the wall time to multiply instead of the run's (needed when "
+                                "the run reused an earlier run's work)")
+    baselines.add_argument("--learning-rate", type=float, default=1e-3,
+                           help="Adam's starting rate, decayed by a cosine (default: 1e-3)")
     return parser
 
 
@@ -143,6 +155,9 @@ def main(argv=None) -> int:
         from pbkd_mpi.commands.report import report_command as command
     elif args.command == "check":
         from pbkd_mpi.commands.check import check_command as command
+    elif args.command == "baselines":
+        import_tensorflow()
+        from pbkd_mpi.commands.baselines import baselines_command as command
     else:
         from pbkd_mpi.commands.simulate import simulate_command as command
     return failures_reported(command)(args)

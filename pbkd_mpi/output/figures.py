@@ -115,11 +115,44 @@ def finetune_curves(report: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def time_to_accuracy(report: dict, path: Path) -> Path | None:
+    """Validation accuracy against wall seconds after the teacher: this run and the baselines."""
+    baselines = report.get("baselines")
+    finetune = report["finetune"]
+    if not baselines:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    # Fine-tuning's epochs at their training seconds, its set-up and validation put before
+    # the first: the run's own curve, ending at its total.
+    total = baselines["method_s"]
+    start = total - sum(finetune.get("epoch_seconds") or [])
+    times = [start]
+    for seconds in finetune.get("epoch_seconds") or []:
+        times.append(times[-1] + seconds)
+    values = [finetune["val_accuracy_before"], *finetune["history"]["val_accuracy"]]
+    ax.plot(times[:len(values)], values, marker="o", markersize=3, color="black",
+            label="pbkd_mpi (merged, then fine-tuning)")
+    names = {"kd": "whole-model KD", "scratch": "from scratch"}
+    for row in baselines["results"]:
+        seconds, accuracy = zip(*row["curve"]) if row["curve"] else ((), ())
+        ax.plot(seconds, accuracy, marker=".", markersize=3,
+                label=f"{names[row['method']]}, x{row['factor']:g} budget")
+    ax.axhline(report["teacher"]["accuracy"], color="grey", linestyle="--", linewidth=1,
+               label="teacher (test)")
+    ax.set_xlabel("wall seconds after the teacher")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Time to accuracy")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 FIGURES = {
     "timeline.png": timeline,
     "block_costs.png": block_costs,
     "block_losses.png": block_losses,
     "finetune.png": finetune_curves,
+    "time_to_accuracy.png": time_to_accuracy,
 }
 
 

@@ -16,11 +16,28 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
     return json_path, render_report(run_dir, report)
 
 
+BASELINES_FILE = "baselines.json"
+
+
 def render_report(run_dir: Path, report: dict) -> Path:
-    """report.md and its pictures, from the report dict alone (`report RUN_DIR` redraws)."""
+    """report.md and its pictures, from the report dict and, where the `baselines` command
+    measured this run, RUN/baselines.json (`report RUN_DIR` redraws)."""
     md_path = Path(run_dir) / "report.md"
+    baselines = load_baselines(run_dir, report)
+    if baselines is not None:
+        report = {**report, "baselines": baselines}
     atomic.write_text(md_path, render_markdown(report, draw_all(report, run_dir)))
     return md_path
+
+
+def load_baselines(run_dir, report: dict) -> dict | None:
+    """RUN/baselines.json when it was measured against this very run (a later run in the
+    same directory makes it stale: its budget and student were another run's)."""
+    try:
+        baselines = json.loads((Path(run_dir) / BASELINES_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return baselines if baselines.get("run_wall_s") == report.get("wall_s") else None
 
 
 def load_report(run_dir) -> dict:
@@ -133,6 +150,7 @@ def render_markdown(report: dict, figures: dict | None = None) -> str:
              *_phase_lines(report), *_block_lines(report)]
     lines += _acceptance_lines(report)
     lines += _chained_lines(report.get("chained"))
+    lines += _baseline_lines(report)
     if report["failed_blocks"]:
         lines += ["", "## Failed blocks (kept the teacher's layers)", "",
                   "| block | attempts | last error (rank) |", "|---|---|---|"]
@@ -312,6 +330,33 @@ def _chained_lines(chained: dict | None) -> list[str]:
         lines.append(f"| {row['name']} | {row['val_mse_before']:.4g} | {row['val_mse']:.4g} "
                      f"| {accuracy} | {row['epochs']} | {'yes' if row['kept'] else 'no'} "
                      f"| {row['seconds']:.1f} |")
+    return lines
+
+
+def _baseline_lines(report: dict) -> list[str]:
+    """The `baselines` command's table: what the same wall time buys otherwise."""
+    baselines = report.get("baselines")
+    if not baselines:
+        return []
+    budget = ("given with --budget-s" if baselines["budget_given"] else
+              "this run's wall time after the teacher")
+    student = report["student"]
+    lines = ["", "## What it buys", "",
+             f"The student's graph with fresh weights, trained on one process for the "
+             f"same wall time ({baselines['method_s']:.0f} s, {budget}) or a multiple: "
+             f"whole-model KD (keras.distillation, the teacher running live, T and alpha "
+             f"of this run) and plain training on labels; Adam "
+             f"{baselines['learning_rate']:g}, cosine over the epochs that fit, the best "
+             f"validation epoch kept. Peak RSS {baselines['peak_rss_mb']:,} MB.", "",
+             "| method | wall time | epochs | val | test |", "|---|---|---|---|---|",
+             f"| pbkd_mpi (this run) | {baselines['method_s']:.0f} s | | "
+             f"{_pct(student['val_accuracy_finetuned'])} | "
+             f"{_pct(student['accuracy_finetuned'])} |"]
+    names = {"kd": "whole-model KD", "scratch": "from scratch on labels"}
+    for row in baselines["results"]:
+        lines.append(f"| {names[row['method']]}, x{row['factor']:g} | {row['used_s']:.0f} s "
+                     f"| {row['epochs']} | {_pct(row['val_accuracy'])} | "
+                     f"{_pct(row['test_accuracy'])} |")
     return lines
 
 

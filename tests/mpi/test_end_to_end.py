@@ -197,6 +197,39 @@ def test_tiny_job_end_to_end_with_three_ranks_then_again(tiny_run):
     assert second["student"]["accuracy_finetuned"] == first["student"]["accuracy_finetuned"]
 
 
+def test_baselines_train_kd_and_scratch_for_the_runs_time_and_extend_its_report(tiny_run,
+                                                                                 tmp_path):
+    # A copy: the run directory may move, and the other tests keep the original.
+    run_dir = tmp_path / "moved"
+    shutil.copytree(tiny_run[0], run_dir)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "pbkd_mpi", "baselines", run_dir, "--budget-s", "3",
+         "--budget-factor", "1,2"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert time.monotonic() - started < 60
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads((run_dir / "report.json").read_text())
+    assert figures["budget_s"] == 3.0 and set(figures["by_factor"]) == {"1", "2"}
+    assert figures["pbkd_test"] == report["student"]["accuracy_finetuned"]
+    for entry in figures["by_factor"].values():
+        assert entry["margin"] == pytest.approx(
+            entry["pbkd_test"] - max(entry["kd_test"], entry["scratch_test"]))
+    saved = json.loads((run_dir / "baselines.json").read_text())
+    assert [(r["factor"], r["method"]) for r in saved["results"]] == [
+        (1.0, "kd"), (1.0, "scratch"), (2.0, "kd"), (2.0, "scratch")]
+    assert saved["run_wall_s"] == report["wall_s"] and saved["peak_rss_mb"] > 0
+    markdown = (run_dir / "report.md").read_text()
+    assert "## What it buys" in markdown and "| whole-model KD, x2 |" in markdown
+    assert "time_to_accuracy.png" in markdown and (run_dir / "time_to_accuracy.png").is_file()
+    # Redrawn from report.json and baselines.json alike.
+    redrawn = subprocess.run([sys.executable, "-m", "pbkd_mpi", "report", run_dir],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert redrawn.returncode == 0 and "## What it buys" in (run_dir / "report.md").read_text()
+
+
 def _assert_clean_failure(result, elapsed, message):
     assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
     assert elapsed < 60

@@ -1,0 +1,148 @@
+"""What the method buys: the usual alternatives trained for the same wall time.
+
+Two baselines, each on a fresh copy of the student's graph (same layers, new weights):
+
+- `kd`: whole-model knowledge distillation with keras.distillation.Distiller, the teacher
+  running live, Hinton's loss at the run's temperature and alpha;
+- `scratch`: the student graph trained on labels alone.
+
+Both follow one recipe (`train_within_budget`): Adam, a cosine decay over the epochs that
+fit the budget (re-estimated after every epoch from the epochs' measured times), the
+validation accuracy after each epoch, the best epoch's weights kept, the test split read
+once at the end. Data are read as everywhere else: in-memory arrays as they are, image
+folders and HDF5 a batch at a time (data/images.keras_batches).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import replace
+
+from pbkd_mpi.config import FinetuneConfig
+from pbkd_mpi.data.images import keras_batches
+from pbkd_mpi.errors import UserError
+from pbkd_mpi.finetune.train import learning_rate
+from pbkd_mpi.model.evaluate import accuracy
+from pbkd_mpi.model.logits import logits_model
+
+METHODS = ("kd", "scratch")
+
+
+def fresh_copy(model):
+    """`model`'s graph with newly initialised weights (each layer's own initialisers)."""
+    import keras
+
+    return keras.models.clone_model(model)
+
+
+def kd_model(teacher, student, temperature: float, alpha: float, rate: float):
+    """A compiled keras.distillation.Distiller training `student` on `teacher`'s soft
+    targets: alpha x T^2 x KL(teacher || student) + (1 - alpha) x cross-entropy on labels,
+    the loss finetune.train.make_loss computes from cached logits.
+
+    Both models enter as logit twins (model/logits.logits_model), and the KL term is a
+    `keras.losses.KLDivergence()` instance: with the default `loss="kl_divergence"` Keras
+    3.15 resolves a plain function that skips the softmax and compares raw logits / T, and
+    the student stays at chance (tests/test_baselines.py guards this)."""
+    import keras
+
+    distiller = keras.distillation.Distiller(
+        teacher=logits_model(teacher), student=logits_model(student),
+        distillation_losses=keras.distillation.LogitsDistillation(
+            temperature=temperature, loss=keras.losses.KLDivergence()),
+        student_loss_weight=1.0 - alpha)
+    distiller.compile(optimizer=keras.optimizers.Adam(rate),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return distiller
+
+
+def scratch_model(student, rate: float):
+    """`student`'s logit twin compiled for cross-entropy on labels."""
+    import keras
+
+    model = logits_model(student)
+    model.compile(optimizer=keras.optimizers.Adam(rate),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def train_within_budget(trainable, student, dataset, budget_s: float, batch_size: int,
+                        rate: float, seed: int, log=print, label: str = "",
+                        clock=time.monotonic) -> dict:
+    """Train `trainable` (a compiled model whose fit trains `student`'s variables) epoch by
+    epoch while another epoch fits in `budget_s` wall seconds (at least one epoch runs);
+    score `student` on validation after each, keep the best epoch's weights, and score it
+    on the test split once. Returns the figures, with the validation curve against the
+    seconds since training began."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    x, y = keras_batches(dataset.x_train, dataset.y_train, batch_size, shuffle=True, seed=seed)
+    schedule = FinetuneConfig(learning_rate=rate, schedule="cosine")
+    started = clock()
+    epoch_seconds, curve, rates = [], [], []
+    best_val, best_epoch, best_weights, planned = -1.0, 0, None, 1
+    while True:
+        epoch = len(epoch_seconds) + 1
+        rates.append(learning_rate(replace(schedule, epochs=planned), epoch))
+        trainable.optimizer.learning_rate.assign(rates[-1])
+        began = clock()
+        trainable.fit(x, y, batch_size=batch_size if y is not None else None, epochs=1,
+                      shuffle=True, verbose=0)
+        val = accuracy(student, dataset.x_val, dataset.y_val)
+        epoch_seconds.append(clock() - began)
+        elapsed = clock() - started
+        curve.append([elapsed, val])
+        if val > best_val:
+            best_val, best_epoch, best_weights = val, epoch, student.get_weights()
+        # The first epoch traces the graph: later ones say what an epoch costs.
+        typical = statistics.median(epoch_seconds[1:] or epoch_seconds)
+        planned = epoch + int(max(0.0, budget_s - elapsed) // typical)
+        log(f"{label}: epoch {epoch}/{planned}, validation accuracy {val:.4f} "
+            f"({elapsed:.0f} s of {budget_s:.0f} s)")
+        if epoch >= planned:
+            break
+    student.set_weights(best_weights)
+    x_test, y_test = dataset.test_split()
+    return {"budget_s": budget_s, "used_s": clock() - started, "epochs": len(epoch_seconds),
+            "best_epoch": best_epoch, "val_accuracy": best_val,
+            "test_accuracy": accuracy(student, x_test, y_test),
+            "learning_rates": rates, "curve": curve}
+
+
+def run_baseline(method: str, teacher, student_graph, dataset, budget_s: float, *,
+                 batch_size: int, rate: float, temperature: float, alpha: float, seed: int,
+                 log=print, label: str = "") -> dict:
+    """One baseline (`kd` or `scratch`) on a fresh copy of `student_graph`."""
+    student = fresh_copy(student_graph)
+    if method == "kd":
+        trainable = kd_model(teacher, student, temperature, alpha, rate)
+    elif method == "scratch":
+        trainable = scratch_model(student, rate)
+    else:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, received {method!r}")
+    result = train_within_budget(trainable, logits_model(student), dataset, budget_s,
+                                 batch_size, rate, seed, log=log, label=label or method)
+    return {"method": method, **result}
+
+
+# The phases that make the student once the teacher exists: a baseline gets their time.
+METHOD_PHASES = ("blocks", "cache", "profile", "distill", "accept", "chain", "assemble",
+                 "finetune")
+
+
+def method_seconds(report: dict) -> float:
+    """The run's wall seconds after the teacher (its METHOD_PHASES), from report.json.
+    Refused when the run reused work of an earlier run: its time would undercount."""
+    reused = [what for what, flag in (
+        ("the activation cache", (report.get("cache") or {}).get("reused")),
+        (f"{(report.get('distill') or {}).get('reused_blocks')} block(s)",
+         (report.get("distill") or {}).get("reused_blocks")),
+        ("the fine-tuned student", (report.get("finetune") or {}).get("reused"))) if flag]
+    if reused:
+        raise UserError(
+            f"the run reused {', '.join(reused)} of an earlier run, so its wall time "
+            f"undercounts what the method costs. Give the budget yourself (--budget-s, e.g. "
+            f"the first run's time) or use a run made from scratch (run --fresh).")
+    return float(sum(report["phases"].get(name, 0.0) for name in METHOD_PHASES))
