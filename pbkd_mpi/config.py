@@ -98,9 +98,34 @@ class StudentConfig:
         "Student family: `separable` (depthwise + pointwise 1x1 + BN for a conv group, which "
         "starts from the teacher's factorised kernel; two separable units for a multi-layer "
         "block) or `inverted_residual` (MobileNetV2-style 1x1 expansion, depthwise, linear "
-        "1x1 projection, starting fresh). Both keep a skip connection where the block's input "
-        "and output shapes match, except a single separable conv.",
-        choices=("separable", "inverted_residual"),
+        "1x1 projection, starting fresh) or `low_rank` (dense: the teacher's kxk conv to r "
+        "channels then a 1x1 conv, starting from the kernel's rank-r SVD; a plain 3x3 + 1x1 "
+        "pair for a multi-layer block; r sized by `target_params`, else to a quarter of the "
+        "block's parameters). All keep a skip connection where the block's input and output "
+        "shapes match, except a single conv.",
+        choices=("separable", "inverted_residual", "low_rank"),
+    )
+    fallback_family: str = _opt(
+        "low_rank",
+        "For a block whose student of the chosen family would not be smaller than the block "
+        "(a 1x1 conv, the pointwise conv of a depthwise network): this family instead, if "
+        "its student is smaller; `none` leaves such blocks the teacher's.",
+        choices=("low_rank", "separable", "inverted_residual", "none"),
+    )
+    target_params: float = _opt(
+        0.0,
+        "Each student's parameters as a fraction of its block's, e.g. 0.3, so the whole "
+        "student's replaced parameters meet it too: each student's width (the rank of a "
+        "`low_rank` student) is chosen to meet it; a single conv in the `separable` family, "
+        "whose size `depth_multiplier` alone sets, gets the `low_rank` student instead. "
+        "Every block gets the same share. 0: no target.",
+        min=0.0, max=1.0,
+    )
+    min_ratio: float = _opt(
+        0.02,
+        "`plan` and `run` warn about a student with fewer than this fraction of its block's "
+        "parameters: it is unlikely to learn the block.",
+        min=0.0, max=1.0,
     )
     family_overrides: tuple[str, ...] = _opt(
         [],
@@ -125,8 +150,15 @@ class BlocksConfig:
         "right after it), `block` (the segments between tensors that every path from input to "
         "output passes, such as residual blocks with their skip connection), `stage` (`block` "
         "segments merged while the spatial size stays the same). Blocks whose student would "
-        "not be smaller than the teacher block (1x1 convs) stay the teacher's.",
+        "not be smaller than the teacher block in any family stay the teacher's.",
         choices=("layer", "block", "stage"),
+    )
+    max_share: float = _opt(
+        0.9,
+        "A block holding more than this share of the teacher's parameters in blocks is too "
+        "big to distil well: a stage is cut back into its blocks; a block that has no inner "
+        "cut point is kept and `plan` and `run` warn about it.",
+        min=0.0, max=1.0,
     )
     explicit: tuple[str, ...] = _opt(
         [],
@@ -578,11 +610,11 @@ def validate_job(job: Job) -> None:
             )
     for item in job.student.family_overrides:
         pattern, sep, family = item.partition("=")
-        if not (sep and pattern.strip()) or family.strip() not in ("separable",
-                                                                   "inverted_residual"):
+        if not (sep and pattern.strip()) or family.strip() not in (
+                "separable", "inverted_residual", "low_rank"):
             raise UserError(
                 f"student.family_overrides expects entries \"pattern=family\" with family "
-                f"separable or inverted_residual, received {item!r}."
+                f"separable, inverted_residual or low_rank, received {item!r}."
             )
     for item in job.schedule.split_blocks:
         pattern, sep, ways = item.partition("=")

@@ -22,7 +22,7 @@ from pbkd_mpi.keys import model_fingerprint
 from pbkd_mpi.model.assemble import stitch_student
 from pbkd_mpi.model.evaluate import test_accuracies
 from pbkd_mpi.model.graph import flatten_model
-from pbkd_mpi.model.selection import job_blocks
+from pbkd_mpi.model.selection import job_blocks, job_warnings
 from pbkd_mpi.model.teacher import load_teacher, save_model_atomically
 from pbkd_mpi.mpi import phases, preemption, supervisor
 from pbkd_mpi.mpi.phases import WorkerContext
@@ -60,7 +60,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
         # boundary is a layer of the teacher whose output the cache can read.
         teacher = flatten_model(teacher)
         blocks = job_blocks(teacher, job)
-    log(f"blocks: {len(blocks)} ({', '.join(b.name for b in blocks)})")
+    _log_blocks(blocks, job, log)
     memory = _check_memory(job, dataset, teacher, blocks, ranks_on_node, log)
     coordinator.silence_limit_s = job.tasks.silence_limit_s
     coordinator.broadcast(WorkerContext(job, str(run_dir), teacher_file, dataset.fingerprint(),
@@ -114,6 +114,12 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
     write_report(run_dir, report)
     log.clear_status()
     return report
+
+
+def _log_blocks(blocks, job, log) -> None:
+    log(f"blocks: {len(blocks)} ({', '.join(f'{b.name} ({b.family})' for b in blocks)})")
+    for warning in job_warnings(blocks, job):
+        log(f"warning: {warning}")
 
 
 def _check_memory(job: Job, dataset, teacher, blocks, ranks_on_node: int, log):

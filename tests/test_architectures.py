@@ -12,7 +12,7 @@ from keras import layers
 
 from pbkd_mpi.model.assemble import assemble_student, copy_block, rewrite
 from pbkd_mpi.model.graph import GRANULARITIES, find_blocks, flatten_model
-from pbkd_mpi.model.selection import block_table, select_blocks
+from pbkd_mpi.model.selection import block_table, block_table_of, plan_warnings, select_blocks
 from pbkd_mpi.model.students import build_student_model, layer_weights, student_cost
 
 
@@ -150,7 +150,11 @@ def test_residual_architectures_get_their_residual_blocks(teachers):
     # The other inverted-residual blocks have no skip connection, so each of their layers
     # is a cut point; the depthwise conv binds its expansion and projection into one block.
     chained = {b.name: b for b in select_blocks(teachers["MobileNetV2"], "block", MULTIPLIER)}
-    assert len(chained) == 17  # the stem conv and block_1 ... block_16
+    separable = [name for name, b in chained.items() if b.family == "separable"]
+    assert len(separable) == 17  # the stem conv and block_1 ... block_16
+    # The first unit (depthwise and projection, no expansion) has no smaller separable
+    # student: the dense low-rank pair replaces it.
+    assert chained["expanded_conv_project_BN"].family == "low_rank"
     first = chained["block_1_project_BN"]
     assert first.layers[0] == "block_1_expand" and first.strides == (2, 2)
     assert first.final_activation == "linear" and first.input_boundary == "expanded_conv_project_BN"
@@ -191,3 +195,48 @@ def test_a_graph_with_bare_operations_plans_and_counts_them_as_weightless():
     assert table["blocks"] and all(0 < row["params_ratio"] < 1 for row in table["blocks"])
     assert table["totals"]["teacher_params"] == sum(row["teacher_params"]
                                                     for row in table["blocks"])
+
+
+@pytest.mark.parametrize("name", ["VGG16", "ResNet50", "MobileNetV2", "EfficientNetB0"])
+def test_a_parameter_target_sizes_every_student(teachers, name):
+    teachers.setdefault(name, _build(name))
+    blocks = select_blocks(teachers[name], "block", MULTIPLIER, target=0.3)
+    totals = block_table_of(blocks, MULTIPLIER)["totals"]
+    assert 0.27 <= totals["student_params"] / totals["teacher_params"] <= 0.33
+    # Single convs (VGG16's, the stems) can meet a target only in the low-rank form.
+    assert all(b.family == "low_rank" for b in blocks if b.kind == "conv")
+
+
+def test_depthwise_networks_get_a_block_per_pointwise_conv_and_a_plan_per_granularity():
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNet(weights=None, input_shape=(64, 64, 3), classes=10)
+    layer = select_blocks(model, "layer", MULTIPLIER)
+    assert len(layer) == 14  # the stem and the 13 pointwise convs; not the classifier
+    assert all(b.family == "low_rank" for b in layer[1:])
+    assert "conv_preds" not in {b.name for b in layer}
+    stage = select_blocks(model, "stage", MULTIPLIER)  # no separable student was smaller
+    assert stage and all(student_cost(b, MULTIPLIER)[0] < b.teacher_params for b in stage)
+    none = select_blocks(model, "layer", MULTIPLIER, fallback="none")
+    assert [b.name for b in none] == ["conv1"]
+
+
+def test_plan_warns_about_a_block_too_big_and_a_student_too_small():
+    inputs = keras.Input((16, 16, 3))
+    x = layers.Conv2D(8, 3, padding="same", activation="relu", name="small")(inputs)
+    x = layers.Conv2D(256, 3, padding="same", activation="relu", name="big")(x)
+    model = keras.Model(inputs, layers.GlobalAveragePooling2D()(x))
+    blocks = select_blocks(model, "layer", 1)
+    warnings = plan_warnings(blocks, 1, max_share=0.5, min_ratio=0.2)
+    assert len(warnings) == 2 and all("'big'" in w for w in warnings)
+    assert "holds 99% of the parameters" in warnings[0] and "blocks.explicit" in warnings[0]
+    assert "student.min_ratio" in warnings[1]
+    assert plan_warnings(blocks, 1, max_share=1.0, min_ratio=0.0) == []
+
+
+def test_a_stage_over_the_size_limit_is_cut_back_into_its_blocks(teachers):
+    teachers.setdefault("ResNet50", _build("ResNet50"))
+    whole = {b.name for b in select_blocks(teachers["ResNet50"], "stage", MULTIPLIER)}
+    cut = {b.name for b in select_blocks(teachers["ResNet50"], "stage", MULTIPLIER,
+                                         max_share=0.4)}
+    assert "conv5_block3_out" in whole and "conv5_block3_out" in cut
+    assert "conv5_block1_out" not in whole and "conv5_block1_out" in cut

@@ -4,7 +4,7 @@ import pytest
 from keras import layers
 
 from pbkd_mpi.model.graph import find_blocks
-from pbkd_mpi.model.students import build_student_model, initial_weights
+from pbkd_mpi.model.students import build_student_model, initial_weights, with_family
 
 
 def _model(stride, padding, ending):
@@ -105,3 +105,63 @@ def test_inverted_residual_family_and_width_multiplier(granularity):
         assert initial_weights(narrow, _residual_model()) == {}  # starts fresh
     with pytest.raises(ValueError, match="student family among"):
         with_family(block, "mobilenet")
+
+
+def _relative_error(student, teacher_block, x):
+    target = teacher_block(x)
+    return float(np.mean((student(x) - target) ** 2) / np.mean(target ** 2))
+
+
+@pytest.mark.parametrize("stride, padding, ending", [(1, "same", "relu"), (2, "valid", "swish")])
+def test_low_rank_student_keeps_the_shape_and_starts_from_the_kernels_svd(
+        stride, padding, ending, tmp_path):
+    model = _model(stride, padding, ending)
+    (found,) = find_blocks(model)
+    block = with_family(found, "low_rank", depth_multiplier=1, target=0.3)
+    student = build_student_model(block)
+    assert tuple(student.output.shape[1:]) == block.output_shape
+    reduce = student.get_layer("conv_student_reduce")
+    assert reduce.strides == (stride, stride) and reduce.padding == padding
+    rank_cost = 9 * 6 + 12  # one more rank: a 3x3x6 filter and a 12-wide pointwise row
+    assert abs(student.count_params() - 0.3 * block.teacher_params) <= rank_cost
+    teacher_block = keras.Model(model.input, model.get_layer(block.output_boundary).output)
+    x = np.random.default_rng(1).normal(size=(32, 9, 9, 6)).astype("float32")
+    fresh = _relative_error(student, teacher_block, x)
+    for name, arrays in initial_weights(block, model).items():
+        student.get_layer(name).set_weights(arrays)
+    started = _relative_error(student, teacher_block, x)
+    assert started < fresh, (started, fresh)  # a random kernel: a flat spectrum
+    # The effective kernel is the rank-r truncated SVD of the (3x3x6) x 12 kernel matrix.
+    effective = np.einsum("hwcr,ro->hwco", reduce.get_weights()[0],
+                          student.get_layer("conv_student_pw").get_weights()[0][0, 0])
+    kernel = model.get_layer("conv").kernel.numpy()
+    sigma = np.linalg.svd(kernel.reshape(54, 12), compute_uv=False)
+    np.testing.assert_allclose(np.linalg.norm(effective - kernel),
+                               np.sqrt(np.sum(sigma[block.width:] ** 2)), rtol=1e-4)
+    student.save(tmp_path / "student.keras")
+    loaded = keras.saving.load_model(tmp_path / "student.keras")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), student.predict(x, verbose=0),
+                               atol=1e-5)
+
+
+def test_low_rank_rank_doubles_with_the_depth_multiplier():
+    (found,) = find_blocks(_model(1, "same", "relu"))
+    block = with_family(found, "low_rank", depth_multiplier=2)
+    narrow, wide = build_student_model(block, 2), build_student_model(block, 4)
+    assert narrow.get_layer("conv_student_reduce").filters == 2 * block.width
+    assert wide.get_layer("conv_student_reduce").filters == 4 * block.width
+    assert narrow.count_params() < wide.count_params() and narrow.count_params() < (
+        found.teacher_params)
+
+
+def test_low_rank_segment_student_keeps_a_residual_blocks_shape():
+    inputs = keras.Input((8, 8, 16))
+    y = layers.Conv2D(16, 3, padding="same", activation="relu", name="c1")(inputs)
+    y = layers.Conv2D(16, 3, padding="same", name="c2")(y)
+    x = layers.ReLU(name="out")(layers.Add(name="add")([inputs, y]))
+    model = keras.Model(inputs, layers.Conv2D(8, 3, strides=2, name="tail")(x))
+    block = next(b for b in find_blocks(model, "block") if b.name == "out")
+    student = build_student_model(with_family(block, "low_rank", target=0.3))
+    assert tuple(student.output.shape[1:]) == (8, 8, 16)
+    assert "out_student_add" in {layer.name for layer in student.layers}
+    assert student.count_params() < 0.4 * block.teacher_params

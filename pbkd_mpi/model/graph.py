@@ -62,7 +62,7 @@ class Block:
     width: int = 0
     convs: int = 1  # full Conv2D layers in the teacher block
     repeats: int = 1  # a stage: how many conv segments it merges (the student repeats as many)
-    family: str = "separable"  # the student family: "separable" or "inverted_residual"
+    family: str = "separable"  # the student family, one of students.FAMILIES
 
     def to_dict(self) -> dict:
         return asdict(self)

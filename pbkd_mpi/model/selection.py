@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.model.graph import find_blocks
-from pbkd_mpi.model.students import family_for, student_cost, with_family, worthwhile
+from pbkd_mpi.model.students import family_for, is_smaller, student_cost, with_family
 
 
 def granularity_of(blocks_config):
@@ -24,21 +24,71 @@ def granularity_of(blocks_config):
 
 def select_blocks(teacher, granularity="layer", depth_multiplier: int = 1,
                   family: str = "separable", width_multiplier: float = 1.0,
-                  family_overrides=()) -> list:
+                  family_overrides=(), *, fallback: str = "low_rank",
+                  target: float | None = None, max_share: float = 1.0) -> list:
     """The blocks that become tasks: those found at `granularity` whose student (of the
     given family, or the first `"pattern=family"` override matching the block's name, and
-    width) is smaller than the teacher block (the others stay the teacher's)."""
-    found = [with_family(block, family_for(block.name, family, family_overrides),
-                         width_multiplier)
-             for block in find_blocks(teacher, granularity)]
-    blocks = worthwhile(found, depth_multiplier)
+    width, or `target` share of the block's parameters) is smaller than the teacher block;
+    where it is not, the `fallback` family's student if that one is (else the block stays
+    the teacher's). At `stage` granularity a stage over `max_share` of the parameters is
+    cut back into its blocks."""
+    found = _found_blocks(teacher, granularity, max_share)
+    blocks = []
+    for block in found:
+        chosen = family_for(block.name, family, family_overrides)
+        # A conv on a 1x1 map is a dense layer (MobileNet's classifier): no fallback there.
+        dense = tuple(block.output_shape[:-1]) == (1, 1)
+        for choice in dict.fromkeys([chosen] if dense else [chosen, fallback]):
+            if choice == "none":
+                continue
+            candidate = with_family(block, choice, width_multiplier, depth_multiplier, target)
+            if is_smaller(candidate, depth_multiplier):
+                blocks.append(candidate)
+                break
     if not blocks:
         raise UserError(
             f"No block of the teacher {teacher.name!r} at granularity {granularity!r} has a "
-            f"student smaller than itself (1x1 convs are already pointwise); try another "
-            f"granularity."
+            f"student smaller than itself in family {family!r} or {fallback!r}; try another "
+            f"granularity or student.fallback_family = \"low_rank\"."
         )
     return blocks
+
+
+def _found_blocks(teacher, granularity, max_share: float) -> list:
+    found = find_blocks(teacher, granularity)
+    if granularity != "stage":
+        return found
+    total = sum(block.teacher_params for block in found)
+    inner = find_blocks(teacher, "block")
+    kept = []
+    for block in found:
+        if block.teacher_params > max_share * total and block.repeats > 1:
+            members = set(block.layers)
+            kept.extend(b for b in inner if set(b.layers) <= members)
+        else:
+            kept.append(block)
+    return kept
+
+
+def plan_warnings(blocks, depth_multiplier: int, max_share: float, min_ratio: float) -> list:
+    """What a user should know before distilling these blocks: a block too big to learn
+    alone, a student too small to learn its block."""
+    total = sum(block.teacher_params for block in blocks)
+    warnings = []
+    for block in blocks:
+        share = block.teacher_params / max(total, 1)
+        if share > max_share:
+            warnings.append(
+                f"block {block.name!r} holds {share:.0%} of the parameters in blocks "
+                f"({len(block.layers)} layers) and has no inner cut point to split it at; "
+                f"name smaller blocks with blocks.explicit, or use granularity \"layer\".")
+        ratio = student_cost(block, depth_multiplier)[0] / max(block.teacher_params, 1)
+        if ratio < min_ratio:
+            warnings.append(
+                f"block {block.name!r}: its student has {ratio:.2%} of the block's "
+                f"parameters (under student.min_ratio {min_ratio}) and is unlikely to learn "
+                f"it; raise student.target_params or use a finer granularity.")
+    return warnings
 
 
 def job_blocks(teacher, job, granularity=None) -> list:
@@ -46,7 +96,15 @@ def job_blocks(teacher, job, granularity=None) -> list:
     student = job.student
     return select_blocks(teacher, granularity or granularity_of(job.blocks),
                          student.depth_multiplier, student.family, student.width_multiplier,
-                         student.family_overrides)
+                         student.family_overrides, fallback=student.fallback_family,
+                         target=student.target_params or None,
+                         max_share=job.blocks.max_share)
+
+
+def job_warnings(blocks, job) -> list:
+    """`plan_warnings` with the job's limits."""
+    return plan_warnings(blocks, job.student.depth_multiplier, job.blocks.max_share,
+                         job.student.min_ratio)
 
 
 def block_table(teacher, depth_multiplier: int = 1, granularity="layer",
@@ -65,6 +123,7 @@ def block_table_of(blocks, depth_multiplier: int) -> dict:
             "name": block.name,
             "kind": block.kind,
             "family": block.family,
+            "width": block.width,
             "layers": list(block.layers),
             "input_shape": list(block.input_shape),
             "output_shape": list(block.output_shape),

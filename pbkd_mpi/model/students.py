@@ -10,6 +10,13 @@ width, the second to the segment's output channels; when the segment keeps its i
 shape, the stack is a residual branch added to the input, as in the teacher. Then the
 teacher block's final activation.
 
+The `low_rank` family is dense: a conv group becomes the teacher's kxk conv to r channels
+then a 1x1 conv to the output channels (+ BN, activation), started from the rank-r SVD of
+the teacher's kernel; a segment becomes a plain pair (3x3 conv to r channels, BN, ReLU,
+1x1 conv, BN, the skip connection where the shapes match). Its rank follows a parameter
+ratio, so it also replaces what a separable student cannot shrink (1x1 convs, the
+pointwise halves of depthwise networks).
+
 Layer names derive from the block's name, so the weights trained on a worker find their
 layers in the assembled student by name.
 """
@@ -135,13 +142,56 @@ def apply_inverted_residual_student(block: Block, tensor):
     return x
 
 
-FAMILIES = ("separable", "inverted_residual")
+def apply_low_rank_student(block: Block, tensor, depth_multiplier: int = 1):
+    """The dense low-rank student; its rank is `block.width` times the depth multiplier,
+    so that acceptance's wider retrain widens it as it widens the separable family."""
+    prefix = f"{block.name}_student"
+    rank = block.width * depth_multiplier
+    if block.kind == "conv":
+        x = keras.layers.Conv2D(rank, block.kernel_size, strides=block.strides,
+                                padding=block.padding, dilation_rate=block.dilation_rate,
+                                use_bias=False, name=f"{prefix}_reduce")(tensor)
+        x = keras.layers.Conv2D(block.output_shape[-1], 1, use_bias=False,
+                                name=f"{prefix}_pw")(x)
+        x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn")(x)
+        if block.final_activation != "linear":
+            x = make_activation(block.final_activation, f"{prefix}_act")(x)
+        return x
+    out = _plain_pair(f"{prefix}_1", tensor, rank, block.output_shape[-1], block.strides)
+    if tuple(block.input_shape) == tuple(block.output_shape):
+        out = keras.layers.Add(name=f"{prefix}_add")([tensor, out])
+    if block.final_activation != "linear":
+        out = make_activation(block.final_activation, f"{prefix}_act")(out)
+    for repeat in range(2, block.repeats + 1):
+        inner = f"{prefix}_r{repeat}"
+        step = _plain_pair(inner, out, rank, block.output_shape[-1], (1, 1))
+        out = keras.layers.Add(name=f"{inner}_add")([out, step])
+        if block.final_activation != "linear":
+            out = make_activation(block.final_activation, f"{inner}_act")(out)
+    return out
+
+
+def _plain_pair(prefix, tensor, rank, channels, strides):
+    x = keras.layers.Conv2D(rank, 3, strides=strides, padding="same", use_bias=False,
+                            name=f"{prefix}_reduce")(tensor)
+    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_reduce_bn")(x)
+    x = keras.layers.ReLU(name=f"{prefix}_reduce_act")(x)
+    x = keras.layers.Conv2D(channels, 1, use_bias=False, name=f"{prefix}_pw")(x)
+    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn")(x)
+
+
+FAMILIES = ("separable", "inverted_residual", "low_rank")
+# The low-rank student's parameters over its block's when no target says otherwise: about
+# what the separable student of a 3x3 conv costs at the default depth multiplier.
+LOW_RANK_RATIO = 0.25
 
 
 def apply_student(block: Block, tensor, depth_multiplier: int = 1):
     """The block's student, fresh layers, applied to `tensor`."""
     if block.family == "inverted_residual":
         return apply_inverted_residual_student(block, tensor)
+    if block.family == "low_rank":
+        return apply_low_rank_student(block, tensor, depth_multiplier)
     if block.family != "separable":
         raise ValueError(f"Expected a student family among {FAMILIES}, received "
                          f"{block.family!r} for block {block.name!r}.")
@@ -160,11 +210,39 @@ def family_for(name: str, default: str, overrides=()) -> str:
     return default
 
 
-def with_family(block: Block, family: str = "separable", width_multiplier: float = 1.0) -> Block:
-    """The block with the job's student family and internal width."""
+def with_family(block: Block, family: str = "separable", width_multiplier: float = 1.0,
+                depth_multiplier: int = 1, target: float | None = None) -> Block:
+    """The block with the job's student family and internal width.
+
+    `target` (student.target_params) is the student's parameters over the block's; a family
+    whose width sets its size gets the width that meets it; a single separable conv, whose
+    size the depth multiplier alone sets, becomes low-rank. Without a target a low-rank
+    student gets LOW_RANK_RATIO and the others the teacher's narrowest conv width times
+    `width_multiplier`.
+    """
     if family not in FAMILIES:
         raise ValueError(f"Expected a student family among {FAMILIES}, received {family!r}.")
-    return replace(block, family=family, width=max(1, round(block.width * width_multiplier)))
+    block = replace(block, family=family, width=max(1, round(block.width * width_multiplier)))
+    if family == "low_rank":
+        return sized(block, target or LOW_RANK_RATIO, depth_multiplier)
+    if target is None:
+        return block
+    fitted = sized(block, target, depth_multiplier)
+    if fitted is block:  # a single separable conv: only the low-rank form can meet a target
+        return sized(replace(block, family="low_rank"), target, depth_multiplier)
+    return fitted
+
+
+def sized(block: Block, ratio: float, depth_multiplier: int = 1) -> Block:
+    """The block with the width whose student has about `ratio` of the block's parameters.
+    Every family's parameters are affine in its width, so two builds find it; a student
+    whose width does not change its size is returned as it is."""
+    one = student_cost(replace(block, width=1), depth_multiplier)[0]
+    two = student_cost(replace(block, width=2), depth_multiplier)[0]
+    if two <= one:
+        return block
+    width = 1 + (ratio * block.teacher_params - one) / (two - one)
+    return replace(block, width=max(1, round(width)))
 
 
 def build_student_model(block: Block, depth_multiplier: int = 1) -> keras.Model:
@@ -180,21 +258,38 @@ def build_student_model(block: Block, depth_multiplier: int = 1) -> keras.Model:
 
 
 def initial_weights(block: Block, teacher, depth_multiplier: int = 1) -> dict[str, list]:
-    """Start the student at the best separable approximation of the teacher block.
+    """Start the student at the best approximation of the teacher block that it can hold.
 
-    For each input channel, the teacher's kxk x C_out kernel slice is factorised by SVD;
-    its leading `depth_multiplier` singular pairs become the depthwise filters and the
-    pointwise weights (the best approximation of that rank in the Frobenius norm). The
-    student's BN takes the teacher block's BN (or the conv bias) so that the student starts
-    close to the teacher's output instead of spending its first epochs getting there.
+    Separable: for each input channel, the teacher's kxk x C_out kernel slice is
+    factorised by SVD; its leading `depth_multiplier` singular pairs become the depthwise
+    filters and the pointwise weights. Low-rank: the whole kernel, as a (kxk x C_in) x
+    C_out matrix, keeps its leading r singular pairs (the kxk conv to r channels and the 1x1
+    conv after it). Both are the best approximations of their form in the Frobenius norm.
+    The student's BN takes the teacher block's BN (or the conv bias) so that the student
+    starts close to the teacher's output instead of spending its first epochs getting there.
     """
-    if block.kind != "conv" or block.family != "separable":
-        return {}  # only the single separable conv has a factorised kernel to start from
+    if block.kind != "conv" or block.family not in ("separable", "low_rank"):
+        return {}  # only a single conv has a kernel to factorise
     conv = teacher.get_layer(block.layers[0])
-    kernel = conv.kernel.numpy()  # (kh, kw, c_in, c_out)
-    kh, kw, c_in, c_out = kernel.shape
-    if conv.groups != 1 or depth_multiplier > min(kh * kw, c_out):
+    if conv.groups != 1:
         return {}
+    kernel = conv.kernel.numpy()  # (kh, kw, c_in, c_out)
+    if block.family == "separable":
+        factors = _separable_factors(kernel, depth_multiplier)
+    else:
+        factors = _low_rank_factors(kernel, block.width * depth_multiplier)
+    if factors is None:
+        return {}
+    prefix = f"{block.name}_student"
+    first = "dw" if block.family == "separable" else "reduce"
+    return {f"{prefix}_{first}": [factors[0]], f"{prefix}_pw": [factors[1]],
+            f"{prefix}_bn": _teacher_norm(block, teacher, conv)}
+
+
+def _separable_factors(kernel, depth_multiplier: int):
+    kh, kw, c_in, c_out = kernel.shape
+    if depth_multiplier > min(kh * kw, c_out):
+        return None
     depthwise = np.zeros((kh, kw, c_in, depth_multiplier), np.float32)
     pointwise = np.zeros((1, 1, c_in * depth_multiplier, c_out), np.float32)
     for channel in range(c_in):
@@ -204,26 +299,37 @@ def initial_weights(block: Block, teacher, depth_multiplier: int = 1) -> dict[st
             root = np.sqrt(sigma[j])
             depthwise[:, :, channel, j] = (u[:, j] * root).reshape(kh, kw)
             pointwise[0, 0, channel * depth_multiplier + j, :] = vt[j] * root
+    return depthwise, pointwise
+
+
+def _low_rank_factors(kernel, rank: int):
+    kh, kw, c_in, c_out = kernel.shape
+    u, sigma, vt = np.linalg.svd(kernel.reshape(kh * kw * c_in, c_out), full_matrices=False)
+    if rank > len(sigma):
+        return None
+    root = np.sqrt(sigma[:rank])
+    reduce = (u[:, :rank] * root).reshape(kh, kw, c_in, rank).astype(np.float32)
+    pointwise = (root[:, None] * vt[:rank]).reshape(1, 1, rank, c_out).astype(np.float32)
+    return reduce, pointwise
+
+
+def _teacher_norm(block: Block, teacher, conv) -> list:
+    """The student BN's [gamma, beta, mean, variance] that reproduce the teacher's BN
+    after its conv (or the conv's bias where no BN follows)."""
+    c_out = int(conv.filters)
     bias = conv.bias.numpy() if conv.use_bias else np.zeros(c_out, np.float32)
     norms = [teacher.get_layer(name) for name in block.layers[1:]
              if isinstance(teacher.get_layer(name), keras.layers.BatchNormalization)]
     ones, zeros = np.ones(c_out, np.float32), np.zeros(c_out, np.float32)
+    eps = keras.layers.BatchNormalization().epsilon
     if norms and block.layers.index(norms[0].name) == 1:  # a BN right after the conv
         norm = norms[0]
         gamma = norm.gamma.numpy() if norm.scale else ones
         beta = norm.beta.numpy() if norm.center else zeros
         mean, variance = norm.moving_mean.numpy() - bias, norm.moving_variance.numpy()
         # The student's BN uses Keras' default epsilon; fold the teacher's into the variance.
-        variance = variance + norm.epsilon - keras.layers.BatchNormalization().epsilon
-    else:
-        eps = keras.layers.BatchNormalization().epsilon
-        gamma, beta, mean, variance = ones, bias, zeros, ones - eps
-    prefix = f"{block.name}_student"
-    return {
-        f"{prefix}_dw": [depthwise],
-        f"{prefix}_pw": [pointwise],
-        f"{prefix}_bn": [gamma, beta, mean, variance],
-    }
+        return [gamma, beta, mean, variance + norm.epsilon - eps]
+    return [ones, bias, zeros, ones - eps]
 
 
 def student_cost(block: Block, depth_multiplier: int = 1) -> tuple[int, int]:
@@ -233,10 +339,10 @@ def student_cost(block: Block, depth_multiplier: int = 1) -> tuple[int, int]:
                         if not isinstance(layer, keras.layers.InputLayer)])
 
 
-def worthwhile(blocks, depth_multiplier: int = 1) -> list[Block]:
-    """The blocks whose student has fewer parameters than the teacher block: a 1x1 conv,
-    for one, is already pointwise and a separable student could only grow it."""
-    return [b for b in blocks if student_cost(b, depth_multiplier)[0] < b.teacher_params]
+def is_smaller(block: Block, depth_multiplier: int = 1) -> bool:
+    """Whether the block's student has fewer parameters than the teacher block: a 1x1
+    conv, for one, is already pointwise and a separable student could only grow it."""
+    return student_cost(block, depth_multiplier)[0] < block.teacher_params
 
 
 def layer_weights(model) -> dict[str, list]:
