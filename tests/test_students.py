@@ -165,3 +165,26 @@ def test_low_rank_segment_student_keeps_a_residual_blocks_shape():
     assert tuple(student.output.shape[1:]) == (8, 8, 16)
     assert "out_student_add" in {layer.name for layer in student.layers}
     assert student.count_params() < 0.4 * block.teacher_params
+
+
+def test_a_separable_conv_becomes_a_low_rank_block_started_from_its_dense_kernel():
+    from pbkd_mpi.model.selection import select_blocks
+    from pbkd_mpi.model.students import dense_kernel
+
+    inputs = keras.Input((8, 8, 32))
+    x = layers.SeparableConv2D(64, 3, padding="same", use_bias=False, name="sep")(inputs)
+    x = layers.ReLU(name="relu")(layers.BatchNormalization(name="bn")(x))
+    model = keras.Model(inputs, layers.GlobalAveragePooling2D()(x))
+    (block,) = select_blocks(model, "layer", 2)  # a separable student would not be smaller
+    assert (block.name, block.family, block.layers) == ("sep", "low_rank", ("sep", "bn", "relu"))
+    student = build_student_model(block, 2)
+    assert student.count_params() < block.teacher_params
+    for name, arrays in initial_weights(block, model, 2).items():
+        student.get_layer(name).set_weights(arrays)
+    reduce = student.get_layer("sep_student_reduce").get_weights()[0]
+    effective = np.einsum("hwcr,ro->hwco", reduce,
+                          student.get_layer("sep_student_pw").get_weights()[0][0, 0])
+    dense = dense_kernel(model.get_layer("sep"))
+    sigma = np.linalg.svd(dense.reshape(9 * 32, 64), compute_uv=False)
+    np.testing.assert_allclose(np.linalg.norm(effective - dense),
+                               np.sqrt(np.sum(sigma[2 * block.width:] ** 2)), rtol=1e-4)

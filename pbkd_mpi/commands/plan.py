@@ -38,13 +38,13 @@ def render_table(table: dict) -> str:
     rows = [
         (r["name"], _layers_text(r["layers"]), "x".join(map(str, r["input_shape"])),
          "x".join(map(str, r["output_shape"])), r["final_activation"], r["family"],
-         str(r["width"]), str(r["teacher_params"]), str(r["student_params"]), str(r["teacher_flops"]),
-         str(r["student_flops"]))
+         str(r["width"]), str(r["teacher_params"]), str(r["student_params"]),
+         str(r["teacher_flops"]), str(r["student_flops"]))
         for r in table["blocks"]
     ]
     t = table["totals"]
-    rows.append(("total", "", "", "", "", "", "", str(t["teacher_params"]), str(t["student_params"]),
-                 str(t["teacher_flops"]), str(t["student_flops"])))
+    rows.append(("total", "", "", "", "", "", "", str(t["teacher_params"]),
+                 str(t["student_params"]), str(t["teacher_flops"]), str(t["student_flops"]))))
     widths = [max(len(row[i]) for row in [HEADER, *rows]) for i in range(len(HEADER))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
              for row in [HEADER, *rows]]

@@ -4,8 +4,9 @@ The teacher is read as a DAG of layers (a Functional or Sequential model; models
 inside it are flattened first). A *cut point* is a layer output through which every path
 from the input to the output passes. Three granularities:
 
-- `layer`: each full Conv2D with the BN and activation layers right after it (a conv
-  group), wherever its inner tensors feed nothing else, also inside residual branches;
+- `layer`: each full Conv2D or SeparableConv2D with the BN and activation layers right
+  after it (a conv group), wherever its inner tensors feed nothing else, also inside
+  residual branches;
 - `block`: the segments between consecutive cut points (a residual block with its skip
   connection, a DenseNet conv block with its concatenation), each with the element-wise
   layers right after it;
@@ -60,7 +61,7 @@ class Block:
     # Channels inside the student: the teacher block's narrowest conv (a conv group: the
     # smaller of its input and output channels), times the job's width multiplier.
     width: int = 0
-    convs: int = 1  # full Conv2D layers in the teacher block
+    convs: int = 1  # full Conv2D and SeparableConv2D layers in the teacher block
     repeats: int = 1  # a stage: how many conv segments it merges (the student repeats as many)
     family: str = "separable"  # the student family, one of students.FAMILIES
 
@@ -74,6 +75,12 @@ def is_conv2d(layer) -> bool:
         layer,
         (keras.layers.Conv2DTranspose, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D),
     )
+
+
+def is_conv_layer(layer) -> bool:
+    """A layer that starts a block: a full Conv2D, or a SeparableConv2D (Xception's and
+    NASNet's), whose pointwise half a dense low-rank student can shrink."""
+    return is_conv2d(layer) or isinstance(layer, keras.layers.SeparableConv2D)
 
 
 def check_graph_model(model) -> None:
@@ -274,7 +281,7 @@ def _activation_name(layer) -> str | None:
         return "elu"
     if isinstance(layer, keras.layers.PReLU):
         return "prelu"
-    if isinstance(layer, keras.layers.Activation) or is_conv2d(layer):
+    if isinstance(layer, keras.layers.Activation) or is_conv_layer(layer):
         name = keras.activations.serialize(layer.activation)
         return name if isinstance(name, str) else name.get("config", {}).get("name", "linear")
     return None
@@ -309,7 +316,7 @@ def _follower_run(graph: _Graph, last: str) -> list[str]:
 def _conv_groups(graph: _Graph) -> list[list[str]]:
     groups = []
     for name in graph.order:
-        if is_conv2d(graph.layers[name]):
+        if is_conv_layer(graph.layers[name]):
             groups.append([name, *_follower_run(graph, name)])
     return groups
 
@@ -377,7 +384,7 @@ def _is_expansion(graph: _Graph, names) -> bool:
 
 
 def _has_conv(graph: _Graph, names) -> bool:
-    return any(is_conv2d(graph.layers[n]) and graph.layers[n].trainable for n in names)
+    return any(is_conv_layer(graph.layers[n]) and graph.layers[n].trainable for n in names)
 
 
 def _spatial(graph: _Graph, name: str) -> tuple:
@@ -423,7 +430,7 @@ def _block_input(graph: _Graph, names) -> str | None:
 
 def _make_block(graph: _Graph, names, source: str, repeats: int = 1) -> Block | None:
     members = [graph.layers[n] for n in names]
-    convs = [m for m in members if is_conv2d(m)]
+    convs = [m for m in members if is_conv_layer(m)]
     in_tensor = graph.model.inputs[0] if source == MODEL_INPUT else graph.layers[source].output
     input_shape = tuple(int(d) for d in in_tensor.shape[1:])
     output_shape = tuple(int(d) for d in members[-1].output.shape[1:])
@@ -463,8 +470,8 @@ def _overall_strides(input_shape, output_shape) -> tuple[int, int] | None:
 
 def find_blocks(model, granularity="layer") -> list[Block]:
     """The blocks of a teacher. `granularity` is "layer", "block", "stage", or a list of
-    (first layer name, last layer name) pairs; only blocks with a trainable full Conv2D
-    and one input and one output tensor are returned."""
+    (first layer name, last layer name) pairs; only blocks with a trainable full Conv2D or
+    SeparableConv2D and one input and one output tensor are returned."""
     graph = _layer_graph(model)
     if isinstance(granularity, str):
         if granularity not in GRANULARITIES:
@@ -489,7 +496,8 @@ def find_blocks(model, granularity="layer") -> list[Block]:
         blocks = [_explicit_block(graph, pair) for pair in granularity]
     if not blocks:
         raise UserError(
-            f"The teacher {graph.model.name!r} has no Conv2D layer that can be cut out as a "
+            f"The teacher {graph.model.name!r} has no Conv2D or SeparableConv2D layer that can "
+            f"be cut out as a "
             f"block with one input and one output, so there is no block to distill."
         )
     return blocks

@@ -271,9 +271,9 @@ def initial_weights(block: Block, teacher, depth_multiplier: int = 1) -> dict[st
     if block.kind != "conv" or block.family not in ("separable", "low_rank"):
         return {}  # only a single conv has a kernel to factorise
     conv = teacher.get_layer(block.layers[0])
-    if conv.groups != 1:
+    if getattr(conv, "groups", 1) != 1:
         return {}
-    kernel = conv.kernel.numpy()  # (kh, kw, c_in, c_out)
+    kernel = dense_kernel(conv)
     if block.family == "separable":
         factors = _separable_factors(kernel, depth_multiplier)
     else:
@@ -284,6 +284,17 @@ def initial_weights(block: Block, teacher, depth_multiplier: int = 1) -> dict[st
     first = "dw" if block.family == "separable" else "reduce"
     return {f"{prefix}_{first}": [factors[0]], f"{prefix}_pw": [factors[1]],
             f"{prefix}_bn": _teacher_norm(block, teacher, conv)}
+
+
+def dense_kernel(conv) -> np.ndarray:
+    """The (kh, kw, c_in, c_out) kernel a conv applies; a SeparableConv2D's is its
+    depthwise filters times its pointwise weights."""
+    if isinstance(conv, keras.layers.SeparableConv2D):
+        depthwise = conv.depthwise_kernel.numpy()  # (kh, kw, c_in, m)
+        pointwise = conv.pointwise_kernel.numpy()[0, 0]  # (c_in * m, c_out)
+        kh, kw, c_in, m = depthwise.shape
+        return np.einsum("hwcm,cmo->hwco", depthwise, pointwise.reshape(c_in, m, -1))
+    return conv.kernel.numpy()
 
 
 def _separable_factors(kernel, depth_multiplier: int):

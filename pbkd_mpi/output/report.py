@@ -265,16 +265,18 @@ def _block_lines(report: dict) -> list[str]:
         "output: 1.0 would be no better than predicting its mean. `start` is the relative "
         "MSE of the student initialised from the teacher's factorised kernel, before training.",
         "",
-        "| block | layers | in -> out | rank | seconds | epochs | train MSE | val MSE "
-        "| relative MSE (start) | params T -> S | FLOPs T -> S |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| block | layers | in -> out | student (width) | rank | seconds | epochs | train MSE "
+        "| val MSE | relative MSE (start) | params T -> S | FLOPs T -> S |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for block in report["blocks"]:
         variance = block["target_variance"] or 1.0
+        # Runs from before the family was recorded had only separable students.
+        family = f"{block.get('family', 'separable')} ({block.get('width', '-')})"
         lines.append(
             f"| {block['name']} | {', '.join(block['layers'])} | "
             f"{'x'.join(map(str, block['input_shape']))} -> "
-            f"{'x'.join(map(str, block['output_shape']))} | {block['rank']} | "
+            f"{'x'.join(map(str, block['output_shape']))} | {family} | {block['rank']} | "
             f"{block['seconds']:.1f}{' (reused)' if block['reused'] else ''} | "
             f"{block['epochs']} | {block['train_mse']:.4g} | "
             f"{block['val_mse']:.4g} | {block['val_mse'] / variance:.3f} "

@@ -28,6 +28,8 @@ def block_rows(blocks, results: dict, records, reused: dict) -> list[dict]:
         rows.append({
             "name": block.name,
             "layers": list(block.layers),
+            "family": block.family,
+            "width": block.width,
             **timing,
             **{key: result[key] for key in (
                 "train_mse", "val_mse", "initial_val_mse", "target_variance", "epochs",
