@@ -44,7 +44,7 @@ def render_table(table: dict) -> str:
     ]
     t = table["totals"]
     rows.append(("total", "", "", "", "", "", "", str(t["teacher_params"]),
-                 str(t["student_params"]), str(t["teacher_flops"]), str(t["student_flops"]))))
+                 str(t["student_params"]), str(t["teacher_flops"]), str(t["student_flops"])))
     widths = [max(len(row[i]) for row in [HEADER, *rows]) for i in range(len(HEADER))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
              for row in [HEADER, *rows]]

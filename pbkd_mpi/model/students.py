@@ -24,6 +24,7 @@ layers in the assembled student by name.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from dataclasses import replace
 
@@ -343,8 +344,10 @@ def _teacher_norm(block: Block, teacher, conv) -> list:
     return [ones, bias, zeros, ones - eps]
 
 
+@functools.lru_cache(maxsize=4096)
 def student_cost(block: Block, depth_multiplier: int = 1) -> tuple[int, int]:
-    """(params, FLOPs) of the block's student."""
+    """(params, FLOPs) of the block's student. Cached: planning asks for the same block's
+    cost several times (sizing, the size check, the table) and each answer is a build."""
     model = build_student_model(block, depth_multiplier)
     return layers_cost([layer for layer in model.layers
                         if not isinstance(layer, keras.layers.InputLayer)])
