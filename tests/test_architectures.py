@@ -240,3 +240,35 @@ def test_a_stage_over_the_size_limit_is_cut_back_into_its_blocks(teachers):
                                          max_share=0.4)}
     assert "conv5_block3_out" in whole and "conv5_block3_out" in cut
     assert "conv5_block1_out" not in whole and "conv5_block1_out" in cut
+
+
+# One model of each kind no other test covers: depthwise (MobileNet), MBConv with SE and
+# hard-swish (MobileNetV3Small), separable convs (Xception), NAS cells (NASNetMobile),
+# ConvNeXt (grouped 7x7 convs, Dense pointwise layers, LayerScale). The survey of every
+# constructor is benchmarks/applications_survey.py.
+MODERN = {"MobileNet": 32, "MobileNetV3Small": 32, "Xception": 71, "NASNetMobile": 32,
+          "ConvNeXtTiny": 32}
+
+
+@pytest.mark.parametrize("name", MODERN)
+def test_modern_architectures_plan_at_every_granularity(teachers, name):
+    if name not in teachers:
+        keras.utils.set_random_seed(0)
+        size = MODERN[name]
+        teachers[name] = getattr(keras.applications, name)(
+            weights=None, input_shape=(size, size, 3), classes=10)
+    model = teachers[name]
+    covered = {}
+    for granularity in GRANULARITIES:
+        blocks = select_blocks(model, granularity, MULTIPLIER, max_share=0.9)
+        table = block_table_of(blocks, MULTIPLIER)
+        assert all(row["params_ratio"] < 1 for row in table["blocks"]), granularity
+        warned = " ".join(plan_warnings(blocks, MULTIPLIER, 0.9, 0.02))
+        covered[granularity] = total = table["totals"]["teacher_params"]
+        for block in blocks:
+            if block.teacher_params > 0.9 * total:
+                assert repr(block.name) in warned, (granularity, block.name)
+    # Layer by layer, the pointwise, separable and Dense-as-1x1 convs are blocks too: they
+    # cover most of what whole blocks do (the classifier head stays outside both; SE gates
+    # are dense layers on pooled features, inside blocks but never blocks alone).
+    assert covered["layer"] > 0.6 * covered["block"], covered  # less the SE gates

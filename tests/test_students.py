@@ -188,3 +188,25 @@ def test_a_separable_conv_becomes_a_low_rank_block_started_from_its_dense_kernel
     sigma = np.linalg.svd(dense.reshape(9 * 32, 64), compute_uv=False)
     np.testing.assert_allclose(np.linalg.norm(effective - dense),
                                np.sqrt(np.sum(sigma[2 * block.width:] ** 2)), rtol=1e-4)
+
+
+def test_dense_layers_on_feature_maps_are_pointwise_blocks_and_a_classifier_is_not():
+    from pbkd_mpi.model.selection import select_blocks
+
+    inputs = keras.Input((8, 8, 32))
+    x = layers.Activation("gelu", name="gelu")(layers.Dense(128, name="expand")(inputs))
+    x = layers.Dense(32, name="project")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inputs, layers.Dense(10, name="classifier")(x))
+    blocks = {b.name: b for b in select_blocks(model, "layer", 2)}
+    assert set(blocks) == {"expand", "project"}  # ConvNeXt's MLP, not the head
+    expand = blocks["expand"]
+    assert expand.family == "low_rank" and expand.layers == ("expand", "gelu")
+    assert expand.final_activation == "gelu" and expand.kernel_size == (1, 1)
+    student = build_student_model(expand, 2)
+    assert tuple(student.output.shape[1:]) == (8, 8, 128)
+    for name, arrays in initial_weights(expand, model, 2).items():
+        student.get_layer(name).set_weights(arrays)
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 32)).astype("float32")
+    teacher_block = keras.Model(model.input, model.get_layer("gelu").output)
+    assert _relative_error(student, teacher_block, x) < 1.0

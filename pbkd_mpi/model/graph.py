@@ -4,9 +4,9 @@ The teacher is read as a DAG of layers (a Functional or Sequential model; models
 inside it are flattened first). A *cut point* is a layer output through which every path
 from the input to the output passes. Three granularities:
 
-- `layer`: each full Conv2D or SeparableConv2D with the BN and activation layers right
-  after it (a conv group), wherever its inner tensors feed nothing else, also inside
-  residual branches;
+- `layer`: each full Conv2D, SeparableConv2D or Dense on feature maps (a 1x1 conv) with
+  the BN and activation layers right after it (a conv group), wherever its inner tensors
+  feed nothing else, also inside residual branches;
 - `block`: the segments between consecutive cut points (a residual block with its skip
   connection, a DenseNet conv block with its concatenation), each with the element-wise
   layers right after it;
@@ -78,9 +78,16 @@ def is_conv2d(layer) -> bool:
 
 
 def is_conv_layer(layer) -> bool:
-    """A layer that starts a block: a full Conv2D, or a SeparableConv2D (Xception's and
-    NASNet's), whose pointwise half a dense low-rank student can shrink."""
+    """A layer that starts a block: a full Conv2D; a SeparableConv2D (Xception's and
+    NASNet's), whose pointwise half a dense low-rank student can shrink; a Dense layer on
+    feature maps, which is a 1x1 conv (ConvNeXt's pointwise layers), not a classifier."""
+    if isinstance(layer, keras.layers.Dense):
+        return len(layer.input.shape) == 4
     return is_conv2d(layer) or isinstance(layer, keras.layers.SeparableConv2D)
+
+
+def _out_channels(layer) -> int:
+    return int(layer.units if isinstance(layer, keras.layers.Dense) else layer.filters)
 
 
 def check_graph_model(model) -> None:
@@ -428,6 +435,25 @@ def _block_input(graph: _Graph, names) -> str | None:
     return sources.pop()
 
 
+_RESHAPING = (keras.layers.Reshape, keras.layers.Dropout, keras.layers.Activation,
+              keras.layers.Flatten)
+_GLOBAL_POOLS = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
+
+
+def _pooled(graph: _Graph, source: str) -> bool:
+    """Whether a block's input is globally pooled features (through reshapes): the block
+    is a classifier written as a 1x1 conv (MobileNet's) or a squeeze-and-excitation gate,
+    dense layers that stay the teacher's."""
+    while source != MODEL_INPUT:
+        layer = graph.layers[source]
+        if isinstance(layer, _GLOBAL_POOLS):
+            return True
+        if not isinstance(layer, _RESHAPING) or len(graph.parents[source]) != 1:
+            return False
+        source = graph.parents[source][0]
+    return False
+
+
 def _make_block(graph: _Graph, names, source: str, repeats: int = 1) -> Block | None:
     members = [graph.layers[n] for n in names]
     convs = [m for m in members if is_conv_layer(m)]
@@ -444,16 +470,17 @@ def _make_block(graph: _Graph, names, source: str, repeats: int = 1) -> Block | 
     if len(convs) == 1 and members[0] is convs[0] and all(
             isinstance(m, _FOLLOWERS) for m in members[1:]):
         conv = convs[0]
-        return Block(name=conv.name, kernel_size=tuple(conv.kernel_size),
-                     strides=tuple(conv.strides), padding=conv.padding,
-                     dilation_rate=tuple(conv.dilation_rate),
+        return Block(name=conv.name, kernel_size=tuple(getattr(conv, "kernel_size", (1, 1))),
+                     strides=tuple(getattr(conv, "strides", (1, 1))),
+                     padding=getattr(conv, "padding", "valid"),
+                     dilation_rate=tuple(getattr(conv, "dilation_rate", (1, 1))),
                      width=min(input_shape[-1], output_shape[-1]), **common)
     strides = _overall_strides(input_shape, output_shape)
     if strides is None:
         return None  # the student's same-padded stack cannot reproduce this shape
     return Block(name=names[-1], kernel_size=(3, 3), strides=strides, padding="same",
                  dilation_rate=(1, 1), kind="segment", convs=len(convs), repeats=repeats,
-                 width=min(int(c.filters) for c in convs), **common)
+                 width=min(_out_channels(c) for c in convs), **common)
 
 
 def _overall_strides(input_shape, output_shape) -> tuple[int, int] | None:
@@ -488,7 +515,7 @@ def find_blocks(model, granularity="layer") -> list[Block]:
         blocks = []
         for names, repeats in candidates:
             source = _block_input(graph, names)
-            if source is not None and _has_conv(graph, names):
+            if source is not None and _has_conv(graph, names) and not _pooled(graph, source):
                 block = _make_block(graph, names, source, repeats)
                 if block is not None:
                     blocks.append(block)

@@ -36,9 +36,7 @@ def select_blocks(teacher, granularity="layer", depth_multiplier: int = 1,
     blocks = []
     for block in found:
         chosen = family_for(block.name, family, family_overrides)
-        # A conv on a 1x1 map is a dense layer (MobileNet's classifier): no fallback there.
-        dense = tuple(block.output_shape[:-1]) == (1, 1)
-        for choice in dict.fromkeys([chosen] if dense else [chosen, fallback]):
+        for choice in dict.fromkeys([chosen, fallback]):
             if choice == "none":
                 continue
             candidate = with_family(block, choice, width_multiplier, depth_multiplier, target)

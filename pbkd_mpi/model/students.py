@@ -284,12 +284,14 @@ def initial_weights(block: Block, teacher, depth_multiplier: int = 1) -> dict[st
     prefix = f"{block.name}_student"
     first = "dw" if block.family == "separable" else "reduce"
     return {f"{prefix}_{first}": [factors[0]], f"{prefix}_pw": [factors[1]],
-            f"{prefix}_bn": _teacher_norm(block, teacher, conv)}
+            f"{prefix}_bn": _teacher_norm(block, teacher, conv, kernel.shape[-1])}
 
 
 def dense_kernel(conv) -> np.ndarray:
     """The (kh, kw, c_in, c_out) kernel a conv applies; a SeparableConv2D's is its
-    depthwise filters times its pointwise weights."""
+    depthwise filters times its pointwise weights, a Dense layer's a 1x1 kernel."""
+    if isinstance(conv, keras.layers.Dense):  # on feature maps: a 1x1 conv
+        return conv.kernel.numpy()[None, None]
     if isinstance(conv, keras.layers.SeparableConv2D):
         depthwise = conv.depthwise_kernel.numpy()  # (kh, kw, c_in, m)
         pointwise = conv.pointwise_kernel.numpy()[0, 0]  # (c_in * m, c_out)
@@ -325,10 +327,9 @@ def _low_rank_factors(kernel, rank: int):
     return reduce, pointwise
 
 
-def _teacher_norm(block: Block, teacher, conv) -> list:
+def _teacher_norm(block: Block, teacher, conv, c_out: int) -> list:
     """The student BN's [gamma, beta, mean, variance] that reproduce the teacher's BN
     after its conv (or the conv's bias where no BN follows)."""
-    c_out = int(conv.filters)
     bias = conv.bias.numpy() if conv.use_bias else np.zeros(c_out, np.float32)
     norms = [teacher.get_layer(name) for name in block.layers[1:]
              if isinstance(teacher.get_layer(name), keras.layers.BatchNormalization)]
