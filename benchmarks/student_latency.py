@@ -70,6 +70,7 @@ def family_students(run: Path, teacher, families) -> dict:
     from pbkd_mpi.model.assemble import assemble_student
     from pbkd_mpi.model.graph import flatten_model
     from pbkd_mpi.model.selection import job_blocks
+    from pbkd_mpi.model.students import build_student_model, layer_weights
 
     job = load_job(run / "job.toml")
     flat = flatten_model(teacher)
@@ -79,8 +80,9 @@ def family_students(run: Path, teacher, families) -> dict:
         settings = [f"student.family={family}", f"student.fallback_family={family}",
                     "student.family_overrides=[]"]
         blocks = job_blocks(flat, load_job(run / "job.toml", settings))
-        students[family] = assemble_student(flat, blocks, {b.name: {} for b in blocks},
-                                            job.student.depth_multiplier)
+        multiplier = job.student.depth_multiplier
+        fresh = {b.name: layer_weights(build_student_model(b, multiplier)) for b in blocks}
+        students[family] = assemble_student(flat, blocks, fresh, multiplier)
     return students
 
 
