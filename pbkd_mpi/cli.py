@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--workers", default="1,2,4,8,16,32,64",
                           help="comma-separated worker counts (default: 1,2,4,8,16,32,64)")
     simulate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    simulate.add_argument("--whole-run", action="store_true",
+                          help="project every phase after the teacher, not only distillation")
+    simulate.add_argument("--phases", metavar="REPORT", default=None,
+                          help="--whole-run: the report.json whose phases to project "
+                               "(default: the one beside PROFILE)")
     report = commands.add_parser(
         "report", help="redraw a run's report.md and pictures, or compare two runs")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR",

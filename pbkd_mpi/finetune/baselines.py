@@ -25,6 +25,7 @@ from pbkd_mpi.errors import UserError
 from pbkd_mpi.finetune.train import learning_rate
 from pbkd_mpi.model.evaluate import accuracy
 from pbkd_mpi.model.logits import logits_model
+from pbkd_mpi.schedule.whole_run import PHASE_SCALING
 
 METHODS = ("kd", "scratch")
 
@@ -128,8 +129,7 @@ def run_baseline(method: str, teacher, student_graph, dataset, budget_s: float, 
 
 
 # The phases that make the student once the teacher exists: a baseline gets their time.
-METHOD_PHASES = ("blocks", "cache", "profile", "distill", "accept", "chain", "assemble",
-                 "finetune")
+METHOD_PHASES = tuple(PHASE_SCALING)  # the phases after the teacher
 
 
 def method_seconds(report: dict) -> float:

@@ -8,6 +8,7 @@ from pathlib import Path
 from pbkd_mpi import atomic
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.output.figures import draw_all
+from pbkd_mpi.schedule.whole_run import sequential_share
 
 
 def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
@@ -239,6 +240,12 @@ def _phase_lines(report: dict) -> list[str]:
         f"{_pct(report['distill']['coordinator_cpu_fraction'])} of a core while it waited. "
         f"{report['distill']['reused_blocks']} block(s) were reused from an earlier run in "
         f"this run directory and are not counted.",
+        "",
+        f"Sequential share after the teacher: "
+        f"{_pct(sequential_share(report['phases']))} of the time went to phases that more "
+        f"workers do not shorten in this version (blocks, profile, accept, chain, assemble), "
+        f"which bounds the speedup of the whole run; `python -m pbkd_mpi simulate "
+        f"RUN_DIR/profile.json --whole-run` projects every phase at other worker counts.",
         "",
         _energy_line(report.get("energy")),
         "",

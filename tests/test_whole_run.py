@@ -1,0 +1,69 @@
+"""The whole-run projection (schedule/whole_run.py) and `simulate --whole-run`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pbkd_mpi.schedule.whole_run import PHASE_SCALING, project_run, sequential_share
+
+from .conftest import REPO
+
+MEASURED = {"load": 2.0, "teacher": 100.0, "blocks": 0.1, "cache": 10.0, "profile": 4.0,
+            "distill": 120.0, "accept": 60.0, "chain": 150.0, "assemble": 4.0,
+            "finetune": 140.0, "evaluate": 3.0}
+
+
+def _makespan(workers):  # a perfectly divisible block phase of 240 s
+    return 240.0 / workers
+
+
+def test_the_projection_at_the_measured_workers_is_the_measured_run():
+    table = project_run(MEASURED, 2, _makespan, [1, 2, 4])
+    measured = sum(MEASURED[name] for name in PHASE_SCALING)
+    assert table[2]["total_s"] == pytest.approx(measured)
+    assert table[2]["phases_s"] == pytest.approx({n: MEASURED[n] for n in PHASE_SCALING})
+    assert table[1]["speedup"] == pytest.approx(1.0)
+
+
+def test_each_phase_scales_by_its_rule_and_amdahl_bounds_the_speedup():
+    table = project_run(MEASURED, 2, _makespan, [1, 2, 4, 64])
+    four = table[4]["phases_s"]
+    assert four["cache"] == pytest.approx(10.0 * 3 / 5)  # shared by every rank
+    assert four["finetune"] == pytest.approx(140.0 * 3 / 5)
+    assert four["distill"] == pytest.approx(120.0 / 2)  # simulated, calibrated
+    for name in ("accept", "chain", "assemble", "profile", "blocks"):
+        assert four[name] == MEASURED[name]
+    speedups = [table[w]["speedup"] for w in (1, 2, 4, 64)]
+    assert speedups == sorted(speedups)
+    fixed = sum(MEASURED[n] for n, rule in PHASE_SCALING.items() if rule == "fixed")
+    assert table[64]["speedup"] < table[1]["total_s"] / fixed  # Amdahl's bound
+    assert table[64]["sequential_share"] > table[2]["sequential_share"]
+
+
+def test_sequential_share_counts_the_phases_after_the_teacher():
+    fixed = 0.1 + 4.0 + 60.0 + 150.0 + 4.0
+    total = fixed + 10.0 + 120.0 + 140.0
+    assert sequential_share(MEASURED) == pytest.approx(fixed / total)
+    assert sequential_share({}) == 0.0
+
+
+def test_simulate_whole_run_from_a_profile_and_a_report(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"workers": 2, "phases": MEASURED}))
+    profile = REPO / "benchmarks" / "profiles" / "reference-profile.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "pbkd_mpi", "simulate", str(profile), "--workers", "1,2,4",
+         "--whole-run", "--phases", str(report), "--json"],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    table = json.loads(done.stdout)["whole_run"]
+    assert set(table) == {"1", "2", "4"}
+    assert table["2"]["total_s"] == pytest.approx(sum(MEASURED[n] for n in PHASE_SCALING))
+    missing = subprocess.run(
+        [sys.executable, "-m", "pbkd_mpi", "simulate", str(profile), "--whole-run",
+         "--phases", str(tmp_path / "none.json")],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert missing.returncode == 2 and "--whole-run needs the measured phases" in (
+        missing.stderr)
