@@ -52,6 +52,14 @@ class DataConfig:
         "`demo` (generated shapes), a directory of images in class subfolders, an `.npz` "
         "or an HDF5 file with `x_train, y_train, x_test, y_test` (optionally `x_val, y_val`).",
     )
+    kind: str = _opt(
+        "images",
+        "`images`, of shape (N, H, W, C) (or (N, H, W), grey), or `sequences`, of shape "
+        "(N, steps, channels) (or (N, steps)): audio and time series for a teacher built of "
+        "Conv1D layers, read from an `.npz` or HDF5 `source` and used as stored "
+        "(`image_size`, `scale` and the cache's augmented views are for images).",
+        choices=("images", "sequences"),
+    )
     image_size: tuple[int, ...] = _opt(
         [32, 32], "Height and width the images are resized to (image folders) or must have."
     )
@@ -146,9 +154,9 @@ class StudentConfig:
 class BlocksConfig:
     granularity: str = _opt(
         "layer",
-        "How the teacher is cut into blocks: `layer` (each Conv2D with the BN and activation "
-        "right after it), `block` (the segments between tensors that every path from input to "
-        "output passes, such as residual blocks with their skip connection), `stage` (`block` "
+        "How the teacher is cut into blocks: `layer` (each Conv2D or Conv1D with the BN and "
+        "activation right after it), `block` (the segments between tensors that every path "
+        "from input to output passes, such as residual blocks with their skip connection), `stage` (`block` "
         "segments merged while the spatial size stays the same). Blocks whose student would "
         "not be smaller than the teacher block in any family stay the teacher's.",
         choices=("layer", "block", "stage"),
@@ -599,6 +607,8 @@ def validate_job(job: Job) -> None:
             f"data.image_size expects [height, width], each at least 8, "
             f"received {list(job.data.image_size)!r}."
         )
+    if job.data.kind == "sequences":
+        _check_sequences(job)
     if job.teacher.source in ("vgg_demo", "vgg_deep") and not job.teacher.widths:
         raise UserError(f"teacher.widths expects at least one conv width for "
                         f"{job.teacher.source}.")
@@ -631,6 +641,25 @@ def validate_job(job: Job) -> None:
         )
     if any(w < 1 for w in job.teacher.widths):
         raise UserError(f"teacher.widths expects positive integers, received {job.teacher.widths!r}.")
+
+
+def _check_sequences(job: Job) -> None:
+    """Sequences come from the user's arrays, for the user's Conv1D teacher."""
+    if Path(job.data.source).suffix not in (".npz", ".h5", ".hdf5"):
+        raise UserError(
+            f"data.kind = \"sequences\" expects data.source to be an .npz or HDF5 file with "
+            f"x_train of shape (N, steps, channels), received {job.data.source!r}."
+        )
+    if job.teacher.source in ("vgg_demo", "vgg_deep"):
+        raise UserError(
+            f"data.kind = \"sequences\" expects teacher.source to be your Conv1D model "
+            f"(.keras or .h5), received the built-in image teacher {job.teacher.source!r}."
+        )
+    if job.cache.views:
+        raise UserError(
+            f"cache.views expects 0 for data.kind = \"sequences\" (flips, crops and colour "
+            f"jitter are image augmentations), received {job.cache.views}."
+        )
 
 
 def render_job_docs() -> str:

@@ -109,3 +109,17 @@ def test_missing_or_broken_job_file(tmp_path):
 def test_job_is_frozen():
     with pytest.raises(Exception):
         Job().distill.epochs = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.kind=sequences"], r"data.kind = \"sequences\" expects data.source to be an .npz"),
+    (["data.kind=sequences", "data.source=/d/x.npz"],
+     r"expects teacher.source to be your Conv1D model.*'vgg_demo'"),
+    (["data.kind=sequences", "data.source=/d/x.h5", "teacher.source=/m/t.keras",
+      "cache.views=2"], r"cache.views expects 0 for data.kind = \"sequences\".*received 2"),
+])
+def test_sequences_need_the_users_arrays_and_teacher_and_no_image_views(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_job(None, overrides)
+    assert load_job(None, ["data.kind=sequences", "data.source=/d/x.h5",
+                           "teacher.source=/m/t.keras"]).data.kind == "sequences"

@@ -275,3 +275,35 @@ def test_rank_0s_file_index_travels_and_workers_open_it_without_listing(tmp_path
 
 def test_data_held_in_memory_is_not_sent(tiny_dataset):
     assert portable_index(tiny_dataset) is None
+
+
+def test_sequences_are_read_as_stored_from_npz_and_hdf5(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 40, 3)).astype(np.float32) * 300  # not pixels: no scaling
+    y = rng.integers(0, 3, size=50)
+    np.savez(tmp_path / "s.npz", x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        for name, value in dict(x_train=x, y_train=y, x_test=x[:10], y_test=y[:10]).items():
+            f[name] = value
+    loaded = {}
+    for name in ("s.npz", "s.h5"):
+        data = load_dataset(DataConfig(source=str(tmp_path / name), kind="sequences"), seed=0)
+        assert data.image_shape == (40, 3) and data.x_train.shape == (45, 40, 3)
+        loaded[name] = np.asarray(data.x_train)
+    np.testing.assert_array_equal(loaded["s.npz"], loaded["s.h5"])
+    np.testing.assert_array_equal(loaded["s.npz"], x[np.sort(
+        np.random.default_rng(0).permutation(50)[5:])])
+    # A worker opens the HDF5 sequences from the index rank 0 sends.
+    data = load_dataset(DataConfig(source=str(tmp_path / "s.h5"), kind="sequences"), seed=0)
+    travelled = pickle.loads(pickle.dumps(data.x_train))
+    np.testing.assert_array_equal(np.asarray(travelled), loaded["s.h5"])
+    # One channel without its axis gets one; images' ranks are refused with the expectation.
+    np.savez(tmp_path / "m.npz", x_train=x[..., 0], y_train=y, x_test=x[:10, :, 0],
+             y_test=y[:10])
+    mono = load_dataset(DataConfig(source=str(tmp_path / "m.npz"), kind="sequences"), seed=0)
+    assert mono.image_shape == (40, 1)
+    np.savez(tmp_path / "i.npz", x_train=x[..., None, None], y_train=y, x_test=x[:10, ..., None],
+             y_test=y[:10])
+    with pytest.raises(UserError, match=r"must be sequences of shape \(N, steps, channels\) "
+                                        r"\(data.kind = 'sequences'\), received shape"):
+        load_dataset(DataConfig(source=str(tmp_path / "i.npz"), kind="sequences"), seed=0)

@@ -139,5 +139,5 @@ def test_subclassed_model_gets_advice():
 
 def test_model_without_conv_has_no_blocks():
     model = keras.Sequential([keras.Input((4,)), layers.Dense(2)])
-    with pytest.raises(UserError, match="has no Conv2D or SeparableConv2D layer that can be cut"):
+    with pytest.raises(UserError, match="has no Conv2D, Conv1D or separable conv layer that can be cut"):
         find_blocks(model)

@@ -210,3 +210,51 @@ def test_dense_layers_on_feature_maps_are_pointwise_blocks_and_a_classifier_is_n
     x = np.random.default_rng(0).normal(size=(4, 8, 8, 32)).astype("float32")
     teacher_block = keras.Model(model.input, model.get_layer("gelu").output)
     assert _relative_error(student, teacher_block, x) < 1.0
+
+
+def _sequence_model():
+    """Conv1D blocks as audio and time-series networks have them: a strided wide-kernel
+    conv, a residual pair, a PReLU ending."""
+    inputs = keras.Input((40, 3))
+    x = layers.Conv1D(16, 7, strides=2, padding="same", use_bias=False, name="stem")(inputs)
+    x = layers.PReLU(shared_axes=[1], name="stem_act")(layers.BatchNormalization(name="bn")(x))
+    y = layers.Conv1D(16, 5, padding="same", activation="relu", name="c1")(x)
+    y = layers.Conv1D(16, 5, padding="same", name="c2")(y)
+    x = layers.ReLU(name="out")(layers.Add(name="add")([x, y]))
+    x = layers.Conv1D(24, 3, strides=2, name="tail")(x)
+    return keras.Model(inputs, layers.GlobalAveragePooling1D(name="gap")(x))
+
+
+@pytest.mark.parametrize("family", ["separable", "low_rank", "inverted_residual"])
+def test_conv1d_blocks_get_1d_students_of_the_same_shape_started_from_the_kernel(
+        family, tmp_path):
+    model = _sequence_model()
+    x = np.random.default_rng(2).normal(size=(16, 40, 3)).astype("float32")
+    for granularity in ("layer", "block"):
+        for found in find_blocks(model, granularity):
+            block = with_family(found, family, depth_multiplier=2, target=0.4)
+            student = build_student_model(block, 2)
+            assert tuple(student.output.shape[1:]) == block.output_shape, block.name
+            convs = [layer for layer in student.layers if hasattr(layer, "kernel_size")]
+            assert convs and all(len(layer.kernel_size) == 1 for layer in convs)
+            assert student.count_params() < block.teacher_params, block.name
+            if block.kind == "conv" and block.family != "inverted_residual":
+                assert convs[0].strides == block.strides
+                teacher_block = keras.Model(
+                    model.input if block.input_boundary == "__input__"
+                    else model.get_layer(block.input_boundary).output,
+                    model.get_layer(block.output_boundary).output)
+                inputs = teacher_block.input.shape[1:]
+                sample = np.random.default_rng(3).normal(size=(16, *inputs)).astype("float32")
+                fresh = _relative_error(student, teacher_block, sample)
+                for name, arrays in initial_weights(block, model, 2).items():
+                    student.get_layer(name).set_weights(arrays)
+                assert _relative_error(student, teacher_block, sample) < fresh, block.name
+    (stem,) = [b for b in find_blocks(model) if b.name == "stem"]
+    assert stem.kernel_size == (7,) and stem.strides == (2,) and stem.final_activation == "prelu"
+    student = build_student_model(with_family(stem, family, depth_multiplier=2), 2)
+    student.save(tmp_path / "student.keras")
+    loaded = keras.saving.load_model(tmp_path / "student.keras")
+    sample = x  # the stem's input is the model's
+    np.testing.assert_allclose(loaded.predict(sample, verbose=0),
+                               student.predict(sample, verbose=0), atol=1e-5)

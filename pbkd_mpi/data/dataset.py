@@ -280,7 +280,7 @@ def _finish(raw: dict, config: DataConfig, seed: int) -> Dataset:
         if f"x_{split}" not in raw:
             continue
         arrays[split] = _check_split(raw[f"x_{split}"], np.asarray(raw[f"y_{split}"]), split,
-                                     source, config.scale)
+                                     source, config)
     num_classes = raw.get("num_classes") or int(
         max(arrays[s][1].max() for s in arrays) + 1
     )
@@ -288,7 +288,7 @@ def _finish(raw: dict, config: DataConfig, seed: int) -> Dataset:
         raise UserError(f"{source!r} has labels of only one class; classification needs two.")
     expected = tuple(config.image_size)
     for split, (x, _) in arrays.items():
-        if x.shape[1:3] != expected:
+        if config.kind == "images" and x.shape[1:3] != expected:
             raise UserError(
                 f"The {split} images of {source!r} are {x.shape[1]}x{x.shape[2]}, but "
                 f"data.image_size is {expected[0]}x{expected[1]}. Set data.image_size to the "
@@ -302,24 +302,28 @@ def _finish(raw: dict, config: DataConfig, seed: int) -> Dataset:
                    tuple(raw.get("skipped_images", ())))
 
 
-def _check_split(x, y, split, source, scale):
+def _check_split(x, y, split, source, config: DataConfig):
     """(Images, labels) of one split. Pixels in memory are scaled once, here, and checked
-    for NaN; pixels read from files are scaled as they are read."""
+    for NaN; pixels read from files are scaled as they are read. Sequences are used as
+    stored."""
+    images_kind = config.kind == "images"
+    scale = config.scale if images_kind else "none"
     if isinstance(x, FileSource):
         images = Images(x, scale=scale)
     else:
-        if x.ndim not in (3, 4):
-            raise UserError(
-                f"x_{split} of {source!r} must be images of shape (N, H, W, C), "
-                f"received shape {x.shape}."
-            )
+        sample_ndim = 3 if images_kind else 2
+        if x.ndim not in (sample_ndim, sample_ndim + 1):
+            expected = ("images of shape (N, H, W, C)" if images_kind
+                        else "sequences of shape (N, steps, channels)")
+            raise UserError(f"x_{split} of {source!r} must be {expected} (data.kind = "
+                            f"{config.kind!r}), received shape {x.shape}.")
         if isinstance(x, np.ndarray):
-            x = SCALES[scale](x if x.ndim == 4 else x[..., None])
+            x = SCALES[scale](x if x.ndim == sample_ndim + 1 else x[..., None])
             if not np.isfinite(x).all():
                 raise UserError(f"x_{split} of {source!r} holds NaN or Inf values.")
-            images = Images(ArraySource(x))
+            images = Images(ArraySource(x, sample_ndim))
         else:  # an HDF5 dataset
-            images = Images(ArraySource(x), scale=scale)
+            images = Images(ArraySource(x, sample_ndim), scale=scale)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1 or len(y) != len(images):

@@ -57,9 +57,12 @@ class ArraySource:
     """Raw pixels in an array: a NumPy array, or an h5py dataset read a slice or a sorted
     row list at a time (what HDF5 reads fast)."""
 
-    def __init__(self, array):
-        self.array = array
-        self.image_shape = tuple(array.shape[1:]) if array.ndim == 4 else (*array.shape[1:], 1)
+    def __init__(self, array, sample_ndim: int = 3):
+        # A sample is (H, W, C), or (steps, channels) for sequences; an array one axis
+        # short has no channel axis (grey images, one-channel signals) and gets one.
+        self.array, self.sample_ndim = array, sample_ndim
+        self.image_shape = (tuple(array.shape[1:]) if array.ndim == sample_ndim + 1
+                            else (*array.shape[1:], 1))
 
     def __len__(self) -> int:
         return len(self.array)
@@ -73,14 +76,14 @@ class ArraySource:
         if self.in_memory:
             return self.__dict__
         return {"file": self.array.file.filename, "name": self.array.name,
-                "image_shape": self.image_shape}
+                "image_shape": self.image_shape, "sample_ndim": self.sample_ndim}
 
     def __setstate__(self, state):
         if "array" in state:
             self.__dict__.update(state)
             return
         self.array = h5py.File(state["file"], "r")[state["name"]]
-        self.image_shape = state["image_shape"]
+        self.image_shape, self.sample_ndim = state["image_shape"], state["sample_ndim"]
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         if self.in_memory:
@@ -92,7 +95,7 @@ class ArraySource:
             out = np.empty((len(rows), *self.array.shape[1:]), self.array.dtype)
             if len(rows):
                 out[order] = self.array[rows[order]]
-        return out if out.ndim == 4 else out[..., None]  # grey images without a channel axis
+        return out if out.ndim == self.sample_ndim + 1 else out[..., None]
 
 
 class FileSource:

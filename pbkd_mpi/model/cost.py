@@ -12,6 +12,11 @@ import math
 import keras
 
 
+_SEPARABLE = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+_DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+_CONVS = (keras.layers.Conv1D, keras.layers.Conv2D)
+
+
 def _elements(shape) -> int:
     return math.prod(int(d) for d in shape[1:])
 
@@ -35,20 +40,20 @@ def layer_flops(layer) -> int:
         return _elements(out_shape)
     in_shape = layer.input.shape
     out_elements = _elements(out_shape)
-    if isinstance(layer, keras.layers.SeparableConv2D):
-        kh, kw = layer.kernel_size
+    if isinstance(layer, _SEPARABLE):
+        window = math.prod(layer.kernel_size)
         c_in = in_shape[-1]
         spatial = _elements(out_shape) // out_shape[-1]
-        depthwise = 2 * spatial * kh * kw * c_in * layer.depth_multiplier
+        depthwise = 2 * spatial * window * c_in * layer.depth_multiplier
         pointwise = 2 * spatial * c_in * layer.depth_multiplier * out_shape[-1]
         return depthwise + pointwise + (out_elements if layer.use_bias else 0)
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
-        kh, kw = layer.kernel_size
-        return 2 * out_elements * kh * kw + (out_elements if layer.use_bias else 0)
-    if isinstance(layer, keras.layers.Conv2D):
-        kh, kw = layer.kernel_size
+    if isinstance(layer, _DEPTHWISE):
+        window = math.prod(layer.kernel_size)
+        return 2 * out_elements * window + (out_elements if layer.use_bias else 0)
+    if isinstance(layer, _CONVS):
         c_in = in_shape[-1] // layer.groups
-        return 2 * out_elements * kh * kw * c_in + (out_elements if layer.use_bias else 0)
+        window = math.prod(layer.kernel_size)
+        return 2 * out_elements * window * c_in + (out_elements if layer.use_bias else 0)
     if isinstance(layer, keras.layers.Dense):
         return 2 * _elements(in_shape) * layer.units + (layer.units if layer.use_bias else 0)
     if isinstance(layer, keras.layers.BatchNormalization):

@@ -4,7 +4,8 @@ The teacher is read as a DAG of layers (a Functional or Sequential model; models
 inside it are flattened first). A *cut point* is a layer output through which every path
 from the input to the output passes. Three granularities:
 
-- `layer`: each full Conv2D, SeparableConv2D or Dense on feature maps (a 1x1 conv) with
+- `layer`: each full Conv2D or Conv1D, SeparableConv2D or SeparableConv1D, or Dense on
+  feature maps or sequences (a 1x1 conv) with
   the BN and activation layers right after it (a conv group), wherever its inner tensors
   feed nothing else, also inside residual branches;
 - `block`: the segments between consecutive cut points (a residual block with its skip
@@ -48,10 +49,10 @@ class Block:
     output_boundary: str  # the block's last layer
     input_shape: tuple[int, ...]  # one sample, without the batch axis
     output_shape: tuple[int, ...]
-    kernel_size: tuple[int, int]
-    strides: tuple[int, int]
+    kernel_size: tuple[int, ...]  # one entry per spatial axis: two for images, one for sequences
+    strides: tuple[int, ...]
     padding: str
-    dilation_rate: tuple[int, int]
+    dilation_rate: tuple[int, ...]
     final_activation: str  # "linear" when the block ends before any activation
     teacher_params: int
     teacher_flops: int
@@ -61,7 +62,7 @@ class Block:
     # Channels inside the student: the teacher block's narrowest conv (a conv group: the
     # smaller of its input and output channels), times the job's width multiplier.
     width: int = 0
-    convs: int = 1  # full Conv2D and SeparableConv2D layers in the teacher block
+    convs: int = 1  # full and separable convs in the teacher block
     repeats: int = 1  # a stage: how many conv segments it merges (the student repeats as many)
     family: str = "separable"  # the student family, one of students.FAMILIES
 
@@ -69,21 +70,28 @@ class Block:
         return asdict(self)
 
 
-def is_conv2d(layer) -> bool:
-    """A full Conv2D: depthwise, separable and transposed convs are already cheap or differ."""
-    return isinstance(layer, keras.layers.Conv2D) and not isinstance(
-        layer,
-        (keras.layers.Conv2DTranspose, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D),
-    )
+_FULL_CONVS = (keras.layers.Conv1D, keras.layers.Conv2D)
+_SEPARABLE_CONVS = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+_DEPTHWISE_CONVS = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+_PADDINGS = (keras.layers.ZeroPadding1D, keras.layers.ZeroPadding2D)
+
+
+def is_full_conv(layer) -> bool:
+    """A full Conv1D or Conv2D: depthwise, separable and transposed convs are already cheap
+    or differ."""
+    return isinstance(layer, _FULL_CONVS) and not isinstance(
+        layer, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+                *_DEPTHWISE_CONVS, *_SEPARABLE_CONVS))
 
 
 def is_conv_layer(layer) -> bool:
-    """A layer that starts a block: a full Conv2D; a SeparableConv2D (Xception's and
+    """A layer that starts a block: a full conv; a separable conv (Xception's and
     NASNet's), whose pointwise half a dense low-rank student can shrink; a Dense layer on
-    feature maps, which is a 1x1 conv (ConvNeXt's pointwise layers), not a classifier."""
+    feature maps or sequences, which is a 1x1 conv (ConvNeXt's pointwise layers), not a
+    classifier."""
     if isinstance(layer, keras.layers.Dense):
-        return len(layer.input.shape) == 4
-    return is_conv2d(layer) or isinstance(layer, keras.layers.SeparableConv2D)
+        return len(layer.input.shape) in (3, 4)
+    return is_full_conv(layer) or isinstance(layer, _SEPARABLE_CONVS)
 
 
 def _out_channels(layer) -> int:
@@ -352,8 +360,8 @@ def _segments(graph: _Graph) -> list[list[str]]:
 
 def _is_depthwise_only(graph: _Graph, names) -> bool:
     kinds = [graph.layers[n] for n in names]
-    return (any(isinstance(k, keras.layers.DepthwiseConv2D) for k in kinds)
-            and not any(is_conv2d(k) for k in kinds))
+    return (any(isinstance(k, _DEPTHWISE_CONVS) for k in kinds)
+            and not any(is_full_conv(k) for k in kinds))
 
 
 def _bind_depthwise(graph: _Graph, segments) -> list[list[str]]:
@@ -374,7 +382,7 @@ def _bind_depthwise(graph: _Graph, segments) -> list[list[str]]:
             result.append(segment)
             continue
         pending = segment
-        while result and all(isinstance(graph.layers[n], keras.layers.ZeroPadding2D)
+        while result and all(isinstance(graph.layers[n], _PADDINGS)
                              for n in result[-1]):
             pending = result.pop() + pending
         if result and _is_expansion(graph, result[-1]):
@@ -386,7 +394,7 @@ def _bind_depthwise(graph: _Graph, segments) -> list[list[str]]:
 
 def _is_expansion(graph: _Graph, names) -> bool:
     first = graph.layers[names[0]]
-    return (is_conv2d(first) and tuple(first.kernel_size) == (1, 1)
+    return (is_full_conv(first) and set(first.kernel_size) == {1}
             and _final_activation([graph.layers[n] for n in names]) != "linear")
 
 
@@ -437,7 +445,8 @@ def _block_input(graph: _Graph, names) -> str | None:
 
 _RESHAPING = (keras.layers.Reshape, keras.layers.Dropout, keras.layers.Activation,
               keras.layers.Flatten)
-_GLOBAL_POOLS = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
+_GLOBAL_POOLS = (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalMaxPooling1D,
+                 keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
 
 
 def _pooled(graph: _Graph, source: str) -> bool:
@@ -467,23 +476,24 @@ def _make_block(graph: _Graph, names, source: str, repeats: int = 1) -> Block | 
         final_activation=_final_activation(members), teacher_params=params,
         teacher_flops=flops,
     )
+    ones = (1,) * (len(input_shape) - 1)  # per spatial axis
     if len(convs) == 1 and members[0] is convs[0] and all(
             isinstance(m, _FOLLOWERS) for m in members[1:]):
         conv = convs[0]
-        return Block(name=conv.name, kernel_size=tuple(getattr(conv, "kernel_size", (1, 1))),
-                     strides=tuple(getattr(conv, "strides", (1, 1))),
+        return Block(name=conv.name, kernel_size=tuple(getattr(conv, "kernel_size", ones)),
+                     strides=tuple(getattr(conv, "strides", ones)),
                      padding=getattr(conv, "padding", "valid"),
-                     dilation_rate=tuple(getattr(conv, "dilation_rate", (1, 1))),
+                     dilation_rate=tuple(getattr(conv, "dilation_rate", ones)),
                      width=min(input_shape[-1], output_shape[-1]), **common)
     strides = _overall_strides(input_shape, output_shape)
     if strides is None:
         return None  # the student's same-padded stack cannot reproduce this shape
-    return Block(name=names[-1], kernel_size=(3, 3), strides=strides, padding="same",
-                 dilation_rate=(1, 1), kind="segment", convs=len(convs), repeats=repeats,
+    return Block(name=names[-1], kernel_size=(3,) * len(ones), strides=strides, padding="same",
+                 dilation_rate=ones, kind="segment", convs=len(convs), repeats=repeats,
                  width=min(_out_channels(c) for c in convs), **common)
 
 
-def _overall_strides(input_shape, output_shape) -> tuple[int, int] | None:
+def _overall_strides(input_shape, output_shape) -> tuple[int, ...] | None:
     """The stride a same-padded conv needs to turn the input's spatial size into the
     output's, or None when no integer stride does."""
     strides = []
@@ -492,13 +502,13 @@ def _overall_strides(input_shape, output_shape) -> tuple[int, int] | None:
         if math.ceil(size_in / stride) != size_out:
             return None
         strides.append(stride)
-    return tuple(strides) if len(strides) == 2 else None
+    return tuple(strides) if len(strides) in (1, 2) else None
 
 
 def find_blocks(model, granularity="layer") -> list[Block]:
     """The blocks of a teacher. `granularity` is "layer", "block", "stage", or a list of
-    (first layer name, last layer name) pairs; only blocks with a trainable full Conv2D or
-    SeparableConv2D and one input and one output tensor are returned."""
+    (first layer name, last layer name) pairs; only blocks with a trainable full or
+    separable conv and one input and one output tensor are returned."""
     graph = _layer_graph(model)
     if isinstance(granularity, str):
         if granularity not in GRANULARITIES:
@@ -523,9 +533,9 @@ def find_blocks(model, granularity="layer") -> list[Block]:
         blocks = [_explicit_block(graph, pair) for pair in granularity]
     if not blocks:
         raise UserError(
-            f"The teacher {graph.model.name!r} has no Conv2D or SeparableConv2D layer that can "
-            f"be cut out as a "
-            f"block with one input and one output, so there is no block to distill."
+            f"The teacher {graph.model.name!r} has no Conv2D, Conv1D or separable conv layer "
+            f"that can be cut out as a block with one input and one output, so there is no "
+            f"block to distill."
         )
     return blocks
 
@@ -548,7 +558,7 @@ def _explicit_block(graph: _Graph, pair) -> Block:
             f"outside the block."
         )
     if not _has_conv(graph, names):
-        raise UserError(f"Block [{first!r}, {last!r}] has no trainable Conv2D to distill.")
+        raise UserError(f"Block [{first!r}, {last!r}] has no trainable conv to distill.")
     block = _make_block(graph, names, source)
     if block is None:
         raise UserError(

@@ -40,8 +40,9 @@ from pbkd_mpi.model.graph import Block
 BN_MOMENTUM = 0.9
 
 
-def make_activation(name: str, layer_name: str):
-    """A layer applying a final activation named as graph.find_blocks names them."""
+def make_activation(name: str, layer_name: str, rank: int = 2):
+    """A layer applying a final activation named as graph.find_blocks names them; `rank`
+    is the number of spatial axes (2 for images, 1 for sequences)."""
     match = re.fullmatch(r"(leaky_relu|relu_max)\(([-0-9.e]+)\)", name)
     if match:
         value = float(match.group(2))
@@ -51,30 +52,51 @@ def make_activation(name: str, layer_name: str):
     if name == "relu":
         return keras.layers.ReLU(name=layer_name)
     if name == "prelu":
-        return keras.layers.PReLU(shared_axes=[1, 2], name=layer_name)
+        return keras.layers.PReLU(shared_axes=list(range(1, rank + 1)), name=layer_name)
     if name == "elu":
         return keras.layers.ELU(name=layer_name)
     return keras.layers.Activation(name, name=layer_name)
 
 
+def spatial_rank(block: Block) -> int:
+    """Spatial axes of the block's tensors: 2 for images, 1 for sequences."""
+    return len(block.input_shape) - 1
+
+
+def _conv(rank: int, filters: int, kernel_size, **options):
+    layer = keras.layers.Conv1D if rank == 1 else keras.layers.Conv2D
+    return layer(filters, kernel_size, use_bias=False, **options)
+
+
+def _depthwise(rank: int, kernel_size, **options):
+    layer = keras.layers.DepthwiseConv1D if rank == 1 else keras.layers.DepthwiseConv2D
+    return layer(kernel_size, use_bias=False, **options)
+
+
+def _norm(name: str):
+    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=name)
+
+
+def _finish(block: Block, tensor, name: str):
+    """The teacher block's final activation, if it has one."""
+    if block.final_activation == "linear":
+        return tensor
+    return make_activation(block.final_activation, name, spatial_rank(block))(tensor)
+
+
 def student_layers(block: Block, depth_multiplier: int = 1) -> list:
-    """Fresh, unbuilt layers of the block's student, in the order they are applied."""
-    prefix = f"{block.name}_student"
+    """Fresh, unbuilt layers of the block's separable conv student, in the order they
+    are applied."""
+    prefix, rank = f"{block.name}_student", spatial_rank(block)
     layers = [
-        keras.layers.DepthwiseConv2D(
-            block.kernel_size,
-            strides=block.strides,
-            padding=block.padding,
-            dilation_rate=block.dilation_rate,
-            depth_multiplier=depth_multiplier,
-            use_bias=False,
-            name=f"{prefix}_dw",
-        ),
-        keras.layers.Conv2D(block.output_shape[-1], 1, use_bias=False, name=f"{prefix}_pw"),
-        keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn"),
+        _depthwise(rank, block.kernel_size, strides=block.strides, padding=block.padding,
+                   dilation_rate=block.dilation_rate, depth_multiplier=depth_multiplier,
+                   name=f"{prefix}_dw"),
+        _conv(rank, block.output_shape[-1], 1, name=f"{prefix}_pw"),
+        _norm(f"{prefix}_bn"),
     ]
     if block.final_activation != "linear":
-        layers.append(make_activation(block.final_activation, f"{prefix}_act"))
+        layers.append(make_activation(block.final_activation, f"{prefix}_act", rank))
     return layers
 
 
@@ -85,100 +107,91 @@ def apply_layers(layers, tensor):
 
 
 def _separable_unit(prefix, tensor, channels, strides, activation):
-    tensor = keras.layers.DepthwiseConv2D(3, strides=strides, padding="same", use_bias=False,
-                                          name=f"{prefix}_dw")(tensor)
-    tensor = keras.layers.Conv2D(channels, 1, use_bias=False, name=f"{prefix}_pw")(tensor)
-    tensor = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn")(tensor)
+    rank = len(tensor.shape) - 2
+    tensor = _depthwise(rank, 3, strides=strides, padding="same", name=f"{prefix}_dw")(tensor)
+    tensor = _conv(rank, channels, 1, name=f"{prefix}_pw")(tensor)
+    tensor = _norm(f"{prefix}_bn")(tensor)
     if activation != "linear":
-        tensor = make_activation(activation, f"{prefix}_act")(tensor)
+        tensor = make_activation(activation, f"{prefix}_act", rank)(tensor)
     return tensor
 
 
-def apply_segment_student(block: Block, tensor):
-    """The student of a multi-layer segment applied to `tensor`. The depthwise parts keep
-    a multiplier of 1: the segment's own width, not the multiplier, sets its capacity."""
+def _plain_pair(prefix, tensor, rank, channels, strides):
+    """A kxk conv to `rank` channels, BN, ReLU, a 1x1 conv to `channels`, BN."""
+    spatial = len(tensor.shape) - 2
+    x = _conv(spatial, rank, 3, strides=strides, padding="same", name=f"{prefix}_reduce")(tensor)
+    x = keras.layers.ReLU(name=f"{prefix}_reduce_act")(_norm(f"{prefix}_reduce_bn")(x))
+    x = _conv(spatial, channels, 1, name=f"{prefix}_pw")(x)
+    return _norm(f"{prefix}_bn")(x)
+
+
+def _residual_stack(block: Block, tensor, pair, first_prefix: str):
+    """A multi-layer block's student: `pair(prefix, tensor, strides)` carrying the block's
+    stride, added to the input when the shapes match, then the final activation; a stage
+    of several teacher blocks gets one more residual pair per further block, at the
+    output's shape, so the student's depth follows the stage's."""
     prefix = f"{block.name}_student"
-    residual = tuple(block.input_shape) == tuple(block.output_shape)
-    hidden = _separable_unit(f"{prefix}_1", tensor, block.width, block.strides, "relu")
-    out = _separable_unit(f"{prefix}_2", hidden, block.output_shape[-1], (1, 1), "linear")
-    if residual:
+    out = pair(first_prefix, tensor, block.strides)
+    if tuple(block.input_shape) == tuple(block.output_shape):
         out = keras.layers.Add(name=f"{prefix}_add")([tensor, out])
-    if block.final_activation != "linear":
-        out = make_activation(block.final_activation, f"{prefix}_act")(out)
-    # A stage of several teacher blocks: one more residual pair per further block, at the
-    # output's shape, so the student's depth follows the stage's.
+    out = _finish(block, out, f"{prefix}_act")
     for repeat in range(2, block.repeats + 1):
         inner = f"{prefix}_r{repeat}"
-        hidden = _separable_unit(f"{inner}_1", out, block.width, (1, 1), "relu")
-        step = _separable_unit(f"{inner}_2", hidden, block.output_shape[-1], (1, 1), "linear")
-        out = keras.layers.Add(name=f"{inner}_add")([out, step])
-        if block.final_activation != "linear":
-            out = make_activation(block.final_activation, f"{inner}_act")(out)
+        step = pair(inner, out, (1,) * spatial_rank(block))
+        out = _finish(block, keras.layers.Add(name=f"{inner}_add")([out, step]), f"{inner}_act")
     return out
+
+
+def apply_segment_student(block: Block, tensor):
+    """The separable student of a multi-layer segment applied to `tensor`: two separable
+    units, to the block's width then to its output channels. The depthwise parts keep a
+    multiplier of 1: the segment's own width, not the multiplier, sets its capacity."""
+    ones = (1,) * spatial_rank(block)
+
+    def pair(prefix, x, strides):
+        hidden = _separable_unit(f"{prefix}_1", x, block.width, strides, "relu")
+        return _separable_unit(f"{prefix}_2", hidden, block.output_shape[-1], ones, "linear")
+
+    return _residual_stack(block, tensor, pair, f"{block.name}_student")
 
 
 def apply_inverted_residual_student(block: Block, tensor):
     """MobileNetV2-style: 1x1 to `block.width` channels -> BN -> ReLU -> depthwise with
     the block's stride -> BN -> ReLU -> linear 1x1 projection to the output channels -> BN,
     added to the input when the shapes match, then the block's final activation."""
-    prefix = f"{block.name}_student"
+    prefix, rank = f"{block.name}_student", spatial_rank(block)
     if block.kind == "conv":
         dw_args = dict(kernel_size=block.kernel_size, strides=block.strides,
                        padding=block.padding, dilation_rate=block.dilation_rate)
     else:
         dw_args = dict(kernel_size=3, strides=block.strides, padding="same")
-    x = keras.layers.Conv2D(block.width, 1, use_bias=False, name=f"{prefix}_expand")(tensor)
-    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_expand_bn")(x)
-    x = keras.layers.ReLU(name=f"{prefix}_expand_act")(x)
-    x = keras.layers.DepthwiseConv2D(use_bias=False, name=f"{prefix}_dw", **dw_args)(x)
-    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_dw_bn")(x)
-    x = keras.layers.ReLU(name=f"{prefix}_dw_act")(x)
-    x = keras.layers.Conv2D(block.output_shape[-1], 1, use_bias=False,
-                            name=f"{prefix}_project")(x)
-    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn")(x)
+    x = _conv(rank, block.width, 1, name=f"{prefix}_expand")(tensor)
+    x = keras.layers.ReLU(name=f"{prefix}_expand_act")(_norm(f"{prefix}_expand_bn")(x))
+    x = _depthwise(rank, name=f"{prefix}_dw", **dw_args)(x)
+    x = keras.layers.ReLU(name=f"{prefix}_dw_act")(_norm(f"{prefix}_dw_bn")(x))
+    x = _conv(rank, block.output_shape[-1], 1, name=f"{prefix}_project")(x)
+    x = _norm(f"{prefix}_bn")(x)
     if tuple(block.input_shape) == tuple(block.output_shape):
         x = keras.layers.Add(name=f"{prefix}_add")([tensor, x])
-    if block.final_activation != "linear":
-        x = make_activation(block.final_activation, f"{prefix}_act")(x)
-    return x
+    return _finish(block, x, f"{prefix}_act")
 
 
 def apply_low_rank_student(block: Block, tensor, depth_multiplier: int = 1):
     """The dense low-rank student; its rank is `block.width` times the depth multiplier,
     so that acceptance's wider retrain widens it as it widens the separable family."""
-    prefix = f"{block.name}_student"
+    prefix, spatial = f"{block.name}_student", spatial_rank(block)
     rank = block.width * depth_multiplier
     if block.kind == "conv":
-        x = keras.layers.Conv2D(rank, block.kernel_size, strides=block.strides,
-                                padding=block.padding, dilation_rate=block.dilation_rate,
-                                use_bias=False, name=f"{prefix}_reduce")(tensor)
-        x = keras.layers.Conv2D(block.output_shape[-1], 1, use_bias=False,
-                                name=f"{prefix}_pw")(x)
-        x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn")(x)
-        if block.final_activation != "linear":
-            x = make_activation(block.final_activation, f"{prefix}_act")(x)
-        return x
-    out = _plain_pair(f"{prefix}_1", tensor, rank, block.output_shape[-1], block.strides)
-    if tuple(block.input_shape) == tuple(block.output_shape):
-        out = keras.layers.Add(name=f"{prefix}_add")([tensor, out])
-    if block.final_activation != "linear":
-        out = make_activation(block.final_activation, f"{prefix}_act")(out)
-    for repeat in range(2, block.repeats + 1):
-        inner = f"{prefix}_r{repeat}"
-        step = _plain_pair(inner, out, rank, block.output_shape[-1], (1, 1))
-        out = keras.layers.Add(name=f"{inner}_add")([out, step])
-        if block.final_activation != "linear":
-            out = make_activation(block.final_activation, f"{inner}_act")(out)
-    return out
+        x = _conv(spatial, rank, block.kernel_size, strides=block.strides,
+                  padding=block.padding, dilation_rate=block.dilation_rate,
+                  name=f"{prefix}_reduce")(tensor)
+        x = _conv(spatial, block.output_shape[-1], 1, name=f"{prefix}_pw")(x)
+        return _finish(block, _norm(f"{prefix}_bn")(x), f"{prefix}_act")
 
+    def pair(name, x, strides):
+        return _plain_pair(name, x, rank, block.output_shape[-1], strides)
 
-def _plain_pair(prefix, tensor, rank, channels, strides):
-    x = keras.layers.Conv2D(rank, 3, strides=strides, padding="same", use_bias=False,
-                            name=f"{prefix}_reduce")(tensor)
-    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_reduce_bn")(x)
-    x = keras.layers.ReLU(name=f"{prefix}_reduce_act")(x)
-    x = keras.layers.Conv2D(channels, 1, use_bias=False, name=f"{prefix}_pw")(x)
-    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn")(x)
+    return _residual_stack(block, tensor, pair, f"{prefix}_1")
 
 
 FAMILIES = ("separable", "inverted_residual", "low_rank")
@@ -288,43 +301,46 @@ def initial_weights(block: Block, teacher, depth_multiplier: int = 1) -> dict[st
 
 
 def dense_kernel(conv) -> np.ndarray:
-    """The (kh, kw, c_in, c_out) kernel a conv applies; a SeparableConv2D's is its
-    depthwise filters times its pointwise weights, a Dense layer's a 1x1 kernel."""
-    if isinstance(conv, keras.layers.Dense):  # on feature maps: a 1x1 conv
-        return conv.kernel.numpy()[None, None]
-    if isinstance(conv, keras.layers.SeparableConv2D):
-        depthwise = conv.depthwise_kernel.numpy()  # (kh, kw, c_in, m)
-        pointwise = conv.pointwise_kernel.numpy()[0, 0]  # (c_in * m, c_out)
-        kh, kw, c_in, m = depthwise.shape
-        return np.einsum("hwcm,cmo->hwco", depthwise, pointwise.reshape(c_in, m, -1))
+    """The (*window, c_in, c_out) kernel a conv applies, window (kh, kw) or (k,); a
+    separable conv's is its depthwise filters times its pointwise weights, a Dense
+    layer's a 1x1 kernel."""
+    if isinstance(conv, keras.layers.Dense):  # on feature maps or sequences: a 1x1 conv
+        kernel = conv.kernel.numpy()
+        return kernel.reshape((1,) * (len(conv.input.shape) - 2) + kernel.shape)
+    if isinstance(conv, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
+        depthwise = conv.depthwise_kernel.numpy()  # (*window, c_in, m)
+        c_in, m = depthwise.shape[-2:]
+        pointwise = conv.pointwise_kernel.numpy().reshape(c_in, m, -1)
+        return np.einsum("...cm,cmo->...co", depthwise, pointwise)
     return conv.kernel.numpy()
 
 
 def _separable_factors(kernel, depth_multiplier: int):
-    kh, kw, c_in, c_out = kernel.shape
-    if depth_multiplier > min(kh * kw, c_out):
+    *window, c_in, c_out = kernel.shape
+    taps = int(np.prod(window))
+    if depth_multiplier > min(taps, c_out):
         return None
-    depthwise = np.zeros((kh, kw, c_in, depth_multiplier), np.float32)
-    pointwise = np.zeros((1, 1, c_in * depth_multiplier, c_out), np.float32)
+    depthwise = np.zeros((*window, c_in, depth_multiplier), np.float32)
+    pointwise = np.zeros((*[1] * len(window), c_in * depth_multiplier, c_out), np.float32)
     for channel in range(c_in):
-        u, sigma, vt = np.linalg.svd(kernel[:, :, channel, :].reshape(kh * kw, c_out),
+        u, sigma, vt = np.linalg.svd(kernel[..., channel, :].reshape(taps, c_out),
                                      full_matrices=False)
         for j in range(depth_multiplier):
             root = np.sqrt(sigma[j])
-            depthwise[:, :, channel, j] = (u[:, j] * root).reshape(kh, kw)
-            pointwise[0, 0, channel * depth_multiplier + j, :] = vt[j] * root
+            depthwise[..., channel, j] = (u[:, j] * root).reshape(window)
+            pointwise[..., channel * depth_multiplier + j, :] = vt[j] * root
     return depthwise, pointwise
 
 
 def _low_rank_factors(kernel, rank: int):
-    kh, kw, c_in, c_out = kernel.shape
-    u, sigma, vt = np.linalg.svd(kernel.reshape(kh * kw * c_in, c_out), full_matrices=False)
+    *window, c_in, c_out = kernel.shape
+    u, sigma, vt = np.linalg.svd(kernel.reshape(-1, c_out), full_matrices=False)
     if rank > len(sigma):
         return None
     root = np.sqrt(sigma[:rank])
-    reduce = (u[:, :rank] * root).reshape(kh, kw, c_in, rank).astype(np.float32)
-    pointwise = (root[:, None] * vt[:rank]).reshape(1, 1, rank, c_out).astype(np.float32)
-    return reduce, pointwise
+    reduce = (u[:, :rank] * root).reshape(*window, c_in, rank).astype(np.float32)
+    pointwise = (root[:, None] * vt[:rank]).reshape(*[1] * len(window), rank, c_out)
+    return reduce, pointwise.astype(np.float32)
 
 
 def _teacher_norm(block: Block, teacher, conv, c_out: int) -> list:

@@ -130,9 +130,10 @@ def check_teacher_fits_data(model, dataset: Dataset) -> None:
     expected = tuple(model.inputs[0].shape[1:]) if model.inputs else None
     if expected is None or expected != dataset.image_shape:
         raise UserError(
-            f"The teacher expects inputs of shape {expected}, but the data set's images have "
-            f"shape {dataset.image_shape}. Set data.image_size (and the image channels) to "
-            f"match the teacher."
+            f"The teacher expects inputs of shape {expected}, but the data set's samples "
+            f"have shape {dataset.image_shape}. Set data.image_size (and the image channels) "
+            f"to match the teacher; a teacher of sequences (steps, channels) needs "
+            f"data.kind = \"sequences\"."
         )
     outputs = model.outputs[0].shape
     if len(outputs) != 2 or outputs[-1] != dataset.num_classes:
