@@ -18,6 +18,11 @@ from pathlib import Path
 
 from pbkd_mpi.errors import UserError
 
+# Named here, where Keras is not imported, for the job's choices; model/students.py and
+# model/allocation.py build what they name.
+STUDENT_FAMILIES = ("separable", "inverted_residual", "low_rank")
+ALLOCATIONS = ("uniform", "spectrum")
+
 
 def _opt(default, help, *, min=None, max=None, choices=None):
     meta = {"help": help, "min": min, "max": max, "choices": choices}
@@ -111,14 +116,14 @@ class StudentConfig:
         "pair for a multi-layer block; r sized by `target_params`, else to a quarter of the "
         "block's parameters). All keep a skip connection where the block's input and output "
         "shapes match, except a single conv.",
-        choices=("separable", "inverted_residual", "low_rank"),
+        choices=STUDENT_FAMILIES,
     )
     fallback_family: str = _opt(
         "low_rank",
         "For a block whose student of the chosen family would not be smaller than the block "
         "(a 1x1 conv, the pointwise conv of a depthwise network): this family instead, if "
         "its student is smaller; `none` leaves such blocks the teacher's.",
-        choices=("low_rank", "separable", "inverted_residual", "none"),
+        choices=(*STUDENT_FAMILIES, "none"),
     )
     target_params: float = _opt(
         0.0,
@@ -126,8 +131,16 @@ class StudentConfig:
         "student's replaced parameters meet it too: each student's width (the rank of a "
         "`low_rank` student) is chosen to meet it; a single conv in the `separable` family, "
         "whose size `depth_multiplier` alone sets, gets the `low_rank` student instead. "
-        "Every block gets the same share. 0: no target.",
+        "0: no target.",
         min=0.0, max=1.0,
+    )
+    allocation: str = _opt(
+        "uniform",
+        "How `target_params` is shared between blocks: `uniform` (every block the same "
+        "share) or `spectrum` (the low-rank students of single convs share theirs so that "
+        "the energy their ranks leave out of the teacher's kernels is smallest: blocks with "
+        "flat singular-value spectra get wider students, the others narrower).",
+        choices=ALLOCATIONS,
     )
     min_ratio: float = _opt(
         0.02,
@@ -620,11 +633,10 @@ def validate_job(job: Job) -> None:
             )
     for item in job.student.family_overrides:
         pattern, sep, family = item.partition("=")
-        if not (sep and pattern.strip()) or family.strip() not in (
-                "separable", "inverted_residual", "low_rank"):
+        if not (sep and pattern.strip()) or family.strip() not in STUDENT_FAMILIES:
             raise UserError(
                 f"student.family_overrides expects entries \"pattern=family\" with family "
-                f"separable, inverted_residual or low_rank, received {item!r}."
+                f"{', '.join(STUDENT_FAMILIES)}, received {item!r}."
             )
     for item in job.schedule.split_blocks:
         pattern, sep, ways = item.partition("=")

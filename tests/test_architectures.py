@@ -5,12 +5,15 @@ Each model is built once per session (ResNet50 and DenseNet121 take seconds) and
 batches are predicted, to keep the suite fast on two cores.
 """
 
+import inspect
+
 import keras
 import numpy as np
 import pytest
 from keras import layers
 
 from pbkd_mpi.model.assemble import assemble_student, copy_block, rewrite
+from pbkd_mpi.model.cost import shapes_only
 from pbkd_mpi.model.graph import GRANULARITIES, find_blocks, flatten_model
 from pbkd_mpi.model.selection import block_table, block_table_of, plan_warnings, select_blocks
 from pbkd_mpi.model.students import build_student_model, layer_weights, student_cost
@@ -242,22 +245,33 @@ def test_a_stage_over_the_size_limit_is_cut_back_into_its_blocks(teachers):
     assert "conv5_block1_out" not in whole and "conv5_block1_out" in cut
 
 
+def _constructors() -> list[str]:
+    return sorted(name for name, fn in vars(keras.applications).items()
+                  if inspect.isfunction(fn) and name[0].isupper())
+
+
+# The smallest input each constructor accepts; 32 px unless named here.
+MIN_SIZE = {"Xception": 71, "InceptionV3": 75, "InceptionResNetV2": 75}
 # One model of each kind no other test covers: depthwise (MobileNet), MBConv with SE and
 # hard-swish (MobileNetV3Small), separable convs (Xception), NAS cells (NASNetMobile),
-# ConvNeXt (grouped 7x7 convs, Dense pointwise layers, LayerScale). The survey of every
-# constructor is benchmarks/applications_survey.py.
-MODERN = {"MobileNet": 32, "MobileNetV3Small": 32, "Xception": 71, "NASNetMobile": 32,
-          "ConvNeXtTiny": 32}
+# ConvNeXt (grouped 7x7 convs, Dense pointwise layers, LayerScale).
+MODERN = ("MobileNet", "MobileNetV3Small", "Xception", "NASNetMobile", "ConvNeXtTiny")
 
 
-@pytest.mark.parametrize("name", MODERN)
-def test_modern_architectures_plan_at_every_granularity(teachers, name):
-    if name not in teachers:
-        keras.utils.set_random_seed(0)
-        size = MODERN[name]
-        teachers[name] = getattr(keras.applications, name)(
-            weights=None, input_shape=(size, size, 3), classes=10)
-    model = teachers[name]
+def test_the_constructor_list_is_keras_applications_own():
+    names = _constructors()
+    assert len(names) >= 35 and {"ConvNeXtXLarge", "EfficientNetV2L", "NASNetLarge",
+                                 *MODERN, *APPLICATIONS} <= set(names)
+
+
+@pytest.mark.parametrize("name", _constructors())
+def test_every_keras_application_plans_at_every_granularity(name):
+    """Built without drawing weights (planning reads shapes): the largest, ConvNeXtXLarge
+    with 348 M parameters, builds in about a second and plans in a few."""
+    size = MIN_SIZE.get(name, 32)
+    with shapes_only():
+        model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3),
+                                                  classes=10)
     covered = {}
     for granularity in GRANULARITIES:
         blocks = select_blocks(model, granularity, MULTIPLIER, max_share=0.9)
@@ -268,7 +282,9 @@ def test_modern_architectures_plan_at_every_granularity(teachers, name):
         for block in blocks:
             if block.teacher_params > 0.9 * total:
                 assert repr(block.name) in warned, (granularity, block.name)
-    # Layer by layer, the pointwise, separable and Dense-as-1x1 convs are blocks too: they
-    # cover most of what whole blocks do (the classifier head stays outside both; SE gates
-    # are dense layers on pooled features, inside blocks but never blocks alone).
-    assert covered["layer"] > 0.6 * covered["block"], covered  # less the SE gates
+    # Layer by layer, the pointwise, separable and Dense-as-1x1 convs of the modern models
+    # are blocks too: they cover most of what whole blocks do (the classifier head stays
+    # outside both; SE gates are dense layers on pooled features, inside blocks but never
+    # blocks alone).
+    if name in MODERN:
+        assert covered["layer"] > 0.6 * covered["block"], covered  # less the SE gates

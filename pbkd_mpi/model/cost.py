@@ -7,6 +7,7 @@ totals honest without pretending a precision the hardware does not give anyway.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import keras
@@ -78,3 +79,22 @@ def layers_cost(layers) -> tuple[int, int]:
         sum(layer_params(layer) for layer in layers),
         sum(layer_flops(layer) for layer in layers),
     )
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Build layers without drawing their weights: counting parameters and FLOPs, and
+    cutting a graph into blocks, need shapes only, and drawing the weights of large
+    students (and of flattened copies of nested teachers) took most of the time of
+    planning (ConvNeXtXLarge at `layer` granularity: 45 s). Keras defers the
+    initialisers of variables made in a StatelessScope and lists them for a later
+    initialisation; they are dropped from that list here, so that no later scope
+    initialises them."""
+    from keras.src.backend.common import global_state
+
+    pending = list(global_state.get_global_attribute("uninitialized_variables", []))
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            yield
+    finally:
+        global_state.set_global_attribute("uninitialized_variables", pending)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import keras
 
 from pbkd_mpi.errors import UserError
-from pbkd_mpi.model.cost import layers_cost
+from pbkd_mpi.model.cost import layers_cost, shapes_only
 
 MODEL_INPUT = "__input__"  # boundary name of the model's input tensor
 GRANULARITIES = ("layer", "block", "stage")
@@ -169,12 +169,12 @@ def has_nested_models(model) -> bool:
     return any(isinstance(layer, keras.Model) for layer in _functional(model).layers)
 
 
-def flatten_model(model):
+def flatten_model(model, weights: bool = True):
     """One flat Functional model computing the same as `model`, with nested models (a
     backbone used as a layer) dissolved into their layers, so that every layer, nested or
     not, is reachable by `get_layer(name)` and has exactly one output tensor there.
-    The layers are copies carrying the same weights; a model without nested models is
-    returned as it is."""
+    The layers are copies carrying the same weights (`weights=False`: the graph alone,
+    built inside cost.shapes_only); a model without nested models is returned as it is."""
     check_graph_model(model)
     if not has_nested_models(model):
         return model
@@ -197,7 +197,7 @@ def flatten_model(model):
     inputs = keras.Input(source.shape[1:], dtype=source.dtype, name=source.name)
     outputs = replay(model, [inputs], call)
     flat = keras.Model(inputs, outputs[0], name=model.name)
-    for original, copy in copies.values():
+    for original, copy in copies.values() if weights else ():
         copy.set_weights(original.get_weights())
     return flat
 
@@ -220,7 +220,8 @@ class _Graph:
 def _layer_graph(model) -> _Graph:
     check_graph_model(model)
     if has_nested_models(model):
-        model = flatten_model(model)
+        with shapes_only():  # blocks are plain data: the graph needs no weights
+            model = flatten_model(model, weights=False)
     graph = _Graph(model, [], {}, {}, {MODEL_INPUT: []}, "")
     input_id = id(model.inputs[0])
     for node in graph_nodes(model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pbkd_mpi.errors import UserError
+from pbkd_mpi.model.allocation import allocate_by_spectrum
 from pbkd_mpi.model.graph import find_blocks
 from pbkd_mpi.model.students import family_for, is_smaller, student_cost, with_family
 
@@ -25,13 +26,15 @@ def granularity_of(blocks_config):
 def select_blocks(teacher, granularity="layer", depth_multiplier: int = 1,
                   family: str = "separable", width_multiplier: float = 1.0,
                   family_overrides=(), *, fallback: str = "low_rank",
-                  target: float | None = None, max_share: float = 1.0) -> list:
+                  target: float | None = None, max_share: float = 1.0,
+                  allocation: str = "uniform") -> list:
     """The blocks that become tasks: those found at `granularity` whose student (of the
     given family, or the first `"pattern=family"` override matching the block's name, and
     width, or `target` share of the block's parameters) is smaller than the teacher block;
     where it is not, the `fallback` family's student if that one is (else the block stays
     the teacher's). At `stage` granularity a stage over `max_share` of the parameters is
-    cut back into its blocks."""
+    cut back into its blocks. `allocation = "spectrum"` re-shares a target between the
+    low-rank students of single convs (model/allocation.py)."""
     found = _found_blocks(teacher, granularity, max_share)
     blocks = []
     for block in found:
@@ -49,6 +52,8 @@ def select_blocks(teacher, granularity="layer", depth_multiplier: int = 1,
             f"student smaller than itself in family {family!r} or {fallback!r}; try another "
             f"granularity or student.fallback_family = \"low_rank\"."
         )
+    if target and allocation == "spectrum":
+        return allocate_by_spectrum(blocks, teacher, target, depth_multiplier)
     return blocks
 
 
@@ -96,7 +101,7 @@ def job_blocks(teacher, job, granularity=None) -> list:
                          student.depth_multiplier, student.family, student.width_multiplier,
                          student.family_overrides, fallback=student.fallback_family,
                          target=student.target_params or None,
-                         max_share=job.blocks.max_share)
+                         max_share=job.blocks.max_share, allocation=student.allocation)
 
 
 def job_warnings(blocks, job) -> list:

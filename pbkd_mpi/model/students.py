@@ -31,7 +31,8 @@ from dataclasses import replace
 import keras
 import numpy as np
 
-from pbkd_mpi.model.cost import layers_cost
+from pbkd_mpi.config import STUDENT_FAMILIES
+from pbkd_mpi.model.cost import layers_cost, shapes_only
 from pbkd_mpi.model.graph import Block
 
 
@@ -194,7 +195,7 @@ def apply_low_rank_student(block: Block, tensor, depth_multiplier: int = 1):
     return _residual_stack(block, tensor, pair, f"{prefix}_1")
 
 
-FAMILIES = ("separable", "inverted_residual", "low_rank")
+FAMILIES = STUDENT_FAMILIES
 # The low-rank student's parameters over its block's when no target says otherwise: about
 # what the separable student of a 3x3 conv costs at the default depth multiplier.
 LOW_RANK_RATIO = 0.25
@@ -361,11 +362,20 @@ def _teacher_norm(block: Block, teacher, conv, c_out: int) -> list:
     return [ones, bias, zeros, ones - eps]
 
 
-@functools.lru_cache(maxsize=4096)
 def student_cost(block: Block, depth_multiplier: int = 1) -> tuple[int, int]:
-    """(params, FLOPs) of the block's student. Cached: planning asks for the same block's
-    cost several times (sizing, the size check, the table) and each answer is a build."""
-    model = build_student_model(block, depth_multiplier)
+    """(params, FLOPs) of the block's student. Cached by what shapes the student: planning
+    asks for the same block's cost several times (sizing, the size check, the table), deep
+    networks repeat blocks of one shape (EfficientNetB7: 686 questions, mostly repeats),
+    and each answer is a build."""
+    return _structure_cost(replace(block, name="student", layers=(), input_boundary="",
+                                   output_boundary="", teacher_params=0, teacher_flops=0,
+                                   convs=0), depth_multiplier)
+
+
+@functools.lru_cache(maxsize=4096)
+def _structure_cost(block: Block, depth_multiplier: int) -> tuple[int, int]:
+    with shapes_only():
+        model = build_student_model(block, depth_multiplier)
     return layers_cost([layer for layer in model.layers
                         if not isinstance(layer, keras.layers.InputLayer)])
 

@@ -39,7 +39,6 @@ import contextlib
 import importlib
 import os
 import re
-import sys
 import threading
 import time
 from pathlib import Path
