@@ -108,17 +108,18 @@ def apply_layers(layers, tensor):
 
 
 def _separable_unit(prefix, tensor, channels, strides, activation):
-    rank = len(tensor.shape) - 2
-    tensor = _depthwise(rank, 3, strides=strides, padding="same", name=f"{prefix}_dw")(tensor)
-    tensor = _conv(rank, channels, 1, name=f"{prefix}_pw")(tensor)
+    spatial = len(tensor.shape) - 2
+    tensor = _depthwise(spatial, 3, strides=strides, padding="same",
+                        name=f"{prefix}_dw")(tensor)
+    tensor = _conv(spatial, channels, 1, name=f"{prefix}_pw")(tensor)
     tensor = _norm(f"{prefix}_bn")(tensor)
     if activation != "linear":
-        tensor = make_activation(activation, f"{prefix}_act", rank)(tensor)
+        tensor = make_activation(activation, f"{prefix}_act", spatial)(tensor)
     return tensor
 
 
 def _plain_pair(prefix, tensor, rank, channels, strides):
-    """A kxk conv to `rank` channels, BN, ReLU, a 1x1 conv to `channels`, BN."""
+    """A 3x3 conv to `rank` channels, BN, ReLU, a 1x1 conv to `channels`, BN."""
     spatial = len(tensor.shape) - 2
     x = _conv(spatial, rank, 3, strides=strides, padding="same", name=f"{prefix}_reduce")(tensor)
     x = keras.layers.ReLU(name=f"{prefix}_reduce_act")(_norm(f"{prefix}_reduce_bn")(x))
