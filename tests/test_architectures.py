@@ -14,7 +14,7 @@ from keras import layers
 
 from pbkd_mpi.model.assemble import assemble_student, copy_block, rewrite
 from pbkd_mpi.model.cost import shapes_only
-from pbkd_mpi.model.graph import GRANULARITIES, find_blocks, flatten_model
+from pbkd_mpi.model.graph import GRANULARITIES, boundary_tensor, find_blocks, flatten_model
 from pbkd_mpi.model.selection import block_table, block_table_of, plan_warnings, select_blocks
 from pbkd_mpi.model.students import build_student_model, layer_weights, student_cost
 
@@ -74,20 +74,27 @@ def _inputs(n=2):
     return np.random.default_rng(0).uniform(size=(n, SIZE, SIZE, 3)).astype("float32")
 
 
-@pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_blocks_at_every_granularity_with_smaller_students(teacher, granularity):
-    blocks = select_blocks(teacher, granularity, MULTIPLIER)
+def _check_blocks(model, blocks):
+    """Every student smaller than its block and of its output shape (build_student_model
+    raises otherwise), the boundaries tensors of the flat teacher (a layer's or a bare
+    operation's output), no layer in two blocks."""
     assert blocks
-    flat = flatten_model(teacher)
+    with shapes_only():
+        flat = flatten_model(model, weights=False)
     for block in blocks:
-        # build_student_model raises when the student's output shape differs.
-        student = build_student_model(block, MULTIPLIER)
-        assert tuple(student.output.shape[1:]) == block.output_shape
         assert student_cost(block, MULTIPLIER)[0] < block.teacher_params, block.name
         for name in (block.input_boundary, block.output_boundary):
-            assert name == "__input__" or flat.get_layer(name) is not None
+            assert tuple(boundary_tensor(flat, name).shape[1:]) in (block.input_shape,
+                                                                    block.output_shape)
     names = [n for block in blocks for n in block.layers]
     assert len(names) == len(set(names)), "blocks overlap"
+
+
+@pytest.mark.parametrize("name", ["demo", "nested"])  # keras.applications: below
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_blocks_at_every_granularity_with_smaller_students(teachers, name, granularity):
+    teachers.setdefault(name, _build(name))
+    _check_blocks(teachers[name], select_blocks(teachers[name], granularity, MULTIPLIER))
 
 
 def _identity_check(teacher, granularity):
@@ -198,6 +205,16 @@ def test_a_graph_with_bare_operations_plans_and_counts_them_as_weightless():
     assert table["blocks"] and all(0 < row["params_ratio"] < 1 for row in table["blocks"])
     assert table["totals"]["teacher_params"] == sum(row["teacher_params"]
                                                     for row in table["blocks"])
+    # Blocks end at such an Add: the cache reads its output, and the student replaces it.
+    blocks = select_blocks(model, "block", MULTIPLIER)
+    ends = [b for b in blocks if b.output_boundary in {op.name for op in operations}]
+    assert ends
+    cut = keras.Model(model.inputs, [boundary_tensor(model, b.output_boundary) for b in ends])
+    assert [tuple(t.shape[1:]) for t in cut.outputs] == [b.output_shape for b in ends]
+    weights = {b.name: layer_weights(build_student_model(b, MULTIPLIER)) for b in ends}
+    student = assemble_student(model, ends, weights, MULTIPLIER)
+    x = np.random.default_rng(0).uniform(size=(2, 64, 64, 3)).astype("float32")
+    assert student.predict(x, verbose=0).shape == (2, 10)
 
 
 @pytest.mark.parametrize("name", ["VGG16", "ResNet50", "MobileNetV2", "EfficientNetB0"])
@@ -275,8 +292,8 @@ def test_every_keras_application_plans_at_every_granularity(name):
     covered = {}
     for granularity in GRANULARITIES:
         blocks = select_blocks(model, granularity, MULTIPLIER, max_share=0.9)
+        _check_blocks(model, blocks)
         table = block_table_of(blocks, MULTIPLIER)
-        assert all(row["params_ratio"] < 1 for row in table["blocks"]), granularity
         warned = " ".join(plan_warnings(blocks, MULTIPLIER, 0.9, 0.02))
         covered[granularity] = total = table["totals"]["teacher_params"]
         for block in blocks:

@@ -24,7 +24,7 @@ from pbkd_mpi.cache.layout import (CacheOptions, FORMAT_VERSION, Shard, assigned
                                    part_source, plan_shards, shard_bytes, shard_dir)
 from pbkd_mpi.data.augment import Views
 from pbkd_mpi.model.evaluate import forward_batch
-from pbkd_mpi.model.graph import MODEL_INPUT
+from pbkd_mpi.model.graph import MODEL_INPUT, boundary_tensor
 from pbkd_mpi.mpi import faults
 
 
@@ -37,7 +37,7 @@ def _extractor(teacher, names):
     layer_names = [name for name in names if name != MODEL_INPUT]
     if not layer_names:
         return None, []
-    model = keras.Model(teacher.inputs, [teacher.get_layer(n).output for n in layer_names])
+    model = keras.Model(teacher.inputs, [boundary_tensor(teacher, n) for n in layer_names])
     return model, layer_names
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from pbkd_mpi.data.augment import AugmentSpec
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.keys import json_key
-from pbkd_mpi.model.graph import MODEL_INPUT
+from pbkd_mpi.model.graph import boundary_tensor
 
 SPLITS = ("train", "val")
 CHUNK_BYTES = 1 << 20  # about 1 MiB per chunk: whole batches per read, few chunks per batch
@@ -177,8 +177,7 @@ def shard_bytes(path: Path) -> int:
 
 
 def boundary_shapes(teacher, names) -> dict[str, tuple]:
-    return {name: tuple((teacher.inputs[0] if name == MODEL_INPUT
-                         else teacher.get_layer(name).output).shape[1:]) for name in names}
+    return {name: tuple(boundary_tensor(teacher, name).shape[1:]) for name in names}
 
 
 def check_shard(path: Path, shard: Shard, fingerprint: str, shapes: dict, dtype: str,

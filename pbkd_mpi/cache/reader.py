@@ -37,7 +37,7 @@ from pbkd_mpi.data.augment import AugmentSpec, Views
 from pbkd_mpi.data.dataset import load_checked
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.keys import model_fingerprint
-from pbkd_mpi.model.graph import MODEL_INPUT, flatten_model
+from pbkd_mpi.model.graph import boundary_tensor, flatten_model
 from pbkd_mpi.model.teacher import load_model_file
 
 PREFETCH_BATCHES = 4
@@ -438,9 +438,8 @@ class RecomputedPairs(PairSource):
 
         super().__init__(parts, batch_size, seed, shuffle, epoch, poison)
         self.views, self.split_images = views, split_images
-        tensor = (lambda name: teacher.inputs[0] if name == MODEL_INPUT
-                  else teacher.get_layer(name).output)
-        self.prefix = keras.Model(teacher.inputs, [tensor(input_name), tensor(output_name)])
+        self.prefix = keras.Model(teacher.inputs, [boundary_tensor(teacher, input_name),
+                                                   boundary_tensor(teacher, output_name)])
         self._shapes = tuple(tuple(t.shape[1:]) for t in self.prefix.outputs)
 
     def shapes(self):

@@ -43,7 +43,7 @@ from pbkd_mpi.keys import student_blocks_key
 from pbkd_mpi.model.assemble import assemble_student
 from pbkd_mpi.model.evaluate import (forward_batch, recalibrate_batchnorm,
                                      recalibrated_accuracy)
-from pbkd_mpi.model.graph import MODEL_INPUT
+from pbkd_mpi.model.graph import MODEL_INPUT, boundary_tensor
 
 
 
@@ -58,7 +58,7 @@ def student_inputs(teacher, blocks, block_weights, multipliers, block, x_calibra
         return None
     # Which teacher layers feed the block, from the graph alone: assembling the student
     # and re-estimating its BN statistics only to find none of them replaced costs seconds.
-    feeding = keras.Model(teacher.inputs, teacher.get_layer(block.input_boundary).output)
+    feeding = keras.Model(teacher.inputs, boundary_tensor(teacher, block.input_boundary))
     replaced = {layer for b in blocks if b.name in block_weights for layer in b.layers}
     if not replaced & {layer.name for layer in feeding.layers}:
         return None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pbkd_mpi.model.graph import boundary_tensor
 from pbkd_mpi.model.logits import final_affine, logit_boundary
 
 
@@ -87,7 +88,7 @@ def cut_head(teacher, block_output: str, weight: float, temperature: float) -> H
     if weight <= 0 or end == block_output:
         return None
     try:
-        head = keras.Model(teacher.get_layer(block_output).output,
+        head = keras.Model(boundary_tensor(teacher, block_output),
                            teacher.get_layer(end).output)
         description = head.to_json()
         # Rebuilt as the worker will: a custom layer Keras cannot rebuild fails here.

@@ -140,6 +140,18 @@ def graph_nodes(model):
                 yield node
 
 
+def boundary_tensor(model, name: str):
+    """The tensor a block boundary names: the model's input (MODEL_INPUT), or the output of
+    the layer, or of the bare keras.ops call (ConvNeXt's `x + y`, which is no layer, so
+    get_layer cannot find it), called `name`."""
+    if name == MODEL_INPUT:
+        return model.inputs[0]
+    for node in graph_nodes(model):
+        if node.operation.name == name:
+            return node.outputs[0]
+    raise ValueError(f"The model {model.name!r} has no layer or operation named {name!r}.")
+
+
 def replay(model, inputs, call):
     """Run the model's graph on new symbolic `inputs`, calling `call(node, args, kwargs)`
     for each node; returns the new output tensors. Nested models are entered, so `call`
