@@ -106,12 +106,13 @@ def deploy_student(teacher, student, dataset, teacher_file, student_path, run_di
                    export_config, log) -> dict:
     """Latency and size of teacher and student, and the student's exports (SavedModel,
     TFLite) written and checked against it: the report's `deployment`."""
+    repeats = export_config.latency_repeats
     deployment = deployment_figures(teacher, student, dataset.image_shape, teacher_file,
-                                    student_path)
+                                    student_path, repeats)
     exports = write_exports(student, student_path, run_dir, export_config.saved_model,
                             tflite_kinds(export_config.tflite), dataset.x_val)
     deployment["exports"] = export_figures(student, exports, dataset.image_shape,
-                                           dataset.x_val)
+                                           dataset.x_val, repeats)
     for name, figures in deployment["exports"].items():
         log.detail(f"export {name}: {figures['bytes']} bytes, largest output difference "
                    f"{figures['max_abs_diff']:.2g}, class agreement "

@@ -52,6 +52,8 @@ def test_a_keras_applications_teacher_at_224_px_within_its_budget(tmp_path):
         "--set", "finetune.epochs=1", "--set", "finetune.batch_size=16",
         "--set", "accept.max_drop=1.0",  # an untrained teacher: acceptance would be noise
         "--set", "export.tflite=none", "--set", "export.saved_model=false",
+        "--set", "export.latency_repeats=3",
+        "--set", "schedule.profile=false",  # 34 s here; distill's steps use as much memory
         "--set", f"run.memory_budget_mb={BUDGET_MB}",
     ], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

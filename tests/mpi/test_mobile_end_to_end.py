@@ -77,6 +77,7 @@ def test_an_efficientnet_style_teacher_end_to_end_with_low_rank_students(tmp_pat
         "--set", f"data.image_size=[{SIZE}, {SIZE}]",
         "--set", "distill.epochs=2", "--set", "finetune.epochs=1",
         "--set", "distill.chained_epochs=1", "--set", "export.tflite=float32",
+        "--set", "export.latency_repeats=3", "--set", "schedule.profile=false",
         "--set", "accept.max_drop=1.0",  # 80 validation images: keep every student
     ], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

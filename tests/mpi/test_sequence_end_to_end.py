@@ -73,6 +73,7 @@ def test_a_conv1d_teacher_of_time_series_end_to_end(tmp_path):
         "--set", f"teacher.source={tmp_path / 'teacher.keras'}",
         "--set", "distill.epochs=3", "--set", "finetune.epochs=2",
         "--set", "distill.chained_epochs=1", "--set", "export.tflite=float32",
+        "--set", "export.latency_repeats=3", "--set", "schedule.profile=false",
         "--set", "accept.max_drop=1.0",  # 48 validation sequences: keep every student
     ], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
