@@ -1,7 +1,7 @@
 """Student against teacher latency where users deploy, measured in one process.
 
-RUN is a finished run directory: report.json names the teacher's file, RUN/student.keras
-is the student. Each model is converted with `tf.lite.TFLiteConverter.from_keras_model`
+RUN is a finished run directory: report.json names the teacher's file (a built-in
+teacher's) or source (a user's), RUN/student.keras is the student. Each model is converted with `tf.lite.TFLiteConverter.from_keras_model`
 and run by the TFLite interpreter (XNNPACK, 1 thread) at batch 1 and at batch 32, and by
 Keras on the CPU (a traced call, TensorFlow's default threads) at batch 32. The
 measurements are interleaved: each round times one call of the teacher, then one of each
@@ -118,7 +118,7 @@ def main() -> None:
     import keras
 
     report = json.loads((args.run / "report.json").read_text())
-    teacher_file = Path(report["teacher"]["file"])
+    teacher_file = Path(report["teacher"].get("file") or report["teacher"]["source"])
     if not teacher_file.is_absolute() or not teacher_file.exists():
         teacher_file = args.run / teacher_file.name
     teacher = keras.saving.load_model(teacher_file)
