@@ -49,3 +49,24 @@ def test_no_export_asked_writes_only_the_keras_file(tiny_teacher, tiny_dataset, 
                             tflite_kinds("none"), tiny_dataset.x_val)
     assert [e.format for e in exports] == ["keras"]
     assert not (tmp_path / "student_savedmodel").exists()
+
+
+def test_the_teacher_is_timed_in_tflite_beside_the_student(tiny_teacher, tiny_dataset):
+    from pbkd_mpi.output.deploy import teacher_tflite_latency
+    from pbkd_mpi.output.report import _deployment_rows
+
+    figures = teacher_tflite_latency(tiny_teacher, ("float32",), tiny_dataset.image_shape,
+                                     tiny_dataset.x_val, repeats=3)
+    assert set(figures) == {"float32"} and set(figures["float32"]) == {"batch_1", "batch_32"}
+    assert all(ms > 0 for ms in figures["float32"].values())
+    student_ms = {"batch_1": figures["float32"]["batch_1"] / 2, "batch_32": 1.0}
+    deployment = {
+        "teacher": {"file_bytes": None, "latency_ms": {"batch_1": 1.0, "batch_32": 8.0},
+                    "tflite_latency_ms": figures},
+        "student": {"file_bytes": None, "latency_ms": {"batch_1": 2.0, "batch_32": 4.0}},
+        "exports": {"tflite_float32": {"latency_ms": student_ms}},
+    }
+    rows = _deployment_rows(deployment)
+    assert rows[0].endswith("| 2.00 |") and rows[1].endswith("| 0.50 |")  # Keras
+    tflite = [row for row in rows if "TFLite float32" in row]
+    assert len(tflite) == 2 and tflite[0].endswith("| 0.50 |")

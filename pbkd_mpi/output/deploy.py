@@ -3,6 +3,9 @@
 Latency is the median of repeated timed calls after warm-up calls (the first calls trace
 and compile), for batch 1 and batch 32, with the thread pools rank 0 runs with. The figures
 are for comparing teacher and student on the same machine in the same run, not absolute.
+Where the job exports the student to TFLite, the teacher is converted the same way (in a
+temporary folder) and timed beside it: users deploy there, and the two runtimes rank
+student families differently.
 """
 
 from __future__ import annotations
@@ -10,12 +13,15 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from pbkd_mpi.output.exports import check_exports, tflite_kinds, write_exports
+from pbkd_mpi.output.exports import (REPRESENTATIVE_SAMPLES, TfliteModel, check_exports,
+                                     convert_tflite, export_saved_model, tflite_kinds,
+                                     write_exports)
 
 BATCHES = (1, 32)
 LATENCY_DEVICE = "/CPU:0"
@@ -102,6 +108,25 @@ def deployment_figures(teacher, student, input_shape, teacher_file, student_file
     return figures
 
 
+def teacher_tflite_latency(teacher, kinds, input_shape, representative,
+                           repeats: int = 20) -> dict:
+    """{kind: {"batch_1", "batch_32"}}: the teacher converted to TFLite as the student's
+    exports are (via a SavedModel; int8 calibrated on the same images) and timed as
+    `export_figures` times them."""
+    figures = {}
+    with tempfile.TemporaryDirectory(prefix="pbkd-teacher-tflite-") as folder:
+        saved_model = export_saved_model(teacher, Path(folder) / "savedmodel")
+        for kind in kinds:
+            sample = (np.asarray(representative[:REPRESENTATIVE_SAMPLES], np.float32)
+                      if kind == "int8" else None)
+            path = Path(folder) / f"teacher_{kind}.tflite"
+            path.write_bytes(convert_tflite(saved_model, kind, sample))
+            function = TfliteModel(path)
+            figures[kind] = {f"batch_{b}": callable_latency_ms(function, input_shape, b, repeats)
+                             for b in BATCHES}
+    return figures
+
+
 def deploy_student(teacher, student, dataset, teacher_file, student_path, run_dir,
                    export_config, log) -> dict:
     """Latency and size of teacher and student, and the student's exports (SavedModel,
@@ -113,6 +138,10 @@ def deploy_student(teacher, student, dataset, teacher_file, student_path, run_di
                             tflite_kinds(export_config.tflite), dataset.x_val)
     deployment["exports"] = export_figures(student, exports, dataset.image_shape,
                                            dataset.x_val, repeats)
+    kinds = tflite_kinds(export_config.tflite)
+    if kinds:
+        deployment["teacher"]["tflite_latency_ms"] = teacher_tflite_latency(
+            teacher, kinds, dataset.image_shape, dataset.x_val, repeats)
     for name, figures in deployment["exports"].items():
         log.detail(f"export {name}: {figures['bytes']} bytes, largest output difference "
                    f"{figures['max_abs_diff']:.2g}, class agreement "

@@ -132,6 +132,12 @@ def _deployment_rows(deployment: dict | None) -> list[str]:
                     f"{b:.2f} ms | {b / a:.2f} |")
     if deployment.get("latency_runtime"):
         rows.append(f"| latency measured with | {deployment['latency_runtime']} | | |")
+    for kind, teacher_ms in t.get("tflite_latency_ms", {}).items():
+        student_ms = deployment.get("exports", {}).get(f"tflite_{kind}", {}).get("latency_ms")
+        for batch in ("batch_1", "batch_32") if student_ms else ():
+            a, b = teacher_ms[batch], student_ms[batch]
+            rows.append(f"| latency, {batch.replace('_', ' ')} (TFLite {kind}, CPU, median) | "
+                        f"{a:.2f} ms | {b:.2f} ms | {b / a:.2f} |")
     return rows
 
 

@@ -100,3 +100,7 @@ def test_an_efficientnet_style_teacher_end_to_end_with_low_rank_students(tmp_pat
     assert report["student"]["accuracy_finetuned"] > 0.5
     tflite = report["deployment"]["exports"]["tflite_float32"]
     assert tflite["max_abs_diff"] < 1e-4 and tflite["class_agreement"] == 1.0
+    # The teacher timed in TFLite too, so that report.md can compare where users deploy.
+    teacher_tflite = report["deployment"]["teacher"]["tflite_latency_ms"]["float32"]
+    assert set(teacher_tflite) == {"batch_1", "batch_32"}
+    assert "(TFLite float32, CPU, median)" in (run_dir / "report.md").read_text()
