@@ -21,6 +21,7 @@ import numpy as np
 from pbkd_mpi.model.graph import flatten_model
 from pbkd_mpi.model.students import dense_kernel, student_cost
 
+
 def energy_shares(kernel: np.ndarray) -> np.ndarray:
     """Each singular direction's share of the kernel's energy, largest first."""
     sigma = np.linalg.svd(kernel.reshape(-1, kernel.shape[-1]), compute_uv=False)
@@ -43,6 +44,8 @@ def allocate_by_spectrum(blocks, teacher, target: float, depth_multiplier: int =
         block = blocks[i]
         one = student_cost(replace(block, width=1), depth_multiplier)[0]
         slope = student_cost(replace(block, width=2), depth_multiplier)[0] - one
+        if slope <= 0:
+            continue  # a student whose width does not change its size keeps its width
         shares = energy_shares(dense_kernel(convs[i]))
         # A width step adds `depth_multiplier` ranks; the student must stay smaller.
         most = min(len(shares) // depth_multiplier,
