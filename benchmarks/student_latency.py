@@ -1,8 +1,8 @@
 """Student against teacher latency where users deploy, measured in one process.
 
 RUN is a finished run directory: report.json names the teacher's file (a built-in
-teacher's) or source (a user's), RUN/student.keras is the student. Each model is converted with `tf.lite.TFLiteConverter.from_keras_model`
-and run by the TFLite interpreter (XNNPACK, 1 thread) at batch 1 and at batch 32, and by
+teacher's) or source (a user's), RUN/student.keras is the student. Each model is
+converted with `tf.lite.TFLiteConverter.from_keras_model` and run by the TFLite interpreter (XNNPACK, 1 thread) at batch 1 and at batch 32, and by
 Keras on the CPU (a traced call, TensorFlow's default threads) at batch 32. The
 measurements are interleaved: each round times one call of the teacher, then one of each
 student, so a slow spell of the machine hits all of them; after warm-up calls, ROUNDS

@@ -169,9 +169,10 @@ class BlocksConfig:
         "layer",
         "How the teacher is cut into blocks: `layer` (each Conv2D or Conv1D with the BN and "
         "activation right after it), `block` (the segments between tensors that every path "
-        "from input to output passes, such as residual blocks with their skip connection), `stage` (`block` "
-        "segments merged while the spatial size stays the same). Blocks whose student would "
-        "not be smaller than the teacher block in any family stay the teacher's.",
+        "from input to output passes, such as residual blocks with their skip connection), "
+        "`stage` (`block` segments merged while the spatial size stays the same). Blocks "
+        "whose student would not be smaller than the teacher block in any family stay the "
+        "teacher's.",
         choices=("layer", "block", "stage"),
     )
     max_share: float = _opt(

@@ -32,8 +32,6 @@ def simulate_command(args) -> int:
     return 0
 
 
-
-
 def _whole_run(args, profile: dict, workers: list) -> int:
     """Every phase after the teacher projected from the run that wrote the profile."""
     report_path = Path(args.phases) if args.phases else Path(args.profile).parent / "report.json"

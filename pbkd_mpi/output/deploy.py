@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pbkd_mpi.output.exports import (REPRESENTATIVE_SAMPLES, TfliteModel, check_exports,
-                                     convert_tflite, export_saved_model, tflite_kinds,
-                                     write_exports)
+from pbkd_mpi.output.exports import (TfliteModel, check_exports, export_saved_model,
+                                     tflite_bytes, tflite_kinds, write_exports)
 
 BATCHES = (1, 32)
 LATENCY_DEVICE = "/CPU:0"
@@ -117,10 +116,8 @@ def teacher_tflite_latency(teacher, kinds, input_shape, representative,
     with tempfile.TemporaryDirectory(prefix="pbkd-teacher-tflite-") as folder:
         saved_model = export_saved_model(teacher, Path(folder) / "savedmodel")
         for kind in kinds:
-            sample = (np.asarray(representative[:REPRESENTATIVE_SAMPLES], np.float32)
-                      if kind == "int8" else None)
             path = Path(folder) / f"teacher_{kind}.tflite"
-            path.write_bytes(convert_tflite(saved_model, kind, sample))
+            path.write_bytes(tflite_bytes(saved_model, kind, representative))
             function = TfliteModel(path)
             figures[kind] = {f"batch_{b}": callable_latency_ms(function, input_shape, b, repeats)
                              for b in BATCHES}
@@ -131,14 +128,13 @@ def deploy_student(teacher, student, dataset, teacher_file, student_path, run_di
                    export_config, log) -> dict:
     """Latency and size of teacher and student, and the student's exports (SavedModel,
     TFLite) written and checked against it: the report's `deployment`."""
-    repeats = export_config.latency_repeats
+    repeats, kinds = export_config.latency_repeats, tflite_kinds(export_config.tflite)
     deployment = deployment_figures(teacher, student, dataset.image_shape, teacher_file,
                                     student_path, repeats)
     exports = write_exports(student, student_path, run_dir, export_config.saved_model,
-                            tflite_kinds(export_config.tflite), dataset.x_val)
+                            kinds, dataset.x_val)
     deployment["exports"] = export_figures(student, exports, dataset.image_shape,
                                            dataset.x_val, repeats)
-    kinds = tflite_kinds(export_config.tflite)
     if kinds:
         deployment["teacher"]["tflite_latency_ms"] = teacher_tflite_latency(
             teacher, kinds, dataset.image_shape, dataset.x_val, repeats)

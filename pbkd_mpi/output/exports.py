@@ -64,6 +64,14 @@ def convert_tflite(saved_model: Path, kind: str, representative: np.ndarray | No
     return converter.convert()
 
 
+def tflite_bytes(saved_model: Path, kind: str, representative) -> bytes:
+    """The SavedModel as a TFLite flatbuffer of `kind`; int8 is calibrated on the first
+    REPRESENTATIVE_SAMPLES of `representative` (validation images)."""
+    sample = (np.asarray(representative[:REPRESENTATIVE_SAMPLES], np.float32)
+              if kind == "int8" else None)
+    return convert_tflite(saved_model, kind, sample)
+
+
 class TfliteModel:
     """A TFLite file as a callable on a float32 batch (the input is resized per batch)."""
 
@@ -129,9 +137,7 @@ def write_exports(student, keras_path: Path, run_dir: Path, saved_model: bool,
     exports.append(Export("saved_model", directory))
     for kind in tflite:
         path = run_dir / TFLITE_FILES[kind]
-        sample = np.asarray(representative[:REPRESENTATIVE_SAMPLES], np.float32) \
-            if kind == "int8" else None
-        atomic.write_bytes(path, convert_tflite(directory, kind, sample))
+        atomic.write_bytes(path, tflite_bytes(directory, kind, representative))
         exports.append(Export(f"tflite_{kind}", path))
     return exports
 
