@@ -201,14 +201,23 @@ class DistillConfig:
     chained_epochs: int = _opt(
         4,
         "After the parallel phase (and acceptance), train each replaced block up to this many "
-        "more epochs, one block after another in the teacher's order, on the assembled "
-        "student's own input to the block (blocks before it already chained) against the "
-        "teacher's output, so errors do not compound across blocks; a block keeps the new "
+        "more epochs on the assembled student's own input to the block (see "
+        "`chained_order`) against the teacher's output, so errors do not compound across blocks; a block keeps the new "
         "weights only when they lower its validation MSE on that input. Needs the activation "
         "cache: a job with `cache.mode = \"recompute\"` is refused unless it sets 0 (under "
         "`\"auto\"` the pass is skipped when the cache does not fit). 0: off. See "
         "docs/usage.md (4 brought the demo's merged student from 0.689 to 0.777).",
         min=0,
+    )
+    chained_order: str = _opt(
+        "parallel",
+        "How the chained pass orders its blocks. `parallel`: every block but the last at "
+        "once, spread over the workers, each on the input the parallel phase's students "
+        "before it compute (one forward pass writes all of them), then the last one on the "
+        "chained students' input; `sequential`: one block after another, each on the input "
+        "of the students before it after their own chained training (the other workers "
+        "wait). See docs/usage.md for the two measured on the demo.",
+        choices=("parallel", "sequential"),
     )
     head_weight: float = _opt(
         1.0,

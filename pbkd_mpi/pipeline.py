@@ -14,7 +14,7 @@ from pbkd_mpi import memory_budget
 from pbkd_mpi.cache.stage import cache_boundaries, prepare_cache
 from pbkd_mpi.config import Job
 from pbkd_mpi.data.dataset import load_dataset, portable_index
-from pbkd_mpi.distill.accept import accept_stage
+from pbkd_mpi.distill.accept import stage_judge
 from pbkd_mpi.distill.chain import chain_blocks, skipped_pass
 from pbkd_mpi.distill.tasks import BlockTasks
 from pbkd_mpi.finetune.stage import FinetuneRequest, finetune_stage
@@ -75,15 +75,15 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
     tasks.place(device, meter)
     with timer("profile"):
         tasks.schedule(BlockTasks.samples(dataset, job.cache.dtype))
-    with timer("distill"):
-        tasks.run()
+    with timer("distill"):  # acceptance too: each student is judged as it arrives
+        tasks.run(judge := stage_judge(teacher, blocks, job, dataset, log))
     with timer("accept"):
-        acceptance = accept_stage(teacher, blocks, tasks, job, dataset, log)
+        acceptance = judge.acceptance()
     kept, chained = acceptance.kept, skipped_pass(job, cache.source, log)
     if job.distill.chained_epochs and chained is None:
-        with timer("chain"):  # sequential: each block's input is the student before it
+        with timer("chain"):
             kept, chained = chain_blocks(teacher, blocks, kept, acceptance.multipliers,
-                                         tasks.tasks, job, dataset, run_dir, tasks.run_one, log)
+                                         tasks.tasks, job, dataset, run_dir, tasks.run_chained, log)
     with timer("assemble"):
         assembled_path = run_dir / "student-assembled.keras"
         student = stitch_student(teacher, blocks, kept, acceptance.multipliers,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pbkd_mpi.config import AcceptConfig
-from pbkd_mpi.distill.accept import ACCEPTED, KEPT_TEACHER, accept_blocks
+from pbkd_mpi.distill.accept import ACCEPTED, KEPT_TEACHER, Judge
 
 
 @pytest.fixture(scope="module")
@@ -34,42 +34,81 @@ def _broken(weights: dict) -> dict:
     return {layer: [np.zeros_like(a) for a in arrays] for layer, arrays in weights.items()}
 
 
+def judge_all(judge, trained: dict, retrain) -> list:
+    """Drive `judge` as the parallel phase does: every first student arrives, each step
+    scores one, and a block it asks to retrain arrives again from `retrain(name,
+    multiplier)` (None: the retrain failed). Returns the names it asked to retrain."""
+    asked = []
+    for name, weights in trained.items():
+        judge.arrived(name, weights)
+    while judge.busy():
+        for name in judge.step():
+            asked.append(name)
+            wide = retrain(name, judge.wider_multiplier)
+            if wide is None:
+                judge.wider_failed(name)
+            else:
+                judge.arrived(name, wide, wider=True)
+    return asked
+
+
 def test_all_accepted_when_any_drop_is_allowed(setting, tiny_dataset):
     teacher, blocks, good = setting
-    calls = []
-    verdicts, kept, multipliers, teacher_val = accept_blocks(
-        teacher, blocks, good, 2, AcceptConfig(max_drop=1.0), tiny_dataset.x_val,
-        tiny_dataset.y_val, lambda names, m: calls.append(names) or {}, log=lambda m: None,
-        x_calibrate=tiny_dataset.x_train)
-    assert calls == []  # nothing to retrain
+    judge = Judge(teacher, blocks, 2, AcceptConfig(max_drop=1.0), tiny_dataset.x_val,
+                  tiny_dataset.y_val, tiny_dataset.x_train, log=lambda m: None)
+    assert judge_all(judge, good, lambda *_: pytest.fail("nothing to retrain")) == []
+    verdicts, kept, multipliers, teacher_val, seconds = judge.acceptance()
     assert {v.decision for v in verdicts.values()} == {ACCEPTED}
+    assert list(verdicts) == [b.name for b in blocks]  # the blocks' order
     assert set(kept) == {b.name for b in blocks} and set(multipliers.values()) == {2}
     assert teacher_val > 1.5 / tiny_dataset.num_classes  # the trained teacher beats chance
+    assert seconds > 0
     for v in verdicts.values():
         assert v.drop == pytest.approx(teacher_val - v.solo_val_accuracy)
 
 
-def test_a_broken_block_is_retrained_wider_then_kept_as_the_teachers(setting, tiny_dataset):
+@pytest.mark.parametrize("retrain_fails", [False, True])
+def test_a_broken_block_is_retrained_wider_then_kept_as_the_teachers(
+        setting, tiny_dataset, retrain_fails):
     teacher, blocks, good = setting
     broken_name = blocks[1].name
     trained = dict(good) | {broken_name: _broken(good[broken_name])}
-    asked = []
+    multipliers_asked = []
 
-    def retrain(names, multiplier):
+    def retrain(name, multiplier):
         from pbkd_mpi.model.students import initial_weights
 
-        asked.append((list(names), multiplier))
-        wide = initial_weights(blocks[1], teacher, multiplier)  # the wider student's shapes
-        return {broken_name: _broken(wide)} if broken_name in names else {}
+        multipliers_asked.append(multiplier)
+        if retrain_fails or name != broken_name:  # (SVD-started students may fail too)
+            return None
+        return _broken(initial_weights(blocks[1], teacher, multiplier))  # the wider shapes
 
-    verdicts, kept, multipliers, teacher_val = accept_blocks(
-        teacher, blocks, trained, 2, AcceptConfig(max_drop=0.1, widen=2), tiny_dataset.x_val,
-        tiny_dataset.y_val, retrain, log=lambda m: None, x_calibrate=tiny_dataset.x_train)
+    judge = Judge(teacher, blocks, 2, AcceptConfig(max_drop=0.1, widen=2), tiny_dataset.x_val,
+                  tiny_dataset.y_val, tiny_dataset.x_train, log=lambda m: None)
+    assert broken_name in judge_all(judge, trained, retrain)
+    assert set(multipliers_asked) == {4}
+    verdicts, kept, multipliers, teacher_val, _ = judge.acceptance()
     broken = verdicts[broken_name]
     assert broken.drop > 0.1, broken  # a constant block costs far more than 10 points
-    assert asked and broken_name in asked[0][0] and asked[0][1] == 4
-    assert broken.decision == KEPT_TEACHER and broken.wider_solo_val_accuracy is not None
+    assert broken.decision == KEPT_TEACHER and broken.depth_multiplier == 4
+    assert (broken.wider_solo_val_accuracy is None) == retrain_fails
     assert broken_name not in kept and broken_name not in multipliers
+    assert set(kept) == {name for name, v in verdicts.items() if v.decision == ACCEPTED}
+
+
+def test_a_wider_student_that_passes_is_kept(setting, tiny_dataset):
+    from pbkd_mpi.distill.accept import ACCEPTED_WIDER
+    from pbkd_mpi.model.students import initial_weights
+
+    teacher, blocks, good = setting
+    name = blocks[1].name
+    judge = Judge(teacher, blocks, 2, AcceptConfig(max_drop=0.1, widen=2), tiny_dataset.x_val,
+                  tiny_dataset.y_val, tiny_dataset.x_train, log=lambda m: None)
+    wide = initial_weights(blocks[1], teacher, 4)
+    judge_all(judge, {name: _broken(good[name])}, lambda *_: wide)
+    verdicts, kept, multipliers, _, _ = judge.acceptance()
+    assert verdicts[name].decision == ACCEPTED_WIDER and kept[name] is wide
+    assert multipliers == {name: 4} and verdicts[name].wider_drop <= 0.1
 
 
 def test_the_teacher_is_scored_with_its_bn_statistics_re_estimated_as_a_solo_swap_is(

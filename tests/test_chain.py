@@ -56,30 +56,40 @@ def output_error(teacher, blocks, weights, dataset):
     return float(np.mean((ours - theirs) ** 2))
 
 
+@pytest.mark.parametrize("order", ["parallel", "sequential"])
 def test_the_chained_pass_lowers_each_blocks_error_on_the_students_input(
-        setup, tiny_teacher, tiny_dataset, tmp_path):
+        setup, tiny_teacher, tiny_dataset, tmp_path, order):
     blocks, tasks, trained, _, _ = setup
-    job = Job(distill=DistillConfig(batch_size=32, chained_epochs=CHAINED_EPOCHS),
+    job = Job(distill=DistillConfig(batch_size=32, chained_epochs=CHAINED_EPOCHS,
+                                    chained_order=order),
               cache=CacheConfig(dtype="float32"))
-    ran, messages = [], []
+    calls, messages = [], []
 
-    def run_task(task):
-        # The task reads the student's inputs from its own file, and targets from the cache.
-        assert Path(task.input_path).exists() and task.input_digest
-        assert task.config.epochs == CHAINED_EPOCHS and task.source.views == 0
-        assert (task.head_loss is not None) == (task.block is blocks[-1])
-        ran.append(task.block.name)
-        return train_block(task), []
+    def run_tasks(todo):
+        for task in todo.values():
+            # The task reads the student's inputs from its file, and targets from the cache.
+            assert Path(task.input_path).exists() and task.input_digest
+            assert task.config.epochs == CHAINED_EPOCHS and task.source.views == 0
+            assert (task.head_loss is not None) == (task.block is blocks[-1])
+        calls.append(list(todo))
+        return {name: train_block(task) for name, task in todo.items()}
 
     chained, report = chain_blocks(tiny_teacher, blocks, trained, {b.name: 1 for b in blocks},
-                                   tasks, job, tiny_dataset, tmp_path, run_task, messages.append)
+                                   tasks, job, tiny_dataset, tmp_path, run_tasks,
+                                   messages.append)
     rows = {row["name"]: row for row in report["blocks"]}
+    assert report["order"] == order and report["input_seconds"] > 0
     # The first block reads the image, which is the teacher's own input: nothing to chain.
-    assert rows[blocks[0].name]["skipped"] and blocks[0].name not in ran
-    assert ran == [b.name for b in blocks[1:]]
+    assert rows[blocks[0].name]["skipped"]
+    # Parallel: every other block but the last handed out at once, on inputs of the
+    # unchained students, then the last; sequential: one at a time, each on the chained
+    # ones before it.
+    names = [b.name for b in blocks[1:]]
+    assert calls == ([names[:-1], names[-1:]] if order == "parallel" else
+                     [[name] for name in names])
     for block in blocks[1:]:
         row = rows[block.name]
-        assert row["input_bytes"] > 0 and row["epochs"] >= 1
+        assert row["input_bytes"] > 0 and row["epochs"] >= 1 and row["seconds"] > 0
         # On its own (student) input, the trained block was worse than it can be: the pass
         # lowers its validation loss there, and keeps the new weights only then.
         if block is blocks[-1]:  # the last one's loss adds distillation through the head
@@ -94,6 +104,10 @@ def test_the_chained_pass_lowers_each_blocks_error_on_the_students_input(
             assert row["val_loss"] == pytest.approx(row["val_mse"], rel=1e-5)
             assert row["kept"] == (row["val_loss"] < row["val_loss_before"])
     assert sum(rows[b.name]["kept"] for b in blocks[1:]) >= 2
+    if order == "parallel":  # one file held the inputs of every block but the last
+        assert report["input_bytes_max"] >= sum(rows[n]["input_bytes"] for n in names[:-1])
+    else:
+        assert report["input_bytes_max"] == max(rows[n]["input_bytes"] for n in names)
     for block in blocks[1:]:
         if rows[block.name]["kept"]:
             assert not all(np.array_equal(a, b) for a, b in zip(
@@ -105,28 +119,51 @@ def test_the_chained_pass_lowers_each_blocks_error_on_the_students_input(
         output_error(tiny_teacher, blocks, trained, tiny_dataset)
 
 
+def test_a_failed_chained_block_keeps_its_weights(setup, tiny_teacher, tiny_dataset,
+                                                  tmp_path):
+    blocks, tasks, trained, _, _ = setup
+    job = Job(distill=DistillConfig(batch_size=32, chained_epochs=1),
+              cache=CacheConfig(dtype="float32"))
+
+    def run_tasks(todo):  # the second block failed on every attempt: no result
+        return {name: train_block(task) for name, task in todo.items()
+                if name != blocks[1].name}
+
+    chained, report = chain_blocks(tiny_teacher, blocks, trained, {b.name: 1 for b in blocks},
+                                   tasks, job, tiny_dataset, tmp_path, run_tasks,
+                                   lambda _: None)
+    row = report["blocks"][1]
+    assert row["failed"] and "kept" not in row
+    assert chained[blocks[1].name] is trained[blocks[1].name]
+    from pbkd_mpi.output.report import _chained_lines
+
+    assert any("failed on every attempt" in line for line in _chained_lines(report))
+
+
+@pytest.mark.parametrize("order", ["parallel", "sequential"])
 def test_a_resumed_chained_pass_reuses_its_saved_results(setup, tiny_teacher, tiny_dataset,
-                                                          tmp_path):
+                                                          tmp_path, order):
     from pbkd_mpi.distill.results import result_path, save_result
 
     blocks, tasks, trained, _, _ = setup
     blocks, trained = blocks[:2], {b.name: trained[b.name] for b in blocks[:2]}
-    job = Job(distill=DistillConfig(batch_size=32, chained_epochs=1),
+    job = Job(distill=DistillConfig(batch_size=32, chained_epochs=1, chained_order=order),
               cache=CacheConfig(dtype="float32"))
     calls = []
 
-    def run_task(task):
-        calls.append(task.block.name)
-        result = train_block(task)
-        save_result(result_path(tmp_path, task), result, {})
-        return result, []
+    def run_tasks(todo):
+        calls.extend(todo)
+        results = {name: train_block(task) for name, task in todo.items()}
+        for name, task in todo.items():
+            save_result(result_path(tmp_path, task), results[name], {})
+        return results
 
     first, _ = chain_blocks(tiny_teacher, blocks, trained, {b.name: 1 for b in blocks}, tasks,
-                            job, tiny_dataset, tmp_path, run_task, lambda _: None)
+                            job, tiny_dataset, tmp_path, run_tasks, lambda _: None)
     second, report = chain_blocks(tiny_teacher, blocks, trained, {b.name: 1 for b in blocks},
-                                  tasks, job, tiny_dataset, tmp_path, run_task, lambda _: None)
+                                  tasks, job, tiny_dataset, tmp_path, run_tasks, lambda _: None)
     assert calls == [blocks[1].name]  # the second pass trained nothing
-    assert report["blocks"][1]["reused"]
+    assert report["blocks"][1]["reused"] and report["input_seconds"] == 0.0
     for layer, arrays in first[blocks[1].name].items():
         for a, b in zip(arrays, second[blocks[1].name][layer]):
             np.testing.assert_array_equal(a, b)

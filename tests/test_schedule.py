@@ -83,6 +83,25 @@ def test_measured_times_rescale_the_estimates_with_work_stealing():
     assert scheduler.slowness(2) == 1.0
 
 
+def test_a_task_added_during_the_run_keeps_the_queue_longest_first_and_rescales():
+    scheduler = Scheduler(make_plan(tasks_of(4, 3, 2, 1, 1, 1), 2, "work-stealing"))
+    assert scheduler.assign({1, 2}, [1, 2]) == [("t0", (1,)), ("t1", (2,))]
+    scheduler.done("t0", (1,), 8.0)  # twice as slow as estimated
+    before = {w: list(q) for w, q in scheduler.queues.items()}
+    scheduler.add("wide", 1.5)  # planned units: 3.0 s once rescaled
+    assert scheduler.estimates["wide"] == pytest.approx(3.0)
+    target = next(w for w, q in scheduler.queues.items() if "wide" in q)
+    queue = scheduler.queues[target]
+    assert [n for n in queue if n != "wide"] == before[target]
+    assert all(scheduler.estimates[n] >= 3.0 for n in queue[:queue.index("wide")])
+    assert all(scheduler.estimates[n] < 3.0 for n in queue[queue.index("wide") + 1:])
+    scheduler.done("t1", (2,), 6.0)  # rescaling keeps the added task's estimate
+    assert scheduler.estimates["wide"] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="already scheduled"):
+        scheduler.add("t2", 1.0)
+    assert scheduler.failed("wide", 1, "Traceback\nValueError: x") is not None  # 1 attempt
+
+
 def test_a_failed_task_goes_to_another_worker_and_is_given_up_after_max_attempts():
     scheduler = Scheduler(make_plan(tasks_of(3, 1), 2, "static-lpt"), max_attempts=2)
     assert scheduler.assign({1, 2}, [1, 2]) == [("t0", (1,)), ("t1", (2,))]

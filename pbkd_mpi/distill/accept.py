@@ -5,10 +5,17 @@ A block whose student alone costs more than `accept.max_drop` of the teacher's v
 accuracy is retrained once with a wider student (depth multiplier times `accept.widen`);
 if the wider one still costs too much, the block stays the teacher's. Only validation
 data is used, so the test split stays untouched for the final figures.
+
+The verdicts are made while distillation runs (`Judge`): rank 0 scores each student the
+moment it arrives, between messages, while the workers train the other blocks, and a
+failing block's wider retrain joins the same schedule at once instead of waiting for the
+last block (distill/tasks.py). Nothing about a verdict depends on when it is made.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -37,6 +44,7 @@ class Acceptance(NamedTuple):
     kept: dict  # block name -> the student weights kept (blocks replaced)
     multipliers: dict  # block name -> depth multiplier of the student kept
     teacher_val: float  # the teacher's validation accuracy, scored as the solo swaps
+    score_seconds: float = 0.0  # rank 0's time scoring them (during distillation)
 
 
 CALIBRATION_SAMPLES = 2000  # training images re-estimating BN statistics of a solo swap
@@ -64,74 +72,87 @@ def teacher_accuracy(teacher, x, y, x_calibrate=None) -> float:
     return recalibrated_accuracy(model, x, y, x_calibrate, samples=CALIBRATION_SAMPLES)
 
 
-def first_verdicts(teacher, blocks, weights: dict, depth_multiplier: int, x_val, y_val,
-                   max_drop: float, teacher_val: float, x_calibrate=None
-                   ) -> dict[str, Verdict]:
-    """Verdicts of the first students: accepted, or (decision KEPT_TEACHER for now)
-    candidates for a wider retrain. `weights`: {block name: student weights}."""
-    verdicts = {}
-    for block in blocks:
-        if block.name not in weights:
-            continue  # failed on every attempt: it stays the teacher's anyway
-        solo = solo_accuracy(teacher, block, weights[block.name], depth_multiplier, x_val,
-                             y_val, x_calibrate)
-        drop = teacher_val - solo
-        verdicts[block.name] = Verdict(block.name, solo, drop,
-                                       ACCEPTED if drop <= max_drop else KEPT_TEACHER,
-                                       depth_multiplier)
-    return verdicts
+class Judge:
+    """Acceptance as the students arrive. `arrived` queues a student to score; `step`
+    scores one and returns the names of blocks to retrain wider (at most one);
+    `acceptance()` gives the verdicts once every student is in."""
+
+    def __init__(self, teacher, blocks, depth_multiplier: int, config, x_val, y_val,
+                 x_calibrate=None, log=print):
+        self.teacher, self.config, self.log = teacher, config, log
+        self.detail = getattr(log, "detail", log)
+        self.data = (x_val, y_val, x_calibrate)
+        self.blocks = {block.name: block for block in blocks}
+        self.multipliers = (depth_multiplier, depth_multiplier * config.widen)
+        self.waiting: list[tuple[str, dict, bool]] = []
+        self.verdicts: dict[str, Verdict] = {}
+        self.kept: dict[str, dict] = {}  # block name -> the student weights it keeps
+        self.teacher_val: float | None = None
+        self.seconds = 0.0  # spent scoring
+
+    @property
+    def wider_multiplier(self) -> int:
+        return self.multipliers[1]
+
+    def arrived(self, name: str, weights: dict, wider: bool = False) -> None:
+        self.waiting.append((name, weights, wider))
+
+    def busy(self) -> bool:
+        return bool(self.waiting)
+
+    def step(self) -> list[str]:
+        started = time.perf_counter()
+        self._score_teacher()
+        name, weights, wider = self.waiting.pop(0)
+        solo = solo_accuracy(self.teacher, self.blocks[name], weights,
+                             self.multipliers[wider], *self.data)
+        drop = self.teacher_val - solo
+        passed = drop <= self.config.max_drop
+        retrain = []
+        if not wider:
+            self.verdicts[name] = Verdict(name, solo, drop, ACCEPTED if passed else KEPT_TEACHER,
+                                          self.multipliers[0])
+            if not passed:
+                retrain = [name]
+                self.log(f"acceptance: block {name} alone costs {drop:.3f} of validation "
+                         f"accuracy (more than {self.config.max_drop:.3f}); retraining it "
+                         f"with depth multiplier {self.multipliers[1]} as the others train")
+        else:
+            first = self.verdicts[name]
+            self.verdicts[name] = Verdict(name, first.solo_val_accuracy, first.drop,
+                                          ACCEPTED_WIDER if passed else KEPT_TEACHER,
+                                          self.multipliers[1], solo, drop)
+        if passed:
+            self.kept[name] = weights
+        self.detail(f"block {name}{' (wider)' if wider else ''}: alone {solo:.4f} val "
+                    f"accuracy (teacher {self.teacher_val:.4f}) -> "
+                    f"{'a wider retrain' if retrain else self.verdicts[name].decision}")
+        self.seconds += time.perf_counter() - started
+        return retrain
+
+    def wider_failed(self, name: str) -> None:
+        """The wider retrain failed on every attempt: the block stays the teacher's."""
+        self.verdicts[name] = dataclasses.replace(self.verdicts[name], decision=KEPT_TEACHER,
+                                                  depth_multiplier=self.multipliers[1])
+
+    def acceptance(self) -> Acceptance:
+        """The verdicts, in the blocks' order (every student scored: `busy()` is False)."""
+        if self.waiting:
+            raise RuntimeError(f"{len(self.waiting)} student(s) not scored yet")
+        self._score_teacher()
+        verdicts = {name: self.verdicts[name] for name in self.blocks if name in self.verdicts}
+        kept = {name: self.kept[name] for name in verdicts if name in self.kept}
+        return Acceptance(verdicts, kept,
+                          {name: verdicts[name].depth_multiplier for name in kept},
+                          self.teacher_val, self.seconds)
+
+    def _score_teacher(self) -> None:
+        if self.teacher_val is None:
+            self.teacher_val = teacher_accuracy(self.teacher, *self.data)
 
 
-def wider_verdict(first: Verdict, teacher, block, weights: dict | None, depth_multiplier: int,
-                  x_val, y_val, max_drop: float, teacher_val: float, x_calibrate=None
-                  ) -> Verdict:
-    """The verdict after the retrain (`weights` None: the retrain failed)."""
-    if weights is None:
-        return Verdict(first.name, first.solo_val_accuracy, first.drop, KEPT_TEACHER,
-                       depth_multiplier)
-    solo = solo_accuracy(teacher, block, weights, depth_multiplier, x_val, y_val, x_calibrate)
-    drop = teacher_val - solo
-    return Verdict(first.name, first.solo_val_accuracy, first.drop,
-                   ACCEPTED_WIDER if drop <= max_drop else KEPT_TEACHER, depth_multiplier,
-                   solo, drop)
-
-
-def accept_blocks(teacher, blocks, trained: dict, depth_multiplier: int, config, x_val, y_val,
-                  retrain, log=print, x_calibrate=None) -> Acceptance:
-    """Score every trained block alone, retrain the failing ones wider once, decide.
-
-    `trained`: {block name: first student weights}; `retrain(names, multiplier)` trains
-    those blocks' wider students (on the workers) and returns {name: weights} for those
-    that finished."""
-    teacher_val = teacher_accuracy(teacher, x_val, y_val, x_calibrate)
-    verdicts = first_verdicts(teacher, blocks, trained, depth_multiplier, x_val, y_val,
-                              config.max_drop, teacher_val, x_calibrate)
-    failing = [name for name, v in verdicts.items() if v.decision != ACCEPTED]
-    wide_weights = {}
-    if failing:
-        wider = depth_multiplier * config.widen
-        log(f"acceptance: {len(failing)} block(s) cost more than {config.max_drop:.3f} of "
-            f"validation accuracy alone ({', '.join(failing)}); retraining with depth "
-            f"multiplier {wider}")
-        wide_weights = retrain(failing, wider)
-        by_name = {block.name: block for block in blocks}
-        for name in failing:
-            verdicts[name] = wider_verdict(verdicts[name], teacher, by_name[name],
-                                           wide_weights.get(name), wider, x_val, y_val,
-                                           config.max_drop, teacher_val, x_calibrate)
-    kept = {name: (wide_weights[name] if v.decision == ACCEPTED_WIDER else trained[name])
-            for name, v in verdicts.items() if v.decision != KEPT_TEACHER}
-    multipliers = {name: verdicts[name].depth_multiplier for name in kept}
-    return Acceptance(verdicts, kept, multipliers, teacher_val)
-
-
-def accept_stage(teacher, blocks, tasks, job, dataset, log) -> Acceptance:
-    """Rank 0's acceptance stage: `accept_blocks` on the first students of `tasks`
-    (distill/tasks.BlockTasks), which also trains the wider ones."""
-    acceptance = accept_blocks(teacher, blocks, tasks.first_weights(),
-                               job.student.depth_multiplier, job.accept, dataset.x_val,
-                               dataset.y_val, tasks.retrain_wider, log, dataset.x_train)
-    for verdict in acceptance.verdicts.values():
-        log.detail(f"block {verdict.name}: alone {verdict.solo_val_accuracy:.4f} val accuracy "
-                   f"(teacher {acceptance.teacher_val:.4f}) -> {verdict.decision}")
-    return acceptance
+def stage_judge(teacher, blocks, job, dataset, log) -> Judge:
+    """Rank 0's judge for a run: the job's settings, validation images to score on,
+    training images to re-estimate BN statistics on."""
+    return Judge(teacher, blocks, job.student.depth_multiplier, job.accept, dataset.x_val,
+                 dataset.y_val, dataset.x_train, log)

@@ -4,26 +4,30 @@ the student's own input to it, so errors stop compounding from block to block.
 In the parallel phase every student block learns teacher input -> teacher output. Stitched
 together, block k sees what the students before it compute, which differs from the
 teacher's activation it was trained on, and the differences add up along the network. The
-chained pass goes through the replaced blocks in the teacher's order; for block k it
-assembles the student with the weights so far (blocks before k already chained), re-
-estimates its BN statistics as assembly does, writes the student's activation at block k's
-input for the training and validation images to an HDF5 file, and trains block k's student
-from its current weights for up to `chained_epochs` epochs on (that input, the teacher's
-output from the cache). The new weights are kept only when they lower the validation MSE
-on that input. The last replaced block also learns the teacher's predictions through the
-teacher's head (`distill.head_weight`, head_loss.py); it is judged by what it trained for,
-the assembled student's validation accuracy.
+chained pass trains block k's student from its current weights for up to `chained_epochs`
+epochs on (the assembled student's activation at block k's input, the teacher's output
+from the cache). The inputs are computed on rank 0 with the student assembled and its BN
+statistics re-estimated as assembly does, written to HDF5 for the training and validation
+images, and deleted once used. The new weights are kept only when they lower the
+validation MSE on that input. The last replaced block also learns the teacher's
+predictions through the teacher's head (`distill.head_weight`, head_loss.py); it is judged
+by what it trained for, the assembled student's validation accuracy.
 
-Why one block after another: block k's chained input exists only once the blocks before
-it are chained, so the pass is sequential; each block is still a task handed to a worker
-(retries, heartbeats, checkpoints and reuse as in the parallel phase) while the other
-workers wait. Training every block at once on the inputs of the unchained student would be
-parallel, but each block would then learn inputs that the blocks before it change again.
+`distill.chained_order` picks whose input block k learns:
+- `parallel`: the parallel phase's students before it. One forward pass writes every
+  block's input, and every block is a task at once, spread over the workers as the
+  parallel phase's are. Block k's predecessors change again while it trains, by their own
+  (smaller) chained correction. The last replaced block is the exception: it goes after
+  the others, on their chained outputs, since it learns the teacher's predictions.
+- `sequential`: the students before it after their own chained training, so the pass goes
+  one block after another and the other workers wait; each input is its own forward pass.
 Blocks with no replaced block before them see the teacher's own input and are skipped.
+Either way each chained block is a task on a worker (retries, heartbeats, checkpoints and
+reuse as in the parallel phase).
 
-Each chained task's key (keys.task_key) includes a digest of every block weight the
-pass started that block from, so a resumed run reuses exactly the chained results whose
-inputs it would compute again. The input files are deleted once their block is done.
+Each chained task's key (keys.task_key) includes a digest of every block weight its input
+was computed from, so a resumed run reuses exactly the chained results whose inputs it
+would compute again.
 """
 
 from __future__ import annotations
@@ -47,76 +51,216 @@ from pbkd_mpi.model.graph import MODEL_INPUT, boundary_tensor
 
 
 
-def student_inputs(teacher, blocks, block_weights, multipliers, block, x_calibrate):
-    """The assembled student's model from the image to `block`'s input (BN statistics
-    re-estimated on `x_calibrate`), or None when no replaced block lies before it (its input
-    is then the teacher's own)."""
+def fed_by_student(teacher, blocks, block_weights: dict, block) -> bool:
+    """Whether a replaced block (one in `block_weights`) lies before `block`; if none does,
+    its input is the teacher's own and there is nothing to chain. From the graph alone:
+    assembling the student and re-estimating its BN statistics to find out costs seconds."""
     import keras
 
 
     if block.input_boundary == MODEL_INPUT:
-        return None
-    # Which teacher layers feed the block, from the graph alone: assembling the student
-    # and re-estimating its BN statistics only to find none of them replaced costs seconds.
+        return False
     feeding = keras.Model(teacher.inputs, boundary_tensor(teacher, block.input_boundary))
     replaced = {layer for b in blocks if b.name in block_weights for layer in b.layers}
-    if not replaced & {layer.name for layer in feeding.layers}:
-        return None
+    return bool(replaced & {layer.name for layer in feeding.layers})
+
+
+def student_inputs(teacher, blocks, block_weights, multipliers, targets, x_calibrate):
+    """The assembled student's model from the image to the input of each block of
+    `targets` (one output each, in that order), BN statistics re-estimated on
+    `x_calibrate`."""
+    import keras
+
+
     tensors: dict = {}
     student = assemble_student(teacher, blocks, block_weights, multipliers, tensors)
-    prefix = keras.Model(student.inputs, tensors[block.input_boundary])
+    model = keras.Model(student.inputs, [tensors[block.input_boundary] for block in targets])
     recalibrate_batchnorm(student, x_calibrate)
-    return prefix
+    return model
 
 
-def write_inputs(path: Path, prefix, splits: dict, name: str, dtype: str,
-                 fingerprint: str) -> int:
-    """`prefix`'s outputs on each split's images, as group `split`, dataset `name`, in the
-    cache's dtype; written atomically. Returns the file's bytes."""
+def write_inputs(path: Path, model, names, splits: dict, dtype: str, fingerprint: str) -> int:
+    """`model`'s outputs on each split's images, as group `split` holding one dataset per
+    output (named by `names`), in the cache's dtype; written atomically in one forward pass
+    per batch. Returns the file's bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    shape = tuple(prefix.outputs[0].shape[1:])
-    step = forward_batch(prefix)
+    shapes = [tuple(output.shape[1:]) for output in model.outputs]
+    step = forward_batch(model)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["fingerprint"] = fingerprint
             for split, images in splits.items():
-                data = f.create_group(split).create_dataset(
+                group = f.create_group(split)
+                datasets = [group.create_dataset(
                     name, (len(images), *shape), dtype=dtype,
                     chunks=(chunk_rows(len(images), shape, dtype), *shape))
+                    for name, shape in zip(names, shapes)]
                 for start in range(0, len(images), step):
                     batch = np.asarray(images[start:start + step], np.float32)
-                    data[start:start + len(batch)] = prefix.predict_on_batch(batch)
+                    values = model.predict_on_batch(batch)
+                    if not isinstance(values, (list, tuple)):
+                        values = [values]
+                    for data, value in zip(datasets, values):
+                        data[start:start + len(batch)] = value
     return path.stat().st_size
 
 
 def chain_blocks(teacher, blocks, block_weights: dict[str, dict], multipliers: dict[str, int],
-                 tasks: dict, job, dataset, run_dir, run_task, log) -> tuple[dict, dict]:
-    """The chained pass over the replaced blocks (`block_weights`), in the teacher's order.
+                 tasks: dict, job, dataset, run_dir, run_tasks, log) -> tuple[dict, dict]:
+    """The chained pass over the replaced blocks (`block_weights`), in the order
+    `distill.chained_order` says.
 
     `tasks`: the parallel phase's BlockTask per block (a chained task is derived from it);
-    `run_task(task) -> (result or None when it failed, records)` runs one task on a
-    worker and saves its result (a saved one is reused without running it). Returns (the block
+    `run_tasks({name: task}) -> {name: result}` runs the tasks on the workers and saves
+    their results (a task that failed on every attempt has none). Returns (the block
     weights after the pass, the report's `chained`)."""
-    current = dict(block_weights)
-    rows = []
     replaced = [b for b in blocks if b.name in block_weights]
+    heads = {b.name: _head(teacher, b, b is replaced[-1], job, log) for b in replaced}
+    rows = {b.name: {"name": b.name, "input_bytes": 0, "reused": False,
+                     "head_weight": heads[b.name].weight if heads[b.name] else 0.0}
+            for b in replaced}
+    context = _Pass(teacher, blocks, multipliers, tasks, job, dataset, Path(run_dir),
+                    run_tasks, heads, rows)
+    current = dict(block_weights)
+    if job.distill.chained_order == "parallel" and len(replaced) > 2:
+        # The last block goes after the others, on their chained outputs: it learns the
+        # teacher's predictions, and the student's accuracy depends on it most (measured on
+        # the demo: docs/usage.md).
+        summary = _parallel(context, replaced[:-1], current, log)
+        last = _sequential(context, replaced[-1:], current, log)
+        summary = {"input_bytes_max": max(summary["input_bytes_max"], last["input_bytes_max"]),
+                   "input_seconds": summary["input_seconds"] + last["input_seconds"]}
+    else:
+        summary = _sequential(context, replaced, current, log)
+    return current, {"epochs": job.distill.chained_epochs, "order": job.distill.chained_order,
+                     **summary, "blocks": [rows[b.name] for b in replaced]}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pass:
+    """What both orders of the pass read."""
+
+    teacher: object
+    blocks: list
+    multipliers: dict
+    tasks: dict  # the parallel phase's, by block name
+    job: object
+    dataset: object
+    run_dir: Path
+    run_tasks: object
+    heads: dict  # block name -> HeadLoss or None
+    rows: dict  # block name -> the report's row, filled in as the pass goes
+
+    def task(self, block, current: dict, input_path: Path):
+        """The parallel phase's task of `block`, trained on the student's own input to it
+        (computed from the weights `current`), from its current weights."""
+        base = self.tasks[block.name]
+        digest = student_blocks_key(current, self.multipliers)
+        return dataclasses.replace(
+            base, config=dataclasses.replace(base.config,
+                                             epochs=self.job.distill.chained_epochs),
+            depth_multiplier=self.multipliers[block.name],
+            initial_weights=current[block.name],
+            source=dataclasses.replace(base.source, views=0),
+            input_path=str(input_path), input_digest=digest, head_loss=self.heads[block.name])
+
+    def saved(self, task) -> dict | None:
+        """An earlier run's result of this chained task."""
+        saved = load_result(result_path(self.run_dir, task))
+        if saved is not None:
+            self.rows[task.block.name]["reused"] = True
+        return saved[0] if saved is not None else None
+
+    def inputs(self, current: dict, chained: list, path: Path, digest: str) -> int:
+        """Write the student's inputs to each block of `chained` into `path`."""
+        model = student_inputs(self.teacher, self.blocks, current, self.multipliers, chained,
+                               self.dataset.x_train)
+        return write_inputs(path, model, [block.input_boundary for block in chained],
+                            {"train": self.dataset.x_train, "val": self.dataset.x_val},
+                            self.job.cache.dtype, digest)
+
+    def settle(self, block, result: dict | None, current: dict, log) -> None:
+        """Judge `block`'s chained result against `current` and keep it there if better."""
+        row = self.rows[block.name]
+        if result is None:  # the task failed on every attempt: the block keeps its weights
+            row["failed"] = True
+            return
+        row |= _judge(result, self.heads[block.name], block, self.teacher, self.blocks,
+                      current, self.multipliers, self.dataset)
+        row.setdefault("seconds", result.get("train_seconds", 0.0))
+        if row["kept"]:
+            current[block.name] = result["weights"]
+        _log_chained(log, block, result, row, self.heads[block.name])
+
+
+def _parallel(context: _Pass, replaced, current: dict, log) -> dict:
+    """Every block of `replaced` at once, on the inputs of the students in `current` (one
+    file for all); `current` takes the chained weights kept."""
+    digest = student_blocks_key(current, context.multipliers)
+    path = context.run_dir / "chain" / f"inputs-{digest}.h5"
+    chained = {}
     for block in replaced:
-        started = time.perf_counter()
-        head = _head(teacher, block, block is replaced[-1], job, log)
-        task = _chained_task(tasks[block.name], block, current, multipliers, head,
-                             Path(run_dir) / "chain", job.distill.chained_epochs)
-        row = {"name": block.name, "input_bytes": 0, "reused": False,
-               "head_weight": head.weight if head is not None else 0.0}
-        result = _train(task, teacher, blocks, current, multipliers, dataset, job, run_dir,
-                        run_task, row)
-        if result is not None:
-            row |= _judge(result, head, block, teacher, blocks, current, multipliers, dataset)
-            if row["kept"]:
-                current[block.name] = result["weights"]
-            _log_chained(log, block, result, row, head)
-        rows.append(row | {"seconds": time.perf_counter() - started})
-    return current, {"epochs": job.distill.chained_epochs, "blocks": rows,
-                     "input_bytes_max": max((r["input_bytes"] for r in rows), default=0)}
+        if fed_by_student(context.teacher, context.blocks, current, block):
+            chained[block.name] = context.task(block, current, path)
+        else:
+            context.rows[block.name] |= {"skipped": "no replaced block before it",
+                                         "seconds": 0.0}
+    results = {name: result for name, task in chained.items()
+               if (result := context.saved(task)) is not None}
+    todo = {name: task for name, task in chained.items() if name not in results}
+    started, file_bytes, input_seconds = time.perf_counter(), 0, 0.0
+    if todo:
+        file_bytes = context.inputs(current, [task.block for task in todo.values()], path,
+                                    digest)
+        for name, task in todo.items():
+            context.rows[name]["input_bytes"] = _array_bytes(task.block, context)
+        input_seconds = time.perf_counter() - started
+        log(f"chained pass: the students' inputs to {len(todo)} block(s) written "
+            f"({file_bytes / 2**20:,.0f} MB, {input_seconds:.1f} s); training them at once")
+        try:
+            results |= context.run_tasks(todo)
+        finally:
+            path.unlink(missing_ok=True)
+    # In the teacher's order: the block trained through the head is last, judged with the
+    # others' chosen weights in place.
+    for block in replaced:
+        if block.name in chained:
+            context.settle(block, results.get(block.name), current, log)
+    return {"input_bytes_max": file_bytes, "input_seconds": input_seconds}
+
+
+def _array_bytes(block, context: _Pass) -> int:
+    """Bytes of one block's student inputs (training and validation images)."""
+    samples = len(context.dataset.x_train) + len(context.dataset.x_val)
+    return int(samples * np.prod(block.input_shape) * np.dtype(context.job.cache.dtype).itemsize)
+
+
+def _sequential(context: _Pass, replaced, current: dict, log) -> dict:
+    """One block of `replaced` after another, each on the inputs of the blocks before it
+    as chained so far; `current` takes the chained weights kept."""
+    input_seconds = 0.0
+    for block in replaced:
+        started, row = time.perf_counter(), context.rows[block.name]
+        if not fed_by_student(context.teacher, context.blocks, current, block):
+            row |= {"skipped": "no replaced block before it", "seconds": 0.0}
+            continue
+        digest = student_blocks_key(current, context.multipliers)
+        path = context.run_dir / "chain" / f"{block.name}-{digest}.h5"
+        task = context.task(block, current, path)
+        result = context.saved(task)
+        if result is None:
+            row["input_bytes"] = context.inputs(current, [block], path, digest)
+            row["input_seconds"] = time.perf_counter() - started
+            input_seconds += row["input_seconds"]
+            try:
+                result = context.run_tasks({block.name: task}).get(block.name)
+            finally:
+                path.unlink(missing_ok=True)
+        row["seconds"] = time.perf_counter() - started
+        context.settle(block, result, current, log)
+    return {"input_bytes_max": max((context.rows[b.name]["input_bytes"] for b in replaced),
+                                   default=0),
+            "input_seconds": input_seconds}
 
 
 def _head(teacher, block, last: bool, job, log):
@@ -130,44 +274,6 @@ def _head(teacher, block, last: bool, job, log):
         log(f"chained {block.name}: MSE alone (the teacher's layers after it read more "
             f"than its output, or cannot be rebuilt on a worker)")
     return head
-
-
-def _chained_task(base, block, current, multipliers, head, folder: Path, epochs: int):
-    """The parallel phase's task of `block`, trained on the student's own input to it."""
-    digest = student_blocks_key(current, multipliers)
-    return dataclasses.replace(
-        base, config=dataclasses.replace(base.config, epochs=epochs),
-        depth_multiplier=multipliers[block.name], initial_weights=current[block.name],
-        source=dataclasses.replace(base.source, views=0),
-        input_path=str(folder / f"{block.name}-{digest}.h5"), input_digest=digest,
-        head_loss=head)
-
-
-def _train(task, teacher, blocks, current, multipliers, dataset, job, run_dir, run_task,
-           row: dict) -> dict | None:
-    """The chained task's result: an earlier run's, or trained now on inputs written for it
-    (deleted after). None, with the reason in `row`, when there is none."""
-    saved = load_result(result_path(run_dir, task))
-    if saved is not None:
-        row["reused"] = True
-        return saved[0]
-    started = time.perf_counter()
-    block = task.block
-    prefix = student_inputs(teacher, blocks, current, multipliers, block, dataset.x_train)
-    if prefix is None:
-        row["skipped"] = "no replaced block before it"
-        return None
-    row["input_bytes"] = write_inputs(
-        Path(task.input_path), prefix, {"train": dataset.x_train, "val": dataset.x_val},
-        block.input_boundary, job.cache.dtype, task.input_digest)
-    row["input_seconds"] = time.perf_counter() - started
-    try:
-        result, _ = run_task(task)
-    finally:
-        Path(task.input_path).unlink(missing_ok=True)
-    if result is None:  # the task failed on every attempt: the block keeps its weights
-        row["failed"] = True
-    return result
 
 
 def _judge(result, head, block, teacher, blocks, current, multipliers, dataset) -> dict:

@@ -4,8 +4,9 @@
 RUN/blocks/ (keys.task_key names the file) is reused, not trained. The others are
 profiled where they will run, planned (schedule/) and handed to the workers; each result
 is saved the moment it arrives, so a killed run loses only the tasks still training.
-Acceptance (accept.py) calls `retrain_wider` and the chained pass (chain.py) `run_one`,
-which follow the same rules: reuse, retries, results saved as they arrive.
+Acceptance (accept.Judge) runs alongside the parallel phase (`run(judge)`): its wider
+retrains join the same schedule. The chained pass (chain.py) calls `run_chained`. Every
+task follows the same rules: reuse, retries, results saved as they arrive.
 """
 
 from __future__ import annotations
@@ -30,17 +31,20 @@ from pbkd_mpi.schedule.profiling import profile_tasks
 from pbkd_mpi.schedule.simulate import simulate_plan
 
 
+WIDER = "+wider"  # task id of a block's wider retrain: the block's name and this
+
+
+def _block_of(task_id: str) -> str:
+    return task_id.removesuffix(WIDER)
+
+
 @dataclasses.dataclass
 class Retrains:
-    """Tasks run after the parallel phase (wider students): their results and records."""
+    """Acceptance's wider students: their results and records, by block name."""
 
     results: dict = dataclasses.field(default_factory=dict)
     records: list = dataclasses.field(default_factory=list)
     reused: dict = dataclasses.field(default_factory=dict)  # name -> (result, info)
-
-    def weights(self) -> dict:
-        return {name: r["weights"] for name, r in self.results.items()} | \
-            {name: r["weights"] for name, (r, _) in self.reused.items()}
 
 
 class BlockTasks:
@@ -58,6 +62,7 @@ class BlockTasks:
                 f"{', '.join(self.reused)}")
         self.pending = {n: t for n, t in self.tasks.items() if n not in self.reused}
         self.wider = Retrains()
+        self._wider_tasks: dict = {}  # task id (name + WIDER) -> its BlockTask
         self.rank0_trains, self.rank0_why = False, ""
         self.profile = self.plan = self.outcome = None
         self.predicted_s = self.coordinator_cpu = 0.0
@@ -104,74 +109,73 @@ class BlockTasks:
                  + (f"; split: {', '.join(f'{n} on {k} workers' for n, k in split.items())}"
                     if split else ""))
 
-    def run(self) -> None:
-        """The parallel phase: every pending task on the workers, as the plan says."""
+    def run(self, judge=None) -> None:
+        """The parallel phase: every pending task on the workers, as the plan says. With a
+        `judge` (accept.Judge), acceptance runs alongside: each student is scored as it
+        arrives, and a failing block's wider retrain joins the schedule at once."""
         progress = DistillProgress(self.log, dict(self.plan.estimates))
+        follow_up = _Acceptance(self, judge, progress) if judge is not None else None
 
-        def keep(name, result, record):
-            progress.ended(name)
-            seconds = self._store(self.tasks[name], result, record)
-            self.log(f"block {name} done on rank {record.rank} in {seconds:.1f} s, "
+        def keep(task_id, result, record):
+            progress.ended(task_id)
+            seconds = self._store(self._task_of(task_id), result, record)
+            self.log(f"block {task_id} done on rank {record.rank} in {seconds:.1f} s, "
                      f"val MSE {result['val_mse']:.4g}")
+            if judge is not None:
+                judge.arrived(_block_of(task_id), result["weights"], task_id.endswith(WIDER))
 
-        def give_up(name, errors):
-            progress.ended(name)
-            self.log(f"block {name} failed {len(errors)} time(s) and stays the teacher's: "
+        def give_up(task_id, errors):
+            progress.ended(task_id)
+            self.log(f"block {task_id} failed {len(errors)} time(s) and stays the teacher's: "
                      f"{errors[-1]['error']} (rank {errors[-1]['rank']})")
+            if judge is not None and task_id.endswith(WIDER):
+                judge.wider_failed(_block_of(task_id))
 
-        def dispatched(name, rank):
-            self.log.detail(f"block {name} -> rank {rank}")
-            progress.dispatched(name, rank)
+        def dispatched(task_id, rank):
+            self.log.detail(f"block {task_id} -> rank {rank}")
+            progress.dispatched(task_id, rank)
 
+        if judge is not None:
+            for name, (result, _) in self.reused.items():
+                judge.arrived(name, result["weights"])
         process = psutil.Process()
         cpu_before, wall_before = process.cpu_times(), time.perf_counter()
-        self.outcome = self.coordinator.run_tasks(
+        outcome = self.coordinator.run_tasks(
             self.pending, dict(self.plan.estimates), plan=self.plan, on_result=keep,
             on_failure=give_up, max_attempts=self.job.tasks.max_attempts,
-            on_dispatch=dispatched)
+            on_dispatch=dispatched, follow_up=follow_up)
         cpu_after, wall_after = process.cpu_times(), time.perf_counter()
+        # Rank 0's coordination alone: the scoring it did between messages is acceptance's.
         self.coordinator_cpu = ((cpu_after.user + cpu_after.system)
                                 - (cpu_before.user + cpu_before.system)
+                                - (follow_up.cpu_s if follow_up is not None else 0.0)
                                 ) / max(wall_after - wall_before, 1e-9)
+        self.outcome, wider = _separate(outcome)
+        self.wider.results.update(wider.results)
+        self.wider.records.extend(wider.records)
 
-    def first_weights(self) -> dict:
-        """{block name: weights} of every first student trained (this run or reused)."""
-        return {name: r["weights"] for name, r in self.outcome.results.items()} | \
-            {name: r["weights"] for name, (r, _) in self.reused.items()}
-
-    def retrain_wider(self, names, multiplier: int) -> dict:
-        """Acceptance's wider students of `names`: tasks like the first, reused from
-        RUN/blocks/ when an earlier run trained them. Returns {name: weights} of those
-        that finished."""
-        tasks = {name: dataclasses.replace(
+    def wider_task(self, name: str, multiplier: int) -> BlockTask:
+        """Acceptance's wider student of block `name`: a task like its first."""
+        return dataclasses.replace(
             self.tasks[name], depth_multiplier=multiplier,
             initial_weights=initial_weights(self.tasks[name].block, self.teacher, multiplier))
-            for name in names}
-        for name, task in tasks.items():
-            if (loaded := load_result(result_path(self.run_dir, task))) is not None:
-                self.wider.reused[name] = loaded
-        todo = {name: task for name, task in tasks.items() if name not in self.wider.reused}
-        if todo:
-            done = self._run_after(todo, "wider block")
-            self.wider.results.update(done.results)
-            self.wider.records.extend(done.records)
-        return self.wider.weights()
 
-    def run_one(self, task) -> tuple[dict | None, list]:
-        """One task on one worker (the chained pass): (its result, or None when it failed
-        on every attempt; its records). Splitting it over all workers, as a split block of
-        the parallel phase, was slower on the demo: docs/usage.md."""
-        name = task.block.name
-        done = self._run_after({name: task}, "chained block")
-        return done.results.get(name), done.records
+    def add_wider(self, task_id: str, task: BlockTask) -> None:
+        self._wider_tasks[task_id] = task
 
-    def _run_after(self, tasks: dict, what: str):
+    def _task_of(self, task_id: str) -> BlockTask:
+        return self._wider_tasks[task_id] if task_id.endswith(WIDER) else self.tasks[task_id]
+
+    def run_chained(self, tasks: dict) -> dict:
+        """The chained pass's tasks on the workers, at once, longest first: {name: result}
+        of those that finished. (Splitting one over all workers, as a split block of the
+        parallel phase, was slower on the demo: docs/usage.md.)"""
         return self.coordinator.run_tasks(
             tasks, {name: task.estimated_cost for name, task in tasks.items()},
             max_attempts=self.job.tasks.max_attempts,
             on_result=lambda name, result, record: self._store(tasks[name], result, record),
             on_failure=lambda name, errors: self.log(
-                f"{what} {name} failed: {errors[-1]['error']}"))
+                f"chained block {name} failed: {errors[-1]['error']}")).results
 
     def _store(self, task, result, record) -> float:
         seconds = record.end_s - record.start_s
@@ -198,3 +202,50 @@ class BlockTasks:
         """What profiling needs to know of the data: split sizes and a cached value's bytes."""
         return {"train": len(dataset.y_train), "val": len(dataset.y_val),
                 "item_bytes": np.dtype(cache_dtype).itemsize}
+
+
+class _Acceptance:
+    """The follow-up of the parallel phase (mpi/protocol.Coordinator.run_tasks): the
+    judge's scoring between messages, and the wider retrains it asks for as new tasks (or,
+    where an earlier run trained one, its saved result straight back to the judge)."""
+
+    def __init__(self, tasks: BlockTasks, judge, progress):
+        self.tasks, self.judge, self.progress = tasks, judge, progress
+        self.cpu_s = 0.0
+
+    def busy(self) -> bool:
+        return self.judge.busy()
+
+    def step(self) -> dict:
+        process = psutil.Process()
+        before = process.cpu_times()
+        added = {}
+        for name in self.judge.step():
+            task = self.tasks.wider_task(name, self.judge.wider_multiplier)
+            if (loaded := load_result(result_path(self.tasks.run_dir, task))) is not None:
+                self.tasks.wider.reused[name] = loaded
+                self.judge.arrived(name, loaded[0]["weights"], wider=True)
+                continue
+            # Its first student's estimate: the wider one trains on the same pairs.
+            estimates = self.tasks.plan.estimates
+            estimate = estimates.get(name) or max(estimates.values(), default=1.0)
+            task_id = name + WIDER
+            self.tasks.add_wider(task_id, task)
+            self.progress.add(task_id, estimate)
+            added[task_id] = (task, estimate)
+        after = process.cpu_times()
+        self.cpu_s += (after.user + after.system) - (before.user + before.system)
+        return added
+
+
+def _separate(outcome):
+    """(the first students' outcome, the wider retrains' as a Retrains with block names)."""
+    first = dataclasses.replace(
+        outcome, results={k: v for k, v in outcome.results.items() if not k.endswith(WIDER)},
+        records=[r for r in outcome.records if not r.task_id.endswith(WIDER)],
+        failures={k: v for k, v in outcome.failures.items() if not k.endswith(WIDER)})
+    wider = Retrains(
+        results={_block_of(k): v for k, v in outcome.results.items() if k.endswith(WIDER)},
+        records=[dataclasses.replace(r, task_id=_block_of(r.task_id))
+                 for r in outcome.records if r.task_id.endswith(WIDER)])
+    return first, wider

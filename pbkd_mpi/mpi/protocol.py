@@ -189,7 +189,8 @@ class Coordinator:
 
     def run_tasks(self, tasks: dict, cost: dict, on_result=None, on_failure=None,
                   max_attempts: int = 1, on_dispatch=None,
-                  silence_limit_s: float | None = None, plan=None) -> "TaskOutcome":
+                  silence_limit_s: float | None = None, plan=None,
+                  follow_up=None) -> "TaskOutcome":
         """Run every task on the workers as `plan` (a schedule/scheduler.Plan over these
         worker ranks) says; without one, work-stealing on `cost` without splitting. A task
         that raises on a worker is tried again on another worker, up to `max_attempts`
@@ -198,23 +199,34 @@ class Coordinator:
         every one of them answers and the first's result is kept (their weights are
         identical); one that fails ends the run, because its partners are waiting in its
         allreduce. A signal (see preemption) stops the hand-out and raises Preempted once
-        the workers are told."""
+        the workers are told.
+
+        `follow_up`: rank 0's own work on the results as they arrive (acceptance), done
+        whenever no message waits: `busy()` says there is some, `step()` does one piece and
+        returns {task_id: (task, estimate)} to run too. The workers are not stopped while
+        it is busy, since a step may add tasks."""
         self.broadcast(None, Tag.SERVE)
         if self.local is not None:
             self.local.serve()
         self.epoch = time.monotonic()  # task start and end times count from here
         plan = plan if plan is not None else default_plan(tasks, cost, self.task_workers)
-        hand_out = _HandOut(self, tasks, plan, max_attempts, on_result, on_failure, on_dispatch)
+        hand_out = _HandOut(self, dict(tasks), plan, max_attempts, on_result, on_failure,
+                            on_dispatch, follow_up)
         limit_s = silence_limit_s if silence_limit_s is not None else self.silence_limit_s
         for rank in self.task_workers:
             self.heard[rank] = time.monotonic()
         try:
             while len(hand_out.stopped) < len(self.task_workers):
-                message = self._receive(deadline=time.monotonic() + SIGNAL_CHECK_S)
+                busy = hand_out.follow_up_busy()
+                message = self._receive(
+                    deadline=time.monotonic() + (0.0 if busy else SIGNAL_CHECK_S))
                 preemption.check(f"{len(hand_out.running)} block task(s) were running")
                 self._check_alive(self.heard, hand_out.running, hand_out.stopped, limit_s)
-                if message is not None and (message := self._note(message)) is not None:
-                    hand_out.take(*message)
+                if message is not None:
+                    if (message := self._note(message)) is not None:
+                        hand_out.take(*message)
+                elif busy:  # nothing waiting: rank 0's own work, a piece at a time
+                    hand_out.follow(follow_up.step())
             return hand_out.outcome
         finally:
             if self.local is not None:
@@ -306,8 +318,8 @@ class _HandOut:
     `take` handles the task loop's messages: READY, and a task's RESULT or ERROR."""
 
     def __init__(self, coordinator, tasks, plan, max_attempts, on_result, on_failure,
-                 on_dispatch):
-        self.coordinator, self.tasks = coordinator, tasks
+                 on_dispatch, follow_up=None):
+        self.coordinator, self.tasks, self.follow_up = coordinator, tasks, follow_up
         self.queue = Scheduler(plan, max_attempts)
         self.idle: set[int] = set()
         self.running: dict[int, TaskRecord] = {}
@@ -332,6 +344,16 @@ class _HandOut:
         elif tag is not Tag.READY:
             raise RuntimeError(f"unexpected message {tag.name} from rank {rank}")
         self.idle.add(rank)
+        self.dispatch()
+
+    def follow_up_busy(self) -> bool:
+        return self.follow_up is not None and self.follow_up.busy()
+
+    def follow(self, added: dict) -> None:
+        """Schedule the tasks a follow-up step asked for, then hand out (or stop) as ever."""
+        for task_id, (task, estimate) in added.items():
+            self.tasks[task_id] = task
+            self.queue.add(task_id, estimate)
         self.dispatch()
 
     def _succeeded(self, record, result) -> None:
@@ -365,7 +387,7 @@ class _HandOut:
             if self.on_dispatch is not None:
                 for rank in ranks:
                     self.on_dispatch(task_id, rank)
-        if self.queue.empty() and not self.running:
+        if self.queue.empty() and not self.running and not self.follow_up_busy():
             for rank in sorted(self.idle):
                 self.idle.discard(rank)
                 self.stopped.add(rank)

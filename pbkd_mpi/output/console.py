@@ -121,6 +121,11 @@ class DistillProgress:
         self.running: dict[int, str] = {}
         self.finished: set[str] = set()
 
+    def add(self, task_id: str, cost: float) -> None:
+        """A task scheduled after the start (acceptance's wider retrain)."""
+        self.cost[task_id] = cost
+        self._draw()
+
     def dispatched(self, task_id: str, rank: int) -> None:
         self.running[rank] = task_id
         self._draw()

@@ -327,18 +327,24 @@ def _chained_lines(chained: dict | None) -> list[str]:
     """The chained pass: each block retrained on the student's own inputs."""
     if not chained or not chained.get("blocks"):
         return []
+    order = ("all at once, each on the outputs of the parallel phase's student blocks "
+             "before it" if chained.get("order", "sequential") == "parallel" else
+             "one after another in the teacher's order, each on the outputs of the chained "
+             "student blocks before it")
     lines = ["", "## Chained pass", "",
              f"Each replaced block trained up to {chained['epochs']} more epoch(s) on the "
-             "outputs of the student blocks before it (the inputs it will see), in the "
-             "teacher's order; the last with the teacher's head in its loss. Validation "
-             "MSE on the student's inputs, before and after; new weights kept when the "
-             "validation loss fell (with the head: when the student's validation "
-             "accuracy rose).", "",
+             f"student's own inputs to it, {order} (the inputs it will see); the last with "
+             "the teacher's head in its loss. Validation MSE on the student's inputs, "
+             "before and after; new weights kept when the validation loss fell (with the "
+             "head: when the student's validation accuracy rose). The inputs took "
+             f"{chained.get('input_seconds', 0.0):.1f} s to compute.", "",
              "| block | val MSE before | after | val accuracy (head) | epochs | kept | s |",
              "|---|---|---|---|---|---|---|"]
     for row in chained["blocks"]:
-        if row.get("skipped"):
-            lines.append(f"| {row['name']} | skipped: {row['skipped']} | | | | | |")
+        if row.get("skipped") or row.get("failed"):
+            why = (f"skipped: {row['skipped']}" if row.get("skipped") else
+                   "failed on every attempt: earlier weights kept")
+            lines.append(f"| {row['name']} | {why} | | | | | |")
             continue
         accuracy = (f"{_pct(row['val_accuracy_before'])} -> {_pct(row['val_accuracy'])}"
                     if row.get("head_weight") else "")

@@ -122,6 +122,7 @@ def build_report(*, run_dir, workers: int, dataset, teacher, teacher_info: dict,
         "replaced": replaced_totals([row for row in rows if row["replaced"]]),
         "accept": {"max_drop": max_drop,
                    "teacher_val_accuracy": acceptance.teacher_val,
+                   "score_seconds": acceptance.score_seconds,
                    "decisions": {d: sum(v.decision == d for v in acceptance.verdicts.values())
                                  for d in DECISIONS}},
         "blocks": rows,

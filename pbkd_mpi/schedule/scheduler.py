@@ -79,6 +79,7 @@ class Scheduler:
         self.queues = {w: list(q) for w, q in self.plan.queues.items()}
         self.gangs = dict(self.plan.gangs)
         self.estimates = dict(self.plan.estimates)
+        self._planned = dict(self.plan.estimates)  # before rescaling; with added tasks
         self.errors = {name: [] for name in self.plan.estimates}
         self._measured = {w: 0.0 for w in self.plan.workers}
         self._estimated = {w: 0.0 for w in self.plan.workers}
@@ -165,18 +166,35 @@ class Scheduler:
                 return name
         return None
 
+    def add(self, name, estimate: float) -> None:
+        """A task that arrived after the plan (acceptance's wider retrain): into the least
+        loaded queue, before the first task estimated shorter, so that the queue stays
+        longest first. `estimate` is in the plan's units, before rescaling."""
+        if name in self.errors:
+            raise ValueError(f"task {name!r} is already scheduled")
+        self._planned[name] = estimate
+        self.estimates[name] = estimate * self._rescale()
+        self.errors[name] = []
+        target = min(self.queues, key=lambda w: (self.load(w), w))
+        queue = self.queues[target]
+        at = next((i for i, n in enumerate(queue)
+                   if n not in self.gangs and self.estimates[n] < self.estimates[name]),
+                  len(queue))
+        queue.insert(at, name)
+
+    def _rescale(self) -> float:
+        measured, estimated = sum(self._measured.values()), sum(self._estimated.values())
+        return measured / estimated if self.stealing and estimated > 0 else 1.0
+
     def done(self, name, workers, seconds: float) -> None:
         """A task finished in `seconds`: note each worker's slowness; with work-stealing,
         rescale the estimates of tasks not started by measured / estimated of all so far."""
         for w in workers:
             self._measured[w] += seconds
-            self._estimated[w] += self.plan.estimates[name]
+            self._estimated[w] += self._planned[name]
         if self.stealing:
-            measured = sum(self._measured.values())
-            estimated = sum(self._estimated.values())
-            if estimated > 0:
-                factor = measured / estimated
-                self.estimates = {n: e * factor for n, e in self.plan.estimates.items()}
+            factor = self._rescale()
+            self.estimates = {n: e * factor for n, e in self._planned.items()}
 
     def failed(self, name, rank, text) -> list | None:
         """Note a failure on `rank`; returns the task's errors when it is given up, else
@@ -187,7 +205,7 @@ class Scheduler:
                                   "traceback": text})
         if len(self.errors[name]) >= self.max_attempts:
             return self.errors[name]
-        if self.plan.ways[name] > 1:  # first again in every member's queue
+        if self.plan.ways.get(name, 1) > 1:  # first again in every member's queue
             self.gangs[name] = self.plan.gangs[name]
             for w in self.plan.gangs[name]:
                 self.queues[w].insert(0, name)
