@@ -62,7 +62,8 @@ def main() -> None:
             "after_teacher_s": round(sum(s for n, s in report["phases"].items()
                                          if n not in BEFORE), 1),
             "command_s": round(command_s, 1),
-            "sequential_share": round(sequential_share(report["phases"]), 3),
+            "sequential_share": round(sequential_share(report["phases"],
+                                                       report.get("chained")), 3),
             "test_finetuned": report["student"]["accuracy_finetuned"],
         }
         print(json.dumps(rows[workers]), flush=True)

@@ -106,8 +106,11 @@ def test_the_chained_pass_lowers_each_blocks_error_on_the_students_input(
     assert sum(rows[b.name]["kept"] for b in blocks[1:]) >= 2
     if order == "parallel":  # one file held the inputs of every block but the last
         assert report["input_bytes_max"] >= sum(rows[n]["input_bytes"] for n in names[:-1])
+        assert [n for n in names if rows[n].get("parallel")] == names[:-1]
+        assert report["parallel_s"] >= max(rows[n]["seconds"] for n in names[:-1])
     else:
         assert report["input_bytes_max"] == max(rows[n]["input_bytes"] for n in names)
+        assert report["parallel_s"] == 0.0 and not any(r.get("parallel") for r in rows.values())
     for block in blocks[1:]:
         if rows[block.name]["kept"]:
             assert not all(np.array_equal(a, b) for a, b in zip(

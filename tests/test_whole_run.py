@@ -33,7 +33,8 @@ def test_each_phase_scales_by_its_rule_and_amdahl_bounds_the_speedup():
     assert four["cache"] == pytest.approx(10.0 * 3 / 5)  # shared by every rank
     assert four["finetune"] == pytest.approx(140.0 * 3 / 5)
     assert four["distill"] == pytest.approx(120.0 / 2)  # simulated, calibrated
-    for name in ("accept", "chain", "assemble", "profile", "blocks"):
+    assert four["profile"] == pytest.approx(4.0 * 2 / 4)  # each worker times its share
+    for name in ("accept", "chain", "assemble", "blocks"):
         assert four[name] == MEASURED[name]
     speedups = [table[w]["speedup"] for w in (1, 2, 4, 64)]
     assert speedups == sorted(speedups)
@@ -43,8 +44,8 @@ def test_each_phase_scales_by_its_rule_and_amdahl_bounds_the_speedup():
 
 
 def test_sequential_share_counts_the_phases_after_the_teacher():
-    fixed = 0.1 + 4.0 + 60.0 + 150.0 + 4.0
-    total = fixed + 10.0 + 120.0 + 140.0
+    fixed = 0.1 + 60.0 + 150.0 + 4.0
+    total = fixed + 4.0 + 10.0 + 120.0 + 140.0
     assert sequential_share(MEASURED) == pytest.approx(fixed / total)
     assert sequential_share({}) == 0.0
 
@@ -67,3 +68,32 @@ def test_simulate_whole_run_from_a_profile_and_a_report(tmp_path):
         capture_output=True, text=True, timeout=120, cwd=REPO)
     assert missing.returncode == 2 and "--whole-run needs the measured phases" in (
         missing.stderr)
+
+
+def test_the_chained_passs_parallel_part_scales_with_its_blocks_times():
+    from pbkd_mpi.schedule.whole_run import longest_first_makespan
+
+    assert longest_first_makespan([40, 20, 10, 10], 2) == 40
+    assert longest_first_makespan([40, 20, 10, 10], 1) == 80
+    assert longest_first_makespan([], 4) == 0
+    # 150 s of chain: 60 s its parallel part (blocks of 40, 20, 20 s on 2 workers: 40 s
+    # simulated, so calibrated by 1.5), 90 s inputs and the last block.
+    chained = {"parallel_s": 60.0, "blocks": [
+        {"seconds": 40.0, "parallel": True}, {"seconds": 20.0, "parallel": True},
+        {"seconds": 20.0, "parallel": True}, {"seconds": 30.0}, {"skipped": "x"}]}
+    table = project_run(MEASURED, 2, _makespan, [1, 2, 4], chained)
+    assert table[2]["phases_s"]["chain"] == pytest.approx(150.0)
+    assert table[1]["phases_s"]["chain"] == pytest.approx(90.0 + 80.0 * 1.5)
+    assert table[4]["phases_s"]["chain"] == pytest.approx(90.0 + 40.0 * 1.5)  # longest
+    # Only the chain's unchanged part counts as sequential.
+    fixed = 0.1 + 60.0 + 90.0 + 4.0
+    total = sum(MEASURED[name] for name in PHASE_SCALING)
+    assert sequential_share(MEASURED, chained) == pytest.approx(fixed / total)
+    assert table[2]["sequential_share"] == pytest.approx(fixed / total)
+
+
+def test_distillation_is_never_projected_shorter_than_rank_0s_scoring():
+    table = project_run(MEASURED, 2, _makespan, [2, 4, 64], score_seconds=80.0)
+    assert table[2]["phases_s"]["distill"] == pytest.approx(120.0)
+    assert table[4]["phases_s"]["distill"] == pytest.approx(80.0)  # not 60
+    assert table[64]["phases_s"]["distill"] == pytest.approx(80.0)

@@ -129,7 +129,8 @@ def chain_blocks(teacher, blocks, block_weights: dict[str, dict], multipliers: d
         summary = _parallel(context, replaced[:-1], current, log)
         last = _sequential(context, replaced[-1:], current, log)
         summary = {"input_bytes_max": max(summary["input_bytes_max"], last["input_bytes_max"]),
-                   "input_seconds": summary["input_seconds"] + last["input_seconds"]}
+                   "input_seconds": summary["input_seconds"] + last["input_seconds"],
+                   "parallel_s": summary["parallel_s"]}
     else:
         summary = _sequential(context, replaced, current, log)
     return current, {"epochs": job.distill.chained_epochs, "order": job.distill.chained_order,
@@ -208,7 +209,7 @@ def _parallel(context: _Pass, replaced, current: dict, log) -> dict:
     results = {name: result for name, task in chained.items()
                if (result := context.saved(task)) is not None}
     todo = {name: task for name, task in chained.items() if name not in results}
-    started, file_bytes, input_seconds = time.perf_counter(), 0, 0.0
+    started, file_bytes, input_seconds, parallel_s = time.perf_counter(), 0, 0.0, 0.0
     if todo:
         file_bytes = context.inputs(current, [task.block for task in todo.values()], path,
                                     digest)
@@ -217,16 +218,20 @@ def _parallel(context: _Pass, replaced, current: dict, log) -> dict:
         input_seconds = time.perf_counter() - started
         log(f"chained pass: the students' inputs to {len(todo)} block(s) written "
             f"({file_bytes / 2**20:,.0f} MB, {input_seconds:.1f} s); training them at once")
+        for name in todo:
+            context.rows[name]["parallel"] = True
         try:
             results |= context.run_tasks(todo)
         finally:
             path.unlink(missing_ok=True)
+        parallel_s = time.perf_counter() - started - input_seconds
     # In the teacher's order: the block trained through the head is last, judged with the
     # others' chosen weights in place.
     for block in replaced:
         if block.name in chained:
             context.settle(block, results.get(block.name), current, log)
-    return {"input_bytes_max": file_bytes, "input_seconds": input_seconds}
+    return {"input_bytes_max": file_bytes, "input_seconds": input_seconds,
+            "parallel_s": parallel_s}
 
 
 def _array_bytes(block, context: _Pass) -> int:
@@ -260,7 +265,7 @@ def _sequential(context: _Pass, replaced, current: dict, log) -> dict:
         context.settle(block, result, current, log)
     return {"input_bytes_max": max((context.rows[b.name]["input_bytes"] for b in replaced),
                                    default=0),
-            "input_seconds": input_seconds}
+            "input_seconds": input_seconds, "parallel_s": 0.0}
 
 
 def _head(teacher, block, last: bool, job, log):

@@ -248,8 +248,10 @@ def _phase_lines(report: dict) -> list[str]:
         f"this run directory and are not counted.",
         "",
         f"Sequential share after the teacher: "
-        f"{_pct(sequential_share(report['phases']))} of the time went to phases that more "
-        f"workers do not shorten in this version (blocks, profile, accept, chain, assemble), "
+        f"{_pct(sequential_share(report['phases'], report.get('chained')))} of the time "
+        f"went to phases that more workers do not shorten in this version (blocks, profile, "
+        f"what is left of acceptance after distillation, assemble, and the chained pass but "
+        f"for its blocks trained at once), "
         f"which bounds the speedup of the whole run; `python -m pbkd_mpi simulate "
         f"RUN_DIR/profile.json --whole-run` projects every phase at other worker counts.",
         "",

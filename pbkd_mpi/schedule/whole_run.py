@@ -6,14 +6,25 @@ Each phase after the teacher scales by its own rule, from the seconds the run me
   seconds x measured ranks / ranks;
 - `distill`: the work-stealing (+split) makespan simulated from the run's profile at w
   workers (schedule/projection.py), calibrated by the measured makespan over the one
-  simulated at the measured worker count;
+  simulated at the measured worker count; acceptance's scoring and wider retrains run
+  inside it (distill/accept.py), so they scale with it;
+- `chain`: its parallel part (report.json `chained.parallel_s`: the blocks trained at
+  once) as the longest-first makespan of those blocks' measured seconds at w workers,
+  calibrated the same way; the rest (computing the inputs on rank 0, the last block after
+  the others) unchanged;
 - `finetune`: data-parallel over every rank: seconds x measured ranks / ranks (ideal: the
   gradients' allreduce is not modelled, so this is optimistic at many ranks);
-- `blocks`, `profile` (each worker times its share at the same time), `accept`, `chain`
-  and `assemble`: sequential in this version, unchanged.
+- `profile`: each worker times its share of the blocks at the same time: seconds x
+  measured workers / workers;
+- `blocks`, `accept` (what is left of it after distillation) and `assemble`: sequential,
+  unchanged.
 
-The sequential share is the unchanged phases' part of the projected total: by Amdahl's
-law, 1 / that share bounds the speedup however many workers there are.
+Rank 0 scores every student during distillation (report.json `accept.score_seconds`), so
+the projected `distill` is never shorter than that scoring.
+
+The sequential share is the unchanged phases' (and the chain's unchanged part's) share of
+the projected total: by Amdahl's law, 1 / that share bounds the speedup however many
+workers there are.
 """
 
 from __future__ import annotations
@@ -21,28 +32,51 @@ from __future__ import annotations
 from typing import Callable
 
 # Phase -> how its seconds scale with workers; the phases a run spends after its teacher.
-PHASE_SCALING = {"blocks": "fixed", "cache": "ranks", "profile": "fixed",
-                 "distill": "schedule", "accept": "fixed", "chain": "fixed",
+PHASE_SCALING = {"blocks": "fixed", "cache": "ranks", "profile": "workers",
+                 "distill": "schedule", "accept": "fixed", "chain": "chained",
                  "assemble": "fixed", "finetune": "ranks"}
 
 
-def sequential_share(phases: dict) -> float:
-    """The share of a run's time after its teacher spent in phases that do not shrink
-    with workers."""
+def sequential_share(phases: dict, chained: dict | None = None) -> float:
+    """The share of a run's time after its teacher spent in phases (or their parts) that
+    do not shrink with workers. `chained`: report.json `chained` (its `parallel_s`)."""
     total = sum(phases.get(name, 0.0) for name in PHASE_SCALING)
     fixed = sum(phases.get(name, 0.0) for name, rule in PHASE_SCALING.items()
                 if rule == "fixed")
+    fixed += max(0.0, phases.get("chain", 0.0) - _parallel_chain(chained)[0])
     return fixed / total if total > 0 else 0.0
 
 
+def _parallel_chain(chained: dict | None) -> tuple[float, list]:
+    """(wall seconds of the chained pass's parallel part, its blocks' training seconds)."""
+    if not chained:
+        return 0.0, []
+    return (float(chained.get("parallel_s", 0.0)),
+            [row["seconds"] for row in chained.get("blocks", []) if row.get("parallel")])
+
+
+def longest_first_makespan(seconds: list, workers: int) -> float:
+    """Tasks of these seconds handed longest first to the earliest free of `workers`."""
+    loads = [0.0] * max(1, workers)
+    for task in sorted(seconds, reverse=True):
+        loads[loads.index(min(loads))] += task
+    return max(loads)
+
+
 def project_run(phases: dict, measured_workers: int, makespan_for: Callable[[int], float],
-                workers_list) -> dict:
+                workers_list, chained: dict | None = None, score_seconds: float = 0.0
+                ) -> dict:
     """{workers: {"phases_s", "total_s", "speedup", "sequential_share"}}; `phases` are the
     run's measured seconds, `makespan_for(w)` the simulated distillation makespan at w
-    workers. Speedups are against the projection at 1 worker."""
+    workers, `chained` the run's report.json `chained`, `score_seconds` its
+    `accept.score_seconds`. Speedups are against the projection at 1 worker."""
     simulated = makespan_for(measured_workers)
     calibration = phases.get("distill", 0.0) / simulated if simulated > 0 else 1.0
     measured_ranks = measured_workers + 1
+    parallel_s, chained_seconds = _parallel_chain(chained)
+    chain_measured = longest_first_makespan(chained_seconds, measured_workers)
+    chain_calibration = parallel_s / chain_measured if chain_measured > 0 else 0.0
+    chain_fixed = max(0.0, phases.get("chain", 0.0) - parallel_s)
 
     def one(workers: int) -> dict:
         projected = {}
@@ -50,11 +84,17 @@ def project_run(phases: dict, measured_workers: int, makespan_for: Callable[[int
             seconds = phases.get(name, 0.0)
             if rule == "ranks":
                 seconds *= measured_ranks / (workers + 1)
+            elif rule == "workers":
+                seconds *= measured_workers / workers
             elif rule == "schedule":
-                seconds = makespan_for(workers) * calibration
+                seconds = max(makespan_for(workers) * calibration, score_seconds)
+            elif rule == "chained":
+                seconds = chain_fixed + chain_calibration * longest_first_makespan(
+                    chained_seconds, workers)
             projected[name] = seconds
+        parallel = projected["chain"] - chain_fixed
         return {"phases_s": projected, "total_s": sum(projected.values()),
-                "sequential_share": sequential_share(projected)}
+                "sequential_share": sequential_share(projected, {"parallel_s": parallel})}
 
     base = one(1)["total_s"]
     table = {}
@@ -75,6 +115,7 @@ def render_projection(table: dict, title: str = "") -> str:
                      f"{row['speedup']:>6.2f}x  {row['sequential_share']:>9.1%}")
     lines.append("Seconds per phase after the teacher, projected from the run's measured "
                  "phases (schedule/whole_run.py: cache and fine-tuning shared by every "
-                 "rank, distillation simulated, the rest sequential); speedup against 1 "
-                 "worker; sequential: the share of the unchanged phases.")
+                 "rank, distillation simulated, the chained pass's parallel part by its "
+                 "blocks' times, the rest sequential); speedup against 1 worker; "
+                 "sequential: the share of the unchanged phases and parts.")
     return "\n".join(lines)
