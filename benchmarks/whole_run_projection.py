@@ -87,7 +87,7 @@ def measured_costs(name: str, job) -> dict:
 
 def modelled_phases(costs: dict, profile: dict, job, makespan_1: float) -> tuple:
     """(phases at 1 worker, the report's `chained`, score_seconds) from measured costs."""
-    from pbkd_mpi.distill.accept import CALIBRATION_SAMPLES
+    from pbkd_mpi.distill.score import CALIBRATION_SAMPLES
     from pbkd_mpi.schedule.profiling import TIMED_STEPS, WARMUP_STEPS
 
     images = SAMPLES["train"] + SAMPLES["val"]

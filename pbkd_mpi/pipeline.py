@@ -76,7 +76,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
     with timer("profile"):
         tasks.schedule(BlockTasks.samples(dataset, job.cache.dtype))
     with timer("distill"):  # acceptance too: each student is judged as it arrives
-        tasks.run(judge := stage_judge(teacher, blocks, job, dataset, log))
+        tasks.run(judge := stage_judge(blocks, job, teacher_file, teacher_fp, dataset, log))
     with timer("accept"):
         acceptance = judge.acceptance()
     kept, chained = acceptance.kept, skipped_pass(job, cache.source, log)

@@ -34,15 +34,22 @@ def _broken(weights: dict) -> dict:
     return {layer: [np.zeros_like(a) for a in arrays] for layer, arrays in weights.items()}
 
 
-def judge_all(judge, trained: dict, retrain) -> list:
-    """Drive `judge` as the parallel phase does: every first student arrives, each step
-    scores one, and a block it asks to retrain arrives again from `retrain(name,
-    multiplier)` (None: the retrain failed). Returns the names it asked to retrain."""
+def judge_all(judge, trained: dict, retrain, teacher, dataset) -> list:
+    """Drive `judge` as the parallel phase does, scoring here (score.score_with) what the
+    workers would: every first student arrives, each requested score is run, and a block
+    it asks to retrain arrives again from `retrain(name, multiplier)` (None: the retrain
+    failed). The block scores go in before the teacher's, as they may on the workers.
+    Returns the names it asked to retrain."""
+    from pbkd_mpi.distill.score import score_with
+
     asked = []
     for name, weights in trained.items():
         judge.arrived(name, weights)
     while judge.busy():
-        for name in judge.step():
+        scores, retrains = judge.take_requests()
+        for task in sorted(scores, key=lambda t: t.block is None):  # the teacher's last
+            judge.scored(task, score_with(teacher, dataset, task)["val_accuracy"], 0.5)
+        for name in retrains:
             asked.append(name)
             wide = retrain(name, judge.wider_multiplier)
             if wide is None:
@@ -54,15 +61,17 @@ def judge_all(judge, trained: dict, retrain) -> list:
 
 def test_all_accepted_when_any_drop_is_allowed(setting, tiny_dataset):
     teacher, blocks, good = setting
-    judge = Judge(teacher, blocks, 2, AcceptConfig(max_drop=1.0), tiny_dataset.x_val,
-                  tiny_dataset.y_val, tiny_dataset.x_train, log=lambda m: None)
-    assert judge_all(judge, good, lambda *_: pytest.fail("nothing to retrain")) == []
+    judge = Judge(blocks, 2, AcceptConfig(max_drop=1.0), log=lambda m: None)
+    with pytest.raises(RuntimeError, match="not complete"):
+        judge.acceptance()
+    assert judge_all(judge, good, lambda *_: pytest.fail("nothing to retrain"), teacher,
+                     tiny_dataset) == []
     verdicts, kept, multipliers, teacher_val, seconds = judge.acceptance()
     assert {v.decision for v in verdicts.values()} == {ACCEPTED}
     assert list(verdicts) == [b.name for b in blocks]  # the blocks' order
     assert set(kept) == {b.name for b in blocks} and set(multipliers.values()) == {2}
     assert teacher_val > 1.5 / tiny_dataset.num_classes  # the trained teacher beats chance
-    assert seconds > 0
+    assert seconds == pytest.approx(0.5 * (len(blocks) + 1))  # every score, the teacher's
     for v in verdicts.values():
         assert v.drop == pytest.approx(teacher_val - v.solo_val_accuracy)
 
@@ -83,9 +92,8 @@ def test_a_broken_block_is_retrained_wider_then_kept_as_the_teachers(
             return None
         return _broken(initial_weights(blocks[1], teacher, multiplier))  # the wider shapes
 
-    judge = Judge(teacher, blocks, 2, AcceptConfig(max_drop=0.1, widen=2), tiny_dataset.x_val,
-                  tiny_dataset.y_val, tiny_dataset.x_train, log=lambda m: None)
-    assert broken_name in judge_all(judge, trained, retrain)
+    judge = Judge(blocks, 2, AcceptConfig(max_drop=0.1, widen=2), log=lambda m: None)
+    assert broken_name in judge_all(judge, trained, retrain, teacher, tiny_dataset)
     assert set(multipliers_asked) == {4}
     verdicts, kept, multipliers, teacher_val, _ = judge.acceptance()
     broken = verdicts[broken_name]
@@ -102,10 +110,9 @@ def test_a_wider_student_that_passes_is_kept(setting, tiny_dataset):
 
     teacher, blocks, good = setting
     name = blocks[1].name
-    judge = Judge(teacher, blocks, 2, AcceptConfig(max_drop=0.1, widen=2), tiny_dataset.x_val,
-                  tiny_dataset.y_val, tiny_dataset.x_train, log=lambda m: None)
+    judge = Judge(blocks, 2, AcceptConfig(max_drop=0.1, widen=2), log=lambda m: None)
     wide = initial_weights(blocks[1], teacher, 4)
-    judge_all(judge, {name: _broken(good[name])}, lambda *_: wide)
+    judge_all(judge, {name: _broken(good[name])}, lambda *_: wide, teacher, tiny_dataset)
     verdicts, kept, multipliers, _, _ = judge.acceptance()
     assert verdicts[name].decision == ACCEPTED_WIDER and kept[name] is wide
     assert multipliers == {name: 4} and verdicts[name].wider_drop <= 0.1
@@ -117,7 +124,7 @@ def test_the_teacher_is_scored_with_its_bn_statistics_re_estimated_as_a_solo_swa
     re-estimation as each solo swap, so stale statistics of the teacher's cancel out."""
     import keras
 
-    from pbkd_mpi.distill.accept import teacher_accuracy
+    from pbkd_mpi.distill.score import teacher_accuracy
     from pbkd_mpi.model.evaluate import accuracy
 
     teacher, _, _ = setting

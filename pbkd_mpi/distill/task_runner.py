@@ -1,7 +1,7 @@
 """Run one block task where it landed: a worker rank, or rank 0's own training thread.
 
-A task is a `train_block.BlockTask` (one block, one rank) or a `mpi/protocol.SplitPart` (one of the
-k ranks training a split block together). Both log to the rank's log, count their time and
+A task is a `train_block.BlockTask` (one block, one rank), a `mpi/protocol.SplitPart` (one of the
+k ranks training a split block together) or a `score.ScoreTask` (acceptance's solo swap). Both log to the rank's log, count their time and
 energy as a task on the rank's meter, checkpoint every epoch in the run directory, and stop
 between batches when `stop_check()` raises (a signal, or rank 0 asking to abort).
 """
@@ -12,6 +12,7 @@ import contextlib
 from pathlib import Path
 
 from pbkd_mpi.distill.results import progress_path
+from pbkd_mpi.distill.score import ScoreTask, run_score
 from pbkd_mpi.distill.split_block import train_split_part
 from pbkd_mpi.distill.train_block import train_block
 from pbkd_mpi.mpi import faults, preemption, supervisor
@@ -30,6 +31,13 @@ def task_runner(run_dir: str, meter, stop_check):
     callback = preemption.keras_callback("training a block", also=stop_check)
 
     def run(task):
+        if isinstance(task, ScoreTask):  # acceptance's solo swap: no training, no meter
+            supervisor.note(f"scoring {task.name}", run_dir=run_dir)
+            result = run_score(task)
+            LOGGER.info("score %s%s: val accuracy %.4f in %.1f s", task.name,
+                        " (wider)" if task.wider else "", result["val_accuracy"],
+                        result["seconds"])
+            return result
         name = task.task.block.name if isinstance(task, SplitPart) else task.block.name
         LOGGER.info("task %s: started", name)
         supervisor.note(f"training block {name}", run_dir=run_dir)

@@ -32,10 +32,11 @@ from pbkd_mpi.schedule.simulate import simulate_plan
 
 
 WIDER = "+wider"  # task id of a block's wider retrain: the block's name and this
+SCORE = "+score"  # task id of a solo swap's score (distill/score.py): its student's and this
 
 
 def _block_of(task_id: str) -> str:
-    return task_id.removesuffix(WIDER)
+    return task_id.removesuffix(SCORE).removesuffix(WIDER)
 
 
 @dataclasses.dataclass
@@ -118,6 +119,10 @@ class BlockTasks:
 
         def keep(task_id, result, record):
             progress.ended(task_id)
+            if task_id.endswith(SCORE):
+                judge.scored(follow_up.scores.pop(task_id), result["val_accuracy"],
+                             result["seconds"])
+                return
             seconds = self._store(self._task_of(task_id), result, record)
             self.log(f"block {task_id} done on rank {record.rank} in {seconds:.1f} s, "
                      f"val MSE {result['val_mse']:.4g}")
@@ -126,6 +131,10 @@ class BlockTasks:
 
         def give_up(task_id, errors):
             progress.ended(task_id)
+            if task_id.endswith(SCORE):  # as any error of rank 0's: the run cannot judge
+                raise RuntimeError(f"scoring {task_id.removesuffix(SCORE)} failed on every "
+                                   f"attempt: {errors[-1]['error']} (rank "
+                                   f"{errors[-1]['rank']})\n{errors[-1]['traceback']}")
             self.log(f"block {task_id} failed {len(errors)} time(s) and stays the teacher's: "
                      f"{errors[-1]['error']} (rank {errors[-1]['rank']})")
             if judge is not None and task_id.endswith(WIDER):
@@ -145,10 +154,8 @@ class BlockTasks:
             on_failure=give_up, max_attempts=self.job.tasks.max_attempts,
             on_dispatch=dispatched, follow_up=follow_up)
         cpu_after, wall_after = process.cpu_times(), time.perf_counter()
-        # Rank 0's coordination alone: the scoring it did between messages is acceptance's.
         self.coordinator_cpu = ((cpu_after.user + cpu_after.system)
                                 - (cpu_before.user + cpu_before.system)
-                                - (follow_up.cpu_s if follow_up is not None else 0.0)
                                 ) / max(wall_after - wall_before, 1e-9)
         self.outcome, wider = _separate(outcome)
         self.wider.results.update(wider.results)
@@ -205,45 +212,52 @@ class BlockTasks:
 
 
 class _Acceptance:
-    """The follow-up of the parallel phase (mpi/protocol.Coordinator.run_tasks): the
-    judge's scoring between messages, and the wider retrains it asks for as new tasks (or,
-    where an earlier run trained one, its saved result straight back to the judge)."""
+    """The follow-up of the parallel phase (mpi/protocol.Coordinator.run_tasks): what the
+    judge asks for, as tasks - each score ahead of the queued blocks (a verdict can free a
+    wider retrain), each wider retrain by its first student's estimate - or, where an
+    earlier run trained a wider student, its saved result straight back to the judge."""
 
     def __init__(self, tasks: BlockTasks, judge, progress):
         self.tasks, self.judge, self.progress = tasks, judge, progress
-        self.cpu_s = 0.0
+        self.scores: dict = {}  # task id -> ScoreTask handed out
 
     def busy(self) -> bool:
         return self.judge.busy()
 
     def step(self) -> dict:
-        process = psutil.Process()
-        before = process.cpu_times()
         added = {}
-        for name in self.judge.step():
+        estimates = self.tasks.plan.estimates
+        shortest = min(estimates.values(), default=1.0)
+        scores, retrains = self.judge.take_requests()
+        for task in scores:
+            task_id = task.name + (WIDER if task.wider else "") + SCORE
+            self.scores[task_id] = task
+            self.progress.add(task_id, 0.0)
+            added[task_id] = (task, shortest, True)
+        for name in retrains:
             task = self.tasks.wider_task(name, self.judge.wider_multiplier)
             if (loaded := load_result(result_path(self.tasks.run_dir, task))) is not None:
                 self.tasks.wider.reused[name] = loaded
                 self.judge.arrived(name, loaded[0]["weights"], wider=True)
                 continue
             # Its first student's estimate: the wider one trains on the same pairs.
-            estimates = self.tasks.plan.estimates
             estimate = estimates.get(name) or max(estimates.values(), default=1.0)
-            task_id = name + WIDER
-            self.tasks.add_wider(task_id, task)
-            self.progress.add(task_id, estimate)
-            added[task_id] = (task, estimate)
-        after = process.cpu_times()
-        self.cpu_s += (after.user + after.system) - (before.user + before.system)
+            self.tasks.add_wider(name + WIDER, task)
+            self.progress.add(name + WIDER, estimate)
+            added[name + WIDER] = (task, estimate, False)
         return added
 
 
 def _separate(outcome):
-    """(the first students' outcome, the wider retrains' as a Retrains with block names)."""
+    """(the first students' outcome, the wider retrains' as a Retrains with block names);
+    the scores are the judge's."""
+    def first_pass(task_id: str) -> bool:
+        return not task_id.endswith((WIDER, SCORE))
+
     first = dataclasses.replace(
-        outcome, results={k: v for k, v in outcome.results.items() if not k.endswith(WIDER)},
-        records=[r for r in outcome.records if not r.task_id.endswith(WIDER)],
-        failures={k: v for k, v in outcome.failures.items() if not k.endswith(WIDER)})
+        outcome, results={k: v for k, v in outcome.results.items() if first_pass(k)},
+        records=[r for r in outcome.records if first_pass(r.task_id)],
+        failures={k: v for k, v in outcome.failures.items() if first_pass(k)})
     wider = Retrains(
         results={_block_of(k): v for k, v in outcome.results.items() if k.endswith(WIDER)},
         records=[dataclasses.replace(r, task_id=_block_of(r.task_id))

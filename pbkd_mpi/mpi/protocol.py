@@ -203,8 +203,9 @@ class Coordinator:
 
         `follow_up`: rank 0's own work on the results as they arrive (acceptance), done
         whenever no message waits: `busy()` says there is some, `step()` does one piece and
-        returns {task_id: (task, estimate)} to run too. The workers are not stopped while
-        it is busy, since a step may add tasks."""
+        returns {task_id: (task, estimate, first)} to run too (`first`: ahead of every
+        queued task). The workers are not stopped while it is busy, since a step may add
+        tasks."""
         self.broadcast(None, Tag.SERVE)
         if self.local is not None:
             self.local.serve()
@@ -351,9 +352,9 @@ class _HandOut:
 
     def follow(self, added: dict) -> None:
         """Schedule the tasks a follow-up step asked for, then hand out (or stop) as ever."""
-        for task_id, (task, estimate) in added.items():
+        for task_id, (task, estimate, first) in added.items():
             self.tasks[task_id] = task
-            self.queue.add(task_id, estimate)
+            self.queue.add(task_id, estimate, first)
         self.dispatch()
 
     def _succeeded(self, record, result) -> None:

@@ -166,10 +166,11 @@ class Scheduler:
                 return name
         return None
 
-    def add(self, name, estimate: float) -> None:
-        """A task that arrived after the plan (acceptance's wider retrain): into the least
-        loaded queue, before the first task estimated shorter, so that the queue stays
-        longest first. `estimate` is in the plan's units, before rescaling."""
+    def add(self, name, estimate: float, first: bool = False) -> None:
+        """A task that arrived after the plan (acceptance's score or wider retrain): into
+        the least loaded queue, before the first task estimated shorter, so that the queue
+        stays longest first, or (`first`) ahead of every task queued there. `estimate` is
+        in the plan's units, before rescaling."""
         if name in self.errors:
             raise ValueError(f"task {name!r} is already scheduled")
         self._planned[name] = estimate
@@ -177,9 +178,9 @@ class Scheduler:
         self.errors[name] = []
         target = min(self.queues, key=lambda w: (self.load(w), w))
         queue = self.queues[target]
-        at = next((i for i, n in enumerate(queue)
-                   if n not in self.gangs and self.estimates[n] < self.estimates[name]),
-                  len(queue))
+        at = 0 if first else next(
+            (i for i, n in enumerate(queue)
+             if n not in self.gangs and self.estimates[n] < self.estimates[name]), len(queue))
         queue.insert(at, name)
 
     def _rescale(self) -> float:

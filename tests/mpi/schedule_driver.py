@@ -38,7 +38,7 @@ class FollowUp:
         task_id, index = self.waiting.pop(0)
         self.steps.append(time.perf_counter() - self.started)
         time.sleep(0.05)
-        return {f"{task_id}+more": (index + 100, 1.0)} if index % 2 == 0 else {}
+        return {f"{task_id}+more": (index + 100, 1.0, False)} if index % 2 == 0 else {}
 
 
 def main():

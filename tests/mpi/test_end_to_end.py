@@ -555,3 +555,43 @@ def test_a_block_split_over_two_workers_learns_what_it_learns_alone(tiny_run, tm
     for row in (a, b):
         assert row["val_mse"] < row["initial_val_mse"]
     assert abs(relative["split"] - relative["alone"]) <= 0.25 * relative["alone"], relative
+
+
+def test_acceptance_scores_on_the_workers_and_retrains_wider_during_the_run(tiny_run,
+                                                                            tmp_path):
+    # Every first student is the tiny run's, so the hand-out starts with nothing but
+    # acceptance's work: the teacher's and 4 solo scores, as tasks on the workers, then a
+    # wider retrain for each block that costs any validation accuracy (max_drop 0).
+    run_dir = _warm_run_dir(tiny_run, tmp_path, blocks=("conv1", "conv2", "conv3", "conv4"))
+    args = ["run", TINY_JOB, "--run-dir", run_dir, "--set", "finetune.epochs=0",
+            "--set", "distill.chained_epochs=0", "--set", "accept.max_drop=0.0",
+            "--set", "schedule.profile=false", "--set", "export.saved_model=false",
+            "--set", "export.tflite=none"]
+    result = run_mpi(3, args, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    workers_logs = "".join((run_dir / "logs" / f"rank-{r}.log").read_text() for r in (1, 2))
+    for name in ("teacher", "conv1", "conv2", "conv3", "conv4"):
+        assert f"score {name}: val accuracy" in workers_logs
+    assert not re.search(r"score \w+: val accuracy",  # rank 0 only decides
+                         (run_dir / "logs" / "rank-0.log").read_text())
+    assert report["accept"]["score_seconds"] > 0
+    widened = []
+    for block in report["blocks"]:
+        verdict = block["accept"]
+        assert (verdict["decision"] == "accepted") == (verdict["drop"] <= 0.0)
+        if verdict["decision"] != "accepted":  # retrained wider, and that one scored too
+            widened.append(block["name"])
+            assert verdict["wider_solo_val_accuracy"] is not None
+            assert verdict["decision"] == ("accepted_wider" if verdict["wider_drop"] <= 0.0
+                                           else "kept_teacher")
+            assert f"score {block['name']} (wider)" in workers_logs
+    # (a wider student the tiny run trained is reused, like any result)
+    trained_now = re.findall(r"block (conv\d)\+wider done on rank", result.stdout)
+    assert set(trained_now) <= set(widened)
+    # Run again: the wider students are reused, the verdicts are the same.
+    again = run_mpi(3, args, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "+wider done" not in again.stdout
+    second = json.loads((run_dir / "report.json").read_text())
+    assert [b["accept"] for b in second["blocks"]] == [b["accept"] for b in report["blocks"]]
