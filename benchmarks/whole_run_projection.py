@@ -13,8 +13,10 @@ measured here on one thread (as the saved block profiles were):
 From those, at 1 worker (2 ranks), with the job file's settings (jobs/vgg16.toml,
 jobs/resnet50.toml) and the default chained pass (`chained_epochs` 4, `parallel`):
 cache = the teacher on every training and validation image, shared by 2 ranks; profile =
-each block's setup and timed steps; accept = one solo score (rank 0 scores the others
-while the workers train; `score_seconds` = all of them, the floor of `distill`); chain =
+each block's setup and timed steps; distill = the simulated makespan plus the solo
+scores, which are tasks on the workers (a score: BN re-estimation on 2,000 training
+images and the 5,000 validation images through the teacher); accept = nothing left after
+distillation; chain =
 the student's inputs on rank 0, every block but the first and last trained at once for
 chained_epochs / epochs of its distillation time, then the last block with its own inputs;
 assemble = BN re-estimation on 4,000 images; finetune = epochs x (training steps + a
@@ -86,7 +88,7 @@ def measured_costs(name: str, job) -> dict:
 
 
 def modelled_phases(costs: dict, profile: dict, job, makespan_1: float) -> tuple:
-    """(phases at 1 worker, the report's `chained`, score_seconds) from measured costs."""
+    """(phases at 1 worker, the report's `chained`) from measured costs."""
     from pbkd_mpi.distill.score import CALIBRATION_SAMPLES
     from pbkd_mpi.schedule.profiling import TIMED_STEPS, WARMUP_STEPS
 
@@ -106,14 +108,14 @@ def modelled_phases(costs: dict, profile: dict, job, makespan_1: float) -> tuple
         "cache": images * teacher / 2,
         "profile": sum(b["setup_s"] + (WARMUP_STEPS + TIMED_STEPS) * b["seconds_per_step"]
                        for b in blocks.values()),
-        "distill": max(makespan_1, score * (len(order) + 1)),
-        "accept": score,
+        "distill": makespan_1 + score * (len(order) + 1),
+        "accept": 0.0,
         "chain": inputs + sum(parallel) + last,
         "assemble": 4000 * student,
         "finetune": job.finetune.epochs * (SAMPLES["train"] * costs["student_train_s"]
                                            + SAMPLES["val"] * student) / 2,
     }
-    return phases, chained, score * (len(order) + 1)
+    return phases, chained
 
 
 def main() -> None:
@@ -141,11 +143,11 @@ def main() -> None:
             return rows["work-stealing+split"]["makespan_s"]
 
         costs = measured_costs(name, job)
-        phases, chained, scoring = modelled_phases(costs, profile, job, makespan_for(1))
-        table = project_run(phases, 1, makespan_for, workers, chained, scoring)
+        phases, chained = modelled_phases(costs, profile, job, makespan_for(1))
+        table = project_run(phases, 1, makespan_for, workers, chained)
         print(json.dumps({"model": model, "costs_per_image_s": {
-            k: v for k, v in costs.items() if k != "blocks"}, "phases_1w_s": phases,
-            "score_seconds": scoring}), flush=True)
+            k: v for k, v in costs.items() if k != "blocks"}, "phases_1w_s": phases}),
+              flush=True)
         print(render_projection(table, f"{model} at 32x32, modelled from costs measured "
                                        f"here (benchmarks/whole_run_projection.py)"),
               flush=True)

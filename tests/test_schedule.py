@@ -100,10 +100,12 @@ def test_a_task_added_during_the_run_keeps_the_queue_longest_first_and_rescales(
     with pytest.raises(ValueError, match="already scheduled"):
         scheduler.add("t2", 1.0)
     assert scheduler.failed("wide", 1, "Traceback\nValueError: x") is not None  # 1 attempt
-    scheduler.add("score", 0.1, first=True)  # ahead of everything queued, short or not
-    target = next(w for w, q in scheduler.queues.items() if "score" in q)
-    assert scheduler.queues[target][0] == "score"
-    assert scheduler.assign({target}, [1, 2]) == [("score", (target,))]
+    # Ahead of everything queued, short or not, on the idle worker though it is the more
+    # loaded one.
+    loaded = max(scheduler.queues, key=scheduler.load)
+    scheduler.add("score", 0.1, first=True, prefer={loaded})
+    assert scheduler.queues[loaded][0] == "score"
+    assert scheduler.assign({loaded}, [1, 2]) == [("score", (loaded,))]
 
 
 def test_a_failed_task_goes_to_another_worker_and_is_given_up_after_max_attempts():

@@ -91,9 +91,3 @@ def test_the_chained_passs_parallel_part_scales_with_its_blocks_times():
     assert sequential_share(MEASURED, chained) == pytest.approx(fixed / total)
     assert table[2]["sequential_share"] == pytest.approx(fixed / total)
 
-
-def test_distillation_is_never_projected_shorter_than_rank_0s_scoring():
-    table = project_run(MEASURED, 2, _makespan, [2, 4, 64], score_seconds=80.0)
-    assert table[2]["phases_s"]["distill"] == pytest.approx(120.0)
-    assert table[4]["phases_s"]["distill"] == pytest.approx(80.0)  # not 60
-    assert table[64]["phases_s"]["distill"] == pytest.approx(80.0)

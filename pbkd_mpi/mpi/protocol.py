@@ -345,7 +345,10 @@ class _HandOut:
         elif tag is not Tag.READY:
             raise RuntimeError(f"unexpected message {tag.name} from rank {rank}")
         self.idle.add(rank)
-        self.dispatch()
+        if self.follow_up_busy():  # what the result asked for goes in before the hand-out
+            self.follow(self.follow_up.step())
+        else:
+            self.dispatch()
 
     def follow_up_busy(self) -> bool:
         return self.follow_up is not None and self.follow_up.busy()
@@ -354,7 +357,7 @@ class _HandOut:
         """Schedule the tasks a follow-up step asked for, then hand out (or stop) as ever."""
         for task_id, (task, estimate, first) in added.items():
             self.tasks[task_id] = task
-            self.queue.add(task_id, estimate, first)
+            self.queue.add(task_id, estimate, first, prefer=self.idle)
         self.dispatch()
 
     def _succeeded(self, record, result) -> None:

@@ -166,17 +166,19 @@ class Scheduler:
                 return name
         return None
 
-    def add(self, name, estimate: float, first: bool = False) -> None:
+    def add(self, name, estimate: float, first: bool = False, prefer=()) -> None:
         """A task that arrived after the plan (acceptance's score or wider retrain): into
-        the least loaded queue, before the first task estimated shorter, so that the queue
-        stays longest first, or (`first`) ahead of every task queued there. `estimate` is
-        in the plan's units, before rescaling."""
+        the least loaded queue of the workers in `prefer` (the idle ones), else of all,
+        before the first task estimated shorter, so that the queue stays longest first, or
+        (`first`) ahead of every task queued there. `estimate` is in the plan's units,
+        before rescaling."""
         if name in self.errors:
             raise ValueError(f"task {name!r} is already scheduled")
         self._planned[name] = estimate
         self.estimates[name] = estimate * self._rescale()
         self.errors[name] = []
-        target = min(self.queues, key=lambda w: (self.load(w), w))
+        candidates = [w for w in self.queues if w in prefer] or list(self.queues)
+        target = min(candidates, key=lambda w: (self.load(w), w))
         queue = self.queues[target]
         at = 0 if first else next(
             (i for i, n in enumerate(queue)

@@ -6,8 +6,8 @@ Each phase after the teacher scales by its own rule, from the seconds the run me
   seconds x measured ranks / ranks;
 - `distill`: the work-stealing (+split) makespan simulated from the run's profile at w
   workers (schedule/projection.py), calibrated by the measured makespan over the one
-  simulated at the measured worker count; acceptance's scoring and wider retrains run
-  inside it (distill/accept.py), so they scale with it;
+  simulated at the measured worker count; acceptance's scores and wider retrains are
+  tasks inside it (distill/accept.py), so they scale with it;
 - `chain`: its parallel part (report.json `chained.parallel_s`: the blocks trained at
   once) as the longest-first makespan of those blocks' measured seconds at w workers,
   calibrated the same way; the rest (computing the inputs on rank 0, the last block after
@@ -19,8 +19,6 @@ Each phase after the teacher scales by its own rule, from the seconds the run me
 - `blocks`, `accept` (what is left of it after distillation) and `assemble`: sequential,
   unchanged.
 
-Rank 0 scores every student during distillation (report.json `accept.score_seconds`), so
-the projected `distill` is never shorter than that scoring.
 
 The sequential share is the unchanged phases' (and the chain's unchanged part's) share of
 the projected total: by Amdahl's law, 1 / that share bounds the speedup however many
@@ -64,12 +62,11 @@ def longest_first_makespan(seconds: list, workers: int) -> float:
 
 
 def project_run(phases: dict, measured_workers: int, makespan_for: Callable[[int], float],
-                workers_list, chained: dict | None = None, score_seconds: float = 0.0
-                ) -> dict:
+                workers_list, chained: dict | None = None) -> dict:
     """{workers: {"phases_s", "total_s", "speedup", "sequential_share"}}; `phases` are the
     run's measured seconds, `makespan_for(w)` the simulated distillation makespan at w
-    workers, `chained` the run's report.json `chained`, `score_seconds` its
-    `accept.score_seconds`. Speedups are against the projection at 1 worker."""
+    workers, `chained` the run's report.json `chained`. Speedups are against the
+    projection at 1 worker."""
     simulated = makespan_for(measured_workers)
     calibration = phases.get("distill", 0.0) / simulated if simulated > 0 else 1.0
     measured_ranks = measured_workers + 1
@@ -87,7 +84,7 @@ def project_run(phases: dict, measured_workers: int, makespan_for: Callable[[int
             elif rule == "workers":
                 seconds *= measured_workers / workers
             elif rule == "schedule":
-                seconds = max(makespan_for(workers) * calibration, score_seconds)
+                seconds = makespan_for(workers) * calibration
             elif rule == "chained":
                 seconds = chain_fixed + chain_calibration * longest_first_makespan(
                     chained_seconds, workers)
