@@ -4,8 +4,8 @@
 RUN/blocks/ (keys.task_key names the file) is reused, not trained. The others are
 profiled where they will run, planned (schedule/) and handed to the workers; each result
 is saved the moment it arrives, so a killed run loses only the tasks still training.
-Acceptance (accept.Judge) runs alongside the parallel phase (`run(judge)`): its wider
-retrains join the same schedule. The chained pass (chain.py) calls `run_chained`. Every
+Acceptance (accept.Judge) runs alongside the parallel phase (`run(judge)`): its scores
+(score.py) and wider retrains join the same schedule. The chained pass (chain.py) calls `run_chained`. Every
 task follows the same rules: reuse, retries, results saved as they arrive.
 """
 
