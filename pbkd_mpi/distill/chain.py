@@ -154,11 +154,11 @@ class _Pass:
     heads: dict  # block name -> HeadLoss or None
     rows: dict  # block name -> the report's row, filled in as the pass goes
 
-    def task(self, block, current: dict, input_path: Path):
+    def task(self, block, current: dict, input_path: Path, digest: str):
         """The parallel phase's task of `block`, trained on the student's own input to it
-        (computed from the weights `current`), from its current weights."""
+        (computed from the weights `current`, whose key is `digest`), from its current
+        weights."""
         base = self.tasks[block.name]
-        digest = student_blocks_key(current, self.multipliers)
         return dataclasses.replace(
             base, config=dataclasses.replace(base.config,
                                              epochs=self.job.distill.chained_epochs),
@@ -204,7 +204,7 @@ def _parallel(context: _Pass, replaced, current: dict, log) -> dict:
     chained = {}
     for block in replaced:
         if fed_by_student(context.teacher, context.blocks, current, block):
-            chained[block.name] = context.task(block, current, path)
+            chained[block.name] = context.task(block, current, path, digest)
         else:
             context.rows[block.name] |= {"skipped": "no replaced block before it",
                                          "seconds": 0.0}
@@ -253,7 +253,7 @@ def _sequential(context: _Pass, replaced, current: dict, log) -> dict:
             continue
         digest = student_blocks_key(current, context.multipliers)
         path = context.run_dir / "chain" / f"{block.name}-{digest}.h5"
-        task = context.task(block, current, path)
+        task = context.task(block, current, path, digest)
         result = context.saved(task)
         if result is None:
             row["input_bytes"] = context.inputs(current, [block], path, digest)
