@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,15 +44,12 @@ SAMPLES = {"train": 45000, "val": 5000}  # CIFAR-10-sized, as the saved profiles
 PROFILES = REPO / "benchmarks" / "profiles"
 
 
-def per_image(run, batch, repeats: int = 5) -> float:
-    """Median seconds per image of `run(batch)`, after one warm-up call."""
-    run(batch)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run(batch)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) / len(batch)
+def per_image(run, input_shape, batch: int) -> float:
+    """Median seconds per image of `run(batch of random images)`, timed as the run's own
+    latencies are (output/deploy.callable_latency_ms)."""
+    from pbkd_mpi.output.deploy import callable_latency_ms
+
+    return callable_latency_ms(run, input_shape, batch, repeats=5) / 1000.0 / batch
 
 
 def measured_costs(name: str, job) -> dict:
@@ -76,14 +71,12 @@ def measured_costs(name: str, job) -> dict:
                                multiplier)
     student.compile(optimizer=keras.optimizers.Adam(1e-3),
                     loss="sparse_categorical_crossentropy")
-    rng = np.random.default_rng(0)
-    images = rng.standard_normal((256, 32, 32, 3)).astype(np.float32)
-    labels = rng.integers(0, 10, job.finetune.batch_size)
-    train_batch = images[:job.finetune.batch_size]
-    return {"teacher_forward_s": per_image(teacher.predict_on_batch, images),
-            "student_forward_s": per_image(student.predict_on_batch, images),
-            "student_train_s": per_image(lambda x: student.train_on_batch(x, labels),
-                                         train_batch),
+    labels = np.random.default_rng(0).integers(0, 10, job.finetune.batch_size)
+    shape = (32, 32, 3)
+    return {"teacher_forward_s": per_image(teacher.predict_on_batch, shape, 256),
+            "student_forward_s": per_image(student.predict_on_batch, shape, 256),
+            "student_train_s": per_image(lambda x: student.train_on_batch(x, labels), shape,
+                                         job.finetune.batch_size),
             "blocks": [b.name for b in blocks]}
 
 
