@@ -22,6 +22,8 @@ from pbkd_mpi.errors import UserError
 # model/allocation.py build what they name.
 STUDENT_FAMILIES = ("separable", "inverted_residual", "low_rank")
 ALLOCATIONS = ("uniform", "spectrum")
+OBJECTIVES = ("latency", "flops", "params")
+LATENCY_TARGETS = ("tflite", "keras-cpu", "gpu")
 
 
 def _opt(default, help, *, min=None, max=None, choices=None):
@@ -147,6 +149,30 @@ class StudentConfig:
         "`plan` and `run` warn about a student with fewer than this fraction of its block's "
         "parameters: it is unlikely to learn the block.",
         min=0.0, max=1.0,
+    )
+    objective: str = _opt(
+        "latency",
+        "What each block's student is chosen for, among the candidates that have no more "
+        "parameters than the student `family` and `depth_multiplier` give (that student, "
+        "the separable one at depth multiplier 1, the low-rank one sized to the same "
+        "parameters): `latency` (the fastest, each timed alone on `target` at "
+        "`latency_batch`), `flops` (the fewest FLOPs) or `params` (the `family` student "
+        "itself, as the published method). Acceptance retries a block that costs too much "
+        "accuracy with the next candidate (the wider student when none is left). Blocks "
+        "named in `family_overrides` keep their family.",
+        choices=OBJECTIVES,
+    )
+    target: str = _opt(
+        "tflite",
+        "Where `objective = \"latency\"` times the candidates: `tflite` (TFLite float32, "
+        "XNNPACK, 1 thread), `keras-cpu` (Keras on the CPU, TensorFlow's threads) or `gpu` "
+        "(Keras on rank 0's GPU; refused where there is none).",
+        choices=LATENCY_TARGETS,
+    )
+    latency_batch: int = _opt(
+        1,
+        "The batch at which the candidates are timed (`objective = \"latency\"`).",
+        min=1,
     )
     family_overrides: tuple[str, ...] = _opt(
         [],

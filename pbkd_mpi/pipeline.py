@@ -14,13 +14,14 @@ from pbkd_mpi import memory_budget
 from pbkd_mpi.cache.stage import cache_boundaries, prepare_cache
 from pbkd_mpi.config import Job
 from pbkd_mpi.data.dataset import load_dataset, portable_index
-from pbkd_mpi.distill.accept import stage_judge
+from pbkd_mpi.distill.accept import kept_blocks, stage_judge
 from pbkd_mpi.distill.chain import chain_blocks, skipped_pass
 from pbkd_mpi.distill.tasks import BlockTasks
 from pbkd_mpi.finetune.stage import FinetuneRequest, finetune_stage
 from pbkd_mpi.keys import model_fingerprint
 from pbkd_mpi.model.assemble import stitch_student
 from pbkd_mpi.model.evaluate import test_accuracies
+from pbkd_mpi.model.choice import choose_students
 from pbkd_mpi.model.graph import flatten_model
 from pbkd_mpi.model.selection import job_blocks, job_warnings
 from pbkd_mpi.model.teacher import load_teacher, save_model_atomically
@@ -56,29 +57,26 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
     log(f"teacher: {teacher_info}")
     teacher_file = str(teacher_info.get("file") or job.teacher.source)
     with timer("blocks"):
-        # Nested models (a backbone used as a layer) are dissolved first, so every block
-        # boundary is a layer of the teacher whose output the cache can read.
-        teacher = flatten_model(teacher)
-        blocks = job_blocks(teacher, job)
-    _log_blocks(blocks, job, log)
+        teacher, teacher_fp, choice = _blocks_and_students(teacher, job, run_dir, log)
+    blocks = list(choice.blocks)
     memory = _check_memory(job, dataset, teacher, blocks, ranks_on_node, log)
     coordinator.silence_limit_s = job.tasks.silence_limit_s
     coordinator.broadcast(WorkerContext(job, str(run_dir), teacher_file, dataset.fingerprint(),
                                       portable_index(dataset)))
     with timer("cache"):
-        teacher_fp = model_fingerprint(teacher)
         cache = prepare_cache(job, teacher, teacher_fp, teacher_file, dataset,
                               cache_boundaries(teacher, blocks), run_dir, coordinator, log)
     log(f"cache: {cache.info}")
-    tasks = BlockTasks(job, teacher, blocks, cache, len(dataset.y_train), run_dir,
+    tasks = BlockTasks(job, teacher, choice, cache, len(dataset.y_train), run_dir,
                        coordinator, log)
     tasks.place(device, meter)
     with timer("profile"):
         tasks.schedule(BlockTasks.samples(dataset, job.cache.dtype))
     with timer("distill"):  # acceptance too: each student is judged as it arrives
-        tasks.run(judge := stage_judge(blocks, job, teacher_file, teacher_fp, dataset, log))
+        tasks.run(judge := stage_judge(choice, job, teacher_file, teacher_fp, dataset, log))
     with timer("accept"):
         acceptance = judge.acceptance()
+        blocks = kept_blocks(blocks, acceptance)  # a retry may have changed a family
     kept, chained = acceptance.kept, skipped_pass(job, cache.source, log)
     if job.distill.chained_epochs and chained is None:
         with timer("chain"):
@@ -110,10 +108,21 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
         tasks=tasks, blocks=blocks, phases=timer.seconds, deployment=deployment,
         cache_info=cache.info, tuned=tuned, chained=chained, memory=memory.as_dict(),
         energy_snapshots=[meter.snapshot(), *worker_stats] if meter is not None else None,
-        gate=job.gate, wall_s=time.perf_counter() - started)
+        students=choice.record, gate=job.gate, wall_s=time.perf_counter() - started)
     write_report(run_dir, report)
     log.clear_status()
     return report
+
+
+def _blocks_and_students(teacher, job, run_dir, log):
+    """(the teacher flattened, its fingerprint, model/choice.StudentChoice of its blocks).
+    Nested models (a backbone used as a layer) are dissolved first, so every block
+    boundary is a layer of the teacher whose output the cache can read."""
+    teacher = flatten_model(teacher)
+    fingerprint = model_fingerprint(teacher)
+    blocks = job_blocks(teacher, job)
+    _log_blocks(blocks, job, log)
+    return teacher, fingerprint, choose_students(blocks, job, fingerprint, run_dir, log)
 
 
 def _log_blocks(blocks, job, log) -> None:

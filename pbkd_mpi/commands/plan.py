@@ -5,20 +5,26 @@ from __future__ import annotations
 import json
 
 from pbkd_mpi.config import load_job
+from pbkd_mpi.keys import model_fingerprint
+from pbkd_mpi.model.choice import choose_students, describe_record
 from pbkd_mpi.model.selection import block_table_of, job_blocks, job_warnings
 from pbkd_mpi.model.teacher import BUILTIN_TEACHERS, build_builtin, load_model_file
 
-HEADER = ("block", "layers", "in", "out", "end", "family", "width", "T params", "S params",
-          "T FLOPs", "S FLOPs")
+HEADER = ("block", "layers", "in", "out", "end", "family", "width", "mult", "T params",
+          "S params", "T FLOPs", "S FLOPs")
 
 
 def plan_command(args) -> int:
     job = load_job(args.job, args.set)
     # --granularity (when the command line offers it) wins over the job's [blocks].
-    blocks = job_blocks(_teacher(args, job), job, getattr(args, "granularity", None))
-    table = block_table_of(blocks, job.student.depth_multiplier)
+    teacher = _teacher(args, job)
+    # Nothing is written: `run` times the candidates again in its own run directory.
+    choice = choose_students(job_blocks(teacher, job, getattr(args, "granularity", None)),
+                             job, model_fingerprint(teacher), None, lambda message: None)
+    table = block_table_of(choice.blocks, choice.multipliers)
     table["target_params"] = job.student.target_params or None
-    table["warnings"] = job_warnings(blocks, job)
+    table["warnings"] = job_warnings(choice.blocks, job)
+    table["students"] = choice.record
     print(json.dumps(table, indent=2) if args.json else render_table(table))
     return 0
 
@@ -38,12 +44,13 @@ def render_table(table: dict) -> str:
     rows = [
         (r["name"], _layers_text(r["layers"]), "x".join(map(str, r["input_shape"])),
          "x".join(map(str, r["output_shape"])), r["final_activation"], r["family"],
-         str(r["width"]), str(r["teacher_params"]), str(r["student_params"]),
+         str(r["width"]), str(r["depth_multiplier"]), str(r["teacher_params"]),
+         str(r["student_params"]),
          str(r["teacher_flops"]), str(r["student_flops"]))
         for r in table["blocks"]
     ]
     t = table["totals"]
-    rows.append(("total", "", "", "", "", "", "", str(t["teacher_params"]),
+    rows.append(("total", "", "", "", "", "", "", "", str(t["teacher_params"]),
                  str(t["student_params"]), str(t["teacher_flops"]), str(t["student_flops"])))
     widths = [max(len(row[i]) for row in [HEADER, *rows]) for i in range(len(HEADER))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
@@ -53,6 +60,8 @@ def render_table(table: dict) -> str:
                  f"{t['student_flops'] / t['teacher_flops']:.3f}"
                  + (f" (student.target_params {table['target_params']})"
                     if table.get("target_params") else ""))
+    if table.get("students"):
+        lines.extend(describe_record(table["students"]))
     lines.extend(f"warning: {warning}" for warning in table.get("warnings", ()))
     return "\n".join(lines)
 

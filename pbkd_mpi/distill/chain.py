@@ -162,7 +162,7 @@ class _Pass:
         return dataclasses.replace(
             base, config=dataclasses.replace(base.config,
                                              epochs=self.job.distill.chained_epochs),
-            depth_multiplier=self.multipliers[block.name],
+            block=block, depth_multiplier=self.multipliers[block.name],
             initial_weights=current[block.name],
             source=dataclasses.replace(base.source, views=0),
             input_path=str(input_path), input_digest=digest, head_loss=self.heads[block.name])

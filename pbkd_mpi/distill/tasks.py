@@ -5,8 +5,9 @@ RUN/blocks/ (keys.task_key names the file) is reused, not trained. The others ar
 profiled where they will run, planned (schedule/) and handed to the workers; each result
 is saved the moment it arrives, so a killed run loses only the tasks still training.
 Acceptance (accept.Judge) runs alongside the parallel phase (`run(judge)`): its scores
-(score.py) and wider retrains join the same schedule. The chained pass (chain.py) calls `run_chained`. Every
-task follows the same rules: reuse, retries, results saved as they arrive.
+(score.py) and retrains (the next candidate student, or a wider one) join the same
+schedule. The chained pass (chain.py) calls `run_chained`. Every task follows the same
+rules: reuse, retries, results saved as they arrive.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import psutil
 from pbkd_mpi.distill.results import load_result, progress_path, result_path, save_result
 from pbkd_mpi.distill.task_runner import task_runner
 from pbkd_mpi.distill.train_block import BlockTask, estimate_cost
-from pbkd_mpi.model.students import initial_weights, student_cost
+from pbkd_mpi.model.students import initial_weights
 from pbkd_mpi.mpi import phases
 from pbkd_mpi.mpi.devices import coordinator_trains
 from pbkd_mpi.mpi.protocol import LocalWorker
@@ -31,7 +32,7 @@ from pbkd_mpi.schedule.profiling import profile_tasks
 from pbkd_mpi.schedule.simulate import simulate_plan
 
 
-WIDER = "+wider"  # task id of a block's wider retrain: the block's name and this
+WIDER = "+wider"  # task id of a block's retrain (accept.py): the block's name and this
 SCORE = "+score"  # task id of a solo swap's score (distill/score.py): its student's and this
 
 
@@ -51,11 +52,12 @@ class Retrains:
 class BlockTasks:
     """The block tasks of one run, on rank 0 (see the module docstring)."""
 
-    def __init__(self, job, teacher, blocks, cache, train_samples: int, run_dir,
+    def __init__(self, job, teacher, choice, cache, train_samples: int, run_dir,
                  coordinator, log):
         self.job, self.teacher, self.run_dir = job, teacher, run_dir
         self.coordinator, self.log = coordinator, log
-        self.tasks = {block.name: self._task(block, cache, train_samples) for block in blocks}
+        self.tasks = {block.name: self._task(choice.candidate(block), cache, train_samples)
+                      for block in choice.blocks}
         self.reused = {name: loaded for name, task in self.tasks.items()
                        if (loaded := load_result(result_path(run_dir, task))) is not None}
         if self.reused:
@@ -68,10 +70,10 @@ class BlockTasks:
         self.profile = self.plan = self.outcome = None
         self.predicted_s = self.coordinator_cpu = 0.0
 
-    def _task(self, block, cache, train_samples: int) -> BlockTask:
-        multiplier = self.job.student.depth_multiplier
-        cost = estimate_cost(block, student_cost(block, multiplier)[1], train_samples,
-                             self.job.distill.epochs)
+    def _task(self, student, cache, train_samples: int) -> BlockTask:
+        """The task of `student` (model/choice.Candidate)."""
+        block, multiplier = student.block, student.depth_multiplier
+        cost = estimate_cost(block, student.cost[1], train_samples, self.job.distill.epochs)
         return BlockTask(block, str(cache.path), cache.fingerprint, self.job.distill,
                          self.job.run.seed, cost, depth_multiplier=multiplier,
                          initial_weights=initial_weights(block, self.teacher, multiplier),
@@ -161,11 +163,13 @@ class BlockTasks:
         self.wider.results.update(wider.results)
         self.wider.records.extend(wider.records)
 
-    def wider_task(self, name: str, multiplier: int) -> BlockTask:
-        """Acceptance's wider student of block `name`: a task like its first."""
+    def retry_task(self, name: str, student) -> BlockTask:
+        """Acceptance's retry of block `name` (a model/choice.Candidate): a task like its
+        first, for that student."""
+        block, multiplier = student.block, student.depth_multiplier
         return dataclasses.replace(
-            self.tasks[name], depth_multiplier=multiplier,
-            initial_weights=initial_weights(self.tasks[name].block, self.teacher, multiplier))
+            self.tasks[name], block=block, depth_multiplier=multiplier,
+            initial_weights=initial_weights(block, self.teacher, multiplier))
 
     def add_wider(self, task_id: str, task: BlockTask) -> None:
         self._wider_tasks[task_id] = task
@@ -235,7 +239,7 @@ class _Acceptance:
             self.progress.add(task_id, 0.0)
             added[task_id] = (task, shortest, True)
         for name in retrains:
-            task = self.tasks.wider_task(name, self.judge.wider_multiplier)
+            task = self.tasks.retry_task(name, self.judge.student(name, retry=True))
             if (loaded := load_result(result_path(self.tasks.run_dir, task))) is not None:
                 self.tasks.wider.reused[name] = loaded
                 self.judge.arrived(name, loaded[0]["weights"], wider=True)

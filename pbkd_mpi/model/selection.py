@@ -118,15 +118,20 @@ def block_table(teacher, depth_multiplier: int = 1, granularity="layer",
                                         width_multiplier, family_overrides), depth_multiplier)
 
 
-def block_table_of(blocks, depth_multiplier: int) -> dict:
+def block_table_of(blocks, depth_multiplier: int | dict) -> dict:
+    """The table of `blocks`; `depth_multiplier`: one for all, or {block name: multiplier}
+    (model/choice.StudentChoice.multipliers)."""
     rows = []
     for block in blocks:
-        student_params, student_flops = student_cost(block, depth_multiplier)
+        multiplier = (depth_multiplier[block.name] if isinstance(depth_multiplier, dict)
+                      else depth_multiplier)
+        student_params, student_flops = student_cost(block, multiplier)
         rows.append({
             "name": block.name,
             "kind": block.kind,
             "family": block.family,
             "width": block.width,
+            "depth_multiplier": multiplier,
             "layers": list(block.layers),
             "input_shape": list(block.input_shape),
             "output_shape": list(block.output_shape),

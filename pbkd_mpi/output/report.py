@@ -155,6 +155,7 @@ def _energy_line(energy: dict | None) -> str:
 def render_markdown(report: dict, figures: dict | None = None) -> str:
     lines = [*_summary_lines(report), *_gate_lines(report.get("gate")),
              *_phase_lines(report), *_block_lines(report)]
+    lines += _choice_lines(report.get("students"))
     lines += _acceptance_lines(report)
     lines += _chained_lines(report.get("chained"))
     lines += _baseline_lines(report)
@@ -310,9 +311,10 @@ def _acceptance_lines(report: dict) -> list[str]:
     lines = ["", "## Acceptance", "",
              f"Each student block swapped alone into the teacher, scored on the validation "
              f"split (teacher: {_pct(accept['teacher_val_accuracy'])}); a block costing more "
-             f"than {100 * accept['max_drop']:.1f} points is retrained once wider, then kept "
-             f"only if it passes.", "",
-             "| block | alone (val) | drop | wider alone (val) | decision | depth multiplier |",
+             f"than {100 * accept['max_drop']:.1f} points is retrained once (its next "
+             f"candidate student, else a wider one), then kept only if it passes.", "",
+             "| block | alone (val) | drop | retry alone (val) | decision | student "
+             "(last tried) |",
              "|---|---|---|---|---|---|"]
     for block in report["blocks"]:
         v = block.get("accept")
@@ -321,7 +323,27 @@ def _acceptance_lines(report: dict) -> list[str]:
         wider = "" if v["wider_solo_val_accuracy"] is None else _pct(v["wider_solo_val_accuracy"])
         lines.append(f"| {block['name']} | {_pct(v['solo_val_accuracy'])} | "
                      f"{100 * v['drop']:.1f} pts | {wider} | {v['decision']} | "
-                     f"{v['depth_multiplier']} |")
+                     f"{v.get('family', 'separable')} w={v.get('width', '')} "
+                     f"x{v['depth_multiplier']} |")
+    return lines
+
+
+def _choice_lines(students: dict | None) -> list[str]:
+    """Each block's candidate students in the objective's order (model/choice.py)."""
+    if not students or not students.get("blocks"):
+        return []
+    timed = (f", each timed alone on {students['runtime']} at batch {students['batch']} "
+             f"({students['seconds']:.1f} s in all)" if students.get("runtime") else "")
+    lines = ["", "## Student choice", "",
+             f"Objective `{students['objective']}`{timed}. Candidates in the objective's "
+             f"order: the first was trained, the second is acceptance's retry.", "",
+             "| block | budget (params) | candidates: family, width, depth multiplier, "
+             "params, time |", "|---|---|---|"]
+    for row in students["blocks"]:
+        cells = [f"{c['family']} w={c['width']} x{c['depth_multiplier']}, {c['params']}"
+                 + (f", {c['latency_ms']:.4g} ms" if "latency_ms" in c else "")
+                 for c in row["candidates"]]
+        lines.append(f"| {row['name']} | {row['budget_params']} | {'; '.join(cells)} |")
     return lines
 
 

@@ -90,11 +90,12 @@ def build_report(*, run_dir, workers: int, dataset, teacher, teacher_info: dict,
                  teacher_fingerprint: str, student, student_path, assembled_path,
                  accuracies: dict, acceptance, max_drop: float, tasks, blocks, phases: dict, deployment: dict,
                  cache_info: dict, energy_snapshots, tuned: dict, chained, wall_s: float,
-                 memory: dict | None = None, gate: GateConfig | None = None
-                 ) -> dict:
+                 memory: dict | None = None, gate: GateConfig | None = None,
+                 students: dict | None = None) -> dict:
     """The report of a finished run. `acceptance`: distill/accept.Acceptance; `tasks`: the
-    run's distill/tasks.BlockTasks; `accuracies`: model/evaluate.test_accuracies; `gate`:
-    the job's quality gate, judged on the report's own figures (gate.py)."""
+    run's distill/tasks.BlockTasks; `blocks`: each with the student it kept;
+    `accuracies`: model/evaluate.test_accuracies; `students`: model/choice's record;
+    `gate`: the job's quality gate, judged on the report's own figures (gate.py)."""
     rows = _block_rows(tasks, blocks, acceptance.verdicts)
     failed = [{"name": name, "attempts": len(errors), "errors": errors}
               for name, errors in tasks.outcome.failures.items()]
@@ -126,6 +127,7 @@ def build_report(*, run_dir, workers: int, dataset, teacher, teacher_info: dict,
                    "decisions": {d: sum(v.decision == d for v in acceptance.verdicts.values())
                                  for d in DECISIONS}},
         "blocks": rows,
+        "students": students,
         "failed_blocks": failed,
         "phases": phases,
         "schedule": schedule,

@@ -89,6 +89,17 @@ def _check_report(run_dir, ranks, all_workers_busy=True):
     # Replaced blocks' teacher layers are gone; a block kept the teacher's keeps its own.
     assert {layer.name for layer in student.layers} & {"conv1", "conv2", "conv3", "conv4"} \
         == {b["name"] for b in blocks if not b["replaced"]}
+    # The default objective: each block trained the fastest of its timed candidates.
+    students = report["students"]
+    assert students["objective"] == "latency" and "TFLite" in students["runtime"]
+    for block, row in zip(blocks, students["blocks"]):
+        first = row["candidates"][0]
+        times = [c["latency_ms"] for c in row["candidates"]]
+        assert len(times) > 1 and times == sorted(times) and block["name"] == row["name"]
+        if block["accept"]["decision"] != "accepted_wider":
+            assert (block["family"], block["width"], block["accept"]["depth_multiplier"]) == (
+                first["family"], first["width"], first["depth_multiplier"])
+    assert "## Student choice" in (run_dir / "report.md").read_text()
     assert (run_dir / "report.md").read_text().startswith("# Distillation report")
     _check_keys_documented(report)
     return report
@@ -190,6 +201,9 @@ def test_tiny_job_end_to_end_with_three_ranks_then_again(tiny_run):
     assert second["teacher"]["trained_here"] is False
     assert second["cache"]["reused"] is True
     assert second["distill"]["reused_blocks"] == 4 and "done on rank" not in again.stdout
+    # The students chosen by their timings the first time, not timed again.
+    assert "students: the choice of an earlier run" in again.stdout
+    assert second["students"] == first["students"]
     assert second["teacher"]["accuracy"] == first["teacher"]["accuracy"]
     # The same assembled student, settings and ranks: the fine-tuned student is reused too.
     assert first["finetune"]["reused"] is False and second["finetune"]["reused"] is True

@@ -1,0 +1,115 @@
+"""The student of each block chosen by the job's objective (model/choice.py): candidates
+within the published student's parameters, timed for real on the target runtime, the
+choice kept in the run directory for the next run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pbkd_mpi.config import load_job
+from pbkd_mpi.errors import UserError
+from pbkd_mpi.model.choice import CHOICE_FILE, candidates, choose_students, describe_record
+
+
+@pytest.fixture(scope="module")
+def blocks(tiny_teacher):
+    from pbkd_mpi.model.graph import flatten_model
+    from pbkd_mpi.model.selection import select_blocks
+
+    return select_blocks(flatten_model(tiny_teacher), "layer", 2)
+
+
+def test_candidates_fit_the_published_students_parameters(blocks):
+    from pbkd_mpi.model.students import build_student_model
+
+    for block in blocks:
+        found = candidates(block, 2)
+        assert (found[0].block, found[0].depth_multiplier) == (block, 2)  # published first
+        budget = found[0].cost[0]
+        assert {(c.block.family, c.depth_multiplier) for c in found} >= {
+            ("separable", 2), ("separable", 1)}, found
+        for candidate in found:
+            assert candidate.cost[0] <= budget
+            model = build_student_model(candidate.block, candidate.depth_multiplier)
+            assert tuple(model.output_shape[1:]) == tuple(block.output_shape)
+        assert candidates(block, 2, pinned=True) == found[:1]
+
+
+def test_latency_ranks_the_timed_candidates_and_the_choice_is_kept(blocks, tmp_path):
+    job = load_job(None, ["student.objective=latency", "student.target=tflite",
+                          "student.latency_batch=4"])
+    messages = []
+    choice = choose_students(blocks, job, "teacher-fp", tmp_path, messages.append)
+    record = choice.record
+    assert record["objective"] == "latency" and "TFLite" in record["runtime"]
+    for block, row in zip(choice.blocks, record["blocks"]):
+        times = [c["latency_ms"] for c in row["candidates"]]
+        assert all(t > 0 for t in times) and times == sorted(times), row
+        first, second = row["candidates"][:2]
+        assert (block.family, block.width, choice.multipliers[block.name]) == (
+            first["family"], first["width"], first["depth_multiplier"])
+        retry = choice.retries[block.name]
+        assert (retry.block.family, retry.block.width, retry.depth_multiplier) == (
+            second["family"], second["width"], second["depth_multiplier"])
+    saved = json.loads((tmp_path / CHOICE_FILE).read_text())
+    assert saved == json.loads(json.dumps(record))
+    assert any("students (latency" in m for m in messages)
+    # The next run of the directory trains the same students, whatever the clock says now.
+    again = choose_students(blocks, job, "teacher-fp", tmp_path, messages.append)
+    assert again.blocks == choice.blocks and again.multipliers == choice.multipliers
+    assert again.retries == choice.retries and "earlier run" in messages[-1]
+    # Another teacher (or other settings) is another choice, measured again.
+    other = choose_students(blocks, job, "other-fp", tmp_path, messages.append)
+    assert other.record["key"] != record["key"]
+    assert describe_record(record)[0].startswith("students: objective latency")
+
+
+def test_a_depthwise_conv_with_one_filter_per_channel_is_timed_faster():
+    """What the latency objective exploits, measured: XNNPACK runs depth multiplier 1 on
+    its depthwise kernels and 2 on a generic grouped path (about 4x slower here)."""
+    from pbkd_mpi.model.block_timing import time_models
+    from pbkd_mpi.model.graph import Block
+    from pbkd_mpi.model.students import build_student_model
+
+    block = Block("conv", ("conv",), "in", "conv", (16, 16, 64), (16, 16, 64), (3, 3), (1, 1),
+                  "same", (1, 1), "relu", 36864, 0, width=64)
+    one, two = time_models([build_student_model(block, 1), build_student_model(block, 2)],
+                           block.input_shape, "tflite", 8)
+    assert one < two, (one, two)
+
+
+def test_flops_and_params_objectives(blocks):
+    flops = choose_students(blocks, load_job(None, ["student.objective=flops"]), "fp", None,
+                            lambda m: None)
+    for row in flops.record["blocks"]:
+        counts = [c["flops"] for c in row["candidates"]]
+        assert counts == sorted(counts) and "latency_ms" not in row["candidates"][0]
+    params = choose_students(blocks, load_job(None, ["student.objective=params",
+                                                     "accept.widen=3"]), "fp", None,
+                             lambda m: None)
+    assert params.blocks == tuple(blocks)
+    assert set(params.multipliers.values()) == {2}  # the job's depth multiplier
+    assert {r.depth_multiplier for r in params.retries.values()} == {6}  # retried wider
+    assert all(len(row["candidates"]) == 1 for row in params.record["blocks"])
+
+
+def test_a_family_override_pins_its_blocks(blocks):
+    name = blocks[0].name
+    job = load_job(None, ["student.objective=flops",
+                          f"student.family_overrides=[\"{name}=separable\"]"])
+    choice = choose_students(blocks, job, "fp", None, lambda m: None)
+    assert len(choice.record["blocks"][0]["candidates"]) == 1
+    assert choice.multipliers[name] == 2
+    assert len(choice.record["blocks"][1]["candidates"]) > 1
+
+
+def test_the_gpu_target_is_refused_without_a_gpu(blocks):
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("this machine has a GPU")
+    job = load_job(None, ["student.target=gpu"])
+    with pytest.raises(UserError, match=r"student.target = \"gpu\".*sees none"):
+        choose_students(blocks, job, "fp", None, lambda m: None)
