@@ -386,6 +386,13 @@ class ExportConfig:
         "SavedModel, which is then written too.",
         choices=("none", "float32", "int8", "both"),
     )
+    fold_batchnorm: bool = _opt(
+        True,
+        "Fold each BatchNormalization that follows a conv, depthwise conv or Dense layer "
+        "into it in the saved student (`student.keras` and its exports): the same outputs "
+        "(checked on validation images), one pass over each tensor fewer in Keras and "
+        "TensorFlow. `student-assembled.keras` keeps them for further training.",
+    )
     latency_repeats: int = _opt(
         20,
         "Timed calls behind each latency figure of the report (their median), after 3 "

@@ -70,6 +70,12 @@ def student_blocks_key(block_weights: dict[str, dict], multipliers: dict[str, in
     return digest.hexdigest()[:KEY_DIGITS]
 
 
+# Raised when a student family's layers or weight layout change, so that a result saved
+# for the old layout is trained again instead of loaded into the new one. 2: the separable
+# student tiles its input instead of using Keras' depth_multiplier (2026-12).
+STUDENT_LAYOUT = 2
+
+
 def task_key(task) -> str:
     """A block task's result (distill/train_block.BlockTask). A parallel-phase task's key
     leaves `chained_epochs` and `head_weight` out (its result does not depend on them, so
@@ -87,6 +93,7 @@ def task_key(task) -> str:
         "block": task.block.to_dict(),
         "distill": distill,
         "depth_multiplier": task.depth_multiplier,
+        "student_layout": STUDENT_LAYOUT,
         "seed": task.seed,
         **chained,
     })

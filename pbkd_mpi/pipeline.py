@@ -24,7 +24,7 @@ from pbkd_mpi.model.evaluate import test_accuracies
 from pbkd_mpi.model.choice import choose_students
 from pbkd_mpi.model.graph import flatten_model
 from pbkd_mpi.model.selection import job_blocks, job_warnings
-from pbkd_mpi.model.teacher import load_teacher, save_model_atomically
+from pbkd_mpi.model.teacher import load_teacher
 from pbkd_mpi.mpi import phases, preemption, supervisor
 from pbkd_mpi.mpi.phases import WorkerContext
 from pbkd_mpi.output.console import progress_callbacks
@@ -93,8 +93,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
                                run_dir, coordinator, log)
     with timer("evaluate"):
         accuracies = test_accuracies(teacher, assembled_path, student, dataset)
-    student_path = run_dir / "student.keras"
-    save_model_atomically(student, student_path)
+    student_path = run_dir / "student.keras"  # written by deploy_student
     with timer("deploy"):
         deployment = deploy_student(teacher, student, dataset, teacher_file, student_path,
                                     run_dir, job.export, log)

@@ -49,9 +49,10 @@ def test_initialisation_is_the_best_separable_approximation(multiplier):
     student = build_student_model(block, multiplier)
     for name, arrays in initial_weights(block, model, multiplier).items():
         student.get_layer(name).set_weights(arrays)
-    dw = student.get_layer("conv_student_dw").get_weights()[0]  # (3, 3, 6, m)
-    pw = student.get_layer("conv_student_pw").get_weights()[0][0, 0]  # (6 * m, 12)
-    effective = np.einsum("hwcm,cmo->hwco", dw, pw.reshape(6, multiplier, 12))
+    dw = student.get_layer("conv_student_dw").get_weights()[0]  # (3, 3, m * 6, 1): tiled
+    pw = student.get_layer("conv_student_pw").get_weights()[0][0, 0]  # (m * 6, 12)
+    effective = np.einsum("hwmc,mco->hwco", dw[..., 0].reshape(3, 3, multiplier, 6),
+                          pw.reshape(multiplier, 6, 12))
     kernel = conv.kernel.numpy()
     error = np.linalg.norm(effective - kernel) / np.linalg.norm(kernel)
     # Exactly the truncated SVD per input channel: compare with numpy's own.

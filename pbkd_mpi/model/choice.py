@@ -2,13 +2,13 @@
 
 The job's family and depth multiplier give each block its published student (the
 `params` objective's choice) and with it the block's parameter budget. The candidates are
-the students that fit that budget: the published one, the separable student at depth
-multiplier 1 (XNNPACK and oneDNN run a depthwise conv with one filter per channel on
-their fast kernels, with more on a generic grouped path: on the demo's conv6 0.28 ms
-against 1.22 ms at batch 32 in TFLite), and the dense low-rank student sized to the budget.
-`latency` ranks them by their time alone on the job's target (block_timing.py), `flops`
-by their FLOPs; the first is trained, and acceptance's retry is the next one (the wider
-first student where none is left, as under `params`).
+students of about that size in other forms: the published one and the dense low-rank
+student of the largest rank within the budget. (Smaller students are not candidates: the
+separable student at depth multiplier 1 runs 2x faster but, measured on the demo, cost 4
+of 6 blocks more than 3 points of accuracy alone and the deep job 5 points after
+fine-tuning.) `latency` ranks them by their time alone on the job's target
+(block_timing.py), `flops` by their FLOPs; the first is trained, and acceptance's retry
+is the next one (the wider first student where none is left, as under `params`).
 
 The choice is made once per run directory and kept in RUN/students.json: timings vary
 from run to run, and a resumed run must train the students its finished results belong to.
@@ -73,22 +73,15 @@ class StudentChoice:
 
 
 def candidates(block: Block, depth_multiplier: int, pinned: bool = False) -> list[Candidate]:
-    """The students of `block` within its published student's parameters, that one first;
-    `pinned` (a family the user named for this block): that one alone."""
+    """The students of `block` about its published student's size and within it, that one
+    first; `pinned` (a family the user named for this block): that one alone."""
     published = Candidate(block, depth_multiplier)
     if pinned:
         return [published]
     budget = published.cost[0]
-    found = [published]
-    if block.family == "separable" and depth_multiplier > 1:
-        found.append(Candidate(block, 1))
     if block.family != "low_rank" and (low_rank := _low_rank_within(block, budget)):
-        found.append(low_rank)
-    unique = {}
-    for candidate in found:  # a segment's separable student ignores the multiplier
-        unique.setdefault((candidate.block.family, candidate.block.width, candidate.cost),
-                          candidate)
-    return [c for c in unique.values() if c.cost[0] <= budget]
+        return [published, low_rank]
+    return [published]
 
 
 def _low_rank_within(block: Block, budget: int) -> Candidate | None:

@@ -19,10 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pbkd_mpi.model.fold import fold_batchnorm
+from pbkd_mpi.model.teacher import save_model_atomically
 from pbkd_mpi.output.exports import (TfliteModel, check_exports, export_saved_model,
                                      tflite_bytes, tflite_kinds, write_exports)
 
 BATCHES = (1, 32)
+FOLD_CHECK_IMAGES = 64  # validation images the folded student is compared on
 LATENCY_DEVICE = "/CPU:0"
 WARMUP_CALLS = 3
 
@@ -126,13 +129,19 @@ def teacher_tflite_latency(teacher, kinds, input_shape, representative,
 
 def deploy_student(teacher, student, dataset, teacher_file, student_path, run_dir,
                    export_config, log) -> dict:
-    """Latency and size of teacher and student, and the student's exports (SavedModel,
-    TFLite) written and checked against it: the report's `deployment`."""
+    """The student saved to `student_path` (its BNs folded when the job says so), latency
+    and size of teacher and student, and the student's exports (SavedModel, TFLite)
+    written and checked against it: the report's `deployment`."""
     repeats, kinds = export_config.latency_repeats, tflite_kinds(export_config.tflite)
+    folded = {"layers": 0, "max_abs_diff": 0.0}
+    if export_config.fold_batchnorm:
+        student, folded = fold_batchnorm(student, dataset.x_val[:FOLD_CHECK_IMAGES])
+    save_model_atomically(student, student_path)
     deployment = deployment_figures(teacher, student, dataset.image_shape, teacher_file,
                                     student_path, repeats)
     exports = write_exports(student, student_path, run_dir, export_config.saved_model,
                             kinds, dataset.x_val)
+    deployment["folded_batchnorm"] = folded
     deployment["exports"] = export_figures(student, exports, dataset.image_shape,
                                            dataset.x_val, repeats)
     if kinds:
