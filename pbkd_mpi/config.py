@@ -158,8 +158,9 @@ class StudentConfig:
         "parameters): `latency` (the fastest, each timed alone on `target` at "
         "`latency_batch`), `flops` (the fewest FLOPs) or `params` (the `family` student "
         "itself, as the published method). Acceptance retries a block that costs too much "
-        "accuracy with the next candidate (the wider student when none is left). Blocks "
-        "named in `family_overrides` keep their family.",
+        "accuracy with the next candidate when the first was not the `family` student, "
+        "else with the wider `family` student. Blocks named in `family_overrides` keep "
+        "their family.",
         choices=OBJECTIVES,
     )
     target: str = _opt(
@@ -173,6 +174,14 @@ class StudentConfig:
         1,
         "The batch at which the candidates are timed (`objective = \"latency\"`).",
         min=1,
+    )
+    min_speedup: float = _opt(
+        1.25,
+        "Another candidate replaces the `family` student only when it is timed at least "
+        "this many times faster (`objective = \"latency\"`): at equal parameters the "
+        "low-rank students of the deep job's blocks ran 3-15% faster in TFLite and learned "
+        "their blocks to 2-2.7x the separable students' relative error.",
+        min=1.0,
     )
     family_overrides: tuple[str, ...] = _opt(
         [],

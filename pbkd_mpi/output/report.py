@@ -336,11 +336,14 @@ def _choice_lines(students: dict | None) -> list[str]:
              f"({students['seconds']:.1f} s in all)" if students.get("runtime") else "")
     lines = ["", "## Student choice", "",
              f"Objective `{students['objective']}`{timed}. Candidates in the objective's "
-             f"order: the first was trained, the second is acceptance's retry.", "",
+             f"order (* the job's own `family` student): the first was trained; a block "
+             f"that failed acceptance was retrained with the published student, or with a "
+             f"wider one when that went first.", "",
              "| block | budget (params) | candidates: family, width, depth multiplier, "
              "params, time |", "|---|---|---|"]
     for row in students["blocks"]:
-        cells = [f"{c['family']} w={c['width']} x{c['depth_multiplier']}, {c['params']}"
+        cells = [f"{c['family']}{'*' if c.get('published') else ''} w={c['width']} "
+                 f"x{c['depth_multiplier']}, {c['params']}"
                  + (f", {c['latency_ms']:.4g} ms" if "latency_ms" in c else "")
                  for c in row["candidates"]]
         lines.append(f"| {row['name']} | {row['budget_params']} | {'; '.join(cells)} |")

@@ -85,17 +85,23 @@ def _check_report(run_dir, ranks, all_workers_busy=True):
     assert energy["cpu_s"] > 0 and [r["rank"] for r in energy["per_rank"]] == list(range(ranks))
     student = keras.saving.load_model(run_dir / "student.keras")
     kinds = {type(layer).__name__ for layer in student.layers}
-    assert "DepthwiseConv2D" in kinds
+    separable = any(b["replaced"] and b["family"] == "separable" for b in blocks)
+    assert ("DepthwiseConv2D" in kinds) is separable
+    # The saved student is the deployable one: every BN after a conv folded into it.
+    assert "BatchNormalization" not in kinds
+    assert report["deployment"]["folded_batchnorm"]["layers"] > 0
     # Replaced blocks' teacher layers are gone; a block kept the teacher's keeps its own.
     assert {layer.name for layer in student.layers} & {"conv1", "conv2", "conv3", "conv4"} \
         == {b["name"] for b in blocks if not b["replaced"]}
-    # The default objective: each block trained the fastest of its timed candidates.
+    # The default objective: each block trained the first of its timed candidates: the
+    # published student unless another is min_speedup (1.25) times faster.
     students = report["students"]
     assert students["objective"] == "latency" and "TFLite" in students["runtime"]
     for block, row in zip(blocks, students["blocks"]):
         first = row["candidates"][0]
-        times = [c["latency_ms"] for c in row["candidates"]]
-        assert len(times) > 1 and times == sorted(times) and block["name"] == row["name"]
+        times = {c["published"]: c["latency_ms"] for c in row["candidates"]}
+        assert len(times) == 2 and block["name"] == row["name"]
+        assert first["published"] == (times[False] * 1.25 > times[True])
         if block["accept"]["decision"] != "accepted_wider":
             assert (block["family"], block["width"], block["accept"]["depth_multiplier"]) == (
                 first["family"], first["width"], first["depth_multiplier"])

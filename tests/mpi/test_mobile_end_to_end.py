@@ -72,6 +72,9 @@ def test_an_efficientnet_style_teacher_end_to_end_with_low_rank_students(tmp_pat
     run_dir = tmp_path / "run"
     result = run_mpi(3, [
         "run", "--run-dir", run_dir,
+        # The published students, whose layers this test checks (the latency objective
+        # may choose other forms: tests/test_choice.py, tests/mpi/test_end_to_end.py).
+        "--set", "student.objective=params",
         "--set", f"teacher.source={tmp_path / 'teacher.keras'}",
         "--set", f"data.source={tmp_path / 'data.npz'}",
         "--set", f"data.image_size=[{SIZE}, {SIZE}]",

@@ -50,6 +50,9 @@ def test_residual_teacher_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     result = run_mpi(2, [
         "run", "--run-dir", run_dir,
+        # The published students, whose layers this test checks (the latency objective
+        # may choose other forms: tests/test_choice.py, tests/mpi/test_end_to_end.py).
+        "--set", "student.objective=params",
         "--set", f"teacher.source={tmp_path / 'teacher.keras'}",
         "--set", f"data.source={tmp_path / 'data.npz'}",
         "--set", f"data.image_size=[{SIZE}, {SIZE}]",

@@ -70,6 +70,9 @@ def test_a_conv1d_teacher_of_time_series_end_to_end(tmp_path):
         "run", "--run-dir", run_dir,
         "--set", "data.kind=sequences",
         "--set", f"data.source={tmp_path / 'signals.h5'}",
+        # The published students, whose layers this test checks (the latency objective
+        # may choose other forms: tests/test_choice.py, tests/mpi/test_end_to_end.py).
+        "--set", "student.objective=params",
         "--set", f"teacher.source={tmp_path / 'teacher.keras'}",
         "--set", "distill.epochs=3", "--set", "finetune.epochs=2",
         "--set", "distill.chained_epochs=1", "--set", "export.tflite=float32",
