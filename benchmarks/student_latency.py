@@ -22,47 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import tempfile
-import time
-import warnings
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-WARMUP = 5
-MEASURES = (("tflite_b1", "tflite", 1), ("tflite_b32", "tflite", 32), ("keras_b32", "keras", 32))
-
-
-def tflite_runner(model, folder: Path, name: str):
-    import tensorflow as tf
-
-    path = folder / f"{name}.tflite"
-    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=1)
-    index = interpreter.get_input_details()[0]["index"]
-    shapes = {}
-
-    def run(x):
-        if shapes.get("now") != x.shape:
-            interpreter.resize_tensor_input(index, x.shape)
-            interpreter.allocate_tensors()
-            shapes["now"] = x.shape
-        interpreter.set_tensor(index, x)
-        interpreter.invoke()
-    return run
-
-
-def keras_runner(model):
-    import tensorflow as tf
-
-    forward = tf.function(lambda x: model(x, training=False))
-    return lambda x: forward(x).numpy()
+MEASURES = (("tflite_b1", "tflite", 1), ("tflite_b32", "tflite", 32),
+            ("keras_b32", "keras-cpu", 32))
 
 
 def family_students(run: Path, teacher, families) -> dict:
@@ -87,25 +53,15 @@ def family_students(run: Path, teacher, families) -> dict:
 
 
 def measure(models: dict, input_shape, rounds: int) -> dict:
-    runners = {}
-    with tempfile.TemporaryDirectory() as folder:
-        for name, model in models.items():
-            runners[name] = {"tflite": tflite_runner(model, Path(folder), name),
-                             "keras": keras_runner(model)}
-        inputs = {batch: np.random.default_rng(0).uniform(
-            size=(batch, *input_shape)).astype(np.float32) for batch in (1, 32)}
-        figures = {name: {} for name in models}
-        for key, runtime, batch in MEASURES:
-            x = inputs[batch]
-            times = {name: [] for name in models}
-            for round_index in range(WARMUP + rounds):
-                for name in models:
-                    started = time.perf_counter()
-                    runners[name][runtime](x)
-                    if round_index >= WARMUP:
-                        times[name].append(time.perf_counter() - started)
-            for name in models:
-                figures[name][key] = 1000.0 * statistics.median(times[name])
+    """{model name: {measure: median ms}}, the models timed interleaved per measure (the
+    choice of students times its candidates the same way: model/block_timing.py)."""
+    from pbkd_mpi.model.block_timing import time_models
+
+    figures = {name: {} for name in models}
+    for key, target, batch in MEASURES:
+        times = time_models(list(models.values()), input_shape, target, batch, rounds)
+        for name, ms in zip(models, times):
+            figures[name][key] = ms
     return figures
 
 

@@ -66,8 +66,12 @@ def _runner(model, target: str, folder: Path, name: str):
     return run
 
 
-def time_models(models: list, input_shape, target: str, batch: int) -> list[float]:
-    """Median milliseconds of one call of each model at `batch`, timed interleaved."""
+def time_models(models: list, input_shape, target: str, batch: int,
+                rounds: int | None = None) -> list[float]:
+    """Median milliseconds of one call of each model at `batch`, timed interleaved: over
+    `rounds` rounds, or by default as many as ROUND_BUDGET_S allows within MIN_ROUNDS and
+    MAX_ROUNDS."""
+    least, most = (rounds, rounds) if rounds else (MIN_ROUNDS, MAX_ROUNDS)
     x = np.random.default_rng(0).uniform(size=(batch, *input_shape)).astype(np.float32)
     with tempfile.TemporaryDirectory() as folder:
         runners = [_runner(model, target, Path(folder), f"candidate{i}")
@@ -77,8 +81,8 @@ def time_models(models: list, input_shape, target: str, batch: int) -> list[floa
                 run(x)
         times: list[list[float]] = [[] for _ in runners]
         started = time.perf_counter()
-        while len(times[0]) < MAX_ROUNDS and (
-                len(times[0]) < MIN_ROUNDS or time.perf_counter() - started < ROUND_BUDGET_S):
+        while len(times[0]) < most and (
+                len(times[0]) < least or time.perf_counter() - started < ROUND_BUDGET_S):
             for run, series in zip(runners, times):
                 begun = time.perf_counter()
                 run(x)

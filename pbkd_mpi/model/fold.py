@@ -14,10 +14,9 @@ import numpy as np
 
 from pbkd_mpi.model.graph import flatten_model, graph_nodes, replay
 
+# Keras' separable and transposed convs are none of these classes: they keep their BNs.
 _FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.DepthwiseConv1D,
              keras.layers.DepthwiseConv2D, keras.layers.Dense)
-_NOT_FOLDABLE = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D,
-                 keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose)
 # Largest difference the fold may make to the model's outputs (softmax probabilities or
 # logits of order 1): float32 rounding of the rescaled kernels, far below it in practice.
 TOLERANCE = 1e-3
@@ -75,8 +74,7 @@ def _foldable(model) -> dict:
         conv = node.input_tensors[0]._keras_history.operation
         axis = norm.axis if isinstance(norm.axis, int) else list(norm.axis)
         rank = len(node.input_tensors[0].shape)
-        if (isinstance(conv, _FOLDABLE) and not isinstance(conv, _NOT_FOLDABLE)
-                and readers.get(conv.name) == 1 and axis in (-1, rank - 1, [-1], [rank - 1])
+        if (isinstance(conv, _FOLDABLE) and readers.get(conv.name) == 1 and axis in (-1, rank - 1, [-1], [rank - 1])
                 and conv.get_config().get("activation", "linear") == "linear"
                 and conv.get_config().get("data_format", "channels_last") == "channels_last"):
             pairs[norm.name] = conv
