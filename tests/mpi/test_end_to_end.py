@@ -175,8 +175,8 @@ def tiny_run(tmp_path_factory):
 
 
 def _warm_run_dir(tiny_run, tmp_path, blocks=()):
-    """A new run directory holding the tiny run's trained teacher and activation cache, and
-    its finished results of `blocks` (reused by a run with the same distill settings): no
+    """A new run directory holding the tiny run's trained teacher, activation cache and
+    choice of students, and its finished results of `blocks` (reused by a run with the same distill settings): no
     job file (a test may change distill settings), no report."""
     source, _ = tiny_run
     run_dir = tmp_path / "run"
@@ -184,6 +184,8 @@ def _warm_run_dir(tiny_run, tmp_path, blocks=()):
     for teacher in source.glob("teacher-*.keras"):
         shutil.copy2(teacher, run_dir / teacher.name)
     shutil.copytree(source / "cache", run_dir / "cache")
+    # The students those results belong to: timed again, a close choice could differ.
+    shutil.copy2(source / "students.json", run_dir / "students.json")
     (run_dir / "blocks").mkdir()
     for result in (source / "blocks").glob("[!.]*.npz"):
         if result.name.split("-")[0] in blocks and ".progress" not in result.name:
