@@ -46,10 +46,10 @@ PROFILES = REPO / "benchmarks" / "profiles"
 
 def per_image(run, input_shape, batch: int) -> float:
     """Median seconds per image of `run(batch of random images)`, timed as the run's own
-    latencies are (output/deploy.callable_latency_ms)."""
-    from pbkd_mpi.output.deploy import callable_latency_ms
+    latencies are (model/block_timing.time_callables)."""
+    from pbkd_mpi.model.block_timing import time_callables
 
-    return callable_latency_ms(run, input_shape, batch, repeats=5) / 1000.0 / batch
+    return time_callables([run], input_shape, batch, rounds=5)[0] / 1000.0 / batch
 
 
 def measured_costs(name: str, job) -> dict:

@@ -23,7 +23,7 @@ from pbkd_mpi.errors import UserError
 STUDENT_FAMILIES = ("separable", "inverted_residual", "low_rank")
 ALLOCATIONS = ("uniform", "spectrum")
 OBJECTIVES = ("latency", "flops", "params")
-LATENCY_TARGETS = ("tflite", "keras-cpu", "gpu")
+LATENCY_TARGETS = ("cpu", "tflite", "keras-cpu", "gpu")
 
 
 def _opt(default, help, *, min=None, max=None, choices=None):
@@ -153,35 +153,50 @@ class StudentConfig:
     objective: str = _opt(
         "latency",
         "What each block's student is chosen for, among the candidates that have no more "
-        "parameters than the student `family` and `depth_multiplier` give (that student, "
-        "the separable one at depth multiplier 1, the low-rank one sized to the same "
-        "parameters): `latency` (the fastest, each timed alone on `target` at "
-        "`latency_batch`), `flops` (the fewest FLOPs) or `params` (the `family` student "
-        "itself, as the published method). Acceptance retries a block that costs too much "
-        "accuracy with the next candidate when the first was not the `family` student, "
+        "parameters than the student `family` and `depth_multiplier` give (that student "
+        "and the low-rank one of the largest rank within it): `latency` (each timed alone "
+        "on `target` at each of `latency_batches`, with the teacher's own block when "
+        "`keep_teacher`; the first of the teacher's block, the `family` student and the "
+        "low-rank one within `min_speedup` of the fastest), `flops` (the fewest FLOPs) or `params` (the "
+        "`family` student itself, as the published method). Acceptance retries a block "
+        "that costs too much accuracy with the `family` student when another went first, "
         "else with the wider `family` student. Blocks named in `family_overrides` keep "
         "their family.",
         choices=OBJECTIVES,
     )
     target: str = _opt(
-        "tflite",
-        "Where `objective = \"latency\"` times the candidates: `tflite` (TFLite float32, "
-        "XNNPACK, 1 thread), `keras-cpu` (Keras on the CPU, TensorFlow's threads) or `gpu` "
-        "(Keras on rank 0's GPU; refused where there is none).",
+        "cpu",
+        "Where `objective = \"latency\"` times the candidates (their BNs folded, as in the "
+        "saved student): `tflite` (TFLite float32, XNNPACK, 1 thread), `keras-cpu` (Keras "
+        "on the CPU, TensorFlow's threads), `cpu` (both: a candidate's relative time is "
+        "the geometric mean over the two runtimes and the batches; the deep job's second "
+        "conv ran 1.3x faster as a student in TFLite and 1.07x slower in Keras at batch "
+        "32, so it keeps the teacher's block) or `gpu` (Keras on rank 0's GPU; refused "
+        "where there is none).",
         choices=LATENCY_TARGETS,
     )
-    latency_batch: int = _opt(
-        1,
-        "The batch at which the candidates are timed (`objective = \"latency\"`).",
-        min=1,
+    latency_batches: tuple[int, ...] = _opt(
+        [1, 32],
+        "The batches at which the candidates are timed (`objective = \"latency\"`). A "
+        "candidate's time relative to the fastest is the geometric mean of its ratios at "
+        "these batches (and runtimes). `[1]` where only batch 1 matters, or where a 224 px "
+        "block at batch 32 takes too long to time (up to about 10 s per block, runtime "
+        "and batch).",
     )
     min_speedup: float = _opt(
         1.25,
-        "Another candidate replaces the `family` student only when it is timed at least "
-        "this many times faster (`objective = \"latency\"`): at equal parameters the "
-        "low-rank students of the deep job's blocks ran 3-15% faster in TFLite and learned "
-        "their blocks to 2-2.7x the separable students' relative error.",
+        "A less accurate candidate goes first only when it is timed at least this many "
+        "times faster (`objective = \"latency\"`): at equal parameters the low-rank "
+        "students of the deep job's blocks ran 3-15% faster in TFLite than the separable "
+        "ones and learned their blocks to 2-2.7x their relative error.",
         min=1.0,
+    )
+    keep_teacher: bool = _opt(
+        True,
+        "Under `objective = \"latency\"`, the teacher's own block is a candidate too: a "
+        "block none of whose students is `min_speedup` times faster than it keeps the "
+        "teacher's layers (not trained, no accuracy lost, its parameters kept; a first "
+        "conv on three channels, typically). `false`: every block gets a student.",
     )
     family_overrides: tuple[str, ...] = _opt(
         [],
@@ -681,6 +696,9 @@ def validate_job(job: Job) -> None:
         )
     if job.data.kind == "sequences":
         _check_sequences(job)
+    if not job.student.latency_batches or min(job.student.latency_batches) < 1:
+        raise UserError(f"student.latency_batches expects a list of batch sizes, each at "
+                        f"least 1, received {list(job.student.latency_batches)!r}.")
     if job.teacher.source in ("vgg_demo", "vgg_deep") and not job.teacher.widths:
         raise UserError(f"teacher.widths expects at least one conv width for "
                         f"{job.teacher.source}.")

@@ -17,11 +17,12 @@ from pbkd_mpi.data.dataset import load_dataset, portable_index
 from pbkd_mpi.distill.accept import kept_blocks, stage_judge
 from pbkd_mpi.distill.chain import chain_blocks, skipped_pass
 from pbkd_mpi.distill.tasks import BlockTasks
+from pbkd_mpi.errors import UserError
 from pbkd_mpi.finetune.stage import FinetuneRequest, finetune_stage
 from pbkd_mpi.keys import model_fingerprint
 from pbkd_mpi.model.assemble import stitch_student
 from pbkd_mpi.model.evaluate import test_accuracies
-from pbkd_mpi.model.choice import choose_students
+from pbkd_mpi.model.choice import choose_students, nothing_to_train
 from pbkd_mpi.model.graph import flatten_model
 from pbkd_mpi.model.selection import job_blocks, job_warnings
 from pbkd_mpi.model.teacher import load_teacher
@@ -121,7 +122,10 @@ def _blocks_and_students(teacher, job, run_dir, log):
     fingerprint = model_fingerprint(teacher)
     blocks = job_blocks(teacher, job)
     _log_blocks(blocks, job, log)
-    return teacher, fingerprint, choose_students(blocks, job, fingerprint, run_dir, log)
+    choice = choose_students(teacher, blocks, job, fingerprint, run_dir, log)
+    if (why := nothing_to_train(choice)) is not None:
+        raise UserError(why)
+    return teacher, fingerprint, choice
 
 
 def _log_blocks(blocks, job, log) -> None:

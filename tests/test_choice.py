@@ -5,15 +5,17 @@ choice kept in the run directory for the next run."""
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
 
 from pbkd_mpi.config import load_job
 from pbkd_mpi.errors import UserError
-from dataclasses import replace
 
-from pbkd_mpi.model.choice import (CHOICE_FILE, Candidate, candidates, choose_students,
-                                   describe_record)
+from pbkd_mpi.model.choice import (CHOICE_FILE, TEACHER, Candidate, candidates,
+                                   choose_students, from_record, nothing_to_train)
+from pbkd_mpi.output.report import describe_record
 
 
 @pytest.fixture(scope="module")
@@ -44,37 +46,98 @@ def test_candidates_fit_the_published_students_parameters(blocks):
         assert Candidate(wider, 1).cost[0] > budget
 
 
-def test_latency_ranks_the_timed_candidates_and_the_choice_is_kept(blocks, tmp_path):
+def _check_rule(row, families, measures):
+    """Each candidate timed at every measure (runtime/batch); its relative time the
+    geometric mean of its time over the fastest's at each; the first candidate the most
+    accurate (in `families` order) within min_speedup (1.25) of the fastest."""
+    rows = row["candidates"]
+    by_family = {c["family"]: c for c in rows}
+    assert set(by_family) == set(families)
+    for c in rows:
+        assert list(c["latency_ms"]) == measures
+        assert all(ms > 0 for ms in c["latency_ms"].values())
+        ratios = [c["latency_ms"][m] / min(o["latency_ms"][m] for o in rows)
+                  for m in measures]
+        assert c["relative_time"] == pytest.approx(math.prod(ratios) ** (1 / len(measures)))
+    fastest = min(c["relative_time"] for c in rows)
+    assert fastest == pytest.approx(1.0) or len(measures) > 1
+    assert rows[0] is next(by_family[f] for f in families
+                           if by_family[f]["relative_time"] <= 1.25 * fastest)
+    return by_family
+
+
+def test_latency_takes_the_most_accurate_candidate_near_the_fastest(tiny_teacher, blocks,
+                                                                    tmp_path):
     job = load_job(None, ["student.objective=latency", "student.target=tflite",
-                          "student.latency_batch=4", "accept.widen=2"])
+                          "student.latency_batches=[4]", "accept.widen=2",
+                          "student.keep_teacher=false"])
     messages = []
-    choice = choose_students(blocks, job, "teacher-fp", tmp_path, messages.append)
+    choice = choose_students(tiny_teacher, blocks, job, "teacher-fp", tmp_path,
+                             messages.append)
     record = choice.record
     assert record["objective"] == "latency" and "TFLite" in record["runtime"]
-    for block, row in zip(choice.blocks, record["blocks"]):
-        assert all(c["latency_ms"] > 0 for c in row["candidates"])
-        first, second = row["candidates"][:2]
-        published = next(c for c in row["candidates"] if c["published"])
-        other = next(c for c in row["candidates"] if not c["published"])
-        # Another form goes first only when min_speedup (1.25) times faster.
-        assert (first is other) == (other["latency_ms"] * 1.25 <= published["latency_ms"])
-        assert (block.family, block.width, choice.multipliers[block.name]) == (
+    assert [b.name for b in choice.blocks] == [b.name for b in blocks]  # all trained
+    for block, trained, row in zip(blocks, choice.blocks, record["blocks"]):
+        by_family = _check_rule(row, ("separable", "low_rank"), ["tflite/4"])
+        first, published = row["candidates"][0], by_family["separable"]
+        assert published["published"] and not by_family["low_rank"]["published"]
+        assert (trained.family, trained.width, choice.multipliers[block.name]) == (
             first["family"], first["width"], first["depth_multiplier"])
-        retry = choice.retries[block.name]
-        expected = ((published["family"], published["width"], 4) if first is published
-                    else (second["family"], second["width"], second["depth_multiplier"]))
-        assert (retry.block.family, retry.block.width, retry.depth_multiplier) == expected
+        retry = choice.retries[block.name]  # the published student, wider when it went first
+        assert (retry.block.family, retry.block.width, retry.depth_multiplier) == (
+            "separable", published["width"], 4 if first is published else 2)
     saved = json.loads((tmp_path / CHOICE_FILE).read_text())
     assert saved == json.loads(json.dumps(record))
     assert any("students (latency" in m for m in messages)
     # The next run of the directory trains the same students, whatever the clock says now.
-    again = choose_students(blocks, job, "teacher-fp", tmp_path, messages.append)
+    again = choose_students(tiny_teacher, blocks, job, "teacher-fp", tmp_path,
+                            messages.append)
     assert again.blocks == choice.blocks and again.multipliers == choice.multipliers
     assert again.retries == choice.retries and "earlier run" in messages[-1]
     # Another teacher (or other settings) is another choice, measured again.
-    other = choose_students(blocks, job, "other-fp", tmp_path, messages.append)
+    other = choose_students(tiny_teacher, blocks, job, "other-fp", tmp_path, messages.append)
     assert other.record["key"] != record["key"]
     assert describe_record(record)[0].startswith("students: objective latency")
+
+
+def test_the_teachers_block_is_timed_beside_its_students(tiny_teacher, blocks):
+    """The default target (`cpu`: TFLite and Keras) and keep_teacher: the teacher's block
+    is the first candidate in order of accuracy; a block the user pinned has its student
+    alone, so something is trained."""
+    pinned = blocks[-1].name
+    job = load_job(None, ["student.latency_batches=[1, 8]",
+                          f"student.family_overrides=[\"{pinned}=separable\"]"])
+    choice = choose_students(tiny_teacher, blocks, job, "fp", None, lambda m: None)
+    for block, row in zip(blocks, choice.record["blocks"]):
+        if block.name == pinned:
+            assert [c["family"] for c in row["candidates"]] == ["separable"]
+            continue
+        by_family = _check_rule(row, (TEACHER, "separable", "low_rank"),
+                                ["tflite/1", "tflite/8", "keras-cpu/1", "keras-cpu/8"])
+        assert by_family[TEACHER]["params"] == block.teacher_params
+        kept = row["candidates"][0]["family"] == TEACHER
+        assert kept is (block.name not in choice.multipliers)
+    assert pinned in choice.multipliers
+
+
+def test_a_block_whose_teacher_is_fastest_keeps_it_and_all_kept_is_refused(blocks):
+    """from_record on records made by hand: which block keeps the teacher's layers does
+    not depend on this machine's clock."""
+    def row(block, first):
+        published = Candidate(block, 2).to_dict() | {"published": True}
+        kept = Candidate(replace(block, family=TEACHER), 1).to_dict() | {"published": False}
+        return {"name": block.name, "candidates": [kept, published] if first == TEACHER
+                else [published, kept]}
+
+    record = {"objective": "latency", "runtime": "TFLite", "batches": [1], "min_speedup": 1.25,
+              "blocks": [row(blocks[0], TEACHER), row(blocks[1], "separable")]}
+    choice = from_record(blocks[:2], record, 3)
+    assert [b.name for b in choice.blocks] == [blocks[1].name]
+    assert choice.retries[blocks[1].name].depth_multiplier == 6
+    assert "teacher's block" in describe_record(record)[1]
+    assert nothing_to_train(choice) is None
+    record["blocks"][1] = row(blocks[1], TEACHER)
+    assert "student would be the teacher" in nothing_to_train(from_record(blocks[:2], record, 3))
 
 
 def test_the_tiled_separable_student_is_timed_faster_than_keras_depth_multiplier():
@@ -101,39 +164,39 @@ def test_the_tiled_separable_student_is_timed_faster_than_keras_depth_multiplier
     assert fast < slow, (fast, slow)
 
 
-def test_flops_and_params_objectives(blocks):
-    flops = choose_students(blocks, load_job(None, ["student.objective=flops"]), "fp", None,
-                            lambda m: None)
+def test_flops_and_params_objectives(tiny_teacher, blocks):
+    flops = choose_students(tiny_teacher, blocks, load_job(None, ["student.objective=flops"]),
+                            "fp", None, lambda m: None)
     for row in flops.record["blocks"]:
         counts = [c["flops"] for c in row["candidates"]]
         assert counts == sorted(counts) and "latency_ms" not in row["candidates"][0]
-    params = choose_students(blocks, load_job(None, ["student.objective=params",
-                                                     "accept.widen=3"]), "fp", None,
-                             lambda m: None)
+    params = choose_students(tiny_teacher, blocks,
+                             load_job(None, ["student.objective=params", "accept.widen=3"]),
+                             "fp", None, lambda m: None)
     assert params.blocks == tuple(blocks)
     assert set(params.multipliers.values()) == {2}  # the job's depth multiplier
     assert {r.depth_multiplier for r in params.retries.values()} == {6}  # retried wider
     assert all(len(row["candidates"]) == 1 for row in params.record["blocks"])
 
 
-def test_a_family_override_pins_its_blocks(blocks):
+def test_a_family_override_pins_its_blocks(tiny_teacher, blocks):
     name = blocks[0].name
     job = load_job(None, ["student.objective=flops",
                           f"student.family_overrides=[\"{name}=separable\"]"])
-    choice = choose_students(blocks, job, "fp", None, lambda m: None)
+    choice = choose_students(tiny_teacher, blocks, job, "fp", None, lambda m: None)
     assert len(choice.record["blocks"][0]["candidates"]) == 1
     assert choice.multipliers[name] == 2
     assert len(choice.record["blocks"][1]["candidates"]) > 1
 
 
-def test_the_gpu_target_is_refused_without_a_gpu(blocks):
+def test_the_gpu_target_is_refused_without_a_gpu(tiny_teacher, blocks):
     import tensorflow as tf
 
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("this machine has a GPU")
     job = load_job(None, ["student.target=gpu"])
     with pytest.raises(UserError, match=r"student.target = \"gpu\".*sees none"):
-        choose_students(blocks, job, "fp", None, lambda m: None)
+        choose_students(tiny_teacher, blocks, job, "fp", None, lambda m: None)
 
 
 def test_every_candidate_starts_from_the_teacher_and_exports_to_tflite(tmp_path):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pbkd_mpi.output.deploy import export_figures
-from pbkd_mpi.output.exports import Export, tflite_kinds, write_exports
+from pbkd_mpi.output.exports import Export, check_exports, tflite_kinds, write_exports
 
 
 def test_every_export_loads_back_and_agrees_with_the_keras_student(tiny_teacher, tiny_dataset,
@@ -26,8 +25,7 @@ def test_every_export_loads_back_and_agrees_with_the_keras_student(tiny_teacher,
                             tiny_dataset.x_val)
     assert [e.format for e in exports] == ["keras", "saved_model", "tflite_float32",
                                            "tflite_int8"]
-    figures = export_figures(student, exports, tiny_dataset.image_shape, tiny_dataset.x_val,
-                             repeats=3)
+    figures = check_exports(student, exports, tiny_dataset.x_val)
     for name in ("keras", "saved_model", "tflite_float32"):
         assert figures[name]["max_abs_diff"] < 1e-4, (name, figures[name])
         assert figures[name]["class_agreement"] == 1.0
@@ -35,9 +33,6 @@ def test_every_export_loads_back_and_agrees_with_the_keras_student(tiny_teacher,
     assert figures["tflite_int8"]["max_abs_diff"] < 0.1, figures["tflite_int8"]
     assert figures["tflite_int8"]["class_agreement"] >= 0.9
     assert figures["tflite_int8"]["bytes"] < figures["tflite_float32"]["bytes"]
-    for name in ("saved_model", "tflite_float32", "tflite_int8"):
-        assert set(figures[name]["latency_ms"]) == {"batch_1", "batch_32"}
-        assert all(v > 0 for v in figures[name]["latency_ms"].values())
     # A loaded TFLite model takes any batch size.
     tflite = Export("tflite_float32", tmp_path / "student_float32.tflite").load()
     np.testing.assert_allclose(tflite(tiny_dataset.x_val[:3]),
@@ -51,22 +46,38 @@ def test_no_export_asked_writes_only_the_keras_file(tiny_teacher, tiny_dataset, 
     assert not (tmp_path / "student_savedmodel").exists()
 
 
-def test_the_teacher_is_timed_in_tflite_beside_the_student(tiny_teacher, tiny_dataset):
-    from pbkd_mpi.output.deploy import teacher_tflite_latency
+def test_teacher_and_student_are_timed_on_every_runtime_the_job_deploys_to(
+        tiny_teacher, tiny_dataset, tmp_path):
+    import os
+
+    import keras
+
+    from pbkd_mpi.output.deploy import keras_cpu_ms, latency_rows
     from pbkd_mpi.output.report import _deployment_rows
 
-    figures = teacher_tflite_latency(tiny_teacher, ("float32",), tiny_dataset.image_shape,
-                                     tiny_dataset.x_val, repeats=3)
-    assert set(figures) == {"float32"} and set(figures["float32"]) == {"batch_1", "batch_32"}
-    assert all(ms > 0 for ms in figures["float32"].values())
-    student_ms = {"batch_1": figures["float32"]["batch_1"] / 2, "batch_32": 1.0}
-    deployment = {
-        "teacher": {"file_bytes": None, "latency_ms": {"batch_1": 1.0, "batch_32": 8.0},
-                    "tflite_latency_ms": figures},
-        "student": {"file_bytes": None, "latency_ms": {"batch_1": 2.0, "batch_32": 4.0}},
-        "exports": {"tflite_float32": {"latency_ms": student_ms}},
-    }
-    rows = _deployment_rows(deployment)
-    assert rows[0].endswith("| 2.00 |") and rows[1].endswith("| 0.50 |")  # Keras
-    tflite = [row for row in rows if "TFLite float32" in row]
-    assert len(tflite) == 2 and tflite[0].endswith("| 0.50 |")
+    # A student that does a third of the teacher's work: its first two blocks alone.
+    student = keras.Model(tiny_teacher.inputs, tiny_teacher.get_layer("pool1").output)
+    student = keras.Sequential([student, keras.layers.GlobalAveragePooling2D(),
+                                keras.layers.Dense(tiny_dataset.num_classes)])
+    write_exports(student, tmp_path / "student.keras", tmp_path, False, ("float32", "int8"),
+                  tiny_dataset.x_val)
+    rows = latency_rows(tiny_teacher, student, ("float32", "int8"), tiny_dataset.image_shape,
+                        tiny_dataset.x_val, tmp_path, rounds=3)
+    cores = len(os.sched_getaffinity(0))
+    expected = [("keras", "CPU", batch) for batch in (1, 32)] + [
+        (f"tflite-{kind}", threads, batch) for kind in ("float32", "int8")
+        for threads in sorted({1, cores}) for batch in (1, 32)]
+    assert [(r["runtime"], r["device"] if r["runtime"] == "keras" else r["threads"],
+             r["batch"]) for r in rows] == expected
+    for row in rows:
+        assert row["teacher_ms"] > 0 and row["student_ms"] > 0
+        assert row["ratio"] == row["student_ms"] / row["teacher_ms"]
+    assert keras_cpu_ms(rows, "student") == {"batch_1": rows[0]["student_ms"],
+                                             "batch_32": rows[1]["student_ms"]}
+    deployment = {"teacher": {"file_bytes": None}, "student": {"file_bytes": None},
+                  "latency": rows, "latency_runtime": "here"}
+    text = _deployment_rows(deployment)
+    assert len(text) == len(rows) + 1
+    assert "| latency, batch 32 (TFLite int8, XNNPACK, 1 thread) |" in "\n".join(text)
+    assert text[0].startswith("| latency, batch 1 (Keras, CPU, ")
+    assert text[0].endswith(f"| {rows[0]['ratio']:.2f} |")

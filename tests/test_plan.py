@@ -35,6 +35,13 @@ def test_plan_command_json_for_a_job_and_for_a_saved_teacher(tiny_teacher, tmp_p
         result = _plan("--teacher", path)
         assert result.returncode == 0, result.stderr
         assert "conv4" in result.stdout and "total" in result.stdout
+    # This 16 px teacher's convs are timed about as fast as their students (its blocks
+    # cost the runtime's per-call overhead): plan says which keep the teacher's layers,
+    # and says so when all do, rather than refusing as `run` does.
+    assert "teacher's block" in result.stdout
+    kept = [line for line in result.stdout.splitlines()
+            if line.startswith("  conv") and ": teacher's block" in line]
+    assert (len(kept) == 4) is ("student would be the teacher" in result.stdout)
 
 
 def test_plan_refuses_a_file_that_is_not_a_model(tmp_path):

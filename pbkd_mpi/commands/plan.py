@@ -6,9 +6,10 @@ import json
 
 from pbkd_mpi.config import load_job
 from pbkd_mpi.keys import model_fingerprint
-from pbkd_mpi.model.choice import choose_students, describe_record
+from pbkd_mpi.model.choice import choose_students, nothing_to_train
 from pbkd_mpi.model.selection import block_table_of, job_blocks, job_warnings
 from pbkd_mpi.model.teacher import BUILTIN_TEACHERS, build_builtin, load_model_file
+from pbkd_mpi.output.report import describe_record
 
 HEADER = ("block", "layers", "in", "out", "end", "family", "width", "mult", "T params",
           "S params", "T FLOPs", "S FLOPs")
@@ -19,11 +20,12 @@ def plan_command(args) -> int:
     # --granularity (when the command line offers it) wins over the job's [blocks].
     teacher = _teacher(args, job)
     # Nothing is written: `run` times the candidates again in its own run directory.
-    choice = choose_students(job_blocks(teacher, job, getattr(args, "granularity", None)),
+    choice = choose_students(teacher, job_blocks(teacher, job, getattr(args, "granularity", None)),
                              job, model_fingerprint(teacher), None, lambda message: None)
     table = block_table_of(choice.blocks, choice.multipliers)
     table["target_params"] = job.student.target_params or None
-    table["warnings"] = job_warnings(choice.blocks, job)
+    table["warnings"] = job_warnings(choice.blocks, job) + [
+        why for why in [nothing_to_train(choice)] if why]
     table["students"] = choice.record
     print(json.dumps(table, indent=2) if args.json else render_table(table))
     return 0
@@ -55,11 +57,12 @@ def render_table(table: dict) -> str:
     widths = [max(len(row[i]) for row in [HEADER, *rows]) for i in range(len(HEADER))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
              for row in [HEADER, *rows]]
-    lines.append(f"student/teacher in blocks: params "
-                 f"{t['student_params'] / t['teacher_params']:.3f}, FLOPs "
-                 f"{t['student_flops'] / t['teacher_flops']:.3f}"
-                 + (f" (student.target_params {table['target_params']})"
-                    if table.get("target_params") else ""))
+    if t["teacher_params"]:  # none when every block keeps the teacher's layers
+        lines.append(f"student/teacher in blocks: params "
+                     f"{t['student_params'] / t['teacher_params']:.3f}, FLOPs "
+                     f"{t['student_flops'] / t['teacher_flops']:.3f}"
+                     + (f" (student.target_params {table['target_params']})"
+                        if table.get("target_params") else ""))
     if table.get("students"):
         lines.extend(describe_record(table["students"]))
     lines.extend(f"warning: {warning}" for warning in table.get("warnings", ()))

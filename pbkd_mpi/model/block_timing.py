@@ -25,16 +25,24 @@ MIN_ROUNDS, MAX_ROUNDS = 10, 200
 # Rounds stop once this much time is spent on one block's candidates (after MIN_ROUNDS):
 # a 224 px block at batch 32 is slow, a 32 px one fast, and both need a stable median.
 ROUND_BUDGET_S = 1.0
+# ... or after this long and FEWEST_ROUNDS: calls of seconds each (a 224 px block at batch
+# 32 on one thread) vary by little, and ten rounds of them would take minutes per block.
+SLOW_BUDGET_S, FEWEST_ROUNDS = 10.0, 3
+
+
+def runtimes(target: str) -> tuple[str, ...]:
+    """The runtimes `student.target` names: `cpu` is TFLite and Keras on the CPU."""
+    return ("tflite", "keras-cpu") if target == "cpu" else (target,)
 
 
 def runtime_label(target: str) -> str:
     """What the figures of `target` were measured on, for the report and `plan`."""
     import tensorflow as tf
 
-    if target == "tflite":
-        return f"TFLite float32, XNNPACK, 1 thread (TensorFlow {tf.__version__})"
-    device = "/GPU:0" if target == "gpu" else "/CPU:0"
-    return f"Keras on {device} (TensorFlow {tf.__version__})"
+    labels = {"tflite": "TFLite float32, XNNPACK, 1 thread", "keras-cpu": "Keras on /CPU:0",
+              "gpu": "Keras on /GPU:0"}
+    return (" and ".join(labels[runtime] for runtime in runtimes(target))
+            + f" (TensorFlow {tf.__version__})")
 
 
 def check_target(target: str) -> None:
@@ -45,8 +53,8 @@ def check_target(target: str) -> None:
         raise UserError(
             "student.target = \"gpu\" times the candidate students on rank 0's GPU, but "
             "TensorFlow sees none here (tf.config.list_physical_devices('GPU') is empty); "
-            "set student.target = \"tflite\" or \"keras-cpu\", or student.objective = "
-            "\"flops\".")
+            "set student.target = \"cpu\", \"tflite\" or \"keras-cpu\", or "
+            "student.objective = \"flops\".")
 
 
 def _runner(model, target: str, folder: Path, name: str):
@@ -57,7 +65,13 @@ def _runner(model, target: str, folder: Path, name: str):
         with contextlib.redirect_stdout(io.StringIO()):  # Keras' export prints its endpoints
             path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
         return TfliteModel(path, threads=1)
-    device = "/GPU:0" if target == "gpu" else "/CPU:0"
+    return keras_function(model, "/GPU:0" if target == "gpu" else "/CPU:0")
+
+
+def keras_function(model, device: str):
+    """`model` as a traced inference call on `device`, from a NumPy batch to NumPy."""
+    import tensorflow as tf
+
     forward = tf.function(lambda x: model(x, training=False))
 
     def run(x):
@@ -68,23 +82,36 @@ def _runner(model, target: str, folder: Path, name: str):
 
 def time_models(models: list, input_shape, target: str, batch: int,
                 rounds: int | None = None) -> list[float]:
-    """Median milliseconds of one call of each model at `batch`, timed interleaved: over
-    `rounds` rounds, or by default as many as ROUND_BUDGET_S allows within MIN_ROUNDS and
-    MAX_ROUNDS."""
-    least, most = (rounds, rounds) if rounds else (MIN_ROUNDS, MAX_ROUNDS)
-    x = np.random.default_rng(0).uniform(size=(batch, *input_shape)).astype(np.float32)
+    """Median milliseconds of one call of each Keras model at `batch` on `target`, timed
+    interleaved (time_callables)."""
     with tempfile.TemporaryDirectory() as folder:
         runners = [_runner(model, target, Path(folder), f"candidate{i}")
                    for i, model in enumerate(models)]
-        for _ in range(WARMUP_ROUNDS):
-            for run in runners:
-                run(x)
-        times: list[list[float]] = [[] for _ in runners]
-        started = time.perf_counter()
-        while len(times[0]) < most and (
-                len(times[0]) < least or time.perf_counter() - started < ROUND_BUDGET_S):
-            for run, series in zip(runners, times):
-                begun = time.perf_counter()
-                run(x)
-                series.append(time.perf_counter() - begun)
+        return time_callables(runners, input_shape, batch, rounds)
+
+
+def time_callables(functions: list, input_shape, batch: int,
+                   rounds: int | None = None) -> list[float]:
+    """Median milliseconds of one call of each function on a float32 batch of `batch`
+    random samples, timed interleaved: over `rounds` rounds, or by default as many as
+    ROUND_BUDGET_S allows within MIN_ROUNDS and MAX_ROUNDS (FEWEST_ROUNDS for slow
+    calls)."""
+    x = np.random.default_rng(0).uniform(size=(batch, *input_shape)).astype(np.float32)
+    for _ in range(WARMUP_ROUNDS):
+        for run in functions:
+            run(x)
+    times: list[list[float]] = [[] for _ in functions]
+    started = time.perf_counter()
+
+    def more() -> bool:
+        done, spent = len(times[0]), time.perf_counter() - started
+        if rounds:
+            return done < rounds
+        return done < MAX_ROUNDS and (spent < ROUND_BUDGET_S or done < MIN_ROUNDS) and (
+            spent < SLOW_BUDGET_S or done < FEWEST_ROUNDS)
+    while more():
+        for run, series in zip(functions, times):
+            begun = time.perf_counter()
+            run(x)
+            series.append(time.perf_counter() - begun)
     return [1000.0 * statistics.median(series) for series in times]

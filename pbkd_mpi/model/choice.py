@@ -3,16 +3,23 @@
 The job's family and depth multiplier give each block its published student (the
 `params` objective's choice) and with it the block's parameter budget. The candidates are
 students of about that size in other forms: the published one and the dense low-rank
-student of the largest rank within the budget. (Smaller students are not candidates: the
-separable student at depth multiplier 1 runs 2x faster but, measured on the demo, cost 4
-of 6 blocks more than 3 points of accuracy alone and the deep job 5 points after
-fine-tuning.) `latency` ranks them by their time alone on the job's target
-(block_timing.py), but puts the published student ahead of any candidate not at least
-`student.min_speedup` times faster (at equal parameters the low-rank students of the deep
-job ran 3-15% faster and learned their blocks to 2-2.7x the relative error); `flops`
-ranks by FLOPs. The first is trained. Acceptance's retry is the next one when the first
-is not the published student, else the wider published student (as under `params`): a
-candidate ranked after the published student is not more accurate, only slower.
+student of the largest rank within the budget; under `latency`, the teacher's own block
+too, which needs no training and loses no accuracy. (Smaller students are not
+candidates: the separable student at depth multiplier 1 runs 2x faster but, measured on
+the demo, cost 4 of 6 blocks more than 3 points of accuracy alone and the deep job 5
+points after fine-tuning.) `latency` times each alone, its BNs folded as in the saved
+student, on the runtimes of the job's target at each of its batches (block_timing.py),
+gives each the geometric mean of its time relative to the fastest, and takes the most
+accurate candidate (the teacher's block, then the published student, then the low-rank
+one) within `student.min_speedup` of the fastest: at equal parameters the low-rank
+students of the deep job ran 3-15% faster and learned their blocks to 2-2.7x the relative
+error, and a student no faster than its teacher block costs accuracy for nothing (a
+first conv on three input channels: 18 us in TFLite against 19 for its low-rank and 28
+for its separable student; a 16-channel conv at 32x32, whose separable student is faster
+in TFLite and slower in Keras). `flops` ranks by FLOPs. The first is trained, unless it
+is the teacher's block: that block is kept and is not a task. Acceptance's retry is the
+published student when another went first, else the wider published student (as under
+`params`).
 
 The choice is made once per run directory and kept in RUN/students.json: timings vary
 from run to run, and a resumed run must train the students its finished results belong to.
@@ -25,25 +32,48 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import keras
+import numpy as np
+
 from pbkd_mpi import atomic
 from pbkd_mpi.keys import json_key
-from pbkd_mpi.model.block_timing import check_target, runtime_label, time_models
+from pbkd_mpi.model.assemble import copy_block
+from pbkd_mpi.model.block_timing import check_target, runtime_label, runtimes, time_models
+from pbkd_mpi.model.fold import fold_batchnorm
 from pbkd_mpi.model.graph import Block
-from pbkd_mpi.model.students import build_student_model, family_for, student_cost
+from pbkd_mpi.model.students import build_student_model, family_for, sized, student_cost
 
 CHOICE_FILE = "students.json"
+TEACHER = "teacher"  # the candidate family that keeps the teacher's own block
+# In the key of RUN/students.json: a record made with other candidates is measured again.
+CANDIDATES_VERSION = 2
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One student of a block: its family and width (in `block`) and depth multiplier."""
+    """One student of a block: its family and width (in `block`) and depth multiplier;
+    family TEACHER: the teacher's own block, kept."""
 
     block: Block
     depth_multiplier: int
 
     @property
+    def keeps_teacher(self) -> bool:
+        return self.block.family == TEACHER
+
+    @property
     def cost(self) -> tuple[int, int]:
+        if self.keeps_teacher:
+            return self.block.teacher_params, self.block.teacher_flops
         return student_cost(self.block, self.depth_multiplier)
+
+    def model(self, teacher):
+        """The candidate as a standalone model of the block's input (for timing)."""
+        if not self.keeps_teacher:
+            return build_student_model(self.block, self.depth_multiplier)
+        inputs = keras.Input(self.block.input_shape, name=f"{self.block.name}_input")
+        return keras.Model(inputs, copy_block(teacher, self.block, inputs),
+                           name=f"{self.block.name}_teacher")
 
     def to_dict(self) -> dict:
         params, flops = self.cost
@@ -60,10 +90,10 @@ class Candidate:
 class StudentChoice:
     """The students a run trains, and acceptance's retry of each."""
 
-    blocks: tuple  # each block with the family and width of its first student
+    blocks: tuple  # the blocks to train, each with the family and width of its first student
     multipliers: dict  # block name -> the first student's depth multiplier
     retries: dict  # block name -> Candidate: acceptance's second try
-    record: dict  # report.json's `students`
+    record: dict  # report.json's `students`, the blocks that keep the teacher's layers too
 
     def candidate(self, block: Block) -> Candidate:
         return Candidate(block, self.multipliers[block.name])
@@ -76,37 +106,40 @@ class StudentChoice:
                    {"objective": "params", "blocks": []})
 
 
-def candidates(block: Block, depth_multiplier: int, pinned: bool = False) -> list[Candidate]:
+def candidates(block: Block, depth_multiplier: int, pinned: bool = False,
+               keep: bool = False) -> list[Candidate]:
     """The students of `block` about its published student's size and within it, that one
-    first; `pinned` (a family the user named for this block): that one alone."""
+    first, preceded by the teacher's block when `keep`; `pinned` (a family the user named
+    for this block): the published student alone."""
     published = Candidate(block, depth_multiplier)
     if pinned:
         return [published]
-    budget = published.cost[0]
-    if block.family != "low_rank" and (low_rank := _low_rank_within(block, budget)):
-        return [published, low_rank]
-    return [published]
+    found = [Candidate(replace(block, family=TEACHER), 1)] if keep else []
+    found.append(published)
+    if block.family != "low_rank" and (
+            low_rank := _low_rank_within(block, published.cost[0])):
+        found.append(low_rank)
+    return found
 
 
 def _low_rank_within(block: Block, budget: int) -> Candidate | None:
     """The widest low-rank student of `block` with at most `budget` parameters."""
-    one = student_cost(replace(block, family="low_rank", width=1))[0]
-    two = student_cost(replace(block, family="low_rank", width=2))[0]
-    if one > budget or two <= one:
-        return None
-    width = 1 + (budget - one) // (two - one)
-    return Candidate(replace(block, family="low_rank", width=int(width)), 1)
+    widest = Candidate(sized(replace(block, family="low_rank"),
+                             budget / block.teacher_params, at_most=True), 1)
+    return widest if widest.cost[0] <= budget else None
 
 
-def choose_students(blocks, job, teacher_fingerprint: str, run_dir, log) -> StudentChoice:
-    """The job's choice for `blocks` (model/selection.job_blocks), made once per run
-    directory: a RUN/students.json of the same blocks, settings and teacher is reused."""
+def choose_students(teacher, blocks, job, teacher_fingerprint: str, run_dir,
+                    log) -> StudentChoice:
+    """The job's choice for `blocks` (model/selection.job_blocks) of `teacher` (flattened),
+    made once per run directory: a RUN/students.json of the same blocks, settings and
+    teacher is reused."""
     student = job.student
     key = json_key({"teacher": teacher_fingerprint, "blocks": [b.to_dict() for b in blocks],
                     "student": {k: getattr(student, k) for k in (
-                        "objective", "target", "latency_batch", "min_speedup",
-                        "depth_multiplier", "family_overrides")},
-                    "widen": job.accept.widen})
+                        "objective", "target", "latency_batches", "min_speedup",
+                        "keep_teacher", "depth_multiplier", "family_overrides")},
+                    "widen": job.accept.widen, "candidates": CANDIDATES_VERSION})
     path = Path(run_dir) / CHOICE_FILE if run_dir is not None else None
     saved = _load(path, key)
     if saved is not None:
@@ -114,23 +147,25 @@ def choose_students(blocks, job, teacher_fingerprint: str, run_dir, log) -> Stud
             f"objective")
         return from_record(blocks, saved, job.accept.widen)
     started = time.perf_counter()
-    if student.objective == "latency":
+    latency = student.objective == "latency"
+    if latency:
         check_target(student.target)
-    rows = [_ranked(block, job, block.name in _pinned(blocks, student)) for block in blocks]
+    pinned = _pinned(blocks, student)
+    rows = [_ranked(block, job, block.name in pinned, teacher) for block in blocks]
     record = {"objective": student.objective, "key": key,
-              "target": student.target if student.objective == "latency" else None,
-              "runtime": (runtime_label(student.target)
-                          if student.objective == "latency" else None),
-              "batch": student.latency_batch if student.objective == "latency" else None,
+              "target": student.target if latency else None,
+              "runtime": runtime_label(student.target) if latency else None,
+              "batches": list(student.latency_batches) if latency else None,
+              "min_speedup": student.min_speedup if latency else None,
               "seconds": time.perf_counter() - started,
               "blocks": rows}
+    choice = from_record(blocks, record, job.accept.widen)
     if path is not None:
         atomic.write_text(path, json.dumps(record, indent=1))
-    choice = from_record(blocks, record, job.accept.widen)
     log(f"students ({student.objective}"
-        + (f", {record['runtime']}, batch {record['batch']}, timed in "
-           f"{record['seconds']:.1f} s" if record["runtime"] else "") + "): "
-        + ", ".join(f"{b.name} {describe(choice.candidate(b))}" for b in choice.blocks))
+        + (f", {record['runtime']}, batches {record['batches']}, timed in "
+           f"{record['seconds']:.1f} s" if latency else "") + "): "
+        + ", ".join(f"{row['name']} {describe_row(row['candidates'][0])}" for row in rows))
     return choice
 
 
@@ -140,73 +175,90 @@ def _pinned(blocks, student) -> set:
             if family_for(b.name, "", student.family_overrides) != ""}
 
 
-def _ranked(block: Block, job, pinned: bool) -> dict:
-    """The report's row of `block`: its candidates in the objective's order, timed when
-    the objective is latency."""
+def _ranked(block: Block, job, pinned: bool, teacher) -> dict:
+    """The report's row of `block`: its candidates, the objective's choice first, timed
+    when the objective is latency."""
     student = job.student
-    found = candidates(block, student.depth_multiplier,
-                       pinned or student.objective == "params")
-    rows = [candidate.to_dict() | {"published": index == 0}
-            for index, candidate in enumerate(found)]
-    if student.objective == "latency" and len(found) > 1:
-        models = [build_student_model(c.block, c.depth_multiplier) for c in found]
-        times = time_models(models, block.input_shape, student.target, student.latency_batch)
-        for row, ms in zip(rows, times):
-            row["latency_ms"] = ms
-        published = times[0]
-        # Ahead of the published student only when clearly faster: timing noise and the
-        # accuracy of other forms (module docstring) are not worth a few percent.
-        rows.sort(key=lambda row: (not (row["published"] or
-                                        row["latency_ms"] * student.min_speedup <= published),
-                                   row["latency_ms"]))
+    latency = student.objective == "latency"
+    found = candidates(block, student.depth_multiplier, pinned or student.objective == "params",
+                       keep=latency and student.keep_teacher)
+    rows = [candidate.to_dict() | {"published": candidate == Candidate(
+                block, student.depth_multiplier)} for candidate in found]
+    if latency and len(found) > 1:
+        models = [_deployed(candidate.model(teacher)) for candidate in found]
+        measures = [(runtime, batch) for runtime in runtimes(student.target)
+                    for batch in student.latency_batches]
+        relative = [1.0] * len(found)
+        for runtime, batch in measures:
+            times = time_models(models, block.input_shape, runtime, batch)
+            for index, (row, ms) in enumerate(zip(rows, times)):
+                row.setdefault("latency_ms", {})[f"{runtime}/{batch}"] = ms
+                relative[index] *= (ms / min(times)) ** (1 / len(measures))
+        for row, value in zip(rows, relative):
+            row["relative_time"] = value
+        # The most accurate (the first) within min_speedup of the fastest: timing noise
+        # and the accuracy of other forms (module docstring) are not worth a few percent.
+        first = next(i for i, value in enumerate(relative)
+                     if value <= student.min_speedup * min(relative))
+        rows.insert(0, rows.pop(first))
     elif student.objective == "flops":
         rows.sort(key=lambda row: row["flops"])
-    return {"name": block.name, "budget_params": found[0].cost[0], "candidates": rows}
+    return {"name": block.name, "budget_params": Candidate(
+        block, student.depth_multiplier).cost[0], "candidates": rows}
+
+
+def _deployed(model):
+    """A candidate as it runs in the saved student: its BNs folded (model/fold.py; in
+    Keras an unfolded BN is one more pass over the tensor, a third of the demo student's
+    gain at batch 32)."""
+    inputs = np.random.default_rng(0).uniform(size=(4, *model.input_shape[1:]))
+    return fold_batchnorm(model, inputs.astype(np.float32))[0]
 
 
 def from_record(blocks, record: dict, widen: int) -> StudentChoice:
-    """The StudentChoice a record (report.json's `students`) describes: each block's first
-    candidate; its retry the second when the first is not the published student, else the
-    first at `widen` times its multiplier."""
+    """The StudentChoice a record (report.json's `students`) describes: the blocks whose
+    first candidate is a student, that student first; its retry the published student
+    when another went first, else the first at `widen` times its multiplier. Refused when
+    every block keeps the teacher's: there is nothing to distil."""
     by_name = {row["name"]: row for row in record["blocks"]}
     chosen, multipliers, retries = [], {}, {}
     for block in blocks:
         rows = by_name[block.name]["candidates"]
         first = Candidate.from_dict(block, rows[0])
+        if first.keeps_teacher:
+            continue
         chosen.append(first.block)
         multipliers[block.name] = first.depth_multiplier
         retries[block.name] = (
             Candidate(first.block, first.depth_multiplier * widen) if rows[0]["published"]
-            else Candidate.from_dict(block, rows[1]))
+            else Candidate.from_dict(block, next(row for row in rows if row["published"])))
     return StudentChoice(tuple(chosen), multipliers, retries, record)
 
 
+def nothing_to_train(choice: StudentChoice) -> str | None:
+    """Why a run of `choice` would distil nothing (every block keeps the teacher's
+    layers), with the options; None when some block has a student."""
+    if choice.blocks:
+        return None
+    record = choice.record
+    return (f"No block has a student faster than its teacher block on {record['runtime']} "
+            f"by student.min_speedup = {record['min_speedup']}: the student would be the "
+            f"teacher. Lower student.min_speedup, choose another student.target or "
+            f"student.latency_batches, or set student.objective = \"params\" for the "
+            f"published method's smaller students.")
+
+
 def describe(candidate: Candidate) -> str:
-    """A candidate in a few words: `separable x1`, `low_rank r=7 x1`."""
-    block = candidate.block
-    rank = (f" r={block.width * candidate.depth_multiplier}" if block.family == "low_rank"
-            else "")
-    return f"{block.family}{rank} x{candidate.depth_multiplier}"
+    """A candidate in a few words: `separable x1`, `low_rank r=7 x1`, `teacher's block`."""
+    return describe_row(candidate.to_dict())
 
 
-def describe_record(record: dict) -> list[str]:
-    """The choice in lines of text, for `plan` and report.md: each block's candidates in
-    the objective's order, the first chosen."""
-    lines = [f"students: objective {record['objective']}"
-             + (f", timed on {record['runtime']} at batch {record['batch']}"
-                if record.get("runtime") else "") + " (* the `family` student)"]
-    for row in record["blocks"]:
-        parts = []
-        for candidate in row["candidates"]:
-            text = (f"{candidate['family']}{'*' if candidate.get('published') else ''} "
-                    f"w={candidate['width']} "
-                    f"x{candidate['depth_multiplier']} {candidate['params']} params")
-            if "latency_ms" in candidate:
-                text += f" {candidate['latency_ms']:.4g} ms"
-            parts.append(text)
-        lines.append(f"  {row['name']}: " + " > ".join(parts) if len(parts) > 1 else
-                     f"  {row['name']}: {parts[0]} (the only candidate)")
-    return lines
+def describe_row(row: dict) -> str:
+    """describe() of a record's candidate row."""
+    if row["family"] == TEACHER:
+        return "teacher's block"
+    rank = f" r={row['width'] * row['depth_multiplier']}" if row["family"] == "low_rank" else ""
+    return f"{row['family']}{rank} x{row['depth_multiplier']}"
 
 
 def _load(path: Path | None, key: str) -> dict | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import math
 import re
 from dataclasses import replace
 
@@ -243,16 +244,18 @@ def with_family(block: Block, family: str = "separable", width_multiplier: float
     return fitted
 
 
-def sized(block: Block, ratio: float, depth_multiplier: int = 1) -> Block:
-    """The block with the width whose student has about `ratio` of the block's parameters.
-    Every family's parameters are affine in its width, so two builds find it; a student
-    whose width does not change its size is returned as it is."""
+def sized(block: Block, ratio: float, depth_multiplier: int = 1,
+          at_most: bool = False) -> Block:
+    """The block with the width whose student has about (`at_most`: at most, unless even
+    width 1 has more) `ratio` of the block's parameters. Every family's parameters are
+    affine in its width, so two builds find it; a student whose width does not change its
+    size is returned as it is."""
     one = student_cost(replace(block, width=1), depth_multiplier)[0]
     two = student_cost(replace(block, width=2), depth_multiplier)[0]
     if two <= one:
         return block
     width = 1 + (ratio * block.teacher_params - one) / (two - one)
-    return replace(block, width=max(1, round(width)))
+    return replace(block, width=max(1, math.floor(width + 1e-9) if at_most else round(width)))
 
 
 def build_student_model(block: Block, depth_multiplier: int = 1) -> keras.Model:

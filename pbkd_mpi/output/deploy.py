@@ -1,61 +1,33 @@
-"""Deployment figures: inference latency on this CPU and the size of the saved models.
+"""Deployment figures: teacher against student latency where users deploy, and the size
+of the saved models.
 
-Latency is the median of repeated timed calls after warm-up calls (the first calls trace
-and compile), for batch 1 and batch 32, with the thread pools rank 0 runs with. The figures
-are for comparing teacher and student on the same machine in the same run, not absolute.
-Where the job exports the student to TFLite, the teacher is converted the same way (in a
-temporary folder) and timed beside it: users deploy there, and the two runtimes rank
-student families differently.
+Every runtime the job deploys to is measured for teacher and student alike, in one
+process, interleaved (one call of each per round, model/block_timing.time_callables, so
+a slow spell of a shared machine hits both), medians after warm-up calls, at batch 1 and
+32: Keras on rank 0's CPU with TensorFlow's threads, on its GPU when it has one, and each
+TFLite file the job exports (float32, int8) with XNNPACK on 1 thread and on all of rank
+0's cores. The teacher is converted to TFLite as the student is (via a SavedModel, int8
+calibrated on the same images), in a temporary folder. The figures compare teacher and
+student on one machine in one run; they are not absolute.
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-
+from pbkd_mpi.model.block_timing import keras_function, time_callables
 from pbkd_mpi.model.fold import fold_batchnorm
 from pbkd_mpi.model.teacher import save_model_atomically
-from pbkd_mpi.output.exports import (TfliteModel, check_exports, export_saved_model,
-                                     tflite_bytes, tflite_kinds, write_exports)
+from pbkd_mpi.output.exports import (TFLITE_FILES, TfliteModel, check_exports,
+                                     export_saved_model, tflite_bytes, tflite_kinds,
+                                     write_exports)
+from pbkd_mpi.output.report import latency_label
 
 BATCHES = (1, 32)
 FOLD_CHECK_IMAGES = 64  # validation images the folded student is compared on
-LATENCY_DEVICE = "/CPU:0"
-WARMUP_CALLS = 3
-
-
-def latency_ms(model, input_shape, batch: int, repeats: int = 20) -> float:
-    """Median milliseconds of one forward pass of `batch` samples."""
-    import tensorflow as tf
-
-    with tf.device(LATENCY_DEVICE):  # where the label says, even when a GPU is visible
-        x = tf.constant(np.random.default_rng(0).uniform(size=(batch, *input_shape)),
-                        dtype=tf.float32)
-        forward = tf.function(lambda inputs: model(inputs, training=False))
-        for _ in range(WARMUP_CALLS):
-            forward(x).numpy()
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            forward(x).numpy()  # .numpy() waits for the result
-            times.append(time.perf_counter() - started)
-    return 1000.0 * statistics.median(times)
-
-
-def latency_runtime() -> str:
-    """What the Keras latencies ran on, for the report: runtime, device, threads."""
-    import keras
-    import tensorflow as tf
-
-    threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
-    return (f"Keras {keras.__version__} (TensorFlow {tf.__version__}) on {LATENCY_DEVICE} "
-            f"({_processor_name()}), {threads} intra-op thread(s)")
 
 
 def _processor_name() -> str:
@@ -68,63 +40,62 @@ def _processor_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def callable_latency_ms(function, input_shape, batch: int, repeats: int = 20) -> float:
-    """Median milliseconds of `function(batch of float32 images)` returning NumPy (a loaded
-    SavedModel or TFLite interpreter), timed like `latency_ms`."""
-    x = np.random.default_rng(0).uniform(size=(batch, *input_shape)).astype(np.float32)
-    for _ in range(WARMUP_CALLS):
-        function(x)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function(x)
-        times.append(time.perf_counter() - started)
-    return 1000.0 * statistics.median(times)
+def latency_runtime() -> str:
+    """What the latencies ran on, for the report: versions and the processor."""
+    import keras
+    import tensorflow as tf
+
+    return (f"Keras {keras.__version__}, TensorFlow {tf.__version__} and its TFLite "
+            f"interpreter, on {_processor_name()} ({_cores()} core(s) for rank 0)")
 
 
-def export_figures(student, exports, input_shape, check_images, repeats: int = 20) -> dict:
-    """Each export of the student (exports.py), loaded back from disk: its size, its
-    agreement with the Keras student, and its latency at batch 1 and 32."""
-    figures = check_exports(student, exports, check_images)
-    for export in exports:
-        if export.format == "keras":
-            continue  # the same model as deployment.student
-        function = export.load()
-        figures[export.format]["latency_ms"] = {
-            f"batch_{b}": callable_latency_ms(function, input_shape, b, repeats) for b in BATCHES}
-    return figures
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
 
 
-def deployment_figures(teacher, student, input_shape, teacher_file, student_file,
-                       repeats: int = 20) -> dict:
-    """{"teacher"|"student": {"latency_ms": {"batch_1", "batch_32"}, "file_bytes"},
-    "latency_runtime": what they ran on}."""
-    figures = {"latency_runtime": latency_runtime()}
-    for name, model, path in (("teacher", teacher, teacher_file),
-                              ("student", student, student_file)):
-        figures[name] = {
-            "latency_ms": {f"batch_{b}": latency_ms(model, input_shape, b, repeats)
-                           for b in BATCHES},
-            "file_bytes": os.path.getsize(path) if path and os.path.exists(path) else None,
-        }
-    return figures
+def _keras_threads() -> int:
+    import tensorflow as tf
+
+    return tf.config.threading.get_intra_op_parallelism_threads() or _cores()
 
 
-def teacher_tflite_latency(teacher, kinds, input_shape, representative,
-                           repeats: int = 20) -> dict:
-    """{kind: {"batch_1", "batch_32"}}: the teacher converted to TFLite as the student's
-    exports are (via a SavedModel; int8 calibrated on the same images) and timed as
-    `export_figures` times them."""
-    figures = {}
+def latency_rows(teacher, student, kinds, input_shape, representative, run_dir,
+                 rounds: int) -> list[dict]:
+    """[{"runtime", "device", "threads", "batch", "teacher_ms", "student_ms", "ratio"}]
+    for each runtime and batch (module docstring). `kinds`: the TFLite files of the
+    student in `run_dir` (exports.TFLITE_FILES)."""
+    import tensorflow as tf
+
+    pairs = [("keras", "CPU", _keras_threads(),
+              keras_function(teacher, "/CPU:0"), keras_function(student, "/CPU:0"))]
+    if tf.config.list_physical_devices("GPU"):
+        pairs.append(("keras", "GPU", None, keras_function(teacher, "/GPU:0"),
+                      keras_function(student, "/GPU:0")))
+    rows = []
     with tempfile.TemporaryDirectory(prefix="pbkd-teacher-tflite-") as folder:
-        saved_model = export_saved_model(teacher, Path(folder) / "savedmodel")
+        if kinds:
+            saved_model = export_saved_model(teacher, Path(folder) / "savedmodel")
         for kind in kinds:
             path = Path(folder) / f"teacher_{kind}.tflite"
             path.write_bytes(tflite_bytes(saved_model, kind, representative))
-            function = TfliteModel(path)
-            figures[kind] = {f"batch_{b}": callable_latency_ms(function, input_shape, b, repeats)
-                             for b in BATCHES}
-    return figures
+            for threads in sorted({1, _cores()}):
+                pairs.append((f"tflite-{kind}", "CPU", threads, TfliteModel(path, threads),
+                              TfliteModel(Path(run_dir) / TFLITE_FILES[kind], threads)))
+        for runtime, device, threads, teacher_call, student_call in pairs:
+            for batch in BATCHES:
+                teacher_ms, student_ms = time_callables([teacher_call, student_call],
+                                                        input_shape, batch, rounds)
+                rows.append({"runtime": runtime, "device": device, "threads": threads,
+                             "batch": batch, "teacher_ms": teacher_ms,
+                             "student_ms": student_ms, "ratio": student_ms / teacher_ms})
+    return rows
+
+
+def keras_cpu_ms(rows: list[dict], model: str) -> dict:
+    """{"batch_1", "batch_32"}: `model`'s ("teacher" or "student") Keras CPU latencies."""
+    return {f"batch_{row['batch']}": row[f"{model}_ms"] for row in rows
+            if (row["runtime"], row["device"]) == ("keras", "CPU")}
 
 
 def deploy_student(teacher, student, dataset, teacher_file, student_path, run_dir,
@@ -132,26 +103,27 @@ def deploy_student(teacher, student, dataset, teacher_file, student_path, run_di
     """The student saved to `student_path` (its BNs folded when the job says so), latency
     and size of teacher and student, and the student's exports (SavedModel, TFLite)
     written and checked against it: the report's `deployment`."""
-    repeats, kinds = export_config.latency_repeats, tflite_kinds(export_config.tflite)
+    kinds = tflite_kinds(export_config.tflite)
     folded = {"layers": 0, "max_abs_diff": 0.0}
     if export_config.fold_batchnorm:
         student, folded = fold_batchnorm(student, dataset.x_val[:FOLD_CHECK_IMAGES])
     save_model_atomically(student, student_path)
-    deployment = deployment_figures(teacher, student, dataset.image_shape, teacher_file,
-                                    student_path, repeats)
     exports = write_exports(student, student_path, run_dir, export_config.saved_model,
                             kinds, dataset.x_val)
+    rows = latency_rows(teacher, student, kinds, dataset.image_shape, dataset.x_val, run_dir,
+                        export_config.latency_repeats)
+    deployment = {"latency_runtime": latency_runtime(), "latency": rows}
+    for name, model, path in (("teacher", teacher, teacher_file),
+                              ("student", student, student_path)):
+        deployment[name] = {
+            "latency_ms": keras_cpu_ms(rows, name),
+            "file_bytes": os.path.getsize(path) if path and os.path.exists(path) else None}
     deployment["folded_batchnorm"] = folded
-    deployment["exports"] = export_figures(student, exports, dataset.image_shape,
-                                           dataset.x_val, repeats)
-    if kinds:
-        deployment["teacher"]["tflite_latency_ms"] = teacher_tflite_latency(
-            teacher, kinds, dataset.image_shape, dataset.x_val, repeats)
+    deployment["exports"] = check_exports(student, exports, dataset.x_val)
     for name, figures in deployment["exports"].items():
         log.detail(f"export {name}: {figures['bytes']} bytes, largest output difference "
                    f"{figures['max_abs_diff']:.2g}, class agreement "
                    f"{figures['class_agreement']:.3f}")
-    log(f"latency batch 1 (CPU, median): teacher "
-        f"{deployment['teacher']['latency_ms']['batch_1']:.2f} ms, student "
-        f"{deployment['student']['latency_ms']['batch_1']:.2f} ms")
+    log("latency, student / teacher: " + "; ".join(
+        f"{latency_label(row)}, batch {row['batch']}: {row['ratio']:.2f}" for row in rows))
     return deployment

@@ -126,19 +126,23 @@ def _deployment_rows(deployment: dict | None) -> list[str]:
     if t["file_bytes"] and s["file_bytes"]:
         rows.append(f"| saved model file | {t['file_bytes'] / 1e6:.2f} MB | "
                     f"{s['file_bytes'] / 1e6:.2f} MB | {s['file_bytes'] / t['file_bytes']:.2f} |")
-    for batch in ("batch_1", "batch_32"):
-        a, b = t["latency_ms"][batch], s["latency_ms"][batch]
-        rows.append(f"| latency, {batch.replace('_', ' ')} (Keras, CPU, median) | {a:.2f} ms | "
-                    f"{b:.2f} ms | {b / a:.2f} |")
+    for row in deployment.get("latency", []):
+        rows.append(f"| latency, batch {row['batch']} ({latency_label(row)}) | "
+                    f"{row['teacher_ms']:.3g} ms | {row['student_ms']:.3g} ms | "
+                    f"{row['ratio']:.2f} |")
     if deployment.get("latency_runtime"):
-        rows.append(f"| latency measured with | {deployment['latency_runtime']} | | |")
-    for kind, teacher_ms in t.get("tflite_latency_ms", {}).items():
-        student_ms = deployment.get("exports", {}).get(f"tflite_{kind}", {}).get("latency_ms")
-        for batch in ("batch_1", "batch_32") if student_ms else ():
-            a, b = teacher_ms[batch], student_ms[batch]
-            rows.append(f"| latency, {batch.replace('_', ' ')} (TFLite {kind}, CPU, median) | "
-                        f"{a:.2f} ms | {b:.2f} ms | {b / a:.2f} |")
+        rows.append(f"| latency measured with | {deployment['latency_runtime']}; medians, "
+                    f"teacher and student interleaved | | |")
     return rows
+
+
+def latency_label(row: dict) -> str:
+    """One row of report.json's `deployment.latency` in words: runtime, device, threads."""
+    threads = f", {row['threads']} thread{'s' if row['threads'] != 1 else ''}" if row[
+        "threads"] else ""
+    if row["runtime"] == "keras":
+        return f"Keras, {row['device']}{threads}"
+    return f"TFLite {row['runtime'].removeprefix('tflite-')}, XNNPACK{threads}"
 
 
 def _energy_line(energy: dict | None) -> str:
@@ -329,24 +333,48 @@ def _acceptance_lines(report: dict) -> list[str]:
 
 
 def _choice_lines(students: dict | None) -> list[str]:
-    """Each block's candidate students in the objective's order (model/choice.py)."""
+    """Each block's candidate students, the chosen first (model/choice.py)."""
     if not students or not students.get("blocks"):
         return []
-    timed = (f", each timed alone on {students['runtime']} at batch {students['batch']} "
-             f"({students['seconds']:.1f} s in all)" if students.get("runtime") else "")
+    timed = (f", each timed alone on {students['runtime']} at batches "
+             f"{students['batches']} (ms, and the geometric mean of its time relative to "
+             f"the fastest; {students['seconds']:.1f} s in all)"
+             if students.get("runtime") else "")
     lines = ["", "## Student choice", "",
-             f"Objective `{students['objective']}`{timed}. Candidates in the objective's "
-             f"order (* the job's own `family` student): the first was trained; a block "
-             f"that failed acceptance was retrained with the published student, or with a "
-             f"wider one when that went first.", "",
-             "| block | budget (params) | candidates: family, width, depth multiplier, "
-             "params, time |", "|---|---|---|"]
+             f"Objective `{students['objective']}`{timed}. The chosen candidate first (* the "
+             f"job's own `family` student): it was trained, or, the teacher's block, kept; a "
+             f"block that failed acceptance was retrained with the published student, or "
+             f"with a wider one when that went first.", "",
+             "| block | budget (params) | candidates |", "|---|---|---|"]
     for row in students["blocks"]:
-        cells = [f"{c['family']}{'*' if c.get('published') else ''} w={c['width']} "
-                 f"x{c['depth_multiplier']}, {c['params']}"
-                 + (f", {c['latency_ms']:.4g} ms" if "latency_ms" in c else "")
-                 for c in row["candidates"]]
-        lines.append(f"| {row['name']} | {row['budget_params']} | {'; '.join(cells)} |")
+        cells = "; ".join(candidate_text(c) for c in row["candidates"])
+        lines.append(f"| {row['name']} | {row['budget_params']} | {cells} |")
+    return lines
+
+
+def candidate_text(candidate: dict) -> str:
+    """One candidate of report.json's `students`: `separable* w=16 x2, 864 params, 0.048 /
+    3.1 ms x1.07` (family, width, depth multiplier, params, times at each batch, time
+    relative to the block's fastest)."""
+    text = ("teacher's block" if candidate["family"] == "teacher" else
+            f"{candidate['family']}{'*' if candidate.get('published') else ''} "
+            f"w={candidate['width']} x{candidate['depth_multiplier']}")
+    text += f", {candidate['params']} params"
+    if "latency_ms" in candidate:
+        text += (", " + " / ".join(f"{ms:.3g}" for ms in candidate["latency_ms"].values())
+                 + f" ms x{candidate['relative_time']:.2f}")
+    return text
+
+
+def describe_record(record: dict) -> list[str]:
+    """The choice in lines of text, for `plan`: each block's candidates, the chosen first."""
+    lines = [f"students: objective {record['objective']}"
+             + (f", timed on {record['runtime']} at batches {record['batches']}"
+                if record.get("runtime") else "") + " (* the `family` student)"]
+    for row in record["blocks"]:
+        parts = [candidate_text(c) for c in row["candidates"]]
+        lines.append(f"  {row['name']}: " + (" > ".join(parts) if len(parts) > 1 else
+                                             f"{parts[0]} (the only candidate)"))
     return lines
 
 
@@ -424,12 +452,9 @@ def _finetune_detail(finetune: dict) -> list[str]:
 def _export_lines(exports: dict | None) -> list[str]:
     if not exports:
         return []
-    lines = ["", "| export | size | largest output difference | class agreement "
-             "| latency batch 1 / 32 (ms) |", "|---|---|---|---|---|"]
+    lines = ["", "| export | size | largest output difference | class agreement |",
+             "|---|---|---|---|"]
     for name, e in exports.items():
-        latency = e.get("latency_ms")
-        timing = (f"{latency['batch_1']:.2f} / {latency['batch_32']:.2f}" if latency
-                  else "as the student above")
         lines.append(f"| {name} (`{e['path']}`) | {_count(e['bytes'])} B | "
-                     f"{e['max_abs_diff']:.2g} | {_pct(e['class_agreement'])} | {timing} |")
+                     f"{e['max_abs_diff']:.2g} | {_pct(e['class_agreement'])} |")
     return lines

@@ -93,15 +93,18 @@ def _check_report(run_dir, ranks, all_workers_busy=True):
     # Replaced blocks' teacher layers are gone; a block kept the teacher's keeps its own.
     assert {layer.name for layer in student.layers} & {"conv1", "conv2", "conv3", "conv4"} \
         == {b["name"] for b in blocks if not b["replaced"]}
-    # The default objective: each block trained the first of its timed candidates: the
-    # published student unless another is min_speedup (1.25) times faster.
+    # The default objective: each block trained the first of its candidates timed in
+    # TFLite and Keras: the published student unless another is min_speedup (1.25) times
+    # faster relative to the fastest (jobs/tiny.toml: batch 1, no teacher's block).
     students = report["students"]
-    assert students["objective"] == "latency" and "TFLite" in students["runtime"]
+    assert students["objective"] == "latency" and students["target"] == "cpu"
+    assert "TFLite" in students["runtime"] and "Keras" in students["runtime"]
+    assert students["batches"] == [1]
     for block, row in zip(blocks, students["blocks"]):
         first = row["candidates"][0]
-        times = {c["published"]: c["latency_ms"] for c in row["candidates"]}
-        assert len(times) == 2 and block["name"] == row["name"]
-        assert first["published"] == (times[False] * 1.25 > times[True])
+        relative = {c["published"]: c["relative_time"] for c in row["candidates"]}
+        assert len(relative) == 2 and block["name"] == row["name"]
+        assert first["published"] == (relative[False] * 1.25 > relative[True])
         if block["accept"]["decision"] != "accepted_wider":
             assert (block["family"], block["width"], block["accept"]["depth_multiplier"]) == (
                 first["family"], first["width"], first["depth_multiplier"])
@@ -304,6 +307,36 @@ def test_bad_job_key_is_refused_once(tmp_path):
     result = run_mpi(3, ["run", TINY_JOB, "--set", "distill.epoch=2"], timeout=60)
     assert result.returncode == 2
     assert result.stderr.count("error:") == 1 and "Did you mean 'epochs'?" in result.stderr
+
+
+def test_blocks_whose_teacher_is_as_fast_keep_its_layers_and_all_kept_is_refused(
+        tiny_run, tmp_path):
+    """`student.keep_teacher`: a block whose students are not min_speedup times faster than
+    its teacher block is not a task. Made certain here with a min_speedup no student
+    reaches and conv3 and conv4 pinned to their family (a pinned block is not timed)."""
+    run_dir = _warm_run_dir(tiny_run, tmp_path, blocks=("conv3", "conv4"))
+    keep = ["--set", "student.keep_teacher=true", "--set", "student.min_speedup=1000"]
+    result = run_mpi(3, ["run", TINY_JOB, "--run-dir", run_dir, *keep, *QUICK,
+                         "--set", 'student.family_overrides=["conv3=separable", '
+                                  '"conv4=separable"]'], timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [b["name"] for b in report["blocks"]] == ["conv3", "conv4"]
+    rows = {row["name"]: row["candidates"] for row in report["students"]["blocks"]}
+    assert [rows[name][0]["family"] for name in ("conv1", "conv2")] == ["teacher"] * 2
+    assert [len(rows[name]) for name in ("conv3", "conv4")] == [1, 1]
+    assert "conv1 teacher's block, conv2 teacher's block, conv3 separable" in result.stdout
+    names = {layer.name for layer in keras.saving.load_model(run_dir / "student.keras").layers}
+    assert {"conv1", "conv2"} <= names and not {"conv3", "conv4"} & names
+    assert "teacher's block" in (run_dir / "report.md").read_text()
+    assert report["student"]["accuracy_finetuned"] > 2 / report["data"]["num_classes"]
+
+    (tmp_path / "all-kept").mkdir()
+    started = time.monotonic()
+    result = run_mpi(3, ["run", TINY_JOB, "--run-dir",
+                         _warm_run_dir(tiny_run, tmp_path / "all-kept"), *keep], timeout=120)
+    _assert_clean_failure(result, time.monotonic() - started,
+                          "No block has a student faster than its teacher block")
 
 
 def test_a_failing_block_is_retried_elsewhere_then_kept_as_the_teachers(tiny_run, tmp_path):
