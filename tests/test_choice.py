@@ -120,6 +120,18 @@ def test_the_teachers_block_is_timed_beside_its_students(tiny_teacher, blocks):
     assert pinned in choice.multipliers
 
 
+def test_a_224_px_block_is_timed_at_a_batch_that_keeps_one_call_short(blocks):
+    from pbkd_mpi.model.choice import MAX_TIMED_FLOPS, timed_batches
+
+    small = blocks[0]  # 16 px: batch 32 is far below the bound
+    assert timed_batches(small, [1, 32]) == [1, 32]
+    resnet = replace(small, teacher_flops=470_450_176)  # ResNet50's conv2_block1 at 224 px
+    assert timed_batches(resnet, [1, 32]) == [1, 4]
+    assert 4 * resnet.teacher_flops <= MAX_TIMED_FLOPS < 5 * resnet.teacher_flops
+    vgg = replace(small, teacher_flops=7_398_752_256)  # VGG16's conv1_2 at 224 px
+    assert timed_batches(vgg, [1, 32]) == [1]
+
+
 def test_a_block_whose_teacher_is_fastest_keeps_it_and_all_kept_is_refused(blocks):
     """from_record on records made by hand: which block keeps the teacher's layers does
     not depend on this machine's clock."""

@@ -26,7 +26,8 @@ MIN_ROUNDS, MAX_ROUNDS = 10, 200
 # a 224 px block at batch 32 is slow, a 32 px one fast, and both need a stable median.
 ROUND_BUDGET_S = 1.0
 # ... or after this long and FEWEST_ROUNDS: calls of seconds each (a 224 px block at batch
-# 32 on one thread) vary by little, and ten rounds of them would take minutes per block.
+# 32 on one thread) vary by little, and ten rounds of them would take minutes per block;
+# a warm-up round longer than a tenth of it is the only one.
 SLOW_BUDGET_S, FEWEST_ROUNDS = 10.0, 3
 
 
@@ -98,8 +99,11 @@ def time_callables(functions: list, input_shape, batch: int,
     calls)."""
     x = np.random.default_rng(0).uniform(size=(batch, *input_shape)).astype(np.float32)
     for _ in range(WARMUP_ROUNDS):
+        begun = time.perf_counter()
         for run in functions:
             run(x)
+        if time.perf_counter() - begun > SLOW_BUDGET_S / 10:
+            break  # calls this slow traced and packed in the first round
     times: list[list[float]] = [[] for _ in functions]
     started = time.perf_counter()
 

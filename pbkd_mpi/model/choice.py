@@ -44,6 +44,10 @@ from pbkd_mpi.model.graph import Block
 from pbkd_mpi.model.students import build_student_model, family_for, sized, student_cost
 
 CHOICE_FILE = "students.json"
+# One timed call of a block stays under this many FLOPs (the batch is cut to fit): at
+# batch 32 a 224 px block takes seconds a call, and a few images already time its
+# throughput.
+MAX_TIMED_FLOPS = 2e9
 TEACHER = "teacher"  # the candidate family that keeps the teacher's own block
 # In the key of RUN/students.json: a record made with other candidates is measured again.
 CANDIDATES_VERSION = 2
@@ -187,7 +191,7 @@ def _ranked(block: Block, job, pinned: bool, teacher) -> dict:
     if latency and len(found) > 1:
         models = [_deployed(candidate.model(teacher)) for candidate in found]
         measures = [(runtime, batch) for runtime in runtimes(student.target)
-                    for batch in student.latency_batches]
+                    for batch in timed_batches(block, student.latency_batches)]
         relative = [1.0] * len(found)
         for runtime, batch in measures:
             times = time_models(models, block.input_shape, runtime, batch)
@@ -205,6 +209,13 @@ def _ranked(block: Block, job, pinned: bool, teacher) -> dict:
         rows.sort(key=lambda row: row["flops"])
     return {"name": block.name, "budget_params": Candidate(
         block, student.depth_multiplier).cost[0], "candidates": rows}
+
+
+def timed_batches(block: Block, batches) -> list[int]:
+    """`batches`, each cut so that one call of the teacher's block stays within
+    MAX_TIMED_FLOPS (at least 1; repeats dropped)."""
+    fit = max(1, int(MAX_TIMED_FLOPS // max(1, block.teacher_flops)))
+    return list(dict.fromkeys(min(batch, fit) for batch in batches))
 
 
 def _deployed(model):

@@ -336,10 +336,12 @@ def _choice_lines(students: dict | None) -> list[str]:
     """Each block's candidate students, the chosen first (model/choice.py)."""
     if not students or not students.get("blocks"):
         return []
-    timed = (f", each timed alone on {students['runtime']} at batches "
-             f"{students['batches']} (ms, and the geometric mean of its time relative to "
-             f"the fastest; {students['seconds']:.1f} s in all)"
-             if students.get("runtime") else "")
+    measures = next((list(c["latency_ms"]) for row in students["blocks"]
+                     for c in row["candidates"] if "latency_ms" in c), [])
+    timed = (f", each timed alone on {students['runtime']} (milliseconds at "
+             f"{', '.join(f'`{m}`' for m in measures)}, then the geometric mean of its "
+             f"times relative to the fastest candidate's; {students['seconds']:.1f} s in "
+             f"all)" if measures else "")
     lines = ["", "## Student choice", "",
              f"Objective `{students['objective']}`{timed}. The chosen candidate first (* the "
              f"job's own `family` student): it was trained, or, the teacher's block, kept; a "
