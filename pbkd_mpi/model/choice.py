@@ -229,8 +229,8 @@ def _deployed(model):
 def from_record(blocks, record: dict, widen: int) -> StudentChoice:
     """The StudentChoice a record (report.json's `students`) describes: the blocks whose
     first candidate is a student, that student first; its retry the published student
-    when another went first, else the first at `widen` times its multiplier. Refused when
-    every block keeps the teacher's: there is nothing to distil."""
+    when another went first, else the first at `widen` times its multiplier (none at
+    all when every block keeps the teacher's: nothing_to_train)."""
     by_name = {row["name"]: row for row in record["blocks"]}
     chosen, multipliers, retries = [], {}, {}
     for block in blocks:
