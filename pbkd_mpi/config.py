@@ -157,8 +157,9 @@ class StudentConfig:
         "and the low-rank one of the largest rank within it): `latency` (each timed alone "
         "on `target` at each of `latency_batches`, with the teacher's own block when "
         "`keep_teacher`; the first of the teacher's block, the `family` student and the "
-        "low-rank one within `min_speedup` of the fastest), `flops` (the fewest FLOPs) or `params` (the "
-        "`family` student itself, as the published method). Acceptance retries a block "
+        "low-rank one within `min_speedup` of the fastest), `flops` (the fewest FLOPs) or "
+        "`params` (the `family` student itself, as the published method). Acceptance "
+        "retries a block "
         "that costs too much accuracy with the `family` student when another went first, "
         "else with the wider `family` student. Blocks named in `family_overrides` keep "
         "their family.",

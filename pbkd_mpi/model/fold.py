@@ -12,6 +12,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from pbkd_mpi.model.evaluate import predict_batches
 from pbkd_mpi.model.graph import flatten_model, graph_nodes, replay
 
 # Keras' separable and transposed convs are none of these classes: they keep their BNs.
@@ -50,7 +51,7 @@ def fold_batchnorm(model, check_images) -> tuple[keras.Model, dict]:
             new.set_weights(_folded_weights(old, convs[name]) if name in convs
                             else old.get_weights())
     x = np.asarray(check_images, np.float32)
-    diff = float(np.max(np.abs(folded.predict(x, verbose=0) - model.predict(x, verbose=0))))
+    diff = float(np.max(np.abs(predict_batches(folded, x) - predict_batches(model, x))))
     if not diff <= TOLERANCE:
         raise RuntimeError(f"folding {len(pairs)} BatchNormalization layer(s) changed the "
                            f"model's outputs by {diff:.3g} (expected at most {TOLERANCE}); "
@@ -74,7 +75,8 @@ def _foldable(model) -> dict:
         conv = node.input_tensors[0]._keras_history.operation
         axis = norm.axis if isinstance(norm.axis, int) else list(norm.axis)
         rank = len(node.input_tensors[0].shape)
-        if (isinstance(conv, _FOLDABLE) and readers.get(conv.name) == 1 and axis in (-1, rank - 1, [-1], [rank - 1])
+        if (isinstance(conv, _FOLDABLE) and readers.get(conv.name) == 1
+                and axis in (-1, rank - 1, [-1], [rank - 1])
                 and conv.get_config().get("activation", "linear") == "linear"
                 and conv.get_config().get("data_format", "channels_last") == "channels_last"):
             pairs[norm.name] = conv

@@ -113,8 +113,7 @@ def deploy_student(teacher, student, dataset, teacher_file, student_path, run_di
     rows = latency_rows(teacher, student, kinds, dataset.image_shape, dataset.x_val, run_dir,
                         export_config.latency_repeats)
     deployment = {"latency_runtime": latency_runtime(), "latency": rows}
-    for name, model, path in (("teacher", teacher, teacher_file),
-                              ("student", student, student_path)):
+    for name, path in (("teacher", teacher_file), ("student", student_path)):
         deployment[name] = {
             "latency_ms": keras_cpu_ms(rows, name),
             "file_bytes": os.path.getsize(path) if path and os.path.exists(path) else None}

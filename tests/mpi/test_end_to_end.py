@@ -179,8 +179,8 @@ def tiny_run(tmp_path_factory):
 
 def _warm_run_dir(tiny_run, tmp_path, blocks=()):
     """A new run directory holding the tiny run's trained teacher, activation cache and
-    choice of students, and its finished results of `blocks` (reused by a run with the same distill settings): no
-    job file (a test may change distill settings), no report."""
+    choice of students, and its finished results of `blocks` (reused by a run with the
+    same distill settings): no job file (a test may change distill settings), no report."""
     source, _ = tiny_run
     run_dir = tmp_path / "run"
     run_dir.mkdir()
