@@ -10,9 +10,9 @@ measured here on one thread (as the saved block profiles were):
   256) and the student's training step per image (`train_on_batch`, the fine-tuning
   batch), timed on models built without trained weights (time depends on shapes).
 
-From those, at 1 worker (2 ranks), with the job file's settings (jobs/vgg16.toml,
+From those, at 1 worker, with the job file's settings (jobs/vgg16.toml,
 jobs/resnet50.toml) and the default chained pass (`chained_epochs` 4, `parallel`):
-cache = the teacher on every training and validation image, shared by 2 ranks; profile =
+cache = the teacher on every training and validation image, on the worker; profile =
 each block's setup and timed steps; distill = the simulated makespan plus the solo
 scores, which are tasks on the workers (a score: BN re-estimation on 2,000 training
 images and the 5,000 validation images through the teacher); accept = nothing left after
@@ -20,7 +20,8 @@ distillation; chain =
 the student's inputs on rank 0, every block but the first and last trained at once for
 chained_epochs / epochs of its distillation time, then the last block with its own inputs;
 assemble = BN re-estimation on 4,000 images; finetune = epochs x (training steps + a
-validation pass), shared by 2 ranks. schedule/whole_run.py then projects every phase at
+validation pass), on the worker (rank 0 computes only beside a GPU of its own).
+schedule/whole_run.py then projects every phase at
 each worker count. Prints a table per model and, last, one JSON line
 `{model: {workers: {"speedup", "sequential_share", "total_s"}}}`.
 
@@ -98,7 +99,7 @@ def modelled_phases(costs: dict, profile: dict, job, makespan_1: float) -> tuple
                "blocks": [{"seconds": s, "parallel": True} for s in parallel]}
     phases = {
         "blocks": 0.0,
-        "cache": images * teacher / 2,
+        "cache": images * teacher,
         "profile": sum(b["setup_s"] + (WARMUP_STEPS + TIMED_STEPS) * b["seconds_per_step"]
                        for b in blocks.values()),
         "distill": makespan_1 + score * (len(order) + 1),
@@ -106,7 +107,7 @@ def modelled_phases(costs: dict, profile: dict, job, makespan_1: float) -> tuple
         "chain": inputs + sum(parallel) + last,
         "assemble": 4000 * student,
         "finetune": job.finetune.epochs * (SAMPLES["train"] * costs["student_train_s"]
-                                           + SAMPLES["val"] * student) / 2,
+                                           + SAMPLES["val"] * student),
     }
     return phases, chained
 

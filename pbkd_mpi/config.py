@@ -299,10 +299,11 @@ class TasksConfig:
     )
     coordinator_trains: str = _opt(
         "auto",
-        "Whether rank 0 also trains block tasks, in a thread, while it coordinates. `auto`: "
-        "when it has a GPU that no worker rank on its node uses (fewer workers there than "
-        "GPUs, e.g. `mpirun -np 4` on 4 GPUs), so no GPU sits idle during distillation. "
-        "`yes` forces it (also on CPU), `no` never.",
+        "Whether rank 0 also trains block tasks, in a thread, while it coordinates, and "
+        "builds the cache and fine-tunes with the workers. `auto`: when it has a GPU that "
+        "no worker rank on its node uses (fewer workers there than GPUs, e.g. `mpirun -np "
+        "4` on 4 GPUs), so no GPU sits idle; otherwise it would share a worker's GPU or "
+        "cores and slow every synchronous step. `yes` forces it (also on CPU), `no` never.",
         choices=("auto", "yes", "no"),
     )
 
@@ -450,7 +451,7 @@ class CacheConfig:
     )
     shard_samples: int = _opt(
         512,
-        "Samples per cache shard file. Shards are built in parallel by all ranks and kept "
+        "Samples per cache shard file. Shards are built in parallel by the workers and kept "
         "when a build is interrupted; their boundaries do not depend on the rank count.",
         min=1,
     )

@@ -16,7 +16,7 @@ from pbkd_mpi.config import Job
 from pbkd_mpi.data.dataset import load_dataset, portable_index
 from pbkd_mpi.distill.accept import kept_blocks, stage_judge
 from pbkd_mpi.distill.chain import chain_blocks, skipped_pass
-from pbkd_mpi.distill.tasks import BlockTasks
+from pbkd_mpi.distill.tasks import BlockTasks, place_coordinator
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.finetune.stage import FinetuneRequest, finetune_stage
 from pbkd_mpi.keys import model_fingerprint
@@ -64,13 +64,13 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
     coordinator.silence_limit_s = job.tasks.silence_limit_s
     coordinator.broadcast(WorkerContext(job, str(run_dir), teacher_file, dataset.fingerprint(),
                                       portable_index(dataset)))
+    placement = place_coordinator(coordinator, job, device, run_dir, meter, log)
     with timer("cache"):
         cache = prepare_cache(job, teacher, teacher_fp, teacher_file, dataset,
                               cache_boundaries(teacher, blocks), run_dir, coordinator, log)
     log(f"cache: {cache.info}")
     tasks = BlockTasks(job, teacher, choice, cache, len(dataset.y_train), run_dir,
-                       coordinator, log)
-    tasks.place(device, meter)
+                       coordinator, log, placement)
     with timer("profile"):
         tasks.schedule(BlockTasks.samples(dataset, job.cache.dtype))
     with timer("distill"):  # acceptance too: each student is judged as it arrives

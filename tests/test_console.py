@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from pbkd_mpi.output.console import Console, DistillProgress, live_terminal, progress_bar
+from pbkd_mpi.output.console import (Console, DistillProgress, live_terminal, progress_bar,
+                                     progress_callbacks, relay_callback, replay)
 
 
 from .conftest import REPO
@@ -84,3 +85,45 @@ def test_rank_0_sees_the_launchers_terminal_through_the_mpi_pipe(tmp_path):
     on_terminal = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True,
                                  text=True, timeout=60, env=env)
     assert "0 True" in on_terminal.stdout, on_terminal.stdout + on_terminal.stderr
+
+
+def test_a_relayed_training_draws_the_same_lines_and_scalars_as_a_local_one(tmp_path):
+    """Fine-tuning on the workers alone: the first worker's relay_callback events, replayed
+    on rank 0, give rank 0's callbacks what a training of its own would (epoch lines in
+    order, TensorBoard event files)."""
+    import numpy as np
+
+    def train(callbacks):  # the calls finetune.finetune makes, in its order
+        for callback in callbacks:
+            callback.on_train_begin()
+        for epoch in range(2):
+            for callback in callbacks:
+                callback.on_epoch_begin(epoch)
+            for callback in callbacks:
+                callback.on_epoch_end(epoch, {"loss": np.float32(0.5 - epoch / 10),
+                                              "val_accuracy": 0.7 + epoch / 10})
+        for callback in callbacks:
+            callback.on_train_end()
+
+    outputs = {}
+    for mode in ("local", "relayed"):
+        out = io.StringIO()
+        console = Console(verbosity=2, live=False, stream=out)
+        callbacks = progress_callbacks(console, "fine-tuning", 2, tmp_path / mode)
+        if mode == "local":
+            train(callbacks)
+        else:
+            events = []
+            train([relay_callback(events.append)])
+            assert [name for name, _, _ in events] == [
+                "on_train_begin", "on_epoch_begin", "on_epoch_end", "on_epoch_begin",
+                "on_epoch_end", "on_train_end"]
+            for event in events:
+                replay(callbacks, event)
+        outputs[mode] = [line.split("] ", 1)[1] for line in out.getvalue().splitlines()]
+        assert list((tmp_path / mode).glob("events.out.tfevents.*"))
+    assert outputs["relayed"] == outputs["local"]
+    assert outputs["local"] == ["fine-tuning: epoch 1: loss 0.5, val_accuracy 0.7",
+                                "fine-tuning: epoch 2: loss 0.4, val_accuracy 0.8"]
+    with pytest.raises(ValueError, match="on_batch_end"):
+        replay([], ("on_batch_end", 0, {}))

@@ -30,8 +30,11 @@ def test_the_projection_at_the_measured_workers_is_the_measured_run():
 def test_each_phase_scales_by_its_rule_and_amdahl_bounds_the_speedup():
     table = project_run(MEASURED, 2, _makespan, [1, 2, 4, 64])
     four = table[4]["phases_s"]
-    assert four["cache"] == pytest.approx(10.0 * 3 / 5)  # shared by every rank
-    assert four["finetune"] == pytest.approx(140.0 * 3 / 5)
+    assert four["cache"] == pytest.approx(10.0 * 2 / 4)  # shared by the workers
+    assert four["finetune"] == pytest.approx(140.0 * 2 / 4)
+    # Rank 0 computing too (a GPU of its own) makes one more rank at every count.
+    with_root = project_run(MEASURED, 2, _makespan, [4], rank0_computes=True)[4]["phases_s"]
+    assert with_root["finetune"] == pytest.approx(140.0 * 3 / 5)
     assert four["distill"] == pytest.approx(120.0 / 2)  # simulated, calibrated
     assert four["profile"] == pytest.approx(4.0 * 2 / 4)  # each worker times its share
     for name in ("accept", "chain", "assemble", "blocks"):

@@ -1,10 +1,12 @@
-"""The cache stage of a run: size it, then build it on every rank, or choose recompute mode.
+"""The cache stage of a run: size it, then build it on the computing ranks, or choose
+recompute mode.
 
 Rank 0 estimates the cache per boundary, prints it, checks the disk, and (cache mode, no
-complete cache with this fingerprint) runs the collective phase "cache": every rank, rank
-0 included, loads the teacher file and the data, checks both against rank 0's hashes and
-writes its round-robin share of the shards (build.build_shards); rank 0 then stitches
-them. The result is what block tasks need to read their pairs (a reader.DataSource).
+complete cache with this fingerprint) runs the collective phase "cache": every worker, and
+rank 0 when it computes too (Coordinator.compute_ranks), uses the teacher and the data
+(checked against rank 0's hashes) to write its round-robin share of the shards
+(build.build_shards); rank 0 then stitches them. The result is what block tasks need to
+read their pairs (a reader.DataSource).
 """
 
 from __future__ import annotations
@@ -68,8 +70,8 @@ def build_shards_on_worker(context, request: BuildRequest, comm, check) -> dict:
 
 def prepare_cache(job, teacher, teacher_fingerprint: str, teacher_file: str, dataset, names,
                   run_dir, coordinator, log) -> CacheStage:
-    """Rank 0: the cache stage. `coordinator` runs the build phase on every rank (None:
-    rank 0 builds alone). `teacher_file`: what workers load in recompute mode."""
+    """Rank 0: the cache stage. `coordinator` runs the build phase on its computing ranks
+    (None: rank 0 builds alone). `teacher_file`: what workers load in recompute mode."""
     config = job.cache
     options = CacheOptions.from_config(config)
     samples = len(dataset.y_train) * (1 + config.views) + len(dataset.y_val)
@@ -112,11 +114,14 @@ def prepare_cache(job, teacher, teacher_fingerprint: str, teacher_file: str, dat
                            job.run.seed)
     if coordinator is None:
         built = {0: _build_rank_shards(teacher, dataset, request, 0, 1, None, log.detail)}
+    elif (ranks := coordinator.compute_ranks) is not None:  # the workers alone
+        built = coordinator.run_collective(phases.CACHE, request, ranks=ranks)
     else:
         built = coordinator.run_collective(
             phases.CACHE, request,
-            lambda check: _build_rank_shards(teacher, dataset, request, 0, coordinator.comm.Get_size(),
-                                 check, log.detail))
+            lambda check: _build_rank_shards(teacher, dataset, request, 0,
+                                             coordinator.comm.Get_size(), check, log.detail))
+    built = {rank: shards for rank, shards in built.items() if shards is not None}
     stitched = stitch(teacher, dataset, names, path, fingerprint, options)
     total = len(plan_shards(part_counts(dataset, config.views), config.shard_samples))
     info.update(path=str(path), reused=False, bytes=stitched["bytes"],

@@ -49,7 +49,8 @@ def _whole_run(args, profile: dict, workers: list) -> int:
         return rows["work-stealing+split"]["makespan_s"]
 
     table = project_run(report["phases"], int(report["workers"]), makespan_for, workers,
-                        report.get("chained"))
+                        report.get("chained"),
+                        bool(report.get("distill", {}).get("coordinator_trains")))
     if args.json:
         print(json.dumps({"profile": str(args.profile), "phases_from": str(report_path),
                           "whole_run": table}, indent=2))

@@ -24,9 +24,10 @@ from pbkd_mpi.output.logs import LOGGER, open_rank_log
 from pbkd_mpi.schedule.profiling import profile_on_worker
 
 
-# The collective phases a worker takes part in: handler(context, payload, comm, check).
-PHASE_HANDLERS = {phases.CACHE: build_shards_on_worker, phases.PROFILE: profile_on_worker,
-                  phases.FINETUNE: finetune_on_worker}
+# The collective phases a worker takes part in: handler(context, payload, comm, check),
+# where `comm` is the world or the communicator of the ranks rank 0 named for the phase.
+# Fine-tuning (added in _follow) also sends rank 0 its epochs for the display.
+PHASE_HANDLERS = {phases.CACHE: build_shards_on_worker, phases.PROFILE: profile_on_worker}
 
 
 def run_worker(comm, layout) -> int:
@@ -52,7 +53,7 @@ def run_worker(comm, layout) -> int:
         meter = PhaseMeter(rank=comm.Get_rank(), node=socket.gethostname(),
                            gpu=choice.device_id, read_rapl=local_rank == 0)
         meter.memory_watch = memory_budget.watch(context.job, local_size, comm.Get_rank())
-        _follow(worker, context, comm, meter, (socket.gethostname(), choice.device_id))
+        _follow(worker, context, meter, (socket.gethostname(), choice.device_id))
         LOGGER.info("worker finished")
     except AbortRequested as request:
         worker.acknowledge_abort()
@@ -68,7 +69,7 @@ def run_worker(comm, layout) -> int:
     return EXIT_OK
 
 
-def _follow(worker, context, comm, meter, device) -> None:
+def _follow(worker, context, meter, device) -> None:
     """Run the phases and tasks rank 0 asks for until it says FINISH."""
     def metered(name, function):
         def run(*args):
@@ -78,11 +79,14 @@ def _follow(worker, context, comm, meter, device) -> None:
         return run
 
     def bound(handler):
-        return lambda payload: handler(context, payload, comm, worker.abort_check)
+        return lambda payload, phase_comm: handler(context, payload, phase_comm,
+                                                   worker.abort_check)
 
     handlers = {name: metered(name, bound(handler)) for name, handler in PHASE_HANDLERS.items()}
-    handlers[phases.STATS] = lambda _: meter.snapshot()
-    handlers[phases.DEVICES] = lambda _: device
+    handlers[phases.FINETUNE] = metered(phases.FINETUNE, bound(
+        lambda *args: finetune_on_worker(*args, progress=worker.send_progress)))
+    handlers[phases.STATS] = lambda _, __: meter.snapshot()
+    handlers[phases.DEVICES] = lambda _, __: device
     run_task = task_runner(context.run_dir, meter, worker.abort_check)
     worker.start_heartbeat(context.job.tasks.silence_limit_s / 6)
     try:

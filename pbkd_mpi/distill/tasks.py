@@ -49,11 +49,25 @@ class Retrains:
     reused: dict = dataclasses.field(default_factory=dict)  # name -> (result, info)
 
 
+def place_coordinator(coordinator, job, device: tuple, run_dir, meter, log) -> tuple[bool, str]:
+    """Whether rank 0 computes beside coordinating, and why (devices.coordinator_trains):
+    then it trains block tasks in a thread and takes part in the cache build and
+    fine-tuning, which otherwise run on the workers alone (`coordinator.compute_ranks`)."""
+    chosen = coordinator.run_collective(phases.DEVICES, None, lambda check: device)
+    trains, why = coordinator_trains(job.tasks.coordinator_trains, device,
+                                     [chosen[rank] for rank in coordinator.workers])
+    if trains:
+        run_dir = str(run_dir)
+        coordinator.local = LocalWorker(lambda stop_check: task_runner(run_dir, meter, stop_check))
+        log(f"rank 0 computes too (block tasks in a thread, cache, fine-tuning): {why}")
+    return trains, why
+
+
 class BlockTasks:
     """The block tasks of one run, on rank 0 (see the module docstring)."""
 
     def __init__(self, job, teacher, choice, cache, train_samples: int, run_dir,
-                 coordinator, log):
+                 coordinator, log, placement: tuple[bool, str] = (False, "")):
         self.job, self.teacher, self.run_dir = job, teacher, run_dir
         self.coordinator, self.log = coordinator, log
         self.tasks = {block.name: self._task(choice.candidate(block), cache, train_samples)
@@ -66,7 +80,7 @@ class BlockTasks:
         self.pending = {n: t for n, t in self.tasks.items() if n not in self.reused}
         self.wider = Retrains()
         self._wider_tasks: dict = {}  # task id (name + WIDER) -> its BlockTask
-        self.rank0_trains, self.rank0_why = False, ""
+        self.rank0_trains, self.rank0_why = placement  # place_coordinator's
         self.profile = self.plan = self.outcome = None
         self.predicted_s = self.coordinator_cpu = 0.0
 
@@ -78,18 +92,6 @@ class BlockTasks:
                          self.job.run.seed, cost, depth_multiplier=multiplier,
                          initial_weights=initial_weights(block, self.teacher, multiplier),
                          source=cache.source)
-
-    def place(self, device: tuple, meter) -> None:
-        """Let rank 0 train tasks too, in a thread, when the job or its GPU says so."""
-        chosen = self.coordinator.run_collective(phases.DEVICES, None, lambda check: device)
-        self.rank0_trains, self.rank0_why = coordinator_trains(
-            self.job.tasks.coordinator_trains, device,
-            [chosen[rank] for rank in self.coordinator.workers])
-        if self.rank0_trains:
-            run_dir = str(self.run_dir)
-            self.coordinator.local = LocalWorker(
-                lambda stop_check: task_runner(run_dir, meter, stop_check))
-            self.log(f"rank 0 trains block tasks too, in a thread: {self.rank0_why}")
 
     def schedule(self, samples: dict) -> None:
         """Costs measured where the tasks will run (profile.json), then the plan."""

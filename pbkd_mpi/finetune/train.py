@@ -1,5 +1,5 @@
-"""End-to-end fine-tuning of the assembled student, data-parallel on every rank, selected on
-validation only.
+"""End-to-end fine-tuning of the assembled student, data-parallel on the ranks of a
+communicator (finetune/stage.py picks them), selected on validation only.
 
 Every rank holds the student and a disjoint piece of each batch (mpi/data_parallel.py); the
 loss is cross-entropy on labels or Hinton distillation on the teacher's soft targets, whose

@@ -1,9 +1,10 @@
-"""Collective phases: work every rank does together, outside the task hand-out.
+"""Collective phases: work the ranks do together, outside the task hand-out.
 
-Rank 0 starts a phase with `Coordinator.run_collective(NAME, payload, local)`; each worker
-runs its handler for NAME (the table is in commands/worker.py) as
+Rank 0 starts a phase with `Coordinator.run_collective(NAME, payload, local, ranks)`; each
+worker runs its handler for NAME (the table is in commands/worker.py) as
 `handler(context, payload, comm, check)`, where `context` is the `WorkerContext` below,
-`comm` the world communicator (collectives on it go through mpi/collectives.py) and
+`comm` the world communicator, or the communicator of the phase's ranks when rank 0 does
+not take part (`Coordinator.compute_ranks`; collectives go through mpi/collectives.py), and
 `check` a callable to pass to those collectives so a worker leaves a collective when rank
 0 aborts. The value a handler returns travels back to rank 0.
 """
@@ -16,9 +17,9 @@ from pbkd_mpi.config import Job
 from pbkd_mpi.data.dataset import Dataset
 
 DEVICES = "devices"  # which GPU each rank chose (rank 0 looks for one no worker uses)
-CACHE = "cache"  # every rank builds its shards of the activation cache (cache/stage.py)
+CACHE = "cache"  # each computing rank builds its shards of the cache (cache/stage.py)
 PROFILE = "profile"  # workers time their share of the block tasks (schedule/profiling.py)
-FINETUNE = "finetune"  # data-parallel fine-tuning on every rank (finetune/stage.py)
+FINETUNE = "finetune"  # data-parallel fine-tuning, computing ranks (finetune/stage.py)
 STATS = "stats"  # the last phase of a run: each rank's energy and memory figures
 
 

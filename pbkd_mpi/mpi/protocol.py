@@ -45,6 +45,7 @@ class Tag(enum.IntEnum):
     HEARTBEAT = 12  # worker -> rank 0, from a thread, from the job to the end: still alive
     PHASE = 13  # rank 0 -> worker: run a collective phase (name, payload); RESULT answers
     SERVE = 14  # rank 0 -> worker: start pulling tasks (READY ... STOP)
+    PROGRESS = 15  # worker -> rank 0, inside a phase: an event for rank 0's progress display
 
 
 class WorkerLost(PbkdError):
@@ -142,6 +143,14 @@ class Coordinator:
     def task_workers(self) -> tuple:
         """The ranks that take tasks: the workers, and rank 0 when it trains too."""
         return ((0,) if self.local is not None else ()) + tuple(self.workers)
+
+    @property
+    def compute_ranks(self) -> tuple | None:
+        """`run_collective`'s `ranks` for a phase that computes where tasks train: None
+        (every rank) when rank 0 trains too, else the workers. On a node whose cores or
+        GPUs the workers already fill, rank 0 beside them would share a worker's: its part
+        would take twice as long, and every step of a synchronous phase waits for it."""
+        return None if self.local is not None else tuple(self.workers)
 
     def send_task(self, message, ranks) -> None:
         """TASK to each of `ranks` (rank 0: its own training thread), all sent before any
@@ -258,35 +267,51 @@ class Coordinator:
                     f"{limit_s:g}). Finished blocks are saved in the run directory; run the "
                     f"same command again to resume.")
 
-    def run_collective(self, name: str, payload=None, local=None) -> dict:
-        """Run phase `name` on every rank: each worker runs its registered handler (see
-        phases) with `payload`, rank 0 runs `local(check)`. Handlers may use collectives on
-        the world communicator; `check` raises as soon as a worker reports a failure, a
-        worker falls silent or a signal arrives, so rank 0 never waits on a dead rank.
-        Returns {rank: value} with rank 0's value under 0."""
-        self.broadcast((name, payload), Tag.PHASE)
+    def run_collective(self, name: str, payload=None, local=None, ranks=None,
+                       on_progress=None) -> dict:
+        """Run phase `name`: each worker runs its registered handler (see phases) with
+        `payload` and a communicator, rank 0 runs `local(check)`. `ranks`: None, every rank
+        on the world communicator (rank 0 included: its collectives pair with the
+        workers'); or the worker ranks that compute, on a communicator of their own, while
+        rank 0 only waits (`local` must then be None) and the other workers answer None.
+        `check` raises as soon as a worker reports a failure, a worker falls silent or a
+        signal arrives, so rank 0 never waits on a dead rank. `on_progress(rank, event)`
+        takes the PROGRESS messages the phase sends. Returns {rank: value}, rank 0's under
+        0."""
+        if ranks is not None and (0 in ranks or local is not None):
+            raise ValueError(f"phase {name!r}: `ranks` names worker ranks only, and rank 0 "
+                             f"runs no `local` part beside them; got {ranks} and {local}")
+        self.broadcast((name, payload, None if ranks is None else tuple(ranks)), Tag.PHASE)
         values: dict[int, object] = {}
         for rank in self.workers:
             self.heard.setdefault(rank, time.monotonic())
+
+        def take(message) -> None:
+            if (message := self._note(message)) is None:
+                return
+            tag, rank, event = message
+            if tag is Tag.PROGRESS:
+                if on_progress is not None:
+                    on_progress(rank, event)
+            else:
+                self._take_phase_message(name, message, values)
 
         def check():
             preemption.check(f"running the {name} phase")
             # Drain first: heartbeats queue up while rank 0 computes between phases.
             while (message := receive(self.comm, deadline=0.0)) is not None:
-                self._take_phase_message(name, message, values)
+                take(message)
             self._check_alive(self.heard, {}, set(values), self.silence_limit_s, name)
 
         values[0] = local(check) if local is not None else None
         while len(values) < self.comm.Get_size():
             message = receive(self.comm, deadline=time.monotonic() + SIGNAL_CHECK_S)
+            if message is not None:  # before check() drains the ones sent after it
+                take(message)
             check()
-            if message is not None:
-                self._take_phase_message(name, message, values)
         return values
 
     def _take_phase_message(self, name, message, values) -> None:
-        if (message := self._note(message)) is None:
-            return
         tag, rank, payload = message
         if tag is Tag.ERROR:
             raise RemoteError(rank, *payload)
@@ -481,11 +506,11 @@ class LocalWorker:
 _FAILED = object()  # Worker._attempt: the work failed and rank 0 was told
 
 
-def _run_phase(handlers: dict, name: str, argument):
+def _run_phase(handlers: dict, name: str, argument, comm):
     if name not in handlers:
         raise RuntimeError(f"rank 0 asked for phase {name!r}; this worker knows "
                            f"{sorted(handlers)}")
-    return handlers[name](argument)
+    return handlers[name](argument, comm)
 
 
 class Worker:
@@ -512,8 +537,10 @@ class Worker:
 
     def run(self, handlers: dict, serve) -> None:
         """Follow rank 0 until FINISH: run each collective phase it names with
-        `handlers[name](payload)`, and `serve()` (pull tasks) when it says SERVE.
-        A phase that raises is reported; rank 0 then ends the job with ABORT."""
+        `handlers[name](payload, comm)`, and `serve()` (pull tasks) when it says SERVE.
+        `comm` is the world communicator, or the communicator of the phase's ranks when
+        rank 0 named some (a worker outside them answers None at once). A phase that
+        raises is reported; rank 0 then ends the job with ABORT."""
         while True:
             tag, payload = self._from_root()
             if tag is Tag.FINISH:
@@ -521,14 +548,30 @@ class Worker:
             if tag is Tag.SERVE:
                 serve()
             elif tag is Tag.PHASE:
-                name, argument = payload
-                value = self._attempt(f"running phase {name}", _run_phase, handlers, name,
-                                      argument)
+                name, argument, ranks = payload
+                value = self._attempt(f"running phase {name}", self._phase, handlers, name,
+                                      argument, ranks)
                 if value is not _FAILED:
                     send(self.comm, (name, value), 0, Tag.RESULT)
             else:
                 raise RuntimeError(f"expected a phase, tasks or the end from rank 0, "
                                    f"received {tag.name}")
+
+    def _phase(self, handlers: dict, name: str, argument, ranks):
+        if ranks is None:
+            return _run_phase(handlers, name, argument, self.comm)
+        if self.comm.Get_rank() not in ranks:
+            return None
+        sub = self._join(ranks)
+        try:
+            return _run_phase(handlers, name, argument, sub)
+        finally:
+            sub.Free()
+
+    def send_progress(self, event) -> None:
+        """A PROGRESS event for rank 0's display (Coordinator.run_collective's
+        `on_progress`)."""
+        send(self.comm, event, 0, Tag.PROGRESS)
 
     def start_heartbeat(self, interval_s: float) -> None:
         """Tell rank 0 every `interval_s` that this rank is alive, from a thread, so that
@@ -588,9 +631,9 @@ class Worker:
             sub.Free()
 
     def _join(self, ranks):
-        """The communicator of a split task's ranks. MPI_Comm_create_group has no
-        non-blocking form, but it only waits for these ranks, which rank 0 sent the task
-        to at the same moment, so the wait is about one message's time."""
+        """The communicator of a split task's or a phase's ranks. MPI_Comm_create_group
+        has no non-blocking form, but it only waits for these ranks, which rank 0 sent the
+        task to at the same moment, so the wait is about one message's time."""
         group = self.comm.Get_group().Incl(list(ranks))
         try:
             return self.comm.Create_group(group, tag=int(Tag.TASK))

@@ -151,3 +151,43 @@ def progress_callbacks(console: Console, what: str, epochs: int, tb_dir) -> list
     epoch, TensorBoard scalars under `tb_dir`."""
     return [epoch_status(console, what, epochs), epoch_logger(what, console.detail),
             tensorboard_logger(tb_dir)]
+
+
+# The callback hooks a training relays to rank 0 (keras.callbacks.Callback's names).
+RELAYED_HOOKS = ("on_train_begin", "on_epoch_begin", "on_epoch_end", "on_train_end")
+
+
+def relay_callback(send):
+    """A Keras callback for a training on a worker: each of RELAYED_HOOKS goes to rank 0 as
+    the event (hook, epoch or None, logs) through `send`, for `replay` into rank 0's
+    progress_callbacks."""
+    import keras
+
+    def event(name, epoch, logs):
+        send((name, epoch, {key: float(value) for key, value in (logs or {}).items()}))
+
+    class Relay(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            event("on_train_begin", None, logs)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            event("on_epoch_begin", epoch, logs)
+
+        def on_epoch_end(self, epoch, logs=None):
+            event("on_epoch_end", epoch, logs)
+
+        def on_train_end(self, logs=None):
+            event("on_train_end", None, logs)
+
+    return Relay()
+
+
+def replay(callbacks, event) -> None:
+    """Run a relayed event (relay_callback) on rank 0's `callbacks`."""
+    name, epoch, logs = event
+    if name not in RELAYED_HOOKS:
+        raise ValueError(f"a relayed training event names {name!r}; expected one of "
+                         f"{RELAYED_HOOKS}")
+    args = () if epoch is None else (epoch,)
+    for callback in callbacks:
+        getattr(callback, name)(*args, logs=logs)

@@ -2,8 +2,9 @@
 
 Each phase after the teacher scales by its own rule, from the seconds the run measured:
 
-- `cache`: the teacher's forward pass and the shard writes are shared by every rank:
-  seconds x measured ranks / ranks;
+- `cache`: the teacher's forward pass and the shard writes are shared by the computing
+  ranks (the workers, and rank 0 when it trains block tasks too): seconds x measured
+  computing ranks / computing ranks;
 - `distill`: the work-stealing (+split) makespan simulated from the run's profile at w
   workers (schedule/projection.py), calibrated by the measured makespan over the one
   simulated at the measured worker count; acceptance's scores and wider retrains are
@@ -12,7 +13,7 @@ Each phase after the teacher scales by its own rule, from the seconds the run me
   once) as the longest-first makespan of those blocks' measured seconds at w workers,
   calibrated the same way; the rest (computing the inputs on rank 0, the last block after
   the others) unchanged;
-- `finetune`: data-parallel over every rank: seconds x measured ranks / ranks (ideal: the
+- `finetune`: data-parallel over the computing ranks, the same rule (ideal: the
   gradients' allreduce is not modelled, so this is optimistic at many ranks);
 - `profile`: each worker times its share of the blocks at the same time: seconds x
   measured workers / workers;
@@ -62,14 +63,16 @@ def longest_first_makespan(seconds: list, workers: int) -> float:
 
 
 def project_run(phases: dict, measured_workers: int, makespan_for: Callable[[int], float],
-                workers_list, chained: dict | None = None) -> dict:
+                workers_list, chained: dict | None = None, rank0_computes: bool = False
+                ) -> dict:
     """{workers: {"phases_s", "total_s", "speedup", "sequential_share"}}; `phases` are the
     run's measured seconds, `makespan_for(w)` the simulated distillation makespan at w
-    workers, `chained` the run's report.json `chained`. Speedups are against the
-    projection at 1 worker."""
+    workers, `chained` the run's report.json `chained`, `rank0_computes` its
+    `distill.coordinator_trains`. Speedups are against the projection at 1 worker."""
     simulated = makespan_for(measured_workers)
     calibration = phases.get("distill", 0.0) / simulated if simulated > 0 else 1.0
-    measured_ranks = measured_workers + 1
+    extra = 1 if rank0_computes else 0
+    measured_ranks = measured_workers + extra
     parallel_s, chained_seconds = _parallel_chain(chained)
     chain_measured = longest_first_makespan(chained_seconds, measured_workers)
     chain_calibration = parallel_s / chain_measured if chain_measured > 0 else 0.0
@@ -80,7 +83,7 @@ def project_run(phases: dict, measured_workers: int, makespan_for: Callable[[int
         for name, rule in PHASE_SCALING.items():
             seconds = phases.get(name, 0.0)
             if rule == "ranks":
-                seconds *= measured_ranks / (workers + 1)
+                seconds *= measured_ranks / (workers + extra)
             elif rule == "workers":
                 seconds *= measured_workers / workers
             elif rule == "schedule":
@@ -111,8 +114,8 @@ def render_projection(table: dict, title: str = "") -> str:
         lines.append(f"{workers:>7}  {cells}  {row['total_s']:>9.1f}  "
                      f"{row['speedup']:>6.2f}x  {row['sequential_share']:>9.1%}")
     lines.append("Seconds per phase after the teacher, projected from the run's measured "
-                 "phases (schedule/whole_run.py: cache and fine-tuning shared by every "
-                 "rank, distillation simulated, the chained pass's parallel part by its "
+                 "phases (schedule/whole_run.py: cache and fine-tuning shared by the "
+                 "computing ranks, distillation simulated, the chained pass's parallel part by its "
                  "blocks' times, the rest sequential); speedup against 1 worker; "
                  "sequential: the share of the unchanged phases and parts.")
     return "\n".join(lines)

@@ -6,7 +6,9 @@ Task i sleeps a random few milliseconds; every 10th task always raises (so it mu
 failed after max_attempts tries), every 10th+1 raises on odd ranks only (so a retry on an
 even rank must rescue it). Rank 0 prints one JSON line with the outcome; every worker prints
 one JSON line with the tasks it executed, so the test can count executions. After the
-tasks, a collective phase sums the ranks with an allreduce on every rank, rank 0 included.
+tasks, a collective phase sums the ranks with an allreduce on every rank, rank 0 included;
+then a phase on the workers but the first alone sums their ranks on their own communicator,
+each sending rank 0 a progress event first.
 """
 
 import json
@@ -58,6 +60,10 @@ def main():
         outcome = coordinator.run_tasks(tasks, cost, max_attempts=MAX_ATTEMPTS, plan=plan)
         cpu, wall = sum(process.cpu_times()[:2]) - cpu, time.perf_counter() - wall
         sums = coordinator.run_collective("rank_sum", None, lambda check: rank_sum(comm, check))
+        events = []
+        subset = coordinator.run_collective(
+            "told_sum", None, ranks=tuple(coordinator.workers)[1:],
+            on_progress=lambda rank, event: events.append([rank, event]))
         coordinator.finish()
         print(json.dumps({
             "role": "coordinator",
@@ -67,6 +73,8 @@ def main():
             "results_ok": all(r["index"] == tasks[n][0] for n, r in outcome.results.items()),
             "cpu_fraction": cpu / wall,
             "phase_values": [sums[rank] for rank in sorted(sums)],
+            "subset_values": [subset[rank] for rank in sorted(subset)],
+            "events": sorted(events),
         }), flush=True)
     else:
         worker = Worker(comm)
@@ -77,7 +85,12 @@ def main():
             executed.append(task[0])
             return handle(task, comm.Get_rank())
 
-        worker.run({"rank_sum": lambda _: rank_sum(comm, worker.abort_check)},
+        def told_sum(phase_comm):
+            worker.send_progress(["summing", phase_comm.Get_rank()])
+            return rank_sum(phase_comm, worker.abort_check)
+
+        worker.run({"rank_sum": lambda _, phase_comm: rank_sum(phase_comm, worker.abort_check),
+                    "told_sum": lambda _, phase_comm: told_sum(phase_comm)},
                    lambda: worker.serve(run))
         print(json.dumps({"role": "worker", "rank": comm.Get_rank(), "executed": executed}),
               flush=True)

@@ -61,6 +61,11 @@ def test_every_task_ends_exactly_once(ranks, count, policy):
     assert summary["cpu_fraction"] < 0.5
     # The collective phase after the tasks: every rank, rank 0 included, summed the ranks.
     assert summary["phase_values"] == [sum(range(ranks))] * ranks
+    # A phase on workers 2.. alone: their own communicator (ranks 0.. within it), rank 0
+    # and worker 1 answer None, and each computing worker's progress event reached rank 0.
+    computing = ranks - 2
+    assert summary["subset_values"] == [None, None] + [sum(range(computing))] * computing
+    assert summary["events"] == [[rank, ["summing", rank - 2]] for rank in range(2, ranks)]
 
 
 FINALIZE_SCRIPT = """
