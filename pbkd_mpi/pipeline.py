@@ -23,6 +23,7 @@ from pbkd_mpi.keys import model_fingerprint
 from pbkd_mpi.model.assemble import stitch_student
 from pbkd_mpi.model.evaluate import test_accuracies
 from pbkd_mpi.model.choice import choose_students, nothing_to_train
+from pbkd_mpi.model.choice_timing import timing_on_workers
 from pbkd_mpi.model.graph import flatten_model
 from pbkd_mpi.model.selection import job_blocks, job_warnings
 from pbkd_mpi.model.teacher import load_teacher
@@ -58,13 +59,14 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
     log(f"teacher: {teacher_info}")
     teacher_file = str(teacher_info.get("file") or job.teacher.source)
     with timer("blocks"):
-        teacher, teacher_fp, choice = _blocks_and_students(teacher, job, run_dir, log)
+        teacher, teacher_fp, blocks = _cut_teacher(teacher, job, log)
+        coordinator.silence_limit_s = job.tasks.silence_limit_s
+        coordinator.broadcast(WorkerContext(job, str(run_dir), teacher_file,
+                                            dataset.fingerprint(), portable_index(dataset)))
+        placement = place_coordinator(coordinator, job, device, run_dir, meter, log)
+        choice = _students(teacher, blocks, job, teacher_fp, run_dir, coordinator, log)
     blocks = list(choice.blocks)
     memory = _check_memory(job, dataset, teacher, blocks, ranks_on_node, log)
-    coordinator.silence_limit_s = job.tasks.silence_limit_s
-    coordinator.broadcast(WorkerContext(job, str(run_dir), teacher_file, dataset.fingerprint(),
-                                      portable_index(dataset)))
-    placement = place_coordinator(coordinator, job, device, run_dir, meter, log)
     with timer("cache"):
         cache = prepare_cache(job, teacher, teacher_fp, teacher_file, dataset,
                               cache_boundaries(teacher, blocks), run_dir, coordinator, log)
@@ -114,18 +116,25 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
     return report
 
 
-def _blocks_and_students(teacher, job, run_dir, log):
-    """(the teacher flattened, its fingerprint, model/choice.StudentChoice of its blocks).
-    Nested models (a backbone used as a layer) are dissolved first, so every block
-    boundary is a layer of the teacher whose output the cache can read."""
+def _cut_teacher(teacher, job, log):
+    """(the teacher flattened, its fingerprint, its blocks). Nested models (a backbone
+    used as a layer) are dissolved first, so every block boundary is a layer of the
+    teacher whose output the cache can read."""
     teacher = flatten_model(teacher)
-    fingerprint = model_fingerprint(teacher)
     blocks = job_blocks(teacher, job)
     _log_blocks(blocks, job, log)
-    choice = choose_students(teacher, blocks, job, fingerprint, run_dir, log)
+    return teacher, model_fingerprint(teacher), blocks
+
+
+def _students(teacher, blocks, job, teacher_fp, run_dir, coordinator, log):
+    """model/choice.StudentChoice of `blocks`, the candidates timed on the workers (here
+    when there are none: a one-rank world in tests)."""
+    choice = choose_students(teacher, blocks, job, teacher_fp, run_dir, log,
+                             timing_on_workers(coordinator, teacher_fp)
+                             if coordinator.workers else None)
     if (why := nothing_to_train(choice)) is not None:
         raise UserError(why)
-    return teacher, fingerprint, choice
+    return choice
 
 
 def _log_blocks(blocks, job, log) -> None:

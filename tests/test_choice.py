@@ -100,6 +100,31 @@ def test_latency_takes_the_most_accurate_candidate_near_the_fastest(tiny_teacher
     assert describe_record(record)[0].startswith("students: objective latency")
 
 
+def test_timings_from_elsewhere_choose_by_the_same_rule(tiny_teacher, blocks):
+    """A run times the candidates on the workers (model/choice_timing.py) and passes their
+    figures in: each block's candidates are asked for once, in order, and the rule picks
+    from those figures alone."""
+    job = load_job(None, ["student.target=tflite", "student.latency_batches=[1, 8]"])
+    asked = []
+
+    def time_blocks(pairs, student):
+        asked.extend((block.name, [c.block.family for c in found]) for block, found in pairs)
+        # teacher, separable, low-rank: the separable 1.3x faster than the teacher at both
+        # batches, so the teacher is not within 1.25; the low-rank 1.2x faster still.
+        return ({block.name: {"tflite/1": [1.3, 1.0, 1.0 / 1.2],
+                              "tflite/8": [13.0, 10.0, 10.0 / 1.2]}
+                 for block, _ in pairs}, "2 worker rank(s) at once, 1 thread(s) each")
+
+    choice = choose_students(tiny_teacher, blocks, job, "fp", None, lambda m: None,
+                             time_blocks)
+    assert asked == [(b.name, [TEACHER, "separable", "low_rank"]) for b in blocks]
+    assert choice.record["timed_on"] == "2 worker rank(s) at once, 1 thread(s) each"
+    for row in choice.record["blocks"]:
+        _check_rule(row, (TEACHER, "separable", "low_rank"), ["tflite/1", "tflite/8"])
+        assert row["candidates"][0]["family"] == "separable"  # 1.2x the low-rank: within
+    assert [b.family for b in choice.blocks] == ["separable"] * len(blocks)
+
+
 def test_the_teachers_block_is_timed_beside_its_students(tiny_teacher, blocks):
     """The default target (`cpu`: TFLite and Keras) and keep_teacher: the teacher's block
     is the first candidate in order of accuracy; a block the user pinned has its student

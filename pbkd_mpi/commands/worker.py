@@ -16,6 +16,7 @@ from pbkd_mpi.data.dataset import receive_index
 from pbkd_mpi.distill.task_runner import task_runner
 from pbkd_mpi.errors import EXIT_FAILURE, EXIT_OK
 from pbkd_mpi.finetune.stage import finetune_on_worker
+from pbkd_mpi.model.choice_timing import time_on_worker
 from pbkd_mpi.mpi import faults, phases, supervisor
 from pbkd_mpi.mpi.devices import configure_tensorflow_choice, node_cores, worker_threads
 from pbkd_mpi.mpi.protocol import AbortRequested, Worker
@@ -27,7 +28,8 @@ from pbkd_mpi.schedule.profiling import profile_on_worker
 # The collective phases a worker takes part in: handler(context, payload, comm, check),
 # where `comm` is the world or the communicator of the ranks rank 0 named for the phase.
 # Fine-tuning (added in _follow) also sends rank 0 its epochs for the display.
-PHASE_HANDLERS = {phases.CACHE: build_shards_on_worker, phases.PROFILE: profile_on_worker}
+PHASE_HANDLERS = {phases.TIMING: time_on_worker, phases.CACHE: build_shards_on_worker,
+                  phases.PROFILE: profile_on_worker}
 
 
 def run_worker(comm, layout) -> int:

@@ -7,9 +7,9 @@ student of the largest rank within the budget; under `latency`, the teacher's ow
 too, which needs no training and loses no accuracy. (Smaller students are not
 candidates: the separable student at depth multiplier 1 runs 2x faster but, measured on
 the demo, cost 4 of 6 blocks more than 3 points of accuracy alone and the deep job 5
-points after fine-tuning.) `latency` times each alone, its BNs folded as in the saved
-student, on the runtimes of the job's target at each of its batches (block_timing.py),
-gives each the geometric mean of its time relative to the fastest, and takes the most
+points after fine-tuning.) `latency` times each alone (in a run on the workers,
+model/choice_timing.py), its BNs folded as in the saved student, on the runtimes of the
+job's target at each of its batches (block_timing.py), gives each the geometric mean of its time relative to the fastest, and takes the most
 accurate candidate (the teacher's block, then the published student, then the low-rank
 one) within `student.min_speedup` of the fastest: at equal parameters the low-rank
 students of the deep job ran 3-15% faster and learned their blocks to 2-2.7x the relative
@@ -134,10 +134,13 @@ def _low_rank_within(block: Block, budget: int) -> Candidate | None:
 
 
 def choose_students(teacher, blocks, job, teacher_fingerprint: str, run_dir,
-                    log) -> StudentChoice:
+                    log, time_blocks=None) -> StudentChoice:
     """The job's choice for `blocks` (model/selection.job_blocks) of `teacher` (flattened),
     made once per run directory: a RUN/students.json of the same blocks, settings and
-    teacher is reused."""
+    teacher is reused. `time_blocks(pairs, student)`, for the latency objective: the
+    timings of each (block, its candidates) of `pairs` as `time_candidates` gives them,
+    by block name, and a description of where they ran; by default timed here, one block
+    after another (the run times them on the workers: model/choice_timing.py)."""
     student = job.student
     key = json_key({"teacher": teacher_fingerprint, "blocks": [b.to_dict() for b in blocks],
                     "student": {k: getattr(student, k) for k in (
@@ -152,13 +155,19 @@ def choose_students(teacher, blocks, job, teacher_fingerprint: str, run_dir,
         return from_record(blocks, saved, job.accept.widen)
     started = time.perf_counter()
     latency = student.objective == "latency"
-    if latency:
-        check_target(student.target)
     pinned = _pinned(blocks, student)
-    rows = [_ranked(block, job, block.name in pinned, teacher) for block in blocks]
+    found = {block.name: candidates(block, student.depth_multiplier,
+                                    block.name in pinned or student.objective == "params",
+                                    keep=latency and student.keep_teacher) for block in blocks}
+    pairs = [(block, found[block.name]) for block in blocks
+             if latency and len(found[block.name]) > 1]
+    timings, timed_on = (time_blocks or _time_here(teacher))(pairs, student) if pairs \
+        else ({}, None)
+    rows = [_ranked(block, found[block.name], timings.get(block.name), job) for block in blocks]
     record = {"objective": student.objective, "key": key,
               "target": student.target if latency else None,
               "runtime": runtime_label(student.target) if latency else None,
+              "timed_on": timed_on,
               "batches": list(student.latency_batches) if latency else None,
               "min_speedup": student.min_speedup if latency else None,
               "seconds": time.perf_counter() - started,
@@ -168,7 +177,8 @@ def choose_students(teacher, blocks, job, teacher_fingerprint: str, run_dir,
         atomic.write_text(path, json.dumps(record, indent=1))
     log(f"students ({student.objective}"
         + (f", {record['runtime']}, batches {record['batches']}, timed in "
-           f"{record['seconds']:.1f} s" if latency else "") + "): "
+           f"{record['seconds']:.1f} s on {record['timed_on']}" if record["timed_on"] else "")
+        + "): "
         + ", ".join(f"{row['name']} {describe_row(row['candidates'][0])}" for row in rows))
     return choice
 
@@ -179,25 +189,39 @@ def _pinned(blocks, student) -> set:
             if family_for(b.name, "", student.family_overrides) != ""}
 
 
-def _ranked(block: Block, job, pinned: bool, teacher) -> dict:
-    """The report's row of `block`: its candidates, the objective's choice first, timed
-    when the objective is latency."""
+def time_candidates(teacher, block: Block, found: list, student) -> dict:
+    """{"runtime/batch": [ms of each candidate of `found`]}: each alone, its BNs folded, on
+    the runtimes of `student.target` at each of its batches (cut by timed_batches)."""
+    check_target(student.target)  # where they run: a worker with no GPU refuses "gpu"
+    models = [_deployed(candidate.model(teacher)) for candidate in found]
+    return {f"{runtime}/{batch}": time_models(models, block.input_shape, runtime, batch)
+            for runtime in runtimes(student.target)
+            for batch in timed_batches(block, student.latency_batches)}
+
+
+def _time_here(teacher):
+    """choose_students' default `time_blocks`: this process, one block after another."""
+    import tensorflow as tf
+
+    def time_blocks(pairs, student):
+        threads = tf.config.threading.get_intra_op_parallelism_threads()
+        return ({block.name: time_candidates(teacher, block, found, student)
+                 for block, found in pairs}, f"this process ({threads or 'all'} threads)")
+    return time_blocks
+
+
+def _ranked(block: Block, found: list, timings: dict | None, job) -> dict:
+    """The report's row of `block`: its candidates, the objective's choice first; with
+    `timings` (time_candidates'), each candidate's times and relative time."""
     student = job.student
-    latency = student.objective == "latency"
-    found = candidates(block, student.depth_multiplier, pinned or student.objective == "params",
-                       keep=latency and student.keep_teacher)
     rows = [candidate.to_dict() | {"published": candidate == Candidate(
                 block, student.depth_multiplier)} for candidate in found]
-    if latency and len(found) > 1:
-        models = [_deployed(candidate.model(teacher)) for candidate in found]
-        measures = [(runtime, batch) for runtime in runtimes(student.target)
-                    for batch in timed_batches(block, student.latency_batches)]
+    if timings:
         relative = [1.0] * len(found)
-        for runtime, batch in measures:
-            times = time_models(models, block.input_shape, runtime, batch)
+        for measure, times in timings.items():
             for index, (row, ms) in enumerate(zip(rows, times)):
-                row.setdefault("latency_ms", {})[f"{runtime}/{batch}"] = ms
-                relative[index] *= (ms / min(times)) ** (1 / len(measures))
+                row.setdefault("latency_ms", {})[measure] = ms
+                relative[index] *= (ms / min(times)) ** (1 / len(timings))
         for row, value in zip(rows, relative):
             row["relative_time"] = value
         # The most accurate (the first) within min_speedup of the fastest: timing noise

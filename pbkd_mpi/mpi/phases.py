@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pbkd_mpi.config import Job
 from pbkd_mpi.data.dataset import Dataset
 
+TIMING = "timing"  # workers time their share of the candidate students (model/choice_timing)
 DEVICES = "devices"  # which GPU each rank chose (rank 0 looks for one no worker uses)
 CACHE = "cache"  # each computing rank builds its shards of the cache (cache/stage.py)
 PROFILE = "profile"  # workers time their share of the block tasks (schedule/profiling.py)

@@ -372,7 +372,9 @@ def describe_record(record: dict) -> list[str]:
     """The choice in lines of text, for `plan`: each block's candidates, the chosen first."""
     lines = [f"students: objective {record['objective']}"
              + (f", timed on {record['runtime']} at batches {record['batches']}"
-                if record.get("runtime") else "") + " (* the `family` student)"]
+                if record.get("runtime") else "")
+             + (f" by {record['timed_on']}" if record.get("timed_on") else "")
+             + " (* the `family` student)"]
     for row in record["blocks"]:
         parts = [candidate_text(c) for c in row["candidates"]]
         lines.append(f"  {row['name']}: " + (" > ".join(parts) if len(parts) > 1 else

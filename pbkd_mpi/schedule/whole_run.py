@@ -15,9 +15,10 @@ Each phase after the teacher scales by its own rule, from the seconds the run me
   the others) unchanged;
 - `finetune`: data-parallel over the computing ranks, the same rule (ideal: the
   gradients' allreduce is not modelled, so this is optimistic at many ranks);
-- `profile`: each worker times its share of the blocks at the same time: seconds x
-  measured workers / workers;
-- `blocks`, `accept` (what is left of it after distillation) and `assemble`: sequential,
+- `profile` and `blocks` (choosing the students: the workers time the candidates of their
+  share of the blocks, model/choice_timing.py): each worker its share at the same time:
+  seconds x measured workers / workers;
+- `accept` (what is left of it after distillation) and `assemble`: sequential,
   unchanged.
 
 
@@ -31,7 +32,7 @@ from __future__ import annotations
 from typing import Callable
 
 # Phase -> how its seconds scale with workers; the phases a run spends after its teacher.
-PHASE_SCALING = {"blocks": "fixed", "cache": "ranks", "profile": "workers",
+PHASE_SCALING = {"blocks": "workers", "cache": "ranks", "profile": "workers",
                  "distill": "schedule", "accept": "fixed", "chain": "chained",
                  "assemble": "fixed", "finetune": "ranks"}
 

@@ -102,6 +102,7 @@ def _check_report(run_dir, ranks, all_workers_busy=True):
     assert students["objective"] == "latency" and students["target"] == "cpu"
     assert "TFLite" in students["runtime"] and "Keras" in students["runtime"]
     assert students["batches"] == [1]
+    assert "worker rank(s) at once" in students["timed_on"]  # not on rank 0
     for block, row in zip(blocks, students["blocks"]):
         first = row["candidates"][0]
         relative = {c["published"]: c["relative_time"] for c in row["candidates"]}

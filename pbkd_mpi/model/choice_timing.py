@@ -1,0 +1,62 @@
+"""The candidate students timed on the workers: the collective phase "timing".
+
+Under the latency objective every block's candidates are timed (model/choice.py), one
+block independent of the next. Rank 0 deals the blocks to the workers longest first by the
+teacher block's FLOPs (as profiling deals its tasks) and each worker times its share on its
+own cores at the same time: measured on the demo with 2 workers on 2 cores, X s on rank 0
+alone against Y s on the workers. The candidates of one block are still timed together,
+interleaved, in one process (model/block_timing.py), which is what the choice compares.
+Each worker's Keras figures use its own intra-op threads (the node's cores divided among
+its workers); the record names them (`timed_on`).
+"""
+
+from __future__ import annotations
+
+from pbkd_mpi.cache.reader import load_teacher_and_data
+from pbkd_mpi.model.choice import time_candidates
+from pbkd_mpi.mpi import phases
+from pbkd_mpi.output.logs import LOGGER
+from pbkd_mpi.schedule.planner import make_plan
+from pbkd_mpi.schedule.scheduler import TaskEstimate
+
+
+def timing_on_workers(coordinator, teacher_fingerprint: str):
+    """A `time_blocks` for model/choice.choose_students that runs the phase."""
+    def time_blocks(pairs, student):
+        workers = tuple(coordinator.workers)
+        deal = make_plan([TaskEstimate(block.name, (float(block.teacher_flops),))
+                          for block, _ in pairs], workers, "static-lpt")
+        by_name = {block.name: (block, found) for block, found in pairs}
+        values = coordinator.run_collective(phases.TIMING, {
+            "teacher_fingerprint": teacher_fingerprint, "student": student,
+            "blocks": {rank: [by_name[name] for name in deal.queues[rank]]
+                       for rank in workers}})
+        timings, threads = {}, set()
+        for rank in workers:
+            timings |= values[rank]["timings"]
+            if values[rank]["timings"]:
+                threads.add(values[rank]["threads"])
+        where = (f"{len(workers)} worker rank(s) at once, "
+                 f"{'/'.join(str(t) for t in sorted(threads))} thread(s) each")
+        return timings, where
+    return time_blocks
+
+
+def time_on_worker(context, payload, comm, check) -> dict:
+    """A worker's side: time the candidates of its share of the blocks."""
+    import tensorflow as tf
+
+    share = payload["blocks"].get(comm.Get_rank(), [])
+    timings = {}
+    if share:
+        teacher, _ = load_teacher_and_data(
+            context.teacher_file, payload["teacher_fingerprint"], context.job.data,
+            context.data_fingerprint, context.job.run.seed)
+        for block, found in share:
+            check()
+            timings[block.name] = time_candidates(teacher, block, found, payload["student"])
+            LOGGER.info("timing %s: %d candidates, %s", block.name, len(found),
+                        {measure: [round(ms, 4) for ms in times]
+                         for measure, times in timings[block.name].items()})
+    return {"timings": timings,
+            "threads": tf.config.threading.get_intra_op_parallelism_threads()}
