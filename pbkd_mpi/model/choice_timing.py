@@ -3,8 +3,10 @@
 Under the latency objective every block's candidates are timed (model/choice.py), one
 block independent of the next. Rank 0 deals the blocks to the workers longest first by the
 teacher block's FLOPs (as profiling deals its tasks) and each worker times its share on its
-own cores at the same time: measured on the demo with 2 workers on 2 cores, X s on rank 0
-alone against Y s on the workers. The candidates of one block are still timed together,
+own cores at the same time. Measured on the demo (benchmarks/whole_run.py, 2 cores): the
+`blocks` phase took 16.5 s with rank 0 timing, 11.5 s with 2 workers timing; with 1 worker
+20.2 s, since that worker also loads the teacher and the data there, 3.4 s that its cache
+build then does not spend. The candidates of one block are still timed together,
 interleaved, in one process (model/block_timing.py), which is what the choice compares.
 Each worker's Keras figures use its own intra-op threads (the node's cores divided among
 its workers); the record names them (`timed_on`).
