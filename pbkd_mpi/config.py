@@ -169,7 +169,8 @@ class StudentConfig:
         "cpu",
         "Where `objective = \"latency\"` times the candidates (on the workers, their BNs "
         "folded, as in the saved student): `tflite` (TFLite float32, XNNPACK, 1 thread), "
-        "`keras-cpu` (Keras on the CPU, the worker's TensorFlow threads), `cpu` (both: a candidate's relative time is "
+        "`keras-cpu` (Keras on the CPU, the worker's TensorFlow threads), `cpu` (both: a "
+        "candidate's relative time is "
         "the geometric mean over the two runtimes and the batches; the deep job's second "
         "conv ran 1.3x faster as a student in TFLite and 1.07x slower in Keras at batch "
         "32, so it keeps the teacher's block) or `gpu` (Keras on the worker's GPU; refused "

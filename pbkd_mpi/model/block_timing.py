@@ -53,7 +53,8 @@ def check_target(target: str) -> None:
     if target == "gpu" and not tf.config.list_physical_devices("GPU"):
         raise UserError(
             "student.target = \"gpu\" times the candidate students on the GPU of the rank "
-            "that times them (a worker, in a run), but TensorFlow sees none there (tf.config.list_physical_devices('GPU') is empty); "
+            "that times them (a worker, in a run), but TensorFlow sees none there "
+            "(tf.config.list_physical_devices('GPU') is empty); "
             "set student.target = \"cpu\", \"tflite\" or \"keras-cpu\", or "
             "student.objective = \"flops\".")
 

@@ -1,25 +1,25 @@
 """Which student each block gets: `student.objective` over the block's candidates.
 
-The job's family and depth multiplier give each block its published student (the
-`params` objective's choice) and with it the block's parameter budget. The candidates are
-students of about that size in other forms: the published one and the dense low-rank
-student of the largest rank within the budget; under `latency`, the teacher's own block
-too, which needs no training and loses no accuracy. (Smaller students are not
-candidates: the separable student at depth multiplier 1 runs 2x faster but, measured on
-the demo, cost 4 of 6 blocks more than 3 points of accuracy alone and the deep job 5
-points after fine-tuning.) `latency` times each alone (in a run on the workers,
+The job's family and depth multiplier give each block its published student (the `params`
+objective's choice) and with it the block's parameter budget. The candidates are students
+of about that size in other forms: the published one and the dense low-rank student of
+the largest rank within the budget; under `latency`, the teacher's own block too, which
+needs no training and loses no accuracy. (Smaller students are not candidates: the
+separable student at depth multiplier 1 runs 2x faster but, measured on the demo, cost 4
+of 6 blocks more than 3 points of accuracy alone and the deep job 5 points after
+fine-tuning.) `latency` times each alone (in a run on the workers,
 model/choice_timing.py), its BNs folded as in the saved student, on the runtimes of the
-job's target at each of its batches (block_timing.py), gives each the geometric mean of its time relative to the fastest, and takes the most
-accurate candidate (the teacher's block, then the published student, then the low-rank
-one) within `student.min_speedup` of the fastest: at equal parameters the low-rank
-students of the deep job ran 3-15% faster and learned their blocks to 2-2.7x the relative
-error, and a student no faster than its teacher block costs accuracy for nothing (a
-first conv on three input channels: 18 us in TFLite against 19 for its low-rank and 28
-for its separable student; a 16-channel conv at 32x32, whose separable student is faster
-in TFLite and slower in Keras). `flops` ranks by FLOPs. The first is trained, unless it
-is the teacher's block: that block is kept and is not a task. Acceptance's retry is the
-published student when another went first, else the wider published student (as under
-`params`).
+job's target at each of its batches (block_timing.py), gives each the geometric mean of
+its time relative to the fastest, and takes the most accurate candidate (the teacher's
+block, then the published student, then the low-rank one) within `student.min_speedup` of
+the fastest: at equal parameters the low-rank students of the deep job ran 3-15% faster
+and learned their blocks to 2-2.7x the relative error, and a student no faster than its
+teacher block costs accuracy for nothing (a first conv on three input channels: 18 us in
+TFLite against 19 for its low-rank and 28 for its separable student; a 16-channel conv at
+32x32, whose separable student is faster in TFLite and slower in Keras). `flops` ranks by
+FLOPs. The first is trained, unless it is the teacher's block: that block is kept and is
+not a task. Acceptance's retry is the published student when another went first, else the
+wider published student (as under `params`).
 
 The choice is made once per run directory and kept in RUN/students.json: timings vary
 from run to run, and a resumed run must train the students its finished results belong to.
