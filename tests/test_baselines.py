@@ -91,3 +91,21 @@ def test_a_baseline_keeps_its_best_epoch_within_its_budget(tiny_dataset, tiny_te
     kept = train_within_budget(model, model, tiny_dataset, 2.0, 32, 1e-3, 0,
                                log=lambda _: None)
     assert accuracy(model, tiny_dataset.x_val, tiny_dataset.y_val) == kept["val_accuracy"]
+
+
+def test_the_learning_rate_never_rises_when_more_epochs_fit(tiny_dataset, tiny_teacher):
+    """The first epoch traces the graph (10 s on this clock), the next takes 1 s: the
+    estimate grows from 10 to 91 epochs, and a cosine over 91 would start high again."""
+    import math
+
+    import keras
+
+    ticks = iter([0, 0, 10, 10, 10, 11, 11, 11, 12, 100, 100])
+    model = logits_model(keras.models.clone_model(tiny_teacher))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    result = train_within_budget(model, model, tiny_dataset, 100.0, 32, 1e-3, 0,
+                                 log=lambda _: None, clock=lambda: next(ticks))
+    second = 1e-3 * 0.5 * (1 + math.cos(math.pi / 10))  # epoch 2 of the 10 planned then
+    assert result["epochs"] == 3
+    assert result["learning_rates"] == pytest.approx([1e-3, second, second])

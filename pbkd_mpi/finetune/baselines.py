@@ -7,7 +7,8 @@ Two baselines, each on a fresh copy of the student's graph (same layers, new wei
 - `scratch`: the student graph trained on labels alone.
 
 Both follow one recipe (`train_within_budget`): Adam, a cosine decay over the epochs that
-fit the budget (re-estimated after every epoch from the epochs' measured times), the
+fit the budget (re-estimated after every epoch from the epochs' measured times; the rate
+never rises when the estimate grows), the
 validation accuracy after each epoch, the best epoch's weights kept, the test split read
 once at the end. Data are read as everywhere else: in-memory arrays as they are, image
 folders and HDF5 a batch at a time (data/images.keras_batches).
@@ -86,7 +87,9 @@ def train_within_budget(trainable, student, dataset, budget_s: float, batch_size
     best_val, best_epoch, best_weights, planned = -1.0, 0, None, 1
     while True:
         epoch = len(epoch_seconds) + 1
-        rates.append(learning_rate(replace(schedule, epochs=planned), epoch))
+        # A later estimate of more epochs would raise the cosine's rate again: it decays.
+        rates.append(min(learning_rate(replace(schedule, epochs=planned), epoch),
+                         rates[-1] if rates else rate))
         trainable.optimizer.learning_rate.assign(rates[-1])
         began = clock()
         trainable.fit(x, y, batch_size=batch_size if y is not None else None, epochs=1,
