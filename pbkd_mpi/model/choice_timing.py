@@ -33,14 +33,11 @@ def timing_on_workers(coordinator, teacher_fingerprint: str):
             "teacher_fingerprint": teacher_fingerprint, "student": student,
             "blocks": {rank: [by_name[name] for name in deal.queues[rank]]
                        for rank in workers}})
-        timings, threads = {}, set()
-        for rank in workers:
-            timings |= values[rank]["timings"]
-            if values[rank]["timings"]:
-                threads.add(values[rank]["threads"])
-        where = (f"{len(workers)} worker rank(s) at once, "
-                 f"{'/'.join(str(t) for t in sorted(threads))} thread(s) each")
-        return timings, where
+        timed = [values[rank] for rank in workers if values[rank]["timings"]]
+        threads = sorted({value["threads"] for value in timed})
+        where = (f"{len(timed)} worker rank(s) at once, "
+                 f"{'/'.join(str(t) for t in threads)} thread(s) each")
+        return {name: ms for value in timed for name, ms in value["timings"].items()}, where
     return time_blocks
 
 
