@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -96,8 +98,6 @@ def test_a_baseline_keeps_its_best_epoch_within_its_budget(tiny_dataset, tiny_te
 def test_the_learning_rate_never_rises_when_more_epochs_fit(tiny_dataset, tiny_teacher):
     """The first epoch traces the graph (10 s on this clock), the next takes 1 s: the
     estimate grows from 10 to 91 epochs, and a cosine over 91 would start high again."""
-    import math
-
     import keras
 
     ticks = iter([0, 0, 10, 10, 10, 11, 11, 11, 12, 100, 100])

@@ -12,6 +12,7 @@ import pytest
 
 from pbkd_mpi.config import load_job
 from pbkd_mpi.errors import UserError
+from pbkd_mpi.model.block_timing import check_target
 
 from pbkd_mpi.model.choice import (CHOICE_FILE, TEACHER, Candidate, candidates,
                                    choose_students, from_record, nothing_to_train)
@@ -232,8 +233,13 @@ def test_the_gpu_target_is_refused_without_a_gpu(tiny_teacher, blocks):
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("this machine has a GPU")
     job = load_job(None, ["student.target=gpu"])
-    with pytest.raises(UserError, match=r"student.target = \"gpu\".*sees none"):
+    with pytest.raises(UserError, match=r"student.target = \"gpu\".*no GPU on this process"):
         choose_students(tiny_teacher, blocks, job, "fp", None, lambda m: None)
+    # In a run, rank 0 refuses from the workers' placement (model/choice_timing.py).
+    with pytest.raises(UserError, match=r"no GPU on worker rank\(s\) 2; set student.target"):
+        check_target("gpu", "worker rank(s) 2")
+    check_target("gpu", "")  # every worker has one
+    check_target("cpu", "worker rank 1")  # a CPU target needs none
 
 
 def test_every_candidate_starts_from_the_teacher_and_exports_to_tflite(tmp_path):
@@ -278,3 +284,4 @@ def test_every_candidate_starts_from_the_teacher_and_exports_to_tflite(tmp_path)
         path = tmp_path / f"c{index}.tflite"
         path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(student).convert())
         np.testing.assert_allclose(TfliteModel(path, threads=1)(x), expected, atol=1e-4)
+

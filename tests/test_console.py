@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from pbkd_mpi.output.console import (Console, DistillProgress, live_terminal, progress_bar,
@@ -91,8 +92,6 @@ def test_a_relayed_training_draws_the_same_lines_and_scalars_as_a_local_one(tmp_
     """Fine-tuning on the workers alone: the first worker's relay_callback events, replayed
     on rank 0, give rank 0's callbacks what a training of its own would (epoch lines in
     order, TensorBoard event files)."""
-    import numpy as np
-
     def train(callbacks):  # the calls finetune.finetune makes, in its order
         for callback in callbacks:
             callback.on_train_begin()

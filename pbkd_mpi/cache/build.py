@@ -3,7 +3,7 @@
 `build_shards` is one rank's share (the shards `rank::size` of a fixed shard list): it runs
 the teacher only up to the boundaries the tasks need and writes each shard as its own HDF5
 file. `stitch` then makes the one file that block training opens, with a virtual dataset per
-part and boundary over the shards. No MPI in here: the phase that runs this on every rank
+part and boundary over the shards. No MPI in here: the phase that runs this on the building ranks
 (stage.py), the benchmarks and the tests pass `rank` and `size` themselves.
 """
 

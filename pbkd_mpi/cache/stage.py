@@ -27,7 +27,7 @@ from pbkd_mpi.mpi import phases
 
 @dataclass(frozen=True)
 class BuildRequest:
-    """What every rank needs to build its shards (the phase's payload)."""
+    """What each building rank needs to build its shards (the phase's payload)."""
 
     names: tuple
     path: str

@@ -48,9 +48,12 @@ def _whole_run(args, profile: dict, workers: list) -> int:
         rows = simulate_profile(profile, [count])[count]["policies"]
         return rows["work-stealing+split"]["makespan_s"]
 
-    table = project_run(report["phases"], int(report["workers"]), makespan_for, workers,
-                        report.get("chained"),
-                        bool(report.get("distill", {}).get("coordinator_trains")))
+    # Rank 0 computed when more ranks fine-tuned than there were workers (before c475d39
+    # it always did; reports then did not say so otherwise).
+    measured = int(report["workers"])
+    rank0_computed = report.get("finetune", {}).get("ranks", measured) > measured
+    table = project_run(report["phases"], measured, makespan_for, workers,
+                        report.get("chained"), rank0_computed)
     if args.json:
         print(json.dumps({"profile": str(args.profile), "phases_from": str(report_path),
                           "whole_run": table}, indent=2))

@@ -54,6 +54,7 @@ def place_coordinator(coordinator, job, device: tuple, run_dir, meter, log) -> t
     then it trains block tasks in a thread and takes part in the cache build and
     fine-tuning, which otherwise run on the workers alone (`coordinator.compute_ranks`)."""
     chosen = coordinator.run_collective(phases.DEVICES, None, lambda check: device)
+    coordinator.devices = chosen
     trains, why = coordinator_trains(job.tasks.coordinator_trains, device,
                                      [chosen[rank] for rank in coordinator.workers])
     if trains:

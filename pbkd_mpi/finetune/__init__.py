@@ -1,1 +1,1 @@
-"""Fine-tuning the assembled student, data-parallel on every rank."""
+"""Fine-tuning the assembled student, data-parallel on the ranks that train."""

@@ -46,17 +46,20 @@ def runtime_label(target: str) -> str:
             + f" (TensorFlow {tf.__version__})")
 
 
-def check_target(target: str) -> None:
-    """Refuse a target this rank cannot time on, before anything is measured."""
+def check_target(target: str, without_gpu: str | None = None) -> None:
+    """Refuse a target the ranks that time cannot time on, before anything is measured.
+    `without_gpu`: which of them has no GPU (rank 0 asks for the workers), "" none; by
+    default this process is asked."""
     import tensorflow as tf
 
-    if target == "gpu" and not tf.config.list_physical_devices("GPU"):
+    if without_gpu is None:
+        without_gpu = "" if tf.config.list_physical_devices("GPU") else "this process"
+    if target == "gpu" and without_gpu:
         raise UserError(
-            "student.target = \"gpu\" times the candidate students on the GPU of the rank "
-            "that times them (a worker, in a run), but TensorFlow sees none there "
-            "(tf.config.list_physical_devices('GPU') is empty); "
-            "set student.target = \"cpu\", \"tflite\" or \"keras-cpu\", or "
-            "student.objective = \"flops\".")
+            "student.target = \"gpu\" times the candidate students on the GPU of the ranks "
+            f"that time them (the workers, in a run), but TensorFlow lists no GPU on "
+            f"{without_gpu}; set student.target = \"cpu\", \"tflite\" or "
+            "\"keras-cpu\", or student.objective = \"flops\".")
 
 
 def _runner(model, target: str, folder: Path, name: str):

@@ -15,6 +15,7 @@ its workers); the record names them (`timed_on`).
 from __future__ import annotations
 
 from pbkd_mpi.cache.reader import load_teacher_and_data
+from pbkd_mpi.model.block_timing import check_target
 from pbkd_mpi.model.choice import time_candidates
 from pbkd_mpi.mpi import phases
 from pbkd_mpi.output.logs import LOGGER
@@ -26,6 +27,10 @@ def timing_on_workers(coordinator, teacher_fingerprint: str):
     """A `time_blocks` for model/choice.choose_students that runs the phase."""
     def time_blocks(pairs, student):
         workers = tuple(coordinator.workers)
+        # Refused here, in seconds and with exit code 2, not by each worker.
+        missing = [str(rank) for rank in workers
+                   if coordinator.devices.get(rank, (None, None))[1] is None]
+        check_target(student.target, f"worker rank(s) {', '.join(missing)}" if missing else "")
         deal = make_plan([TaskEstimate(block.name, (float(block.teacher_flops),))
                           for block, _ in pairs], workers, "static-lpt")
         by_name = {block.name: (block, found) for block, found in pairs}
@@ -34,7 +39,7 @@ def timing_on_workers(coordinator, teacher_fingerprint: str):
             "blocks": {rank: [by_name[name] for name in deal.queues[rank]]
                        for rank in workers}})
         timed = [values[rank] for rank in workers if values[rank]["timings"]]
-        threads = sorted({value["threads"] for value in timed})
+        threads = sorted({value["threads"] or "all" for value in timed}, key=str)
         where = (f"{len(timed)} worker rank(s) at once, "
                  f"{'/'.join(str(t) for t in threads)} thread(s) each")
         return {name: ms for value in timed for name, ms in value["timings"].items()}, where

@@ -132,6 +132,7 @@ class Coordinator:
     epoch: float = field(default_factory=time.monotonic)
     silence_limit_s: float | None = None  # set from the job: a worker this quiet is lost
     heard: dict = field(default_factory=dict)  # worker rank -> when it last said anything
+    devices: dict = field(default_factory=dict)  # rank -> (node, GPU id or None), once placed
     local: "LocalWorker | None" = None  # rank 0's own training thread, when it has a GPU
     max_poll_gap_s: float = 0.0  # the longest rank 0 went without looking for messages
 
@@ -149,8 +150,9 @@ class Coordinator:
         """`run_collective`'s `ranks` for a phase that computes where tasks train: None
         (every rank) when rank 0 trains too, else the workers. On a node whose cores or
         GPUs the workers already fill, rank 0 beside them would share a worker's: its part
-        would take twice as long, and every step of a synchronous phase waits for it."""
-        return None if self.local is not None else tuple(self.workers)
+        would take twice as long, and every step of a synchronous phase waits for it. A
+        world of rank 0 alone (tests) computes there too."""
+        return None if self.local is not None or not self.workers else tuple(self.workers)
 
     def send_task(self, message, ranks) -> None:
         """TASK to each of `ranks` (rank 0: its own training thread), all sent before any
