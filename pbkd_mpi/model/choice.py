@@ -42,6 +42,7 @@ from pbkd_mpi.model.block_timing import check_target, runtime_label, runtimes, t
 from pbkd_mpi.model.fold import fold_batchnorm
 from pbkd_mpi.model.graph import Block
 from pbkd_mpi.model.students import build_student_model, family_for, sized, student_cost
+from pbkd_mpi.mpi.devices import intra_op_threads
 
 CHOICE_FILE = "students.json"
 # One timed call of a block stays under this many FLOPs (the batch is cut to fit): at
@@ -201,12 +202,9 @@ def time_candidates(teacher, block: Block, found: list, student) -> dict:
 
 def _time_here(teacher):
     """choose_students' default `time_blocks`: this process, one block after another."""
-    import tensorflow as tf
-
     def time_blocks(pairs, student):
-        threads = tf.config.threading.get_intra_op_parallelism_threads()
         return ({block.name: time_candidates(teacher, block, found, student)
-                 for block, found in pairs}, f"this process ({threads or 'all'} threads)")
+                 for block, found in pairs}, f"this process ({intra_op_threads()} threads)")
     return time_blocks
 
 

@@ -18,6 +18,7 @@ from pbkd_mpi.cache.reader import load_teacher_and_data
 from pbkd_mpi.model.block_timing import check_target
 from pbkd_mpi.model.choice import time_candidates
 from pbkd_mpi.mpi import phases
+from pbkd_mpi.mpi.devices import intra_op_threads
 from pbkd_mpi.output.logs import LOGGER
 from pbkd_mpi.schedule.planner import make_plan
 from pbkd_mpi.schedule.scheduler import TaskEstimate
@@ -39,7 +40,7 @@ def timing_on_workers(coordinator, teacher_fingerprint: str):
             "blocks": {rank: [by_name[name] for name in deal.queues[rank]]
                        for rank in workers}})
         timed = [values[rank] for rank in workers if values[rank]["timings"]]
-        threads = sorted({value["threads"] or "all" for value in timed}, key=str)
+        threads = sorted({value["threads"] for value in timed})
         where = (f"{len(timed)} worker rank(s) at once, "
                  f"{'/'.join(str(t) for t in threads)} thread(s) each")
         return {name: ms for value in timed for name, ms in value["timings"].items()}, where
@@ -48,8 +49,6 @@ def timing_on_workers(coordinator, teacher_fingerprint: str):
 
 def time_on_worker(context, payload, comm, check) -> dict:
     """A worker's side: time the candidates of its share of the blocks."""
-    import tensorflow as tf
-
     share = payload["blocks"].get(comm.Get_rank(), [])
     timings = {}
     if share:
@@ -63,4 +62,4 @@ def time_on_worker(context, payload, comm, check) -> dict:
                         {measure: [round(ms, 4) for ms in times]
                          for measure, times in timings[block.name].items()})
     return {"timings": timings,
-            "threads": tf.config.threading.get_intra_op_parallelism_threads()}
+            "threads": intra_op_threads()}

@@ -54,6 +54,13 @@ def node_cores() -> int:
         return os.cpu_count() or 1
 
 
+def intra_op_threads() -> int:
+    """TensorFlow's intra-op threads in this process (its default, 0, uses every core)."""
+    import tensorflow as tf
+
+    return tf.config.threading.get_intra_op_parallelism_threads() or node_cores()
+
+
 def local_layout(comm) -> tuple[int, int, bool]:
     """(node-local rank, ranks on this node, whether rank 0 shares this node), from a
     shared-memory split of the world. Collective: every rank calls it at start-up."""

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pbkd_mpi.model.block_timing import keras_function, time_callables
 from pbkd_mpi.model.fold import fold_batchnorm
+from pbkd_mpi.mpi.devices import intra_op_threads, node_cores
 from pbkd_mpi.model.teacher import save_model_atomically
 from pbkd_mpi.output.exports import (TFLITE_FILES, TfliteModel, check_exports,
                                      export_saved_model, tflite_bytes, tflite_kinds,
@@ -46,18 +47,7 @@ def latency_runtime() -> str:
     import tensorflow as tf
 
     return (f"Keras {keras.__version__}, TensorFlow {tf.__version__} and its TFLite "
-            f"interpreter, on {_processor_name()} ({_cores()} core(s) for rank 0)")
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
-
-
-def _keras_threads() -> int:
-    import tensorflow as tf
-
-    return tf.config.threading.get_intra_op_parallelism_threads() or _cores()
+            f"interpreter, on {_processor_name()} ({node_cores()} core(s) for rank 0)")
 
 
 def latency_rows(teacher, student, kinds, input_shape, representative, run_dir,
@@ -67,7 +57,7 @@ def latency_rows(teacher, student, kinds, input_shape, representative, run_dir,
     student in `run_dir` (exports.TFLITE_FILES)."""
     import tensorflow as tf
 
-    pairs = [("keras", "CPU", _keras_threads(),
+    pairs = [("keras", "CPU", intra_op_threads(),
               keras_function(teacher, "/CPU:0"), keras_function(student, "/CPU:0"))]
     if tf.config.list_physical_devices("GPU"):
         pairs.append(("keras", "GPU", None, keras_function(teacher, "/GPU:0"),
@@ -79,7 +69,7 @@ def latency_rows(teacher, student, kinds, input_shape, representative, run_dir,
         for kind in kinds:
             path = Path(folder) / f"teacher_{kind}.tflite"
             path.write_bytes(tflite_bytes(saved_model, kind, representative))
-            for threads in sorted({1, _cores()}):
+            for threads in sorted({1, node_cores()}):
                 pairs.append((f"tflite-{kind}", "CPU", threads, TfliteModel(path, threads),
                               TfliteModel(Path(run_dir) / TFLITE_FILES[kind], threads)))
         for runtime, device, threads, teacher_call, student_call in pairs:
