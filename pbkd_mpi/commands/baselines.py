@@ -3,21 +3,25 @@ against whole-model KD and from-scratch training given the same wall time.
 
 One process. The budget is the run's own time after the teacher (finetune/baselines.
 method_seconds) times each factor, or `--budget-s`. The teacher, the data and the student
-graph are the run's (checked against its report); the results go to RUN/baselines.json,
-report.md gets a section and a time-to-accuracy picture, and the last line printed is one
-JSON object.
+graph are the run's (checked against its report); the graph trained is the trainable
+assembled student (report.json `student.assembled_path`, RUN/student-assembled.keras),
+never the deployed `student.keras`. The results go to RUN/baselines.json, report.md gets a
+section and a time-to-accuracy picture, a baseline that stayed at chance is named in a
+warning, and the last line printed is one JSON object.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from pbkd_mpi import atomic, memory_budget
 from pbkd_mpi.config import load_job
 from pbkd_mpi.data.dataset import load_dataset
 from pbkd_mpi.errors import EXIT_OK, UserError
-from pbkd_mpi.finetune.baselines import METHODS, method_seconds, run_baseline
+from pbkd_mpi.finetune.baselines import (METHODS, chance_warning, method_seconds,
+                                         run_baseline)
 from pbkd_mpi.keys import model_fingerprint
 from pbkd_mpi.model.graph import flatten_model
 from pbkd_mpi.model.teacher import load_model_file
@@ -46,12 +50,13 @@ def baselines_command(args) -> int:
     if not job_file.is_file():
         raise UserError(f"{str(run_dir)!r} has no {JOB_FILE}: is it a finished run directory?")
     job = load_job(job_file)
+    student_file = trainable_student_file(run_dir, report)
     peak = PeakMemory()
     dataset = load_dataset(job.data, job.run.seed)
     _check_same_data(dataset, report)
     memory_budget.require_fits(memory_budget.estimate(job, dataset, None, 1), 1)
     teacher = _run_teacher(run_dir, report, job)
-    student_graph = load_model_file(_in_run_dir(run_dir, report["student"]["path"]))
+    student_graph = load_model_file(str(student_file))
     config = job.finetune
     results = []
     for factor in factors:
@@ -66,20 +71,52 @@ def baselines_command(args) -> int:
                  "peak_rss_mb": round(peak.peak() / 2**20), "results": results}
     atomic.write_text(run_dir / BASELINES_FILE, json.dumps(baselines, indent=2) + "\n")
     print(f"report: {render_report(run_dir, report)}")
+    for row in results:
+        if row["at_chance"]:
+            print(f"warning: {chance_warning(row, _label(row))}", file=sys.stderr, flush=True)
     print(json.dumps(summary(report, baselines)))
     return EXIT_OK
 
 
+ASSEMBLED_FILE = "student-assembled.keras"
+_NAMES = {"kd": "whole-model KD", "scratch": "from scratch on labels"}
+
+
+def _label(row: dict) -> str:
+    return f"{_NAMES.get(row['method'], row['method'])} x{row['factor']:g}"
+
+
+def trainable_student_file(run_dir: Path, report: dict) -> Path:
+    """The run's trainable student graph: the assembled student (its BNs, and the teacher's
+    training-only layers such as Dropout), which report.json names `student.assembled_path`
+    (found in the run directory where it is now), else RUN/student-assembled.keras. Not
+    student.keras: deployed, its BNs folded into the convs, it trains poorly from scratch."""
+    named = (report.get("student") or {}).get("assembled_path")
+    path = Path(_in_run_dir(run_dir, named)) if named else run_dir / ASSEMBLED_FILE
+    if not path.is_file():
+        raise UserError(f"the baselines train the run's assembled student graph, expected at "
+                        f"{str(path)!r}, which `run` writes; it is not there. Run the "
+                        f"job again in this directory (it reuses the finished work; then "
+                        f"give the first run's time with --budget-s).")
+    return path
+
+
 def summary(report: dict, baselines: dict) -> dict:
-    """The figures of the first budget factor, and every factor's under `by_factor`."""
+    """The figures of the first budget factor, and every factor's under `by_factor`.
+    `margin` is the run's test accuracy minus the best baseline that learned; a baseline
+    at chance is listed under `at_chance` and left out of it (null when every one is)."""
     pbkd = report["student"]["accuracy_finetuned"]
     by_factor = {}
     for row in baselines["results"]:
         entry = by_factor.setdefault(f"{row['factor']:g}", {
-            "budget_s": row["budget_s"], "pbkd_test": pbkd})
+            "budget_s": row["budget_s"], "pbkd_test": pbkd, "at_chance": []})
         entry[f"{row['method']}_test"] = row["test_accuracy"]
+        if row.get("at_chance"):
+            entry["at_chance"].append(row["method"])
     for entry in by_factor.values():
-        entry["margin"] = pbkd - max(entry[f"{m}_test"] for m in METHODS)
+        learned = [entry[f"{m}_test"] for m in METHODS
+                   if f"{m}_test" in entry and m not in entry["at_chance"]]
+        entry["margin"] = pbkd - max(learned) if learned else None
     first = next(iter(by_factor.values()))
     return {**first, "by_factor": by_factor}
 

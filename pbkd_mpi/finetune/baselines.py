@@ -1,6 +1,10 @@
 """What the method buys: the usual alternatives trained for the same wall time.
 
-Two baselines, each on a fresh copy of the student's graph (same layers, new weights):
+Two baselines, each on a fresh copy of the run's trainable student graph,
+`RUN/student-assembled.keras` (the assembled student before fine-tuning: its
+BatchNormalization layers, and training-only layers such as Dropout or augmentation where
+the teacher had them; never `student.keras`, whose BNs are folded into the convs for
+inference), with the same layers and new weights:
 
 - `kd`: whole-model knowledge distillation with keras.distillation.Distiller, the teacher
   running live, Hinton's loss at the run's temperature and alpha;
@@ -12,6 +16,10 @@ never rises when the estimate grows), the
 validation accuracy after each epoch, the best epoch's weights kept, the test split read
 once at the end. Data are read as everywhere else: in-memory arrays as they are, image
 folders and HDF5 a batch at a time (data/images.keras_batches).
+
+A baseline whose best validation or test accuracy stayed at chance (`at_chance`) did not
+learn in its budget: a margin over it measures the baseline's handicap, not the method's
+gain, and the command and report say so instead of presenting one.
 """
 
 from __future__ import annotations
@@ -128,11 +136,41 @@ def run_baseline(method: str, teacher, student_graph, dataset, budget_s: float, 
         raise ValueError(f"method must be one of {', '.join(METHODS)}, received {method!r}")
     result = train_within_budget(trainable, logits_model(student), dataset, budget_s,
                                  batch_size, rate, seed, log=log, label=label or method)
-    return {"method": method, **result}
+    chance, bound = chance_bound(dataset.num_classes)
+    return {"method": method, **result, "chance": chance, "chance_bound": bound,
+            "at_chance": at_chance(min(result["val_accuracy"], result["test_accuracy"]),
+                                   dataset.num_classes)}
 
 
 # The phases that make the student once the teacher exists: a baseline gets their time.
 METHOD_PHASES = tuple(PHASE_SCALING)  # the phases after the teacher
+
+
+# How far above chance a baseline must get to count as having learned: 5% of the way from
+# chance (1 / classes) to perfect accuracy, and never above twice chance (with many classes
+# a few points are already far from chance). 10 classes: 0.145; 2: 0.525; 100: 0.02.
+CHANCE_MARGIN = 0.05
+
+
+def chance_bound(num_classes: int) -> tuple[float, float]:
+    """(chance, the accuracy a baseline must exceed not to count as at chance)."""
+    chance = 1.0 / num_classes
+    return chance, min(chance + CHANCE_MARGIN * (1.0 - chance), 2.0 * chance)
+
+
+def at_chance(accuracy: float, num_classes: int) -> bool:
+    """Whether an accuracy is still at chance (at or below chance_bound). A baseline is
+    judged on the lower of its best validation and its test accuracy: the best of many
+    epochs on a small validation split can clear the bound by luck alone."""
+    return accuracy <= chance_bound(num_classes)[1]
+
+
+def chance_warning(row: dict, name: str) -> str:
+    """The line that says a baseline stayed at chance (a row flagged `at_chance`)."""
+    return (f"{name} stayed at chance: best validation accuracy {row['val_accuracy']:.3f}, "
+            f"test {row['test_accuracy']:.3f} after {row['epochs']} epoch(s), chance "
+            f"{row['chance']:.3f} (at or below {row['chance_bound']:.3f} counts as chance); "
+            f"it did not learn in its budget, so a margin over it is not the method's gain.")
 
 
 def method_seconds(report: dict) -> float:

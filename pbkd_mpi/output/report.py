@@ -433,10 +433,22 @@ def _baseline_lines(report: dict) -> list[str]:
              f"{_pct(student['val_accuracy_finetuned'])} | "
              f"{_pct(student['accuracy_finetuned'])} |"]
     names = {"kd": "whole-model KD", "scratch": "from scratch on labels"}
+    stuck = []
     for row in baselines["results"]:
-        lines.append(f"| {names[row['method']]}, x{row['factor']:g} | {row['used_s']:.0f} s "
-                     f"| {row['epochs']} | {_pct(row['val_accuracy'])} | "
+        flag = " (at chance)" if row.get("at_chance") else ""
+        lines.append(f"| {names[row['method']]}, x{row['factor']:g}{flag} | "
+                     f"{row['used_s']:.0f} s | {row['epochs']} | {_pct(row['val_accuracy'])} | "
                      f"{_pct(row['test_accuracy'])} |")
+        if row.get("at_chance"):
+            stuck.append(f"**Warning:** {names[row['method']]} x{row['factor']:g} stayed at "
+                         f"chance: best validation accuracy {_pct(row['val_accuracy'])}, "
+                         f"test {_pct(row['test_accuracy'])} after {row['epochs']} "
+                         f"epoch(s), chance {_pct(row['chance'])} (at or "
+                         f"below {_pct(row['chance_bound'])} counts as chance). It did not "
+                         f"learn in its budget: the difference to it is that baseline's "
+                         f"handicap, not the method's gain.")
+    for warning in stuck:
+        lines += ["", warning]
     return lines
 
 
