@@ -517,6 +517,10 @@ class GateConfig:
         "Quality gate: the largest student/teacher latency ratio allowed at every batch "
         "size measured (report `deployment`, Keras on the CPU); 0 sets no bar.",
         min=0.0)
+    allow_problems: bool = _opt(
+        False,
+        "Whether a run whose student was made but a later step failed (an export, a "
+        "latency figure, a picture: report.json `problems`) exits 0 instead of 4.")
 
 
 @dataclass(frozen=True)

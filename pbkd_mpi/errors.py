@@ -4,6 +4,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1  # a bug or an unexpected error: the message carries a traceback
 EXIT_USER_ERROR = 2  # bad input: a job file, a teacher, a data set, a launch
 EXIT_GATE = 3  # the run finished, but the student missed a bar of the job's [gate]
+EXIT_PROBLEM = 4  # the run finished with its report, but a step after the student failed
 
 
 class PbkdError(Exception):

@@ -32,6 +32,7 @@ from pbkd_mpi.mpi.phases import WorkerContext
 from pbkd_mpi.output.console import progress_callbacks
 from pbkd_mpi.output.deploy import deploy_student
 from pbkd_mpi.output.logs import open_rank_log
+from pbkd_mpi.output.problems import Problems
 from pbkd_mpi.output.report import write_report
 from pbkd_mpi.output.report_json import build_report
 from pbkd_mpi.run_dir import prepare_run_dir
@@ -97,9 +98,10 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
     with timer("evaluate"):
         accuracies = test_accuracies(teacher, assembled_path, student, dataset)
     student_path = run_dir / "student.keras"  # written by deploy_student
+    problems = Problems(log)  # from here on a failing step is reported, the run goes on
     with timer("deploy"):
         deployment = deploy_student(teacher, student, dataset, teacher_file, student_path,
-                                    run_dir, job.export, log)
+                                    run_dir, job.export, log, problems)
     worker_stats = [snapshot for rank, snapshot in
                     sorted(coordinator.run_collective(phases.STATS).items()) if rank != 0]
     report = build_report(
@@ -110,8 +112,9 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
         tasks=tasks, blocks=blocks, phases=timer.seconds, deployment=deployment,
         cache_info=cache.info, tuned=tuned, chained=chained, memory=memory.as_dict(),
         energy_snapshots=[meter.snapshot(), *worker_stats] if meter is not None else None,
-        students=choice.record, gate=job.gate, wall_s=time.perf_counter() - started)
-    write_report(run_dir, report)
+        students=choice.record, gate=job.gate, problems=problems.items,
+        wall_s=time.perf_counter() - started)
+    write_report(run_dir, report, problems)
     log.clear_status()
     return report
 

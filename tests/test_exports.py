@@ -61,8 +61,9 @@ def test_teacher_and_student_are_timed_on_every_runtime_the_job_deploys_to(
                                 keras.layers.Dense(tiny_dataset.num_classes)])
     write_exports(student, tmp_path / "student.keras", tmp_path, False, ("float32", "int8"),
                   tiny_dataset.x_val)
-    rows = latency_rows(tiny_teacher, student, ("float32", "int8"), tiny_dataset.image_shape,
-                        tiny_dataset.x_val, tmp_path, rounds=3)
+    rows = latency_rows(tiny_teacher, student,
+                        {kind: tmp_path / f"student_{kind}.tflite" for kind in ("float32", "int8")},
+                        tiny_dataset.image_shape, tiny_dataset.x_val, rounds=3)
     cores = len(os.sched_getaffinity(0))
     expected = [("keras", "CPU", batch) for batch in (1, 32)] + [
         (f"tflite-{kind}", threads, batch) for kind in ("float32", "int8")

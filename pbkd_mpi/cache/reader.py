@@ -183,9 +183,11 @@ class PairSource:
         yield from produce(self.part_for(epoch), np.random.default_rng([self.seed, epoch]))
         self.epoch = epoch + 1
 
-    def head(self, count: int) -> np.ndarray:
-        """The first `count` inputs of the first part, in order (for calibration)."""
-        x, _ = next(iter(_Head(self, count).epoch_batches(0)))
+    def sample(self, count: int) -> np.ndarray:
+        """`count` inputs of the first part, a seeded random sample in this source's own
+        shuffled order (for calibration: the cached split keeps the data's order, which in
+        an image folder is by class)."""
+        x, _ = next(iter(_Sample(self, count).epoch_batches(0)))
         return x
 
     def dataset(self):
@@ -237,17 +239,21 @@ class PairSource:
         raise NotImplementedError
 
 
-class _Head(PairSource):
-    """The first samples of a source's first part, unshuffled, in one batch."""
+class _Sample(PairSource):
+    """The first samples of a shuffled source's first part (its epoch 0 order, seeded),
+    in one batch."""
 
     def __init__(self, source: PairSource, count: int):
+        if not source.shuffle:
+            raise ValueError("a sample is drawn from a shuffled source; received one that "
+                             "reads in order")
         super().__init__(source.parts[:1], count, 0, shuffle=False, poison=source.poison)
         self.source = source
         self.count = count
 
     def _pieces(self, part, rng):
         taken = 0
-        for x, y in self.source._pieces(part, None):
+        for x, y in self.source._pieces(part, np.random.default_rng([self.source.seed, 0])):
             yield x[:self.count - taken], y[:self.count - taken]
             taken += len(x)
             if taken >= self.count:
@@ -474,8 +480,8 @@ class BlockData:
     train_eval: PairSource
 
     def calibration(self, count: int) -> np.ndarray:
-        """The first `count` training inputs, in order."""
-        return self.train_eval.head(count)
+        """A seeded random sample of `count` training inputs (PairSource.sample)."""
+        return self.train.sample(count)
 
     def train_dataset(self, first_epoch: int = 0):
         """Training epochs from `first_epoch` on (a resumed task picks up its view)."""

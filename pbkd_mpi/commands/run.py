@@ -14,8 +14,8 @@ import sys
 from pbkd_mpi import memory_budget
 from pbkd_mpi.commands.exits import report_failure
 from pbkd_mpi.config import load_job
-from pbkd_mpi.errors import EXIT_GATE, EXIT_OK, UserError
-from pbkd_mpi.gate import failed_bars
+from pbkd_mpi.errors import EXIT_GATE, EXIT_PROBLEM, UserError
+from pbkd_mpi.gate import exit_code, failed_bars
 from pbkd_mpi.mpi import faults
 from pbkd_mpi.mpi.devices import configure_tensorflow_choice, node_cores
 from pbkd_mpi.mpi.protocol import Coordinator
@@ -60,11 +60,16 @@ def run_coordinator(comm, args, local_rank: int, ranks_on_node: int) -> int:
         return code
     coordinator.finish()
     _summarise(report, say)
-    if not report["gate"]["passed"]:
+    code = exit_code(job.gate, report)
+    if code == EXIT_GATE:
         say.result(f"quality gate failed: {failed_bars(report['gate'])} (report.md, "
                    f"`gate` in report.json); exit {EXIT_GATE}")
-        return EXIT_GATE
-    return EXIT_OK
+    elif code == EXIT_PROBLEM:
+        say.result(f"finished with {len(report['problems'])} problem(s) after the student "
+                   f"was made: {'; '.join(p['step'] for p in report['problems'])} (report.md, "
+                   f"`problems` in report.json, logs/rank-0.log); exit {EXIT_PROBLEM} "
+                   f"(gate.allow_problems = true accepts them)")
+    return code
 
 
 def _summarise(report: dict, say) -> None:

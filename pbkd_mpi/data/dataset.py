@@ -42,6 +42,9 @@ class Dataset:
     num_classes: int
     source: str
     skipped_images: tuple[str, ...] = ()  # unreadable image files left out (data.bad_images)
+    # Validation carved out of the training split (no val/ folder, no x_val): a user's
+    # teacher has learned from it (model/evaluate.validation_warning).
+    val_from_train: bool = False
     # Every read of x_test / y_test, in order: the test split is for the final figures only,
     # and the pipeline refuses to evaluate if anything read it before (honest selection).
     _test_reads: list = field(default_factory=list, init=False, repr=False, compare=False)
@@ -99,6 +102,7 @@ class Dataset:
             "val": len(self.y_val),
             "test": len(self.uncounted("y_test")),
             "skipped_images": len(self.skipped_images),
+            "val_from_train": self.val_from_train,
         }
 
 
@@ -296,10 +300,11 @@ def _finish(raw: dict, config: DataConfig, seed: int) -> Dataset:
             )
     if "test" not in arrays:  # an image folder without a test subfolder
         arrays["train"], arrays["test"] = _carve(*arrays["train"], config.val_fraction, seed + 1)
-    if "val" not in arrays:
+    val_from_train = "val" not in arrays
+    if val_from_train:
         arrays["train"], arrays["val"] = _carve(*arrays["train"], config.val_fraction, seed)
     return Dataset(*arrays["train"], *arrays["val"], *arrays["test"], num_classes, source,
-                   tuple(raw.get("skipped_images", ())))
+                   tuple(raw.get("skipped_images", ())), val_from_train)
 
 
 def _check_split(x, y, split, source, config: DataConfig):

@@ -40,14 +40,14 @@ def train_split_part(part, check=None) -> dict:
     task, comm = part.task, part.comm
     block, config = task.block, task.config
     with open_block_data(task, task.source) as data:
-        x_train, y_train = _pairs(data.train_eval)
-        x_val, y_val = _pairs(data.val)
+        (x_train, y_train), (x_val, y_val) = _pairs(data.train_eval), _pairs(data.val)
+        calibration = data.calibration(CALIBRATION_SAMPLES)  # the same on every rank
 
     keras.utils.set_random_seed(task.block_seed)
     model = build_student_model(block, task.depth_multiplier)
     for layer_name, arrays in task.initial_weights.items():
         model.get_layer(layer_name).set_weights(arrays)
-    calibrate_norm(model, x_train[:CALIBRATION_SAMPLES])
+    calibrate_norm(model, calibration)
 
     def loss_fn(outputs, targets):
         return tf.reduce_mean(tf.square(outputs - targets[0]))

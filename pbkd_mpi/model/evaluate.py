@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pbkd_mpi.data.images import image_batches
+from pbkd_mpi.data.images import image_batches, sample_batches
 from pbkd_mpi.model.cost import activation_bytes
 from pbkd_mpi.model.teacher import load_model_file
 
@@ -44,9 +44,11 @@ def recalibrated_accuracy(model, x, y, x_calibrate=None, **recalibration) -> flo
     return accuracy(model, x, y)
 
 
-def recalibrate_batchnorm(model, x, batch_size: int = 200, samples: int = 4000) -> int:
+def recalibrate_batchnorm(model, x, batch_size: int = 200, samples: int = 4000,
+                          seed: int = 0) -> int:
     """Re-estimate every BatchNormalization layer's moving mean and variance from the
-    model's own activations on `samples` training images; no weight is trained.
+    model's own activations on a seeded random sample of `samples` training images
+    (data/images.sample_batches: every batch a mix of the classes); no weight is trained.
 
     Each student block's BN statistics were learned on the teacher's activations; stitched
     together, every block sees its predecessors' slightly different outputs, and the error
@@ -61,8 +63,8 @@ def recalibrate_batchnorm(model, x, batch_size: int = 200, samples: int = 4000) 
         return 0
     saved = [layer.momentum for layer in layers]
     try:
-        for n, batch in enumerate(image_batches(x, min(batch_size, forward_batch(model)),
-                                                samples)):
+        for n, batch in enumerate(sample_batches(x, min(batch_size, forward_batch(model)),
+                                                 samples, seed)):
             for layer in layers:
                 layer.momentum = n / (n + 1)
             model(batch, training=True)

@@ -10,6 +10,8 @@ Forms, several separated by commas:
                         block task: alive, but silent
   killwrite:RANK:N      rank RANK kills itself (SIGKILL) half-way through writing its N-th
                         activation cache shard
+  fail:STEP             a step after the student exists (output/problems.py) whose name
+                        contains STEP raises, e.g. fail:tflite_int8, fail:latency
 Not for production use: it exists so that the failure paths are tested for real.
 """
 
@@ -21,7 +23,7 @@ import threading
 
 from pbkd_mpi.errors import UserError
 
-KINDS = ("raise", "nan", "signal", "kill", "hang", "killwrite")
+KINDS = ("raise", "nan", "signal", "kill", "hang", "killwrite", "fail")
 _TIMED = {"signal", "kill", "hang"}  # KIND:WHO:SECONDS
 SIGNAL_NAMES = ("USR1", "TERM")
 
@@ -43,7 +45,8 @@ def parse(text: str) -> list[tuple[str, str]]:
         if not valid:
             raise UserError(
                 f"PBKD_FAULT expects items like raise:BLOCK, nan:BLOCK, signal:USR1:SECONDS, "
-                f"kill:RANK:SECONDS, hang:RANK:SECONDS or killwrite:RANK:N, received {item!r}."
+                f"kill:RANK:SECONDS, hang:RANK:SECONDS, killwrite:RANK:N or fail:STEP, "
+                f"received {item!r}."
             )
         faults.append((kind, target))
     return faults
@@ -51,6 +54,12 @@ def parse(text: str) -> list[tuple[str, str]]:
 
 def active(kind: str, target: str) -> bool:
     return (kind, target) in parse(os.environ.get("PBKD_FAULT", ""))
+
+
+def failing_step(step: str) -> bool:
+    """Whether a fail:STEP item names part of `step`."""
+    return any(kind == "fail" and target in step
+               for kind, target in parse(os.environ.get("PBKD_FAULT", "")))
 
 
 # Kill and hang timers wait for the rank's first block task: counted from start-up, they

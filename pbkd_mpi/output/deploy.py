@@ -18,13 +18,16 @@ import platform
 import tempfile
 from pathlib import Path
 
+from pbkd_mpi.data.images import sample_images
 from pbkd_mpi.model.block_timing import keras_function, time_callables
 from pbkd_mpi.model.fold import fold_batchnorm
+from pbkd_mpi.model.inference import inference_copy
 from pbkd_mpi.mpi.devices import intra_op_threads, node_cores
 from pbkd_mpi.model.teacher import save_model_atomically
 from pbkd_mpi.output.exports import (TFLITE_FILES, TfliteModel, check_exports,
                                      export_saved_model, tflite_bytes, tflite_kinds,
                                      write_exports)
+from pbkd_mpi.output.problems import Problems, attempt
 from pbkd_mpi.output.report import latency_label
 
 BATCHES = (1, 32)
@@ -50,11 +53,13 @@ def latency_runtime() -> str:
             f"interpreter, on {_processor_name()} ({node_cores()} core(s) for rank 0)")
 
 
-def latency_rows(teacher, student, kinds, input_shape, representative, run_dir,
-                 rounds: int) -> list[dict]:
+def latency_rows(teacher, student, student_tflite: dict, input_shape, representative,
+                 rounds: int, problems: Problems | None = None) -> list[dict]:
     """[{"runtime", "device", "threads", "batch", "teacher_ms", "student_ms", "ratio"}]
-    for each runtime and batch (module docstring). `kinds`: the TFLite files of the
-    student in `run_dir` (exports.TFLITE_FILES)."""
+    for each runtime and batch (module docstring). `student_tflite`: {kind: the student's
+    TFLite file} (exports.TFLITE_FILES) to time against the teacher's; a teacher that
+    cannot be converted to a kind is recorded in `problems` (None: raised) and that kind
+    left out."""
     import tensorflow as tf
 
     pairs = [("keras", "CPU", intra_op_threads(),
@@ -64,14 +69,20 @@ def latency_rows(teacher, student, kinds, input_shape, representative, run_dir,
                       keras_function(student, "/GPU:0")))
     rows = []
     with tempfile.TemporaryDirectory(prefix="pbkd-teacher-tflite-") as folder:
-        if kinds:
-            saved_model = export_saved_model(teacher, Path(folder) / "savedmodel")
-        for kind in kinds:
+        saved_model = None
+        if student_tflite:
+            saved_model = attempt(problems, "latency: the teacher as a SavedModel",
+                                   export_saved_model, teacher, Path(folder) / "savedmodel")
+        for kind, student_file in student_tflite.items() if saved_model else ():
             path = Path(folder) / f"teacher_{kind}.tflite"
-            path.write_bytes(tflite_bytes(saved_model, kind, representative))
+            converted = attempt(problems, f"latency: the teacher as TFLite {kind}",
+                                 tflite_bytes, saved_model, kind, representative)
+            if converted is None:
+                continue
+            path.write_bytes(converted[0])
             for threads in sorted({1, node_cores()}):
                 pairs.append((f"tflite-{kind}", "CPU", threads, TfliteModel(path, threads),
-                              TfliteModel(Path(run_dir) / TFLITE_FILES[kind], threads)))
+                              TfliteModel(student_file, threads)))
         for runtime, device, threads, teacher_call, student_call in pairs:
             for batch in BATCHES:
                 teacher_ms, student_ms = time_callables([teacher_call, student_call],
@@ -89,30 +100,49 @@ def keras_cpu_ms(rows: list[dict], model: str) -> dict:
 
 
 def deploy_student(teacher, student, dataset, teacher_file, student_path, run_dir,
-                   export_config, log) -> dict:
-    """The student saved to `student_path` (its BNs folded when the job says so), latency
-    and size of teacher and student, and the student's exports (SavedModel, TFLite)
-    written and checked against it: the report's `deployment`."""
+                   export_config, log, problems: Problems) -> dict:
+    """The deployed student saved to `student_path`: its inference copy (model/inference:
+    without the layers that only act in training), its BNs folded when the job says so;
+    latency and size of teacher (its inference copy too) and student, and the student's
+    exports (SavedModel, TFLite) written and checked against it: the report's
+    `deployment`. Each step that fails is recorded in `problems` and the others go on."""
     kinds = tflite_kinds(export_config.tflite)
+    teacher, teacher_removed = inference_copy(teacher)
+    student, removed = inference_copy(student)
+    if removed:
+        log.detail(f"deployed student: {len(removed)} layer(s) that only act in training "
+                   f"left out ({', '.join(removed)})")
     folded = {"layers": 0, "max_abs_diff": 0.0}
     if export_config.fold_batchnorm:
-        student, folded = fold_batchnorm(student, dataset.x_val[:FOLD_CHECK_IMAGES])
-    save_model_atomically(student, student_path)
+        student, folded = problems.attempt(
+            "fold_batchnorm", fold_batchnorm, student,
+            sample_images(dataset.x_val, FOLD_CHECK_IMAGES), default=(student, folded))
+    if problems.attempt("save student.keras", save_model_atomically, student, student_path,
+                        default=False) is False:
+        Path(student_path).unlink(missing_ok=True)  # never an earlier run's student
     exports = write_exports(student, student_path, run_dir, export_config.saved_model,
-                            kinds, dataset.x_val)
-    rows = latency_rows(teacher, student, kinds, dataset.image_shape, dataset.x_val, run_dir,
-                        export_config.latency_repeats)
-    deployment = {"latency_runtime": latency_runtime(), "latency": rows}
+                            kinds, dataset.x_val, problems)
+    checked = check_exports(student, exports, dataset.x_val, problems)
+    # Only files this interpreter runs are timed: a TF Select file needs the Flex delegate.
+    timed = {kind: Path(run_dir) / TFLITE_FILES[kind] for kind in kinds
+             if checked.get(f"tflite_{kind}", {}).get("ops") == "builtins"}
+    rows = problems.attempt("latency", latency_rows, teacher, student, timed,
+                            dataset.image_shape, dataset.x_val,
+                            export_config.latency_repeats, problems, default=[])
+    deployment = {"latency_runtime": latency_runtime(), "latency": rows,
+                  "training_only_removed": {"student": removed, "teacher": teacher_removed}}
     for name, path in (("teacher", teacher_file), ("student", student_path)):
         deployment[name] = {
             "latency_ms": keras_cpu_ms(rows, name),
             "file_bytes": os.path.getsize(path) if path and os.path.exists(path) else None}
     deployment["folded_batchnorm"] = folded
-    deployment["exports"] = check_exports(student, exports, dataset.x_val)
-    for name, figures in deployment["exports"].items():
+    deployment["exports"] = checked
+    for name, figures in checked.items():
         log.detail(f"export {name}: {figures['bytes']} bytes, largest output difference "
                    f"{figures['max_abs_diff']:.2g}, class agreement "
-                   f"{figures['class_agreement']:.3f}")
-    log("latency, student / teacher: " + "; ".join(
-        f"{latency_label(row)}, batch {row['batch']}: {row['ratio']:.2f}" for row in rows))
+                   f"{figures['class_agreement']:.3f}"
+                   + (", with TF Select ops" if figures["ops"] == "builtins+select_tf" else ""))
+    if rows:
+        log("latency, student / teacher: " + "; ".join(
+            f"{latency_label(row)}, batch {row['batch']}: {row['ratio']:.2f}" for row in rows))
     return deployment

@@ -9,6 +9,9 @@ untangling N interleaved streams.
 from __future__ import annotations
 
 import logging
+import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 LOGGER = logging.getLogger("pbkd_mpi")
@@ -78,3 +81,28 @@ def tensorboard_logger(log_dir):
             self.writer.close()
 
     return EpochScalars()
+
+
+@contextmanager
+def native_output_to_log():
+    """Within the block, what C++ code writes to the process's stdout and stderr (the
+    TFLite converter's MLIR dumps, its interpreter's "Created TensorFlow Lite XNNPACK
+    delegate" line, TensorFlow's own logging) goes to this rank's log file, not the
+    console; with no log file open, nowhere. Python's own streams are flushed first so
+    nothing of theirs lands in the log."""
+    target = next((h.baseFilename for h in LOGGER.handlers
+                   if isinstance(h, logging.FileHandler)), os.devnull)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(fd) for fd in (1, 2)]
+    try:
+        with open(target, "ab") as sink:
+            for fd in (1, 2):
+                os.dup2(sink.fileno(), fd)
+            yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)

@@ -8,26 +8,34 @@ from pathlib import Path
 from pbkd_mpi import atomic
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.output.figures import draw_all
+from pbkd_mpi.output.problems import Problems, attempt
 from pbkd_mpi.schedule.whole_run import sequential_share
 
 
-def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
+def write_report(run_dir: Path, report: dict, problems: Problems | None = None
+                 ) -> tuple[Path, Path]:
+    """report.json, then report.md. The pictures are drawn first, so that when one fails
+    (recorded in `problems`, which `report["problems"]` lists) report.json says so."""
+    figures = attempt(problems, "pictures", draw_all, report, run_dir) or {}
     json_path = Path(run_dir) / "report.json"
     atomic.write_text(json_path, json.dumps(report, indent=2) + "\n")
-    return json_path, render_report(run_dir, report)
+    return json_path, render_report(run_dir, report, figures)
 
 
 BASELINES_FILE = "baselines.json"
 
 
-def render_report(run_dir: Path, report: dict) -> Path:
-    """report.md and its pictures, from the report dict and, where the `baselines` command
-    measured this run, RUN/baselines.json (`report RUN_DIR` redraws)."""
+def render_report(run_dir: Path, report: dict, figures: dict | None = None) -> Path:
+    """report.md and its pictures (`figures` when drawn already), from the report dict
+    and, where the `baselines` command measured this run, RUN/baselines.json (`report
+    RUN_DIR` redraws)."""
     md_path = Path(run_dir) / "report.md"
     baselines = load_baselines(run_dir, report)
     if baselines is not None:
         report = {**report, "baselines": baselines}
-    atomic.write_text(md_path, render_markdown(report, draw_all(report, run_dir)))
+    if figures is None:
+        figures = draw_all(report, run_dir)
+    atomic.write_text(md_path, render_markdown(report, figures))
     return md_path
 
 
@@ -157,8 +165,8 @@ def _energy_line(energy: dict | None) -> str:
 
 
 def render_markdown(report: dict, figures: dict | None = None) -> str:
-    lines = [*_summary_lines(report), *_gate_lines(report.get("gate")),
-             *_phase_lines(report), *_block_lines(report)]
+    lines = [*_summary_lines(report), *_problem_lines(report.get("problems")),
+             *_gate_lines(report.get("gate")), *_phase_lines(report), *_block_lines(report)]
     lines += _choice_lines(report.get("students"))
     lines += _acceptance_lines(report)
     lines += _chained_lines(report.get("chained"))
@@ -218,15 +226,29 @@ def _summary_lines(report: dict) -> list[str]:
     ]
 
 
+def _problem_lines(problems: list | None) -> list[str]:
+    if not problems:
+        return []
+    return ["## Problems", "",
+            "The student was made; these steps after it failed (the whole error of each is "
+            "in `logs/rank-0.log`; docs/troubleshooting.md, exit code 4):", "",
+            "| step | reason |", "|---|---|",
+            *[f"| {p['step']} | {p['reason'].replace('|', '/')} |" for p in problems], ""]
+
+
 def _gate_lines(gate: dict | None) -> list[str]:
     if not gate or not gate["bars"]:
         return []
     verdict = "passed" if gate["passed"] else "**failed** (the job exited 3)"
     return ["## Quality gate", "", f"The job's `[gate]` {verdict}.", "",
             "| bar | limit | measured | |", "|---|---|---|---|",
-            *[f"| {bar['name']} | {bar['limit']:.4g} | {bar['value']:.4g} | "
+            *[f"| {bar['name']} | {bar['limit']:.4g} | {_measured(bar['value'])} | "
               f"{'passed' if bar['passed'] else '**missed**'} |" for bar in gate["bars"]],
             ""]
+
+
+def _measured(value) -> str:
+    return "not measured" if value is None else f"{value:.4g}"
 
 
 def _phase_lines(report: dict) -> list[str]:
@@ -471,6 +493,7 @@ def _export_lines(exports: dict | None) -> list[str]:
     lines = ["", "| export | size | largest output difference | class agreement |",
              "|---|---|---|---|"]
     for name, e in exports.items():
-        lines.append(f"| {name} (`{e['path']}`) | {_count(e['bytes'])} B | "
+        select = " (needs TF Select ops)" if e.get("ops") == "builtins+select_tf" else ""
+        lines.append(f"| {name} (`{e['path']}`){select} | {_count(e['bytes'])} B | "
                      f"{e['max_abs_diff']:.2g} | {_pct(e['class_agreement'])} |")
     return lines

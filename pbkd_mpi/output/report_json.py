@@ -91,11 +91,12 @@ def build_report(*, run_dir, workers: int, dataset, teacher, teacher_info: dict,
                  accuracies: dict, acceptance, max_drop: float, tasks, blocks, phases: dict, deployment: dict,
                  cache_info: dict, energy_snapshots, tuned: dict, chained, wall_s: float,
                  memory: dict | None = None, gate: GateConfig | None = None,
-                 students: dict | None = None) -> dict:
+                 students: dict | None = None, problems: list | None = None) -> dict:
     """The report of a finished run. `acceptance`: distill/accept.Acceptance; `tasks`: the
     run's distill/tasks.BlockTasks; `blocks`: each with the student it kept;
     `accuracies`: model/evaluate.test_accuracies; `students`: model/choice's record;
-    `gate`: the job's quality gate, judged on the report's own figures (gate.py)."""
+    `gate`: the job's quality gate, judged on the report's own figures (gate.py);
+    `problems`: the steps after the student existed that failed (output/problems.py)."""
     rows = _block_rows(tasks, blocks, acceptance.verdicts)
     failed = [{"name": name, "attempts": len(errors), "errors": errors}
               for name, errors in tasks.outcome.failures.items()]
@@ -146,6 +147,7 @@ def build_report(*, run_dir, workers: int, dataset, teacher, teacher_info: dict,
         "energy": aggregate(energy_snapshots) if energy_snapshots else None,
         "finetune": tuned,
         "chained": chained,
+        "problems": list(problems or []),
         "wall_s": wall_s,
     }
     report["gate"] = check_gate(gate or GateConfig(), report)
