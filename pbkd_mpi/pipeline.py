@@ -21,7 +21,7 @@ from pbkd_mpi.errors import UserError
 from pbkd_mpi.finetune.stage import FinetuneRequest, finetune_stage
 from pbkd_mpi.keys import model_fingerprint
 from pbkd_mpi.model.assemble import stitch_student
-from pbkd_mpi.model.evaluate import test_accuracies
+from pbkd_mpi.model.evaluate import test_accuracies, validation_warning
 from pbkd_mpi.model.choice import choose_students, nothing_to_train
 from pbkd_mpi.model.choice_timing import timing_on_workers
 from pbkd_mpi.model.graph import flatten_model
@@ -97,6 +97,10 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
                                run_dir, coordinator, log)
     with timer("evaluate"):
         accuracies = test_accuracies(teacher, assembled_path, student, dataset)
+    warnings = [w for w in [validation_warning(accuracies, dataset,
+                                               teacher_info.get("trained_here", False))] if w]
+    for warning in warnings:
+        log(f"warning: {warning}")
     student_path = run_dir / "student.keras"  # written by deploy_student
     problems = Problems(log)  # from here on a failing step is reported, the run goes on
     with timer("deploy"):
@@ -112,7 +116,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
         tasks=tasks, blocks=blocks, phases=timer.seconds, deployment=deployment,
         cache_info=cache.info, tuned=tuned, chained=chained, memory=memory.as_dict(),
         energy_snapshots=[meter.snapshot(), *worker_stats] if meter is not None else None,
-        students=choice.record, gate=job.gate, problems=problems.items,
+        students=choice.record, gate=job.gate, problems=problems.items, warnings=warnings,
         wall_s=time.perf_counter() - started)
     write_report(run_dir, report, problems)
     log.clear_status()

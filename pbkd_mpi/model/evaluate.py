@@ -77,11 +77,36 @@ def recalibrate_batchnorm(model, x, batch_size: int = 200, samples: int = 4000,
 def test_accuracies(teacher, merged_path, student, dataset) -> dict:
     """The one read of the test split: every choice before this used validation data.
     Test accuracies of the teacher, the merged student (from `merged_path`, as assembled)
-    and the fine-tuned `student`."""
+    and the fine-tuned `student`, and the teacher's validation accuracy beside them
+    (`validation_warning`)."""
     if dataset.test_reads:
         raise RuntimeError(f"the test split was read {dataset.test_reads} time(s) before "
                            f"the final evaluation; expected 0")
     x_test, y_test = dataset.test_split()
     return {"teacher": accuracy(teacher, x_test, y_test),
+            "teacher_val": accuracy(teacher, dataset.x_val, dataset.y_val),
             "merged": accuracy(load_model_file(str(merged_path)), x_test, y_test),
             "finetuned": accuracy(student, x_test, y_test)}
+
+
+# How far the teacher's validation accuracy may exceed its test accuracy before validation
+# looks like data it learned from: this many points, plus twice the standard error of the
+# difference of the two measured shares (small splits differ by chance).
+VALIDATION_GAP = 0.03
+
+
+def validation_warning(accuracies: dict, dataset, teacher_trained_here: bool) -> str | None:
+    """A warning when the teacher scores well above its test accuracy on validation data
+    carved out of the training split of a teacher the user trained (on that split): every
+    early stop, acceptance and choice then favours copying what the teacher memorised."""
+    val, test = accuracies["teacher_val"], accuracies["teacher"]
+    n_val, n_test = len(dataset.y_val), len(dataset.uncounted("y_test"))
+    noise = 2 * np.sqrt(val * (1 - val) / max(n_val, 1) + test * (1 - test) / max(n_test, 1))
+    if teacher_trained_here or not dataset.val_from_train or val - test <= VALIDATION_GAP + noise:
+        return None
+    return (f"the teacher's validation accuracy {val:.3f} is {100 * (val - test):.1f} points "
+            f"above its test accuracy {test:.3f}: the validation split was carved out of the "
+            f"training data ({n_val} images), which the teacher learned from, so early "
+            f"stopping and acceptance favour copying what it memorised. Give data the "
+            f"teacher never saw: a val/ folder beside train/ and test/ (x_val, y_val in an "
+            f".npz or .h5).")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from pbkd_mpi.model.graph import copy_layer, flatten_model, replay
+from pbkd_mpi.model.graph import copy_layer, flatten_model, graph_nodes, replay
 
 TRAINING_ONLY = (
     "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "AlphaDropout",
@@ -55,12 +55,13 @@ def inference_copy(model) -> tuple[keras.Model, list[str]]:
     (their weights too): it computes what the model computes with training=False."""
     model = flatten_model(model)
     removable = set()
-    for layer in model.layers:
-        if isinstance(layer, _CLASSES) and len(layer._inbound_nodes) == 1:
-            node = layer._inbound_nodes[0]
-            if len(node.input_tensors) == 1 and identity_at_inference(
-                    layer, tuple(node.input_tensors[0].shape)):
-                removable.add(layer.name)
+    # The model's own nodes, not the layer's: a layer also called outside this model (the
+    # teacher's head reused in distillation) has more nodes than this graph holds.
+    for node in graph_nodes(model):
+        layer = node.operation
+        if isinstance(layer, _CLASSES) and len(node.input_tensors) == 1 and \
+                identity_at_inference(layer, tuple(node.input_tensors[0].shape)):
+            removable.add(layer.name)
     if not removable:
         return model, []
 

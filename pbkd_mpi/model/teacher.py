@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import h5py
+import numpy as np
 
 from pbkd_mpi.atomic import atomic_path
 from pbkd_mpi.config import TeacherConfig
@@ -18,6 +19,7 @@ from pbkd_mpi.data.dataset import Dataset
 from pbkd_mpi.data.images import keras_batches
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.keys import json_key
+from pbkd_mpi.model.graph import replay
 
 
 if TYPE_CHECKING:  # keras is imported where used: start-up stays fast without TensorFlow
@@ -106,7 +108,40 @@ def load_model_file(source: str):
         raise UserError(
             f"teacher.source {source!r} holds a {type(model).__name__}, expected a keras.Model."
         )
-    return model
+    return in_float32(model)
+
+
+def in_float32(model):
+    """`model`, or where a layer computes in another dtype (a `mixed_float16` or
+    `mixed_bfloat16` policy) a flat copy of it computing in float32 with the same weights
+    (mixed policies keep float32 variables). Activations, students and exports are then
+    float32 throughout: TFLite has no float16 kernels for a float16 graph's convs, and a
+    block trained on half-precision targets learns their rounding."""
+    import keras
+
+    def reduced(layer) -> bool:
+        return getattr(getattr(layer, "dtype_policy", None), "compute_dtype",
+                       "float32") not in ("float32", "int32", "int64", "bool", None)
+
+    if not any(reduced(layer) for layer in model._flatten_layers(include_self=False)):
+        return model
+    copies = []
+
+    def call(node, args, kwargs):
+        layer = node.operation
+        if not isinstance(layer, keras.layers.Layer):
+            return layer(*args, **kwargs)
+        config = layer.get_config() | ({"dtype": "float32"} if reduced(layer) else {})
+        copies.append((layer, layer.__class__.from_config(config)))
+        return copies[-1][1](*args, **kwargs)
+
+    source = model.inputs[0]
+    inputs = keras.Input(source.shape[1:], dtype=source.dtype, name=source.name)
+    copy = keras.Model(inputs, replay(model, [inputs], call)[0], name=model.name)
+    for original, new in copies:
+        new.set_weights([np.asarray(w, np.float32) if np.asarray(w).dtype == np.float16
+                         else w for w in original.get_weights()])
+    return copy
 
 
 def _check_container(path: Path, source: str) -> None:

@@ -61,7 +61,9 @@ def allreduce_mean(comm, arrays, check: Check = None, cap_s: float | None = None
 
 def broadcast_arrays(comm, arrays, root: int = 0, check: Check = None) -> list[np.ndarray]:
     """`root`'s arrays on every rank (shapes and dtypes must already agree)."""
-    out = [np.ascontiguousarray(a).copy() for a in arrays]
+    # np.array, not np.ascontiguousarray: that makes a scalar weight (a custom layer's
+    # learned factor, shape ()) one of shape (1,), which set_weights then refuses.
+    out = [np.array(a, order="C", copy=True) for a in arrays]
     for a in out:
         if a.size:
             wait(comm.Ibcast(a, root=root), check)

@@ -165,7 +165,8 @@ def _energy_line(energy: dict | None) -> str:
 
 
 def render_markdown(report: dict, figures: dict | None = None) -> str:
-    lines = [*_summary_lines(report), *_problem_lines(report.get("problems")),
+    lines = [*_summary_lines(report), *_warning_lines(report.get("warnings")),
+             *_problem_lines(report.get("problems")),
              *_gate_lines(report.get("gate")), *_phase_lines(report), *_block_lines(report)]
     lines += _choice_lines(report.get("students"))
     lines += _acceptance_lines(report)
@@ -224,6 +225,10 @@ def _summary_lines(report: dict) -> list[str]:
         "stopping, fine-tuning epochs) used the validation split.",
         "",
     ]
+
+
+def _warning_lines(warnings: list | None) -> list[str]:
+    return [line for warning in warnings or () for line in (f"**Warning:** {warning}", "")]
 
 
 def _problem_lines(problems: list | None) -> list[str]:

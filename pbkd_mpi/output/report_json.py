@@ -91,12 +91,14 @@ def build_report(*, run_dir, workers: int, dataset, teacher, teacher_info: dict,
                  accuracies: dict, acceptance, max_drop: float, tasks, blocks, phases: dict, deployment: dict,
                  cache_info: dict, energy_snapshots, tuned: dict, chained, wall_s: float,
                  memory: dict | None = None, gate: GateConfig | None = None,
-                 students: dict | None = None, problems: list | None = None) -> dict:
+                 students: dict | None = None, problems: list | None = None,
+                 warnings: list | None = None) -> dict:
     """The report of a finished run. `acceptance`: distill/accept.Acceptance; `tasks`: the
     run's distill/tasks.BlockTasks; `blocks`: each with the student it kept;
     `accuracies`: model/evaluate.test_accuracies; `students`: model/choice's record;
     `gate`: the job's quality gate, judged on the report's own figures (gate.py);
-    `problems`: the steps after the student existed that failed (output/problems.py)."""
+    `problems`: the steps after the student existed that failed (output/problems.py);
+    `warnings`: what the user should know of the data (model/evaluate.validation_warning)."""
     rows = _block_rows(tasks, blocks, acceptance.verdicts)
     failed = [{"name": name, "attempts": len(errors), "errors": errors}
               for name, errors in tasks.outcome.failures.items()]
@@ -110,6 +112,7 @@ def build_report(*, run_dir, workers: int, dataset, teacher, teacher_info: dict,
         "data": {**dataset.summary(), "test_split_reads": dataset.test_reads},
         "teacher": {**teacher_info, "params": int(teacher.count_params()),
                     "flops": model_flops(teacher), "accuracy": accuracies["teacher"],
+                    "val_accuracy": accuracies["teacher_val"],
                     "fingerprint": teacher_fingerprint},
         "student": {
             "params": int(student.count_params()),
@@ -148,6 +151,7 @@ def build_report(*, run_dir, workers: int, dataset, teacher, teacher_info: dict,
         "finetune": tuned,
         "chained": chained,
         "problems": list(problems or []),
+        "warnings": list(warnings or []),
         "wall_s": wall_s,
     }
     report["gate"] = check_gate(gate or GateConfig(), report)

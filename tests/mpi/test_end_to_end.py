@@ -402,6 +402,49 @@ def test_a_student_that_misses_the_gate_exits_3_with_its_report(tiny_run, tmp_pa
         "min_param_reduction", "max_accuracy_drop"}  # the run's own bar, and the new one
 
 
+def test_a_failing_export_is_reported_and_the_run_ends_with_exit_4(tiny_run, tmp_path):
+    run_dir = _warm_run_dir(tiny_run, tmp_path, blocks=("conv1", "conv2", "conv3", "conv4"))
+    result = run_mpi(2, ["run", TINY_JOB, "--run-dir", run_dir, "--set", "finetune.epochs=0",
+                         "--set", "schedule.profile=false", "--set", "accept.max_drop=1.0",
+                         "--set", "export.tflite=both"], timeout=180,
+                     env={"PBKD_FAULT": "fail:tflite_int8"})
+    assert result.returncode == 4, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stdout + result.stderr
+    # No converter or interpreter chatter on the console: it is in the rank's log.
+    assert "XNNPACK" not in result.stdout + result.stderr
+    problem_lines = [line for line in result.stdout.splitlines() if "problem:" in line]
+    assert len(problem_lines) == 1 and "export tflite_int8" in problem_lines[0]
+    assert "finished with 1 problem(s)" in result.stdout.strip().splitlines()[-1]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [p["step"] for p in report["problems"]] == ["export tflite_int8"]
+    assert "fault injected" in report["problems"][0]["reason"]
+    # Everything else was made: the float32 file checked and timed, not the int8 one.
+    exports = report["deployment"]["exports"]
+    assert set(exports) == {"keras", "saved_model", "tflite_float32"}
+    assert exports["tflite_float32"]["ops"] == "builtins"
+    assert not (run_dir / "student_int8.tflite").exists()
+    assert {row["runtime"] for row in report["deployment"]["latency"]} == {
+        "keras", "tflite-float32"}
+    assert "## Problems" in (run_dir / "report.md").read_text()
+    assert "fault injected into 'export tflite_int8'" in (run_dir / "logs" / "rank-0.log"
+                                                           ).read_text()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for extra, code in (([], 4), (["--set", "gate.allow_problems=true"], 0)):
+        checked = subprocess.run([sys.executable, "-m", "pbkd_mpi", "check", str(run_dir),
+                                  *extra], capture_output=True, text=True, timeout=120,
+                                 env=env)
+        assert checked.returncode == code, checked.stdout + checked.stderr[-2000:]
+    # The later commands take the directory: redrawn, and the baselines measured.
+    redrawn = subprocess.run([sys.executable, "-m", "pbkd_mpi", "report", str(run_dir)],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert redrawn.returncode == 0, redrawn.stderr[-2000:]
+    baselines = subprocess.run([sys.executable, "-m", "pbkd_mpi", "baselines", str(run_dir),
+                                "--budget-s", "2", "--budget-factor", "1"],
+                               capture_output=True, text=True, timeout=120, env=env)
+    assert baselines.returncode == 0, baselines.stderr[-2000:]
+    assert (run_dir / "baselines.json").is_file()
+
+
 def test_a_block_with_nan_loss_fails_every_attempt_and_the_run_completes(tiny_run, tmp_path):
     run_dir = _warm_run_dir(tiny_run, tmp_path, blocks=("conv1", "conv3", "conv4"))
     # A budget the estimate (about 660 MB) fits and the ranks' real RSS passes: the
