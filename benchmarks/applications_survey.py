@@ -9,11 +9,20 @@ of the network's parameters inside blocks, the largest block's share, the smalle
 student ratio, the warnings, or the error's type and message. The last line sums it up:
 `{"models": n, "plans": n, "errors": n, "unwarned_over_share": n, "target_ratios": {...}}`.
 
+With `--choose`, each granularity is also planned as `plan` does with the job defaults:
+the latency objective chooses each block's student among its candidates (the teacher's
+own block included), each timed alone on TFLite and Keras; the line adds how many blocks
+were timed (`timed_blocks`: blocks with equal candidates are timed once), how many had
+candidates, how many keep the teacher's block and the seconds, or `choose_error`.
+`--rounds 1` times each candidate once (every candidate built, folded, converted and run:
+the mechanics, without the cost of stable medians).
+
 The full loop takes long on two cores (the largest models have hundreds of millions of
 parameters), so it is a benchmark; tests/test_architectures.py covers one model of each
 kind of architecture.
 
     python benchmarks/applications_survey.py [--size 64] [--only MobileNet,NASNetMobile]
+    python benchmarks/applications_survey.py --size 96 --choose --rounds 1
 """
 
 from __future__ import annotations
@@ -69,16 +78,49 @@ def survey_one(model, granularity, target=None) -> dict:
     }
 
 
+def choose_one(model, granularity) -> dict:
+    """`plan`'s choice of students with the job defaults at `granularity`."""
+    from pbkd_mpi.config import load_job
+    from pbkd_mpi.model.choice import TEACHER, choose_students
+    from pbkd_mpi.model.selection import job_blocks
+
+    job = load_job(None, [])
+    started = time.perf_counter()
+    try:
+        choice = choose_students(model, job_blocks(model, job, granularity), job, "survey",
+                                 None, lambda message: None)
+    except Exception as error:  # the survey reports every failure, whatever its type
+        return {"choose_error": type(error).__name__, "choose_message": str(error)[:300]}
+    rows = choice.record["blocks"]
+    return {"timed_blocks": choice.record["timed_blocks"],
+            "with_candidates": sum(1 for row in rows if len(row["candidates"]) > 1),
+            "kept_teacher": sum(1 for row in rows if row["candidates"][0]["family"] == TEACHER),
+            "choose_seconds": round(time.perf_counter() - started, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--only", default="", help="comma-separated constructor names")
+    parser.add_argument("--choose", action="store_true",
+                        help="also choose the students as `plan` does (latency, timed)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="with --choose: time each candidate this many rounds")
     args = parser.parse_args()
+    from pbkd_mpi.mpi.devices import import_tensorflow
+
+    import_tensorflow()
     import keras
+
+    if args.rounds:
+        from pbkd_mpi.model import block_timing
+
+        block_timing.WARMUP_ROUNDS = 0
+        block_timing.MIN_ROUNDS = block_timing.MAX_ROUNDS = args.rounds
 
     wanted = set(filter(None, args.only.split(",")))
     summary = {"models": 0, "plans": 0, "errors": 0, "unwarned_over_share": 0,
-               "not_all_smaller": 0, "target_ratios": {}}
+               "not_all_smaller": 0, "target_ratios": {}, "choose_errors": 0}
     for name, build in constructors().items():
         if wanted and name not in wanted:
             continue
@@ -94,6 +136,9 @@ def main() -> None:
         for granularity, target in runs:
             row = {"model": name, "granularity": granularity, "target": target,
                    **survey_one(model, granularity, target)}
+            if args.choose and target is None and "error" not in row:
+                row.update(choose_one(model, granularity))
+                summary["choose_errors"] += int("choose_error" in row)
             print(json.dumps(row), flush=True)
             if "error" in row:
                 summary["errors"] += 1

@@ -305,3 +305,26 @@ def test_every_keras_application_plans_at_every_granularity(name):
     # blocks alone).
     if name in MODERN:
         assert covered["layer"] > 0.6 * covered["block"], covered  # less the SE gates
+
+
+@pytest.mark.parametrize("name", ["MobileNetV3Small", "ConvNeXtTiny"])
+def test_the_teachers_own_blocks_are_built_alone_where_they_end_at_bare_operations(name):
+    """The latency objective times each teacher block alone (model/choice.Candidate): a
+    block of MobileNetV3Small (hard sigmoid `x + 3`, `x * y`) or ConvNeXtTiny (the residual
+    `x + y`) that holds or ends at a bare keras.ops call is copied with it (plan ended in
+    KeyError 'add_16' at 96 px, MobileNetV3Small 'add_34'). Shapes only: seconds each."""
+    from dataclasses import replace
+
+    from pbkd_mpi.model.choice import TEACHER, Candidate
+
+    with shapes_only():
+        model = flatten_model(getattr(keras.applications, name)(
+            weights=None, input_shape=(SIZE, SIZE, 3), classes=10))
+        operations = {op.name for op in model.operations if not isinstance(op, layers.Layer)}
+        holding = 0
+        for granularity in ("block", "stage"):
+            for block in select_blocks(model, granularity, MULTIPLIER, max_share=0.9):
+                alone = Candidate(replace(block, family=TEACHER), 1).model(model)
+                assert tuple(alone.output_shape[1:]) == block.output_shape, block.name
+                holding += bool(operations & set(block.layers))
+    assert holding

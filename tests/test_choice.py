@@ -14,7 +14,7 @@ from pbkd_mpi.config import load_job
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.model.block_timing import check_target
 
-from pbkd_mpi.model.choice import (CHOICE_FILE, TEACHER, Candidate, candidates,
+from pbkd_mpi.model.choice import (CHOICE_FILE, TEACHER, Candidate, _deployed, candidates,
                                    choose_students, from_record, nothing_to_train)
 from pbkd_mpi.output.report import describe_record
 
@@ -285,3 +285,149 @@ def test_every_candidate_starts_from_the_teacher_and_exports_to_tflite(tmp_path)
         path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(student).convert())
         np.testing.assert_allclose(TfliteModel(path, threads=1)(x), expected, atol=1e-4)
 
+
+
+def _bare_operation_teacher():
+    """A stem conv, then three residual blocks whose skip is a bare `x + y` (a keras.ops
+    call, no layer: ConvNeXt's and MobileNetV3's block boundaries) with a hard swish of bare
+    operations inside (MobileNetV3's); the first two equal but for their dropout rate
+    (EfficientNet's grows block by block), the third of another kernel size."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((12, 12, 3))
+    x = layers.Conv2D(16, 3, padding="same", name="stem")(inputs)
+    for index, kernel in enumerate((3, 3, 5)):
+        y = layers.Conv2D(16, kernel, padding="same", name=f"b{index}_conv1")(x)
+        y = layers.BatchNormalization(name=f"b{index}_bn")(y)
+        y = y * (keras.ops.relu6(y + 3.0) / 6.0)
+        y = layers.Conv2D(16, kernel, padding="same", name=f"b{index}_conv2")(y)
+        x = x + layers.Dropout(0.1 * index, name=f"b{index}_drop")(y)
+    outputs = layers.Dense(3, name="head")(layers.GlobalAveragePooling2D(name="gap")(x))
+    return keras.Model(inputs, outputs, name="bare_ops")
+
+
+def test_the_teachers_block_ending_at_a_bare_operation_is_timed_once_per_shape():
+    """The teacher's own block as a latency candidate where the block ends at (and holds)
+    bare keras.ops calls: copied whole (the copy of every block is the teacher), timed on
+    TFLite beside its students; equal blocks are timed once and share the figures."""
+    import keras
+    import numpy as np
+
+    from pbkd_mpi.model.assemble import copy_block, rewrite
+    from pbkd_mpi.model.graph import block_structures, find_blocks
+    from pbkd_mpi.model.selection import select_blocks
+    from pbkd_mpi.model.students import layer_weights
+
+    teacher = _bare_operation_teacher()
+    operations = {op.name for op in teacher.operations if not isinstance(op, keras.layers.Layer)}
+    found = find_blocks(teacher, "block")
+    assert [b.output_boundary in operations for b in found] == [False, True, True, True]
+    copied = rewrite(teacher, found, lambda block, t: copy_block(teacher, block, t),
+                     layer_weights(teacher))
+    x = np.random.default_rng(0).uniform(size=(2, 12, 12, 3)).astype("float32")
+    np.testing.assert_allclose(copied.predict(x, verbose=0), teacher.predict(x, verbose=0),
+                               atol=1e-5)
+    structures = block_structures(teacher, found)
+    assert structures[found[1].name] == structures[found[2].name] != structures[found[3].name]
+
+    blocks = select_blocks(teacher, "block", 2)
+    job = load_job(None, ["student.target=tflite", "student.latency_batches=[1]"])
+    progress = []
+    choice = choose_students(teacher, blocks, job, "fp", None, lambda m: None,
+                             progress=lambda *args: progress.append(args))
+    rows = {row["name"]: row for row in choice.record["blocks"]}
+    first, second, third = (found[i].name for i in (1, 2, 3))
+    for name in (first, second, third):
+        families = [c["family"] for c in rows[name]["candidates"]]
+        assert TEACHER in families and all("latency_ms" in c for c in rows[name]["candidates"])
+    assert rows[second]["timing_of"] == first and "timing_of" not in rows[third]
+    assert ([c["latency_ms"] for c in rows[second]["candidates"]]
+            == [c["latency_ms"] for c in rows[first]["candidates"]])
+    timed = len(blocks) - 1
+    assert choice.record["timed_blocks"] == timed
+    assert [p[:3] for p in progress] == [(i, timed, b.name) for i, b in enumerate(
+        b for b in blocks if b.name != second)] + [(timed, timed, None)]
+    assert progress[-1][3] == 1  # one block took an equal block's figures
+
+
+@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
+def test_timing_converts_to_tflite_as_the_export_does():
+    """block_timing.tflite_bytes (a traced function, 4-5x faster to convert) gives the
+    operations and outputs of TFLiteConverter.from_keras_model."""
+    import contextlib
+    import io
+
+    import numpy as np
+    import tensorflow as tf
+
+    from pbkd_mpi.model.block_timing import tflite_bytes
+    from pbkd_mpi.model.graph import find_blocks
+
+    teacher = _bare_operation_teacher()
+    block = find_blocks(teacher, "block")[1]
+    model = _deployed(Candidate(replace(block, family=TEACHER), 1).model(teacher))
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    x = np.random.default_rng(0).uniform(size=(3, *block.input_shape)).astype(np.float32)
+    outputs, operations = [], []
+    for blob in (tflite_bytes(model), reference):
+        interpreter = tf.lite.Interpreter(model_content=blob)
+        operations.append([op["op_name"] for op in interpreter._get_ops_details()])
+        interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], x.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
+    assert operations[0] == operations[1] and "ADD" in operations[0]
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
+    np.testing.assert_allclose(outputs[0], model.predict(x, verbose=0), atol=1e-4)
+
+
+def test_a_block_is_timed_until_its_choice_is_settled(tiny_teacher, blocks, monkeypatch):
+    """Rounds of every measure, QUICK_ROUNDS at a time, stop once the medians leave the
+    choice in no doubt (the deciding candidates SETTLED_MARGIN off the min_speedup line),
+    else when each measure's budget is spent; candidates after the choice count only as
+    the fastest. Timers with fixed medians stand in for the clock."""
+    import contextlib
+
+    from pbkd_mpi.model import choice as choice_module
+    from pbkd_mpi.model.choice import QUICK_ROUNDS, SETTLED_MARGIN, settled, time_candidates
+
+    # Teacher, separable, low-rank, relative to the fastest; min_speedup 1.25.
+    assert settled({"m": [1.0, 1.3, 1.2]}, 1.25)  # the teacher, fastest
+    assert not settled({"m": [1.2, 1.3, 1.0]}, 1.25)  # the teacher, just inside the line
+    assert settled({"m": [1.5, 1.0, 2.0]}, 1.25)  # the student; the teacher well outside
+    assert not settled({"m": [1.4, 1.0, 2.0]}, 1.25)  # ... the teacher near the line
+    # A later candidate counts as the fastest: 0.9 puts the chosen separable 1.11x off it.
+    assert not settled({"m": [1.25 * SETTLED_MARGIN, 1.0, 0.9]}, 1.25)
+    budget = 3 * QUICK_ROUNDS
+
+    class Timer:
+        def __init__(self, functions, input_shape, batch):
+            self.done = 0
+
+        def wants_more(self):
+            return self.done < budget
+
+        def run(self, rounds, budgeted=True):
+            self.done = min(budget, self.done + rounds)
+            made.append(self)
+
+        def medians(self):
+            return list(medians)
+
+    @contextlib.contextmanager
+    def runners(models, target):
+        yield [None] * len(models)
+
+    monkeypatch.setattr(choice_module, "InterleavedTimer", Timer)
+    monkeypatch.setattr(choice_module, "model_runners", runners)
+    student = load_job(None, ["student.latency_batches=[1, 8]"]).student
+    found = candidates(blocks[0], 2, keep=True)
+    for medians, rounds in (([1.0, 1.3, 1.5], QUICK_ROUNDS), ([1.2, 1.3, 1.0], budget)):
+        made = []
+        timings = time_candidates(tiny_teacher, blocks[0], found, student)
+        assert set(timings) == {"tflite/1", "tflite/8", "keras-cpu/1", "keras-cpu/8"}
+        assert {timer.done for timer in made} == {rounds}

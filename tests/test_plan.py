@@ -26,9 +26,14 @@ def test_block_table_totals_add_up(tiny_teacher):
 def test_plan_command_json_for_a_job_and_for_a_saved_teacher(tiny_teacher, tmp_path):
     result = _plan(TINY_JOB, "--json")
     assert result.returncode == 0, result.stderr
-    table = json.loads(result.stdout)
+    table = json.loads(result.stdout)  # stdout is the JSON alone
     assert len(table["blocks"]) == 4 and set(table["totals"]) == {
         "teacher_params", "student_params", "teacher_flops", "student_flops"}
+    # Timing's progress on stderr; TFLite's own lines on neither stream.
+    assert "timing candidates: block 1/" in result.stderr
+    assert "block(s) timed in" in result.stderr.splitlines()[-1]
+    assert "Created TensorFlow Lite" not in result.stderr + result.stdout
+    assert table["students"]["timed_blocks"] == len(table["students"]["blocks"])
     for name in ("t.keras", "t.h5"):  # the native format and the legacy HDF5 one
         path = tmp_path / name
         tiny_teacher.save(path)

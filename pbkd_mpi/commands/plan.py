@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 
 from pbkd_mpi.config import load_job
 from pbkd_mpi.keys import model_fingerprint
-from pbkd_mpi.model.choice import choose_students, nothing_to_train
+from pbkd_mpi.model.choice import choose_students, nothing_to_train, timing_summary
 from pbkd_mpi.model.selection import block_table_of, job_blocks, job_warnings
 from pbkd_mpi.model.teacher import BUILTIN_TEACHERS, build_builtin, load_model_file
 from pbkd_mpi.output.report import describe_record
 
+# Without a terminal, a progress line at most this often (and the first and last).
+PROGRESS_EVERY_S = 10.0
 HEADER = ("block", "layers", "in", "out", "end", "family", "width", "mult", "T params",
           "S params", "T FLOPs", "S FLOPs")
 
@@ -21,7 +25,8 @@ def plan_command(args) -> int:
     teacher = _teacher(args, job)
     # Nothing is written: `run` times the candidates again in its own run directory.
     choice = choose_students(teacher, job_blocks(teacher, job, getattr(args, "granularity", None)),
-                             job, model_fingerprint(teacher), None, lambda message: None)
+                             job, model_fingerprint(teacher), None, lambda message: None,
+                             progress=progress_printer(sys.stderr))
     table = block_table_of(choice.blocks, choice.multipliers)
     table["target_params"] = job.student.target_params or None
     table["warnings"] = job_warnings(choice.blocks, job) + [
@@ -29,6 +34,30 @@ def plan_command(args) -> int:
     table["students"] = choice.record
     print(json.dumps(table, indent=2) if args.json else render_table(table))
     return 0
+
+
+def progress_printer(stream):
+    """choose_students' `progress` for `plan`: on `stream` (stderr: stdout carries the
+    table or --json's JSON alone), one status line rewritten in place on a terminal, else
+    a line when timing starts, at most every PROGRESS_EVERY_S, and at the end."""
+    tty = stream.isatty()
+    started, last = time.perf_counter(), [float("-inf")]
+
+    def progress(done: int, total: int, name: str | None, reused: int = 0) -> None:
+        now = time.perf_counter()
+        if name is None:
+            text = (f"timing candidates: {total} block(s) timed in {now - started:.0f} s"
+                    + (f", {reused} more with the figures of an equal block" if reused
+                       else ""))
+        else:
+            text = f"timing candidates: block {done + 1}/{total} ({name}), {now - started:.0f} s"
+        if tty:
+            stream.write(f"\r\033[K{text}" + ("\n" if name is None else ""))
+        elif name is None or now - last[0] >= PROGRESS_EVERY_S:
+            stream.write(text + "\n")
+            last[0] = now
+        stream.flush()
+    return progress
 
 
 def _teacher(args, job):
@@ -65,6 +94,8 @@ def render_table(table: dict) -> str:
                         if table.get("target_params") else ""))
     if table.get("students"):
         lines.extend(describe_record(table["students"]))
+        if table["students"].get("timed_on"):
+            lines.append(f"students: {timing_summary(table['students'])}")
     lines.extend(f"warning: {warning}" for warning in table.get("warnings", ()))
     return "\n".join(lines)
 

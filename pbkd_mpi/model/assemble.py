@@ -10,7 +10,8 @@ from __future__ import annotations
 import keras
 
 from pbkd_mpi.model.evaluate import recalibrate_batchnorm
-from pbkd_mpi.model.graph import Block, MODEL_INPUT, copy_layer, flatten_model, replay
+from pbkd_mpi.model.graph import (Block, MODEL_INPUT, copy_layer, flatten_model, graph_nodes,
+                                  replay)
 from pbkd_mpi.model.students import apply_student, layer_weights
 from pbkd_mpi.model.teacher import save_model_atomically
 
@@ -61,17 +62,21 @@ def _placeholder(node):
 
 def copy_block(teacher, block: Block, tensor):
     """The teacher block's own layers, copied, applied to `tensor` (for the proof that the
-    rewrite is exact: a teacher with every block replaced by its copy is the teacher)."""
+    rewrite is exact: a teacher with every block replaced by its copy is the teacher, and
+    for timing the teacher's block as a candidate). Its bare keras.ops calls (ConvNeXt's
+    `x + y`, MobileNetV3's hard sigmoid), which are no layers, are called again as they
+    are: they hold no weights."""
     teacher = flatten_model(teacher)
     inside = set(block.layers)
     outputs = {block.input_boundary: tensor}
-    for layer in teacher.layers:
-        if layer.name not in inside:
+    for node in graph_nodes(teacher):
+        operation = node.operation
+        if operation.name not in inside:
             continue
-        node = layer._inbound_nodes[0]
         parents = {id(t): outputs[_producer(t)] for t in node.input_tensors}
         args, kwargs = node.arguments.fill_in(parents)
-        outputs[layer.name] = copy_layer(layer)(*args, **kwargs)
+        call = copy_layer(operation) if isinstance(operation, keras.layers.Layer) else operation
+        outputs[operation.name] = call(*args, **kwargs)
     return outputs[block.output_boundary]
 
 

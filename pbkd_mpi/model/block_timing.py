@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.output.exports import TfliteModel
+from pbkd_mpi.output.logs import native_output_to_log
 
 WARMUP_ROUNDS = 3
 MIN_ROUNDS, MAX_ROUNDS = 10, 200
@@ -63,21 +66,52 @@ def check_target(target: str, without_gpu: str | None = None) -> None:
 
 
 def _runner(model, target: str, folder: Path, name: str):
-    import tensorflow as tf
-
     if target == "tflite":
         path = folder / f"{name}.tflite"
-        with contextlib.redirect_stdout(io.StringIO()):  # Keras' export prints its endpoints
-            path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+        path.write_bytes(tflite_bytes(model))
         return TfliteModel(path, threads=1)
-    return keras_function(model, "/GPU:0" if target == "gpu" else "/CPU:0")
+    return keras_function(model, "/GPU:0" if target == "gpu" else "/CPU:0",
+                          model.input_shape[1:])
 
 
-def keras_function(model, device: str):
-    """`model` as a traced inference call on `device`, from a NumPy batch to NumPy."""
+def tflite_bytes(model) -> bytes:
+    """`model` converted to TFLite float32 from its traced inference function, for timing:
+    the operations of TFLiteConverter.from_keras_model, which writes a SavedModel first
+    and takes 4-5x as long (0.42 s against 0.095 s a NASNetMobile candidate at 96 px,
+    tests/test_choice.py compares the two)."""
     import tensorflow as tf
 
-    forward = tf.function(lambda x: model(x, training=False))
+    spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+    function = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+    # The converter's own lines (and its notice that this path is deprecated) go to the
+    # log, not the console.
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                native_output_to_log():
+            warnings.simplefilter("ignore")
+            try:
+                # Without the model as its trackable object: with it the variables come
+                # out unset (outputs of 1e29).
+                return tf.lite.TFLiteConverter.from_concrete_functions([function]).convert()
+            except Exception:  # a TensorFlow without this path: the SavedModel one
+                return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    finally:
+        absl.setLevel(level)
+
+
+def keras_function(model, device: str, input_shape=None):
+    """`model` as a traced inference call on `device`, from a NumPy batch to NumPy; with
+    `input_shape` (one sample's), traced once for every batch size (timed alike: 1.83 and
+    1.77 ms at batch 1, 25.1 and 25.1 ms at 32, a 24x24x64 separable block), else once
+    per batch size."""
+    import tensorflow as tf
+
+    signature = None if input_shape is None else [
+        tf.TensorSpec((None, *input_shape), tf.float32)]
+    forward = tf.function(lambda x: model(x, training=False), input_signature=signature)
 
     def run(x):
         with tf.device(device):
@@ -89,10 +123,27 @@ def time_models(models: list, input_shape, target: str, batch: int,
                 rounds: int | None = None) -> list[float]:
     """Median milliseconds of one call of each Keras model at `batch` on `target`, timed
     interleaved (time_callables)."""
+    return time_models_at(models, input_shape, target, [batch], rounds)[batch]
+
+
+def time_models_at(models: list, input_shape, target: str, batches,
+                   rounds: int | None = None) -> dict[int, list[float]]:
+    """time_models at each of `batches`: {batch: milliseconds of each model}. Each model
+    is converted (TFLite, most of the cost of timing a small block) or traced once for
+    all the batches."""
+    with model_runners(models, target) as runners:
+        return {batch: time_callables(runners, input_shape, batch, rounds)
+                for batch in batches}
+
+
+@contextlib.contextmanager
+def model_runners(models: list, target: str):
+    """Each Keras model as a callable on `target` (a NumPy batch of any size to NumPy):
+    converted to TFLite (its file in a folder that lasts as long as the block) or traced,
+    once for every batch and round."""
     with tempfile.TemporaryDirectory() as folder:
-        runners = [_runner(model, target, Path(folder), f"candidate{i}")
-                   for i, model in enumerate(models)]
-        return time_callables(runners, input_shape, batch, rounds)
+        yield [_runner(model, target, Path(folder), f"candidate{i}")
+               for i, model in enumerate(models)]
 
 
 def time_callables(functions: list, input_shape, batch: int,
@@ -101,25 +152,52 @@ def time_callables(functions: list, input_shape, batch: int,
     random samples, timed interleaved: over `rounds` rounds, or by default as many as
     ROUND_BUDGET_S allows within MIN_ROUNDS and MAX_ROUNDS (FEWEST_ROUNDS for slow
     calls)."""
-    x = np.random.default_rng(0).uniform(size=(batch, *input_shape)).astype(np.float32)
-    for _ in range(WARMUP_ROUNDS):
-        begun = time.perf_counter()
-        for run in functions:
-            run(x)
-        if time.perf_counter() - begun > SLOW_BUDGET_S / 10:
-            break  # calls this slow traced and packed in the first round
-    times: list[list[float]] = [[] for _ in functions]
-    started = time.perf_counter()
+    timer = InterleavedTimer(functions, input_shape, batch)
+    timer.run(rounds or MAX_ROUNDS, budgeted=not rounds)
+    return timer.medians()
 
-    def more() -> bool:
-        done, spent = len(times[0]), time.perf_counter() - started
-        if rounds:
-            return done < rounds
-        return done < MAX_ROUNDS and (spent < ROUND_BUDGET_S or done < MIN_ROUNDS) and (
-            spent < SLOW_BUDGET_S or done < FEWEST_ROUNDS)
-    while more():
-        for run, series in zip(functions, times):
+
+class InterleavedTimer:
+    """The functions of time_callables, warmed up on one batch and timed round after round
+    (one call of each per round), as many rounds at a time as the caller asks: a caller can
+    stop once the medians so far answer its question (model/choice.time_candidates)."""
+
+    def __init__(self, functions: list, input_shape, batch: int):
+        self.functions = functions
+        self.x = np.random.default_rng(0).uniform(size=(batch, *input_shape)).astype(
+            np.float32)
+        for _ in range(WARMUP_ROUNDS):
             begun = time.perf_counter()
-            run(x)
-            series.append(time.perf_counter() - begun)
-    return [1000.0 * statistics.median(series) for series in times]
+            for run in functions:
+                run(self.x)
+            if time.perf_counter() - begun > SLOW_BUDGET_S / 10:
+                break  # calls this slow traced and packed in the first round
+        self.times: list[list[float]] = [[] for _ in functions]
+        self.spent = 0.0  # seconds in timed rounds
+
+    @property
+    def done(self) -> int:
+        return len(self.times[0])
+
+    def wants_more(self) -> bool:
+        """Whether the default budget allows another round: ROUND_BUDGET_S within
+        MIN_ROUNDS and MAX_ROUNDS, FEWEST_ROUNDS for slow calls."""
+        return self.done < MAX_ROUNDS and (
+            self.spent < ROUND_BUDGET_S or self.done < MIN_ROUNDS) and (
+            self.spent < SLOW_BUDGET_S or self.done < FEWEST_ROUNDS)
+
+    def run(self, rounds: int, budgeted: bool = True) -> None:
+        """`rounds` more rounds; `budgeted`: fewer where the budget is spent first."""
+        for _ in range(rounds):
+            if budgeted and not self.wants_more():
+                return
+            begun_round = time.perf_counter()
+            for run, series in zip(self.functions, self.times):
+                begun = time.perf_counter()
+                run(self.x)
+                series.append(time.perf_counter() - begun)
+            self.spent += time.perf_counter() - begun_round
+
+    def medians(self) -> list[float]:
+        """Median milliseconds of each function over the rounds so far."""
+        return [1000.0 * statistics.median(series) for series in self.times]

@@ -19,10 +19,13 @@ another rank and written to the report without carrying Keras objects along.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass
 
 import keras
+import numpy as np
 
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.model.cost import layers_cost, shapes_only
@@ -589,3 +592,61 @@ def boundaries(blocks) -> list[str]:
             if name not in seen:
                 seen.append(name)
     return seen
+
+
+# Identities at inference, whatever their rate (EfficientNet's dropout grows block by block).
+_INFERENCE_IDENTITIES = (keras.layers.Dropout, keras.layers.GaussianNoise,
+                         keras.layers.GaussianDropout, keras.layers.AlphaDropout,
+                         keras.layers.ActivityRegularization)
+
+
+def block_structures(model, blocks) -> dict[str, str]:
+    """{block name: its computation without its names}: the block's input shape and, per
+    operation in order, its class, its configuration less its name, and its arguments with
+    each tensor replaced by the position in the block of the operation that makes it (-1:
+    the block's input). Blocks of equal structure run alike on inputs of that shape, their
+    weights aside (a stage's repeated blocks, a NAS cell's separable convs); layers that
+    are identities at inference (dropout, noise) count by their class alone. `model`: the
+    flat teacher the blocks were found in."""
+    nodes = {node.operation.name: node for node in graph_nodes(model)}
+    input_id = id(model.inputs[0])
+    structures = {}
+    for block in blocks:
+        position = {block.input_boundary: -1}
+
+        def reference(value):
+            if not isinstance(value, keras.KerasTensor):
+                return value
+            if id(value) == input_id:
+                return {"tensor": position[MODEL_INPUT]}
+            return {"tensor": position[value._keras_history.operation.name]}
+
+        operations = []
+        for index, name in enumerate(block.layers):
+            node = nodes[name]
+            operation = node.operation
+            try:
+                config = ({} if isinstance(operation, _INFERENCE_IDENTITIES) else
+                          {k: v for k, v in operation.get_config().items() if k != "name"})
+            except Exception:  # an operation that cannot describe itself: unique
+                config = {"unique": f"{block.name}/{name}"}
+            arguments = keras.tree.map_structure(
+                reference, (list(node.arguments.args), dict(node.arguments.kwargs)))
+            operations.append([type(operation).__module__, type(operation).__qualname__,
+                               config, arguments])
+            position[name] = index
+        structures[block.name] = json.dumps([list(block.input_shape), operations],
+                                            sort_keys=True, default=_plain)
+    return structures
+
+
+def _plain(value):
+    """A JSON stand-in for a value of a configuration that JSON lacks."""
+    if isinstance(value, (tuple, set, frozenset)):
+        return list(value)
+    if isinstance(value, np.ndarray):  # a constant (Normalization's mean): its digest
+        return ["array", list(value.shape), str(value.dtype),
+                hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return repr(value)  # an object: equal only where its text is (an address: never)
