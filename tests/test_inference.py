@@ -17,19 +17,22 @@ def _user_style_model():
         def call(self, x):
             return x * 0.5
 
-    augment = keras.Sequential([keras.layers.RandomFlip("horizontal"),
-                                keras.layers.RandomTranslation(0.1, 0.1),
-                                keras.layers.RandomRotation(0.05)], name="augment")
+    # Named: Keras numbers unnamed layers per process, and other tests make some too.
+    augment = keras.Sequential([keras.layers.RandomFlip("horizontal", name="random_flip"),
+                                keras.layers.RandomTranslation(0.1, 0.1,
+                                                               name="random_translation"),
+                                keras.layers.RandomRotation(0.05, name="random_rotation")],
+                               name="augment")
     inputs = keras.Input((16, 16, 3))
     x = keras.layers.Rescaling(1 / 255.0)(augment(inputs))
-    x = keras.layers.GaussianNoise(0.1)(x)
+    x = keras.layers.GaussianNoise(0.1, name="gaussian_noise")(x)
     x = keras.layers.Conv2D(8, 3, padding="same", name="conv1")(x)
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.ReLU()(x)
-    x = keras.layers.SpatialDropout2D(0.2)(x)
+    x = keras.layers.SpatialDropout2D(0.2, name="spatial_dropout2d")(x)
     x = Scale(name="custom")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
-    x = keras.layers.Dropout(0.5)(x)
+    x = keras.layers.Dropout(0.5, name="dropout")(x)
     return keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
 
 
