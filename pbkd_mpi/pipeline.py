@@ -97,10 +97,7 @@ def coordinate(job: Job, coordinator, log, meter=None, fresh: bool = False,
                                run_dir, coordinator, log)
     with timer("evaluate"):
         accuracies = test_accuracies(teacher, assembled_path, student, dataset)
-    warnings = [w for w in [validation_warning(accuracies, dataset,
-                                               teacher_info.get("trained_here", False))] if w]
-    for warning in warnings:
-        log(f"warning: {warning}")
+    warnings = _data_warnings(accuracies, dataset, teacher_info, log)
     student_path = run_dir / "student.keras"  # written by deploy_student
     problems = Problems(log)  # from here on a failing step is reported, the run goes on
     with timer("deploy"):
@@ -142,6 +139,14 @@ def _students(teacher, blocks, job, teacher_fp, run_dir, coordinator, log):
     if (why := nothing_to_train(choice)) is not None:
         raise UserError(why)
     return choice
+
+
+def _data_warnings(accuracies, dataset, teacher_info, log) -> list[str]:
+    """What the user should know of the data (report `warnings`), each logged."""
+    warning = validation_warning(accuracies, dataset, teacher_info.get("trained_here", False))
+    if warning:
+        log(f"warning: {warning}")
+    return [warning] if warning else []
 
 
 def _log_blocks(blocks, job, log) -> None:

@@ -16,7 +16,7 @@ from pbkd_mpi.cache.reader import load_teacher_and_data
 from pbkd_mpi.config import DataConfig
 from pbkd_mpi.model.assemble import assemble_student
 from pbkd_mpi.model.evaluate import recalibrated_accuracy
-from pbkd_mpi.model.graph import Block
+from pbkd_mpi.model.graph import Block, refresh_state
 
 
 CALIBRATION_SAMPLES = 2000  # training images re-estimating BN statistics of a solo swap
@@ -41,6 +41,7 @@ def teacher_accuracy(teacher, x, y, x_calibrate=None) -> float:
     if x_calibrate is not None:  # a copy: the teacher itself keeps its statistics
         model = keras.models.clone_model(teacher)
         model.set_weights(teacher.get_weights())
+        refresh_state(model)
     return recalibrated_accuracy(model, x, y, x_calibrate, samples=CALIBRATION_SAMPLES)
 
 

@@ -11,7 +11,7 @@ import keras
 
 from pbkd_mpi.model.evaluate import recalibrate_batchnorm
 from pbkd_mpi.model.graph import (Block, MODEL_INPUT, copy_layer, flatten_model, graph_nodes,
-                                  replay)
+                                  refresh_state, replay)
 from pbkd_mpi.model.students import apply_student, layer_weights
 from pbkd_mpi.model.teacher import save_model_atomically
 
@@ -52,7 +52,7 @@ def rewrite(teacher, blocks: list[Block], make_block, weights: dict[str, list],
     for layer in model.layers:
         if layer.weights:
             layer.set_weights(weights[layer.name])
-    return model
+    return refresh_state(model)
 
 
 def _placeholder(node):

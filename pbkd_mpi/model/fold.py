@@ -13,7 +13,7 @@ import keras
 import numpy as np
 
 from pbkd_mpi.model.evaluate import predict_batches
-from pbkd_mpi.model.graph import flatten_model, graph_nodes, replay
+from pbkd_mpi.model.graph import flatten_model, graph_nodes, refresh_state, replay
 
 # Keras' separable and transposed convs are none of these classes: they keep their BNs.
 _FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.DepthwiseConv1D,
@@ -50,6 +50,7 @@ def fold_batchnorm(model, check_images) -> tuple[keras.Model, dict]:
         if old.weights:
             new.set_weights(_folded_weights(old, convs[name]) if name in convs
                             else old.get_weights())
+    refresh_state(folded)
     x = np.asarray(check_images, np.float32)
     diff = float(np.max(np.abs(predict_batches(folded, x) - predict_batches(model, x))))
     if not diff <= TOLERANCE:

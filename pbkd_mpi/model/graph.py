@@ -193,6 +193,13 @@ def flatten_model(model, weights: bool = True):
     check_graph_model(model)
     if not has_nested_models(model):
         return model
+    return copied_graph(model, weights=weights)
+
+
+def copied_graph(model, copy=copy_layer, skip=frozenset(), weights: bool = True):
+    """A flat Functional copy of `model`: each layer replaced by `copy(layer)` (carrying
+    its weights unless `weights` is False), the layers named in `skip` left out (their
+    input passed on), bare keras.ops calls replayed as they are."""
     copies = {}
 
     def call(node, args, kwargs):
@@ -203,18 +210,32 @@ def flatten_model(model, weights: bool = True):
                 f"are flattened (a layer shared between two calls, or two nested models with "
                 f"equally named layers); give every layer a unique name and save it again."
             )
+        if layer.name in skip:
+            return args[0]
         if not isinstance(layer, keras.layers.Layer):
             return layer(*args, **kwargs)  # a stateless keras.ops call
-        copies[layer.name] = (layer, copy_layer(layer))
+        copies[layer.name] = (layer, copy(layer))
         return copies[layer.name][1](*args, **kwargs)
 
     source = model.inputs[0]
     inputs = keras.Input(source.shape[1:], dtype=source.dtype, name=source.name)
     outputs = replay(model, [inputs], call)
     flat = keras.Model(inputs, outputs[0], name=model.name)
-    for original, copy in copies.values() if weights else ():
-        copy.set_weights(original.get_weights())
-    return flat
+    for original, new in copies.values() if weights else ():
+        new.set_weights(original.get_weights())
+    return refresh_state(flat) if weights else flat
+
+
+def refresh_state(model):
+    """`model` with the state its layers derive from their weights brought up to date,
+    after its weights were set on newly built layers: an adapted Normalization computes
+    with a copy of its mean and variance taken when Keras finalises it (at adapt or load),
+    not with its weights, so a copy given the weights normalised with 0 and 1 (a teacher's
+    first layer off by 250 on 0-255 pixels). Returns `model`."""
+    for layer in model._flatten_layers(include_self=True):
+        if isinstance(layer, keras.layers.Normalization) and layer.built:
+            layer.finalize_state()
+    return model
 
 
 # --- the layer DAG ----------------------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from pbkd_mpi.model.graph import copy_layer, flatten_model, graph_nodes, replay
+from pbkd_mpi.model.graph import copied_graph, flatten_model, graph_nodes
 
 TRAINING_ONLY = (
     "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "AlphaDropout",
@@ -51,8 +51,8 @@ def identity_at_inference(layer, input_shape, seed: int = 0) -> bool:
 
 def inference_copy(model) -> tuple[keras.Model, list[str]]:
     """(the model without its training-only layers, the names of the layers left out). The
-    model itself, unchanged, when it has none. The copy shares the model's other layers
-    (their weights too): it computes what the model computes with training=False."""
+    model itself, unchanged, when it has none. The copy's other layers are copies with the
+    same weights: it computes what the model computes with training=False."""
     model = flatten_model(model)
     removable = set()
     # The model's own nodes, not the layer's: a layer also called outside this model (the
@@ -65,22 +65,7 @@ def inference_copy(model) -> tuple[keras.Model, list[str]]:
     if not removable:
         return model, []
 
-    copies = {}  # the model's layers are copied, not shared: a second call of a layer
-    # would give it a second node, which the graph code reading `_inbound_nodes[0]` of
-    # the teacher must never meet
-
-    def call(node, args, kwargs):
-        layer = node.operation
-        if layer.name in removable:
-            return args[0]
-        if not isinstance(layer, keras.layers.Layer):
-            return layer(*args, **kwargs)  # a stateless keras.ops call
-        copies[layer.name] = (layer, copy_layer(layer))
-        return copies[layer.name][1](*args, **kwargs)
-
-    source = model.inputs[0]
-    inputs = keras.Input(source.shape[1:], dtype=source.dtype, name=source.name)
-    copy = keras.Model(inputs, replay(model, [inputs], call)[0], name=model.name)
-    for original, new in copies.values():
-        new.set_weights(original.get_weights())
+    # Copies, not the model's layers: a second call of a layer would give it a second
+    # node, which the graph code reading `_inbound_nodes[0]` of the teacher must never meet.
+    copy = copied_graph(model, skip=removable)
     return copy, [layer.name for layer in model.layers if layer.name in removable]

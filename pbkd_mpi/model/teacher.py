@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import h5py
-import numpy as np
 
 from pbkd_mpi.atomic import atomic_path
 from pbkd_mpi.config import TeacherConfig
@@ -19,7 +18,7 @@ from pbkd_mpi.data.dataset import Dataset
 from pbkd_mpi.data.images import keras_batches
 from pbkd_mpi.errors import UserError
 from pbkd_mpi.keys import json_key
-from pbkd_mpi.model.graph import replay
+from pbkd_mpi.model.graph import copied_graph
 
 
 if TYPE_CHECKING:  # keras is imported where used: start-up stays fast without TensorFlow
@@ -125,23 +124,9 @@ def in_float32(model):
 
     if not any(reduced(layer) for layer in model._flatten_layers(include_self=False)):
         return model
-    copies = []
-
-    def call(node, args, kwargs):
-        layer = node.operation
-        if not isinstance(layer, keras.layers.Layer):
-            return layer(*args, **kwargs)
-        config = layer.get_config() | ({"dtype": "float32"} if reduced(layer) else {})
-        copies.append((layer, layer.__class__.from_config(config)))
-        return copies[-1][1](*args, **kwargs)
-
-    source = model.inputs[0]
-    inputs = keras.Input(source.shape[1:], dtype=source.dtype, name=source.name)
-    copy = keras.Model(inputs, replay(model, [inputs], call)[0], name=model.name)
-    for original, new in copies:
-        new.set_weights([np.asarray(w, np.float32) if np.asarray(w).dtype == np.float16
-                         else w for w in original.get_weights()])
-    return copy
+    # Weights set as they are: a float16 array is cast by the float32 variable.
+    return copied_graph(model, lambda layer: layer.__class__.from_config(
+        layer.get_config() | ({"dtype": "float32"} if reduced(layer) else {})))
 
 
 def _check_container(path: Path, source: str) -> None:
