@@ -244,14 +244,18 @@ def test_baselines_train_kd_and_scratch_for_the_runs_time_and_extend_its_report(
     assert figures["budget_s"] == 3.0 and set(figures["by_factor"]) == {"1", "2"}
     assert figures["pbkd_test"] == report["student"]["accuracy_finetuned"]
     for entry in figures["by_factor"].values():
-        assert entry["margin"] == pytest.approx(
-            entry["pbkd_test"] - max(entry["kd_test"], entry["scratch_test"]))
+        # A baseline at chance (3 s of training may leave one there) is no margin's base.
+        learned = [entry[f"{m}_test"] for m in ("kd", "scratch") if m not in entry["at_chance"]]
+        if learned:
+            assert entry["margin"] == pytest.approx(entry["pbkd_test"] - max(learned))
+        else:
+            assert entry["margin"] is None
     saved = json.loads((run_dir / "baselines.json").read_text())
     assert [(r["factor"], r["method"]) for r in saved["results"]] == [
         (1.0, "kd"), (1.0, "scratch"), (2.0, "kd"), (2.0, "scratch")]
     assert saved["run_wall_s"] == report["wall_s"] and saved["peak_rss_mb"] > 0
     markdown = (run_dir / "report.md").read_text()
-    assert "## What it buys" in markdown and "| whole-model KD, x2 |" in markdown
+    assert "## What it buys" in markdown and "| whole-model KD, x2" in markdown
     assert "time_to_accuracy.png" in markdown and (run_dir / "time_to_accuracy.png").is_file()
     # Redrawn from report.json and baselines.json alike.
     redrawn = subprocess.run([sys.executable, "-m", "pbkd_mpi", "report", run_dir],
@@ -411,7 +415,8 @@ def test_a_failing_export_is_reported_and_the_run_ends_with_exit_4(tiny_run, tmp
     assert result.returncode == 4, (result.returncode, result.stderr[-3000:])
     assert "Traceback" not in result.stdout + result.stderr
     # No converter or interpreter chatter on the console: it is in the rank's log.
-    assert "XNNPACK" not in result.stdout + result.stderr
+    assert "Created TensorFlow Lite XNNPACK delegate" not in result.stdout + result.stderr
+    assert "tf_tfl_flatbuffer_helpers" not in result.stdout + result.stderr
     problem_lines = [line for line in result.stdout.splitlines() if "problem:" in line]
     assert len(problem_lines) == 1 and "export tflite_int8" in problem_lines[0]
     assert "finished with 1 problem(s)" in result.stdout.strip().splitlines()[-1]
